@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  make demo  and  make test  (both set up first).
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build where pip finds it (this project's CI machines); on a GPU box pick your CUDA build,
+# e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.shardtune-setup
+
+.PHONY: setup test demo lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/shardtune train recipes/tiny.yaml
+
+lint: setup
+	$(BIN)/ruff check shardtune tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

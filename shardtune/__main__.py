@@ -1,0 +1,5 @@
+"""`python -m shardtune ...` (what `accelerate launch -m shardtune` and torchrun use)."""
+
+from shardtune.cli import main
+
+main()

@@ -1,0 +1,29 @@
+"""Adapter methods, one file each, and the registry that maps a recipe's `adapter.method` to them."""
+
+from __future__ import annotations
+
+from shardtune.adapters.base import AdapterMethod, AdapterOptions, AdaptedLinear, LayerAdapter, Target
+from shardtune.adapters.fossil import Fossil
+from shardtune.adapters.lora import Lora
+
+METHODS: dict[str, AdapterMethod] = {m.name: m for m in (Lora(), Fossil())}
+
+
+def get_method(name: str) -> AdapterMethod:
+    from shardtune.errors import RecipeError
+
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RecipeError("adapter.method", f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+
+
+__all__ = [
+    "METHODS",
+    "AdaptedLinear",
+    "AdapterMethod",
+    "AdapterOptions",
+    "LayerAdapter",
+    "Target",
+    "get_method",
+]

@@ -1,0 +1,176 @@
+"""The spine every adapter method is built on.
+
+Every method yields, for each adapted linear layer ``l`` (``W_l ∈ R^{out×in}``, PyTorch layout),
+low-rank factors
+
+    A_l ∈ R^{r×in},   B_l ∈ R^{out×r},   ΔW_l = B_l · A_l            (scale folded into B_l)
+
+that are *views of a parameter store*: the layer's own matrices (LoRA), a replicated shard
+(FOSSIL), a cross-layer matrix (ShareLoRA), shard pools (MoS). The adapted layer computes
+
+    y = base(x) + Δ(x),    Δ(x) = x · ΔW_lᵀ = (x · A_lᵀ) · B_lᵀ
+
+and everything that only needs ``(A_l, B_l)`` — merge, export as LoRA, parameter counting,
+routing inspection — is written once here, on top of :meth:`LayerAdapter.factors`. A method may
+override :meth:`LayerAdapter.delta` with a fast path that never materialises a factor (FOSSIL
+never builds its 0/1 matrix ``A``).
+
+Stores shared between layers live at the model root (``model.shardtune_stores``) so that DDP/FSDP
+see each parameter exactly once; a layer keeps an *unregistered* reference to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+STORES_ATTR = "shardtune_stores"
+
+DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class AdapterOptions(BaseModel):
+    """Options every method shares. Methods subclass this and add their own keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    targets: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description=(
+            "Which linear layers get an adapter. A list matches module names exactly or by their last "
+            "components (`q_proj` matches `model.layers.0.self_attn.q_proj`); a string is a regular "
+            "expression that must match the whole module name; `all-linear` selects every linear layer "
+            "except the output head."
+        ),
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Module names (same matching as a `targets` list) to leave out."
+    )
+    dtype: DTypeName = Field(
+        "float32",
+        description="dtype of the adapter parameters; `auto` uses the base model's dtype. fp32 is the safe default.",
+    )
+
+
+@dataclass
+class Target:
+    """One linear layer chosen for adaptation."""
+
+    name: str  # module path inside the model, e.g. "model.layers.0.self_attn.q_proj"
+    module: nn.Module  # nn.Linear or transformers' Conv1D
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool  # True for GPT-2's Conv1D, whose weight is stored (in, out)
+
+    @property
+    def kind(self) -> str:
+        """Module type name used for per-type sharing, e.g. 'q_proj'."""
+        return self.name.rsplit(".", 1)[-1]
+
+
+class LayerAdapter(nn.Module):
+    """Per-layer view of a method's parameter store.
+
+    Subclasses implement :meth:`factors` (and may override :meth:`delta`). ``dropout`` is applied
+    to the adapter's input, as in LoRA and MiSS.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(A, B)`` with ``A`` of shape (r, in), ``B`` of shape (out, r), ``ΔW = B @ A``."""
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``Δ(x) = dropout(x) · Aᵀ · Bᵀ`` — methods with a cheaper form override this."""
+        a, b = self.factors()
+        return F.linear(F.linear(self.dropout(x), a), b)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ``ΔW = B · A`` (out, in). Used by merge; never in the training forward."""
+        a, b = self.factors()
+        return b @ a
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen linear layer plus its adapter: ``y = base(x) + Δ(x)``.
+
+    Works for ``nn.Linear`` and for GPT-2's ``Conv1D`` (weight stored transposed): the adapter is
+    always expressed in the (out, in) orientation; only :meth:`merge` cares about the layout.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter: LayerAdapter, fan_in_fan_out: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.fan_in_fan_out = fan_in_fan_out
+        self.enabled = True
+        self.merged = False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.enabled and not self.merged:
+            out = out + self.adapter.delta(x.to(self.adapter.dtype)).to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def _add_delta(self, sign: float) -> None:
+        weight = self.base_layer.weight
+        delta = self.adapter.delta_weight().float()
+        if self.fan_in_fan_out:
+            delta = delta.T
+        weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+
+    def merge(self) -> None:
+        """Fold ``ΔW`` into the base weight (computed in fp32, stored in the base dtype)."""
+        if not self.merged:
+            self._add_delta(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add_delta(-1.0)
+            self.merged = False
+
+
+class AdapterMethod:
+    """A registered method: its recipe options and how it builds stores and layer adapters.
+
+    Subclasses set ``name``, ``Options`` and implement :meth:`build_layer`; methods with stores
+    shared between layers also implement :meth:`build_stores`.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[AdapterOptions]]
+    summary: ClassVar[str] = ""
+
+    def check(self, options: AdapterOptions, targets: list[Target]) -> None:
+        """Raise :class:`shardtune.errors.RecipeError` if the options cannot work on these targets."""
+
+    def build_stores(self, options: AdapterOptions, targets: list[Target]) -> nn.Module | None:
+        """Parameters shared between layers; registered once at the model root."""
+        return None
+
+    def build_layer(self, options: AdapterOptions, target: Target, stores: nn.Module | None) -> LayerAdapter:
+        raise NotImplementedError
+
+    def export_info(self, options: AdapterOptions) -> dict:
+        """Extra method facts written into adapter.json (e.g. the effective rank)."""
+        return {}

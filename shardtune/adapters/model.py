@@ -1,0 +1,177 @@
+"""Whole-model operations on the spine: inject, freeze, enable/disable, merge, save/load state.
+
+None of this knows about a particular method: it only sees :class:`AdaptedLinear` layers, their
+:class:`LayerAdapter` and the shared stores at ``model.shardtune_stores``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from shardtune.adapters import get_method
+from shardtune.adapters.base import DTYPES, STORES_ATTR, AdaptedLinear, AdapterOptions, Target
+from shardtune.errors import BadInput, RecipeError
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in, out, fan_in_fan_out) for a supported linear layer, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if isinstance(module, Conv1D):  # GPT-2 family: weight is (in, out)
+        return module.weight.shape[0], module.weight.shape[1], True
+    return None
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """All linear layers a method could adapt (the output head excluded)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear) or module is head:
+            continue
+        if _linear_shape(module) is not None and ".base_layer" not in name:
+            found[name] = module
+    return found
+
+
+def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str] | None = None) -> list[Target]:
+    """Resolve the recipe's ``adapter.targets`` / ``adapter.exclude`` against the model's layers."""
+    layers = linear_layers(model)
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    if targets == "all-linear":
+        chosen = list(layers)
+    elif isinstance(targets, str):
+        try:
+            rx = re.compile(targets)
+        except re.error as e:
+            raise RecipeError("adapter.targets", f"invalid regular expression {targets!r}: {e}") from None
+        chosen = [n for n in layers if rx.fullmatch(n)]
+    else:
+        for pattern in targets:
+            if not any(_matches(n, pattern) for n in layers):
+                raise RecipeError(
+                    "adapter.targets",
+                    f"{pattern!r} matches no linear layer of this model; its linear layers are: {', '.join(kinds)}",
+                )
+        chosen = [n for n in layers if any(_matches(n, p) for p in targets)]
+    chosen = [n for n in chosen if not any(_matches(n, p) for p in exclude or [])]
+    if not chosen:
+        raise RecipeError(
+            "adapter.targets", f"selects no linear layer; this model's linear layers are: {', '.join(kinds)}"
+        )
+    out = []
+    for name in chosen:
+        in_f, out_f, fifo = _linear_shape(layers[name])
+        out.append(Target(name, layers[name], in_f, out_f, fifo))
+    return out
+
+
+def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
+    """Wrap every target layer in :class:`AdaptedLinear` and freeze everything but the adapter."""
+    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
+        raise BadInput("this model already carries a shardtune adapter")
+    method = get_method(options.method)
+    targets = find_targets(model, options.targets, options.exclude)
+    method.check(options, targets)
+    base_dtype = next(model.parameters()).dtype
+    dtype = base_dtype if options.dtype == "auto" else DTYPES[options.dtype]
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    stores = method.build_stores(options, targets)
+    if stores is not None:
+        model.add_module(STORES_ATTR, stores.to(dtype))
+    for t in targets:
+        device = next(t.module.parameters()).device
+        adapter = method.build_layer(options, t, stores).to(device=device, dtype=dtype)
+        parent_name, _, child = t.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, AdaptedLinear(t.module, adapter, t.fan_in_fan_out))
+    model.shardtune_options = options
+    model.shardtune_targets = [t.name for t in targets]
+    return targets
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Every adapter parameter once: shared stores first, then each layer's own."""
+    stores = getattr(model, STORES_ATTR, None)
+    if stores is not None:
+        yield from stores.named_parameters(prefix=STORES_ATTR)
+    for name, layer in adapted_layers(model).items():
+        yield from layer.adapter.named_parameters(prefix=f"{name}.adapter")
+
+
+def mark_adapter_trainable(model: nn.Module) -> None:
+    for _, p in adapter_named_parameters(model):
+        p.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(adapter parameters, all parameters), each shared tensor counted once."""
+    adapter = sum(p.numel() for _, p in adapter_named_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    return adapter, total
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached, contiguous copies of the adapter parameters (safetensors refuses aliased tensors)."""
+    return {n: p.detach().contiguous().clone() for n, p in adapter_named_parameters(model)}
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy ``state`` into the model's adapter; every key must be present with the right shape."""
+    params = dict(adapter_named_parameters(model))
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise BadInput(
+            f"{source}: tensors do not match the adapter built from its adapter.json "
+            f"({len(missing)} missing, {len(unexpected)} unexpected; {detail})"
+        )
+    for name, p in params.items():
+        t = state[name]
+        if t.shape != p.shape:
+            raise BadInput(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        p.copy_(t.to(p.dtype))
+
+
+def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in adapted_layers(model).values():
+        layer.enabled = enabled
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module):
+    """Run the frozen base model: ``with adapter_disabled(model): base_logits = model(x).logits``."""
+    set_adapter_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_adapter_enabled(model, True)
+
+
+def merge_adapter(model: nn.Module) -> None:
+    for layer in adapted_layers(model).values():
+        layer.merge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    for layer in adapted_layers(model).values():
+        layer.unmerge()

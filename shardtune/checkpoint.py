@@ -1,0 +1,193 @@
+"""Adapters on disk: ``adapter.safetensors`` + ``adapter.json`` (+ the resolved ``recipe.yaml``).
+
+Safetensors and JSON only (no pickle). Writes are atomic: files go to a temporary name in the same
+directory and are renamed into place (``adapter.json`` last, so a directory with an ``adapter.json``
+always has the matching tensors); checkpoint directories are written under a temporary name and
+renamed as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import shardtune
+from shardtune.adapters import METHODS, AdapterOptions
+from shardtune.adapters.model import (
+    adapter_state_dict,
+    count_parameters,
+    inject_adapter,
+    load_adapter_state_dict,
+)
+from shardtune.errors import BadInput
+from shardtune.models import load_model
+from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+RECIPE_FILE = "recipe.yaml"
+FORMAT = "shardtune-adapter"
+FORMAT_VERSION = 1
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def adapter_metadata(model: nn.Module, recipe: Recipe, step: int) -> dict:
+    options: AdapterOptions = model.shardtune_options
+    method = METHODS[options.method]
+    trainable, total = count_parameters(model)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "shardtune_version": shardtune.__version__,
+        "method": options.method,
+        "options": options.model_dump(mode="json"),
+        "method_info": method.export_info(options),
+        "targets": list(model.shardtune_targets),
+        "base_model": recipe.model.model_dump(mode="json"),
+        "step": step,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+
+
+def save_adapter(model: nn.Module, recipe: Recipe, directory: Path, step: int) -> None:
+    """Write the adapter of ``model`` into ``directory`` (created if needed), file by file atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model)
+    meta = adapter_metadata(model, recipe, step)
+    _atomic_write_bytes(
+        directory / ADAPTER_WEIGHTS,
+        lambda tmp: save_file({k: v.cpu() for k, v in state.items()}, tmp, metadata={"format": "pt"}),
+    )
+    atomic_write_text(directory / RECIPE_FILE, recipe_to_yaml(recipe))
+    atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
+
+
+def save_checkpoint(model: nn.Module, recipe: Recipe, run_dir: Path, step: int, keep: int) -> Path:
+    """Write ``run_dir/checkpoint-{step}`` as a whole (temp dir + rename); keep the newest ``keep``."""
+    final = run_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
+    try:
+        save_adapter(model, recipe, tmp, step)
+        atomic_write_text(tmp / "trainer_state.json", json.dumps({"step": step}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """``checkpoint-N`` directories of a run, oldest first."""
+    found = []
+    for p in run_dir.glob("checkpoint-*"):
+        suffix = p.name.split("-", 1)[1]
+        if p.is_dir() and suffix.isdigit() and (p / ADAPTER_CONFIG).is_file():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def read_adapter_config(directory: Path) -> dict:
+    path = directory / ADAPTER_CONFIG
+    if not directory.is_dir():
+        raise BadInput(f"{directory}: no such run or adapter directory")
+    if not path.is_file():
+        raise BadInput(f"{directory}: not a shardtune adapter directory (no {ADAPTER_CONFIG})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: corrupt adapter config ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BadInput(f"{path}: not a shardtune adapter config (format is not {FORMAT!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise BadInput(f"{path}: written by a newer shardtune (format {meta['format_version']}); please upgrade")
+    return meta
+
+
+def adapter_options_from_config(meta: dict, source: str) -> AdapterOptions:
+    method = meta.get("method")
+    if method not in METHODS:
+        raise BadInput(f"{source}: unknown adapter method {method!r}; this shardtune knows {', '.join(METHODS)}")
+    try:
+        return METHODS[method].Options.model_validate(meta.get("options", {}))
+    except ValidationError as e:
+        raise BadInput(f"{source}: invalid adapter options ({e.errors()[0]['msg']})") from None
+
+
+def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BadInput(f"{path}: adapter weights not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInput(f"{path}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def attach_adapter(model: nn.Module, directory: Path) -> dict:
+    """Inject the adapter described in ``directory`` into ``model`` and load its weights."""
+    meta = read_adapter_config(directory)
+    options = adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
+    targets = inject_adapter(model, options)
+    saved = meta.get("targets")
+    if saved and sorted(saved) != sorted(model.shardtune_targets):
+        raise BadInput(
+            f"{directory}: the adapter was trained on other layers than this model has "
+            f"({len(saved)} saved, {len(targets)} found); is it the right base model?"
+        )
+    state = read_adapter_weights(directory / ADAPTER_WEIGHTS)
+    load_adapter_state_dict(model, state, str(directory / ADAPTER_WEIGHTS))
+    return meta
+
+
+def load_adapted_model(
+    directory: str | Path,
+    base_model: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    """Base model (as recorded in adapter.json, or ``base_model``) with the adapter attached, in eval mode.
+
+    ``trust_remote_code`` is never taken from the adapter directory: the caller must ask for it.
+    """
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    section = ModelSection.model_validate(meta["base_model"])
+    model, tokenizer = load_model(
+        base_model or section.name,
+        dtype or section.dtype,
+        trust_remote_code=trust_remote_code,
+        revision=section.revision,
+    )
+    attach_adapter(model, directory)
+    model.eval()
+    return model, tokenizer, meta

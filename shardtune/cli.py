@@ -1,0 +1,179 @@
+"""The `shardtune` command line: parses arguments and calls library functions, nothing more.
+
+Every command turns a :class:`shardtune.errors.ShardtuneError` into one line on stderr and its exit
+code (docs/cli.md); ``--json`` prints one JSON object on stdout for scripts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+import shardtune
+from shardtune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, ShardtuneError
+
+app = typer.Typer(
+    name="shardtune",
+    help="Fine-tune language models with shard-sharing low-rank adapters (LoRA, FOSSIL/MiSS, ...).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a recipe key, e.g. --set train.lr=2e-4 --set adapter.rank=16 (repeatable).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def fail(message: str, code: int) -> None:
+    err_console.print(f"error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """One line and a stable exit code instead of a traceback (SHARDTUNE_DEBUG=1 shows tracebacks)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ShardtuneError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except typer.Exit:
+            raise
+        except Exception as e:
+            if os.environ.get("SHARDTUNE_DEBUG"):
+                raise
+            logging.getLogger("shardtune").exception("internal error")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            fail(
+                f"internal error: {type(e).__name__}: {first} (details in the run's train.log; "
+                "SHARDTUNE_DEBUG=1 shows the traceback)",
+                EXIT_FAILURE,
+            )
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"shardtune {shardtune.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune language models with shard-sharing low-rank adapters.
+
+    Start with [bold]shardtune train recipes/tiny.yaml[/bold]; see docs/ for recipes and methods.
+    """
+    from shardtune.models import offline_hub
+
+    offline_hub()
+
+
+@app.command()
+@handle_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    set_: SetOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate the recipe, print it resolved, and stop.")
+    ] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train an adapter as the RECIPE says; the run directory gets the adapter, metrics and log.
+
+    Exit codes: 0 done, 1 internal error, 2 bad recipe/data/model, 3 diverged (NaN loss), 130 interrupted.
+    """
+    from dataclasses import asdict
+
+    from shardtune.progress import Reporter
+    from shardtune.recipe import load_recipe, recipe_json_dict, recipe_to_yaml
+
+    resolved = load_recipe(recipe, set_)
+    if dry_run:
+        if json_output:
+            out_console.print_json(data=recipe_json_dict(resolved))
+        else:
+            out_console.print(recipe_to_yaml(resolved), markup=False, end="")
+        return
+    from shardtune.train import train as run_training
+
+    result = run_training(resolved, Reporter.for_cli(json_output, quiet))
+    if json_output:
+        sys.stdout.write(json.dumps(asdict(result)) + "\n")
+
+
+@app.command()
+@handle_errors
+def models(json_output: JsonOption = False) -> None:
+    """List the builtin model aliases usable as model.name."""
+    from shardtune.models import builtin_models
+
+    found = builtin_models()
+    if json_output:
+        sys.stdout.write(json.dumps(found) + "\n")
+        return
+    for name, desc in found.items():
+        out_console.print(f"{name:24} {desc}", markup=False)
+
+
+@app.command()
+@handle_errors
+def tasks(json_output: JsonOption = False) -> None:
+    """List the builtin generated tasks usable as data.task."""
+    from shardtune.tasks import TASKS
+
+    if json_output:
+        sys.stdout.write(json.dumps({n: t.description for n, t in TASKS.items()}) + "\n")
+        return
+    for name, task in TASKS.items():
+        out_console.print(f"{name:24} {task.description}", markup=False)
+
+
+@app.command()
+@handle_errors
+def methods(json_output: JsonOption = False) -> None:
+    """List the adapter methods usable as adapter.method."""
+    from shardtune.adapters import METHODS
+
+    if json_output:
+        sys.stdout.write(json.dumps({n: m.summary for n, m in METHODS.items()}) + "\n")
+        return
+    for name, method in METHODS.items():
+        out_console.print(f"{name:12} {method.summary}", markup=False)
+
+
+def main() -> None:
+    app(prog_name="shardtune")
+
+
+if __name__ == "__main__":
+    main()

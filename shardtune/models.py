@@ -1,0 +1,134 @@
+"""Base models: builtin aliases, local directories and offline hub ids. Nothing is downloaded.
+
+Builtin tiny aliases (``tiny-llama``, ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gpt2``) are random
+models built from transformers configs with a fixed seed, so the same alias always gives the same
+weights (a run's adapter can be re-attached to them later). They share a byte-level tokenizer made
+in code (256 byte tokens + 4 specials, with a small chat template).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from shardtune.adapters.base import DTYPES
+from shardtune.errors import BadInput
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (every UTF-8 byte is one token) for the tiny random models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+TINY_VOCAB = 260
+# initializer_range 0.2 (not the usual 0.02) gives logits a useful range through the frozen random
+# head, so an adapter alone can drive the loss of a synthetic task well down.
+_TINY_COMMON = dict(vocab_size=TINY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+
+
+def _llama_like(cls: type[PretrainedConfig]) -> Callable[[], PretrainedConfig]:
+    return lambda: cls(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        **_TINY_COMMON,
+    )
+
+
+TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "tiny-llama": _llama_like(LlamaConfig),
+    "tiny-qwen2": _llama_like(Qwen2Config),
+    "tiny-mistral": _llama_like(MistralConfig),
+    "tiny-gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **_TINY_COMMON),
+}
+
+
+def builtin_models() -> dict[str, str]:
+    """Alias → one-line description (for `shardtune models` and error messages)."""
+    return {name: "tiny random model for tests and smoke runs (built in code)" for name in TINY_CONFIGS}
+
+
+def build_tiny_model(alias: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    """The same weights for the same alias and seed, on every machine."""
+    config = TINY_CONFIGS[alias]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(dtype)
+
+
+def load_model(
+    name: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Resolve ``model.name`` (alias, directory, cached hub id) to a model and its tokenizer."""
+    torch_dtype = DTYPES[dtype]
+    if name in TINY_CONFIGS:
+        return build_tiny_model(name, torch_dtype), byte_tokenizer()
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise BadInput(f"model.name: {name} is not a directory")
+        if not (path / "config.json").is_file():
+            raise BadInput(f"model.name: {name} has no config.json (not a Hugging Face model directory)")
+        source, extra = str(path), {}
+    else:
+        source, extra = name, {"local_files_only": True, "revision": revision}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        if source is name:
+            raise BadInput(
+                f"model.name: {name!r} is not a builtin alias ({', '.join(builtin_models())}), a local model "
+                "directory, or a hub model in the local cache (shardtune never downloads at run time)"
+            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"model.name: cannot load {name}: {first}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def offline_hub() -> None:
+    """Make sure nothing in transformers/datasets/hub reaches the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

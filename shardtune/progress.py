@@ -1,0 +1,76 @@
+"""How a run talks to people: a rich progress bar on a terminal, plain periodic lines otherwise.
+
+Pipelines use ``--json`` (one JSON object on stdout at the end); then everything here goes to
+stderr, and ``--quiet`` silences it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+log = logging.getLogger("shardtune")
+
+
+class Reporter:
+    def __init__(self, console: Console | None = None, quiet: bool = False):
+        self.console = console or Console(stderr=False)
+        self.quiet = quiet
+        self._progress: Progress | None = None
+        self._task = None
+
+    @classmethod
+    def for_cli(cls, json_output: bool, quiet: bool) -> Reporter:
+        return cls(Console(stderr=json_output, highlight=False), quiet=quiet)
+
+    @property
+    def interactive(self) -> bool:
+        return self.console.is_terminal and not self.quiet
+
+    def info(self, message: str) -> None:
+        log.info(message)
+        if not self.quiet:
+            self.console.print(message, markup=False)
+
+    def warn(self, message: str) -> None:
+        log.warning(message)
+        if not self.quiet:
+            self.console.print(f"warning: {message}", style="yellow", markup=False)
+
+    def start(self, total_steps: int) -> None:
+        if self.interactive:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=total_steps, metrics="")
+
+    def step(self, step: int, metrics: dict, log_line: bool) -> None:
+        text = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "step")
+        if log_line:
+            log.info("step %d  %s", step, text)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, metrics=text)
+        elif log_line and not self.quiet:
+            self.console.print(f"step {step}  {text}", markup=False, soft_wrap=True)
+            sys.stdout.flush()
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,241 @@
+"""Recipes: YAML files validated by pydantic, with ``--set a.b=value`` overrides.
+
+A recipe has six sections — ``model``, ``adapter``, ``data``, ``train``, ``output``, ``logging`` —
+each a pydantic model below; ``adapter`` is the options model of the chosen method (one per file in
+``shardtune/adapters/``), picked by ``adapter.method``. Unknown keys are errors. Every problem is
+reported as one line that names the key path, e.g. ``adapter.rank: must be a positive integer, got -3``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from shardtune.adapters import METHODS
+from shardtune.errors import BadInput, RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name: str = Field(
+        ...,
+        description=(
+            "Base model: a builtin alias (`shardtune models` lists them, e.g. `tiny-llama`), a local "
+            "Hugging Face model directory, or a hub id already in the local cache (nothing is downloaded)."
+        ),
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the frozen base weights are loaded in."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory. Off unless set.")
+    revision: str | None = Field(None, description="Hub revision (for hub ids in the local cache).")
+
+
+AdapterSection = Annotated[
+    Union[tuple(m.Options for m in METHODS.values())],  # noqa: UP007 - built from the registry
+    Field(discriminator="method"),
+]
+
+
+class DataSection(Section):
+    task: str | None = Field(
+        None, description="A builtin generated task (`shardtune tasks` lists them). Exclusive with `path`."
+    )
+    path: str | None = Field(None, description="A local .jsonl/.json file with one example per record.")
+    format: Literal["auto", "text", "prompt_completion"] = Field(
+        "auto",
+        description=(
+            "`text`: records with a `text` field, all tokens trained; `prompt_completion`: records with "
+            "`prompt` and `completion`, loss on the completion only; `auto`: decided from the first record."
+        ),
+    )
+    num_samples: PositiveInt = Field(2000, description="Training examples generated for a builtin task.")
+    eval_samples: int = Field(64, ge=0, description="Held-out examples (generated, or split off `path`).")
+    max_length: PositiveInt = Field(256, description="Examples longer than this many tokens are truncated.")
+    seed: int = Field(0, description="Seed of task generation and of the train/eval split.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.task is None) == (self.path is None):
+            raise ValueError("set exactly one of data.task or data.path")
+        return self
+
+
+class TrainSection(Section):
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides `epochs` when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is not set).")
+    batch_size: PositiveInt = Field(8, description="Examples per micro-batch per process.")
+    grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 disables.")
+    seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast mixed precision.")
+    eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Write checkpoint-N every N steps (0: only the final adapter).")
+    keep_checkpoints: int = Field(3, ge=1, description="How many checkpoint-N directories to keep.")
+    cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
+
+
+class OutputSection(Section):
+    dir: str = Field("runs/run", description="Run directory: adapter, checkpoints, metrics, log, resolved recipe.")
+    overwrite: bool = Field(False, description="Allow writing into a directory that already holds a run.")
+
+
+class LoggingSection(Section):
+    every: PositiveInt = Field(10, description="Log a metrics line every N optimizer steps.")
+    level: Literal["debug", "info", "warning"] = Field("info", description="Level of the run's log file.")
+
+
+class Recipe(Section):
+    model: ModelSection
+    adapter: AdapterSection
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise :class:`RecipeError` / :class:`BadInput`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not a UTF-8 text file") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise BadInput(f"{path}: invalid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return recipe_from_dict(raw, overrides)
+
+
+def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise first_recipe_error(e, raw) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML: numbers, booleans, lists) to the nested dict."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise BadInput(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=2e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise RecipeError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _model_at(loc: tuple, raw: dict) -> type[BaseModel] | None:
+    """The pydantic model class that owns the keys at ``loc`` (for 'did you mean' suggestions)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        if model is Recipe and part == "adapter":
+            method = (raw.get("adapter") or {}).get("method") if isinstance(raw.get("adapter"), dict) else None
+            model = METHODS[method].Options if method in METHODS else None
+            continue
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _describe(err: dict, raw: dict, loc: tuple) -> str:
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    got_text = f", got {got!r}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1], raw)
+        valid = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        return f"unknown key{hint}"
+    if kind == "union_tag_invalid":
+        return f"unknown method {ctx.get('tag')!r}; available: {', '.join(METHODS)}"
+    if kind == "union_tag_not_found":
+        return f"required key is missing; one of: {', '.join(METHODS)}"
+    if kind == "greater_than" and ctx.get("gt") == 0 and isinstance(got, int) and not isinstance(got, bool):
+        return "must be a positive integer" + got_text
+    if kind == "greater_than":
+        return f"must be greater than {ctx.get('gt')}" + got_text
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}" + got_text
+    if kind == "less_than":
+        return f"must be less than {ctx.get('lt')}" + got_text
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be an integer" + got_text
+    if kind in ("float_parsing", "float_type"):
+        return "must be a number" + got_text
+    if kind in ("bool_parsing", "bool_type"):
+        return "must be true or false" + got_text
+    if kind in ("string_type",):
+        return "must be a string" + got_text
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "must be a section (a mapping of keys)" + got_text
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}" + got_text
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return err["msg"][0].lower() + err["msg"][1:] + got_text
+
+
+def first_recipe_error(e: ValidationError, raw: dict) -> RecipeError:
+    """One line for the first problem (the count of the others appended)."""
+    errors = e.errors()
+    err = errors[0]
+    loc = list(err["loc"])
+    # Discriminated unions put the tag into the location: ('adapter', 'lora', 'rank') → adapter.rank
+    if len(loc) >= 2 and loc[0] == "adapter" and loc[1] in METHODS:
+        del loc[1]
+    if err["type"] == "union_tag_not_found":
+        loc.append("method")
+    problem = _describe(err, raw, tuple(loc))
+    more = len(errors) - 1
+    if more:
+        problem += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return RecipeError(".".join(str(p) for p in loc), problem)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def recipe_json_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,246 @@
+"""The training loop, top to bottom: recipe → model + adapter → data → AdamW on Accelerate → adapter on disk.
+
+1. Prepare the run directory (refuse to clobber an earlier run unless ``output.overwrite``) and its log.
+2. Seed everything; load the frozen base model and inject the adapter (only adapter parameters train).
+3. Build the training / held-out token data and the loader.
+4. AdamW + warm-up and cosine/linear/constant decay; Accelerate handles device, DDP, bf16 autocast
+   and gradient accumulation.
+5. Loop over optimizer steps: forward, backward, clip, step; log metrics (JSONL + progress); stop on
+   NaN/inf; evaluate and checkpoint at the set intervals.
+6. Write the final adapter (adapter.safetensors + adapter.json + recipe.yaml) into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from shardtune.adapters.model import count_parameters, inject_adapter
+from shardtune.checkpoint import ADAPTER_CONFIG, list_checkpoints, save_adapter, save_checkpoint
+from shardtune.data import Collator, encode_all, load_examples
+from shardtune.errors import BadInput, Diverged
+from shardtune.models import load_model
+from shardtune.progress import Reporter
+from shardtune.recipe import Recipe
+
+log = logging.getLogger("shardtune")
+
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    method: str
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    trainable_parameters: int
+    total_parameters: int
+    truncated_examples: int
+    seconds: float
+
+
+def prepare_run_dir(recipe: Recipe) -> Path:
+    run_dir = Path(recipe.output.dir)
+    has_run = (run_dir / ADAPTER_CONFIG).exists() or list_checkpoints(run_dir)
+    if has_run and not recipe.output.overwrite:
+        raise BadInput(
+            f"output.dir: {run_dir} already holds a run; choose another directory or "
+            "--set output.overwrite=true to replace it"
+        )
+    if has_run:
+        for old in list_checkpoints(run_dir):
+            shutil.rmtree(old)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("")
+    return run_dir
+
+
+def add_file_log(run_dir: Path, level: str) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(level.upper())
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    return handler
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, accelerator) -> float:
+    """Token-weighted mean cross-entropy over the held-out loader."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for batch in loader:
+        n_tokens = (batch["labels"][:, 1:] != -100).sum()
+        loss = model(**batch).loss
+        total += torch.stack([loss.float() * n_tokens, n_tokens.float()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
+    reporter = reporter or Reporter(quiet=True)
+    cfg = recipe.train
+    started = time.perf_counter()
+
+    # 1-2. Run directory, accelerator, seed, model with adapter.
+    accelerator = Accelerator(
+        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        cpu=cfg.cpu,
+        gradient_accumulation_steps=cfg.grad_accum,
+    )
+    main = accelerator.is_main_process
+    run_dir = prepare_run_dir(recipe) if main else Path(recipe.output.dir)
+    handler = add_file_log(run_dir, recipe.logging.level) if main else None
+    if not main:
+        reporter = Reporter(quiet=True)
+    try:
+        set_seed(cfg.seed)
+        model, tokenizer = load_model(
+            recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
+        )
+        targets = inject_adapter(model, recipe.adapter)
+        trainable, total = count_parameters(model)
+        reporter.info(
+            f"{recipe.adapter.method} on {recipe.model.name}: {len(targets)} layers adapted, "
+            f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})"
+        )
+
+        # 3. Data.
+        train_examples, eval_examples = load_examples(recipe.data)
+        train_features, n_truncated = encode_all(train_examples, tokenizer, recipe.data.max_length)
+        eval_features, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length)
+        if not train_features:
+            raise BadInput("data: no training example has a token to learn from after truncation")
+        if n_truncated:
+            reporter.warn(f"{n_truncated} of {len(train_examples)} examples truncated to data.max_length")
+        collate = Collator(tokenizer.pad_token_id)
+        loader = DataLoader(
+            train_features,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            drop_last=len(train_features) >= cfg.batch_size * accelerator.num_processes,
+        )
+        eval_loader = DataLoader(eval_features, batch_size=cfg.batch_size, collate_fn=collate)
+
+        # 4. Optimizer and schedule.
+        updates_per_epoch = max(1, len(loader) // accelerator.num_processes // cfg.grad_accum)
+        total_steps = cfg.max_steps or max(1, math.ceil(updates_per_epoch * cfg.epochs))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        scheduler = get_scheduler(
+            SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
+        )
+        model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
+
+        # 5. Loop over optimizer steps.
+        model.train()
+        reporter.start(total_steps)
+        step, loss_sum, loss_count, tokens, last_log = 0, 0.0, 0, 0, time.perf_counter()
+        final_loss, eval_loss = float("nan"), None
+        while step < total_steps:
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                tokens += int(batch["attention_mask"].sum())
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+
+                is_log_step = step % recipe.logging.every == 0 or step == total_steps or step == 1
+                if is_log_step:
+                    mean_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+                    loss_sum, loss_count = 0.0, 0
+                    if not math.isfinite(mean_loss):
+                        raise Diverged(
+                            f"loss became {mean_loss} at step {step}; lower train.lr or check the data "
+                            f"(last good adapter: {_last_checkpoint(run_dir)})"
+                        )
+                    final_loss = mean_loss
+                    now = time.perf_counter()
+                    metrics = {
+                        "step": step,
+                        "loss": mean_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": tokens * accelerator.num_processes / max(now - last_log, 1e-9),
+                    }
+                    tokens, last_log = 0, now
+                    if cfg.eval_every and step % cfg.eval_every == 0 and len(eval_features):
+                        eval_loss = evaluate_loss(model, eval_loader, accelerator)
+                        metrics["eval_loss"] = eval_loss
+                    if main:
+                        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                            f.write(json.dumps(metrics) + "\n")
+                    reporter.step(step, {k: v for k, v in metrics.items() if v is not None}, log_line=True)
+                else:
+                    reporter.step(step, {}, log_line=False)
+
+                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                    accelerator.wait_for_everyone()
+                    if main:
+                        save_checkpoint(
+                            accelerator.unwrap_model(model), recipe, run_dir, step, cfg.keep_checkpoints
+                        )
+                if step >= total_steps:
+                    break
+        reporter.stop()
+
+        if len(eval_features):
+            eval_loss = evaluate_loss(model, eval_loader, accelerator)
+            reporter.info(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})")
+
+        # 6. Final adapter.
+        accelerator.wait_for_everyone()
+        if main:
+            save_adapter(accelerator.unwrap_model(model), recipe, run_dir, step)
+        result = TrainResult(
+            run_dir=str(run_dir),
+            method=recipe.adapter.method,
+            steps=step,
+            final_loss=final_loss,
+            eval_loss=eval_loss,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            truncated_examples=n_truncated,
+            seconds=time.perf_counter() - started,
+        )
+        if main:
+            (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        reporter.info(f"adapter written to {run_dir}")
+        return result
+    finally:
+        reporter.stop()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    found = list_checkpoints(run_dir)
+    return str(found[-1]) if found else "none written yet"
