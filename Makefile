@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shardtune-setup
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test demo lint docs clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ test: setup
 
 demo: setup
 	$(BIN)/shardtune train recipes/tiny.yaml
+
+docs: setup
+	$(BIN)/python -c "from shardtune.recipe import recipe_reference_markdown as r; print(r())" > docs/recipe-reference.md
 
 lint: setup
 	$(BIN)/ruff check shardtune tests benchmarks

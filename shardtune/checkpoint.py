@@ -130,14 +130,18 @@ def read_adapter_config(directory: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BadInput(f"{path}: not a shardtune adapter config (format is not {FORMAT!r})")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise BadInput(f"{path}: written by a newer shardtune (format {meta['format_version']}); please upgrade")
+        raise BadInput(
+            f"{path}: written by a newer shardtune (format {meta['format_version']}); please upgrade"
+        )
     return meta
 
 
 def adapter_options_from_config(meta: dict, source: str) -> AdapterOptions:
     method = meta.get("method")
     if method not in METHODS:
-        raise BadInput(f"{source}: unknown adapter method {method!r}; this shardtune knows {', '.join(METHODS)}")
+        raise BadInput(
+            f"{source}: unknown adapter method {method!r}; this shardtune knows {', '.join(METHODS)}"
+        )
     try:
         return METHODS[method].Options.model_validate(meta.get("options", {}))
     except ValidationError as e:

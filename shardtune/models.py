@@ -55,7 +55,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 TINY_VOCAB = 260
 # initializer_range 0.2 (not the usual 0.02) gives logits a useful range through the frozen random
 # head, so an adapter alone can drive the loss of a synthetic task well down.
-_TINY_COMMON = dict(vocab_size=TINY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+_TINY_COMMON = dict(
+    vocab_size=TINY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2
+)
 
 
 def _llama_like(cls: type[PretrainedConfig]) -> Callable[[], PretrainedConfig]:

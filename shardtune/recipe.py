@@ -34,7 +34,9 @@ class ModelSection(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the frozen base weights are loaded in."
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the model directory. Off unless set.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model directory. Off unless set."
+    )
     revision: str | None = Field(None, description="Hub revision (for hub ids in the local cache).")
 
 
@@ -82,13 +84,17 @@ class TrainSection(Section):
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast mixed precision.")
     eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at the end).")
-    save_every: int = Field(0, ge=0, description="Write checkpoint-N every N steps (0: only the final adapter).")
+    save_every: int = Field(
+        0, ge=0, description="Write checkpoint-N every N steps (0: only the final adapter)."
+    )
     keep_checkpoints: int = Field(3, ge=1, description="How many checkpoint-N directories to keep.")
     cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
 
 
 class OutputSection(Section):
-    dir: str = Field("runs/run", description="Run directory: adapter, checkpoints, metrics, log, resolved recipe.")
+    dir: str = Field(
+        "runs/run", description="Run directory: adapter, checkpoints, metrics, log, resolved recipe."
+    )
     overwrite: bool = Field(False, description="Allow writing into a directory that already holds a run.")
 
 
@@ -168,12 +174,20 @@ def _model_at(loc: tuple, raw: dict) -> type[BaseModel] | None:
         if model is None or part not in model.model_fields:
             return None
         if model is Recipe and part == "adapter":
-            method = (raw.get("adapter") or {}).get("method") if isinstance(raw.get("adapter"), dict) else None
+            method = (
+                (raw.get("adapter") or {}).get("method") if isinstance(raw.get("adapter"), dict) else None
+            )
             model = METHODS[method].Options if method in METHODS else None
             continue
         ann = model.model_fields[part].annotation
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return model
+
+
+def _is_int_field(loc: tuple, raw: dict) -> bool:
+    owner = _model_at(loc[:-1], raw)
+    field = owner.model_fields.get(str(loc[-1])) if owner else None
+    return field is not None and "int" in str(field.annotation).lower()
 
 
 def _describe(err: dict, raw: dict, loc: tuple) -> str:
@@ -185,20 +199,24 @@ def _describe(err: dict, raw: dict, loc: tuple) -> str:
         owner = _model_at(loc[:-1], raw)
         valid = list(owner.model_fields) if owner else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        hint = (
+            f" (did you mean {close[0]!r}?)"
+            if close
+            else (f"; valid keys: {', '.join(valid)}" if valid else "")
+        )
         return f"unknown key{hint}"
     if kind == "union_tag_invalid":
         return f"unknown method {ctx.get('tag')!r}; available: {', '.join(METHODS)}"
     if kind == "union_tag_not_found":
         return f"required key is missing; one of: {', '.join(METHODS)}"
-    if kind == "greater_than" and ctx.get("gt") == 0 and isinstance(got, int) and not isinstance(got, bool):
+    if kind == "greater_than" and ctx.get("gt") == 0 and _is_int_field(loc, raw):
         return "must be a positive integer" + got_text
     if kind == "greater_than":
-        return f"must be greater than {ctx.get('gt')}" + got_text
+        return f"must be greater than {ctx.get('gt'):g}" + got_text
     if kind == "greater_than_equal":
-        return f"must be at least {ctx.get('ge')}" + got_text
+        return f"must be at least {ctx.get('ge'):g}" + got_text
     if kind == "less_than":
-        return f"must be less than {ctx.get('lt')}" + got_text
+        return f"must be less than {ctx.get('lt'):g}" + got_text
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return "must be an integer" + got_text
     if kind in ("float_parsing", "float_type"):
@@ -224,7 +242,7 @@ def first_recipe_error(e: ValidationError, raw: dict) -> RecipeError:
     # Discriminated unions put the tag into the location: ('adapter', 'lora', 'rank') → adapter.rank
     if len(loc) >= 2 and loc[0] == "adapter" and loc[1] in METHODS:
         del loc[1]
-    if err["type"] == "union_tag_not_found":
+    if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
         loc.append("method")
     problem = _describe(err, raw, tuple(loc))
     more = len(errors) - 1
@@ -239,3 +257,53 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 def recipe_json_dict(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
+
+
+def recipe_reference_markdown() -> str:
+    """docs/recipe-reference.md, generated from the pydantic models so it cannot drift (`make docs`)."""
+
+    def table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
+        rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            if name in skip:
+                continue
+            ann = (
+                str(field.annotation)
+                .replace("typing.", "")
+                .replace("<class '", "")
+                .replace("'>", "")
+                .replace("|", "\\|")
+            )
+            default = (
+                "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)!r}`"
+            )
+            desc = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{name}` | `{ann}` | {default} | {desc} |")
+        return rows
+
+    out = [
+        "# Recipe reference",
+        "",
+        "Generated from `shardtune/recipe.py` and the adapter option models by `make docs`; a test fails",
+        "when this file is out of date. Every key can be overridden with `--set section.key=value`.",
+        "",
+    ]
+    for name, field in Recipe.model_fields.items():
+        if name == "adapter":
+            continue
+        out += [f"## `{name}`", "", *table(field.annotation), ""]
+    out += ["## `adapter`", "", "Keys shared by every method:", ""]
+    from shardtune.adapters.base import AdapterOptions
+
+    out += [*table(AdapterOptions, skip=("method",)), ""]
+    for method_name, method in METHODS.items():
+        shared = tuple(AdapterOptions.model_fields)
+        out += [
+            f"### `adapter.method: {method_name}`",
+            "",
+            method.summary,
+            "",
+            *table(method.Options, skip=shared),
+            "",
+        ]
+    return "\n".join(out)

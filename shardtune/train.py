@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
@@ -145,7 +146,10 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
         scheduler = get_scheduler(
-            SCHEDULES[cfg.schedule], optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps
+            SCHEDULES[cfg.schedule],
+            optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=total_steps,
         )
         model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
 
@@ -236,6 +240,10 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
         return result
     finally:
         reporter.stop()
+        if accelerator.num_processes == 1:
+            # Let a later run in this process (tests, `compare`) pick its own precision/device.
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
         if handler is not None:
             log.removeHandler(handler)
             handler.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shardtune.adapters.base import AdapterMethod, AdapterOptions, AdaptedLinear, LayerAdapter, Target
+from shardtune.adapters.base import AdaptedLinear, AdapterMethod, AdapterOptions, LayerAdapter, Target
 from shardtune.adapters.fossil import Fossil
 from shardtune.adapters.lora import Lora
 
@@ -15,7 +15,9 @@ def get_method(name: str) -> AdapterMethod:
     try:
         return METHODS[name]
     except KeyError:
-        raise RecipeError("adapter.method", f"unknown method {name!r}; available: {', '.join(METHODS)}") from None
+        raise RecipeError(
+            "adapter.method", f"unknown method {name!r}; available: {', '.join(METHODS)}"
+        ) from None
 
 
 __all__ = [

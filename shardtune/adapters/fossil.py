@@ -46,14 +46,20 @@ class FossilOptions(AdapterOptions):
     mode: Literal["default", "mini"] = Field(
         "default", description="`default`: shard r×out per layer; `mini`: shard r×mini_r tiled along out."
     )
-    mini_r: PositiveInt = Field(1, description="Width of the mini shard (mode: mini); must divide out_features.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input, before the block sum.")
+    mini_r: PositiveInt = Field(
+        1, description="Width of the mini shard (mode: mini); must divide out_features."
+    )
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapter's input, before the block sum."
+    )
 
 
 class FossilAdapter(LayerAdapter):
     """The shard ``D`` (r × out, or r × mini_r in mini mode) of one layer."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, mini_r: int | None, dropout: float = 0.0):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, mini_r: int | None, dropout: float = 0.0
+    ):
         super().__init__(in_features, out_features, dropout)
         self.rank = rank
         self.mini_r = mini_r

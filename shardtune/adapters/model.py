@@ -44,7 +44,9 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def find_targets(model: nn.Module, targets: list[str] | str, exclude: list[str] | None = None) -> list[Target]:
+def find_targets(
+    model: nn.Module, targets: list[str] | str, exclude: list[str] | None = None
+) -> list[Target]:
     """Resolve the recipe's ``adapter.targets`` / ``adapter.exclude`` against the model's layers."""
     layers = linear_layers(model)
     kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
@@ -134,7 +136,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+def load_adapter_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter"
+) -> None:
     """Copy ``state`` into the model's adapter; every key must be present with the right shape."""
     params = dict(adapter_named_parameters(model))
     missing = sorted(set(params) - set(state))

@@ -1,0 +1,109 @@
+"""The command line: help texts, exit codes, one-line errors, --json, --dry-run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_recipe
+from typer.testing import CliRunner
+
+from shardtune.cli import app
+
+ROOT = Path(__file__).parents[1]
+runner = CliRunner()
+
+
+def write_recipe(tmp_path, **sections):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, **sections)))
+    return path
+
+
+def test_help_texts():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "train" in result.output and "shard-sharing" in result.output
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    for word in ("RECIPE", "--set", "--dry-run", "--json", "Exit codes"):
+        assert word in result.output
+
+
+def test_version_and_listings():
+    assert runner.invoke(app, ["--version"]).output.startswith("shardtune ")
+    assert json.loads(runner.invoke(app, ["methods", "--json"]).output).keys() == {"lora", "fossil"}
+    assert "tiny-llama" in json.loads(runner.invoke(app, ["models", "--json"]).output)
+    assert "reverse" in json.loads(runner.invoke(app, ["tasks", "--json"]).output)
+
+
+def test_train_json_and_dry_run(tmp_path):
+    path = write_recipe(tmp_path)
+    result = runner.invoke(app, ["train", str(path), "--set", "adapter.rank=2", "--dry-run"])
+    assert result.exit_code == 0 and "rank: 2" in result.output
+    result = runner.invoke(app, ["train", str(path), "--set", "adapter.method=fossil", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["method"] == "fossil" and summary["steps"] == 12
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+
+
+def test_plain_progress_lines_when_not_a_tty(tmp_path):
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path))])
+    assert result.exit_code == 0
+    lines = [line for line in result.output.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1", "4", "8", "12"]
+    assert "eval loss" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "adapter.rank=-3"], "error: adapter.rank: must be a positive integer, got -3"),
+        (["--set", "model.name=no-such-model"], "error: model.name: 'no-such-model' is not a builtin alias"),
+        (["--set", "data.task=nope"], "error: data.task: unknown task 'nope'"),
+        (["--set", "adapter.targets=[qq_proj]"], "error: adapter.targets: 'qq_proj' matches no linear layer"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path)), *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_missing_recipe_file_exit_2(tmp_path):
+    result = runner.invoke(app, ["train", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'missing.yaml'}: recipe file not found"
+
+
+def test_console_script_real_process(tmp_path):
+    """The installed entry point, in a real process: one line on stderr, exit code 2, no traceback."""
+    path = write_recipe(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardtune", "train", str(path), "--set", "adapter.rank=-3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: adapter.rank: must be a positive integer, got -3"
+    assert proc.stdout == ""
+
+
+def test_tiny_recipe_runs_from_cli(tmp_path):
+    """`shardtune train recipes/tiny.yaml` finishes (in seconds on CPU) and learns."""
+    result = runner.invoke(
+        app,
+        ["train", str(ROOT / "recipes" / "tiny.yaml"), "--set", f"output.dir={tmp_path / 'tiny'}", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    first = json.loads((tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert summary["final_loss"] < 0.3 * first

@@ -1,0 +1,125 @@
+"""Recipes: validation, overrides, one-line errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import tiny_recipe
+
+from shardtune.errors import BadInput, RecipeError
+from shardtune.recipe import load_recipe, recipe_from_dict
+
+
+def write(tmp_path, raw, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw) if not isinstance(raw, str) else raw)
+    return path
+
+
+def test_valid_recipe_and_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, tiny_recipe(tmp_path)))
+    assert recipe.adapter.method == "lora" and recipe.adapter.rank == 4
+    assert recipe.adapter.alpha == 16.0  # default of the lora options
+    assert recipe.train.schedule == "cosine"
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, tiny_recipe(tmp_path))
+    recipe = load_recipe(
+        path,
+        ["train.lr=2e-4", "adapter.rank=16", "adapter.targets=[q_proj, k_proj]", "train.precision=bf16"],
+    )
+    assert recipe.train.lr == 2e-4
+    assert recipe.adapter.rank == 16
+    assert recipe.adapter.targets == ["q_proj", "k_proj"]
+    assert recipe.train.precision == "bf16"
+    # switching the method switches the options model
+    recipe = load_recipe(path, ["adapter.method=fossil", "adapter.mode=mini", "adapter.mini_r=4"])
+    assert recipe.adapter.method == "fossil" and recipe.adapter.mini_r == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["adapter.rank=-3"], "adapter.rank: must be a positive integer, got -3"),
+        (["adapter.rank=abc"], "adapter.rank: must be an integer, got 'abc'"),
+        (["adapter.rnak=4"], "adapter.rnak: unknown key (did you mean 'rank'?)"),
+        (["train.lr=0"], "train.lr: must be greater than 0, got 0"),
+        (["train.lr=fast"], "train.lr: must be a number, got 'fast'"),
+        (
+            ["train.schedule=cosin"],
+            "train.schedule: must be one of 'cosine', 'linear' or 'constant', got 'cosin'",
+        ),
+        (["adapter.method=dora"], "adapter.method: unknown method 'dora'; available: lora, fossil"),
+        (["adapter.dropout=1.5"], "adapter.dropout: must be less than 1, got 1.5"),
+        (["adapter.mode=mini"], "adapter.mode: unknown key"),  # lora has no mode
+        (["trian.lr=1"], "trian: unknown key (did you mean 'train'?)"),
+        (["model.name=null"], "model.name: must be a string, got None"),
+        (["data.path=x.jsonl"], "data: set exactly one of data.task or data.path"),
+        (["train=3"], "train: must be a section (a mapping of keys), got 3"),
+        (["train.cpu=maybe"], "train.cpu: must be true or false, got 'maybe'"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, overrides, message):
+    path = write(tmp_path, tiny_recipe(tmp_path))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, overrides)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_missing_sections_and_method(tmp_path):
+    raw = tiny_recipe(tmp_path)
+    del raw["model"]
+    with pytest.raises(RecipeError, match=r"^model: required key is missing"):
+        recipe_from_dict(raw)
+    raw = tiny_recipe(tmp_path)
+    del raw["adapter"]["method"]
+    with pytest.raises(RecipeError, match=r"^adapter.method: required key is missing; one of: lora, fossil"):
+        recipe_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("model: [unclosed", "invalid YAML at line 1"),
+        ("- a\n- b\n", "a recipe must be a mapping of sections, got list"),
+    ],
+)
+def test_bad_files(tmp_path, content, message):
+    with pytest.raises(BadInput, match=message):
+        load_recipe(write(tmp_path, content))
+
+
+def test_missing_and_binary_files(tmp_path):
+    with pytest.raises(BadInput, match=r"nope.yaml: recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00model")
+    with pytest.raises(BadInput, match="not a UTF-8 text file"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=3", "train..lr=3"])
+def test_bad_override_syntax(tmp_path, item):
+    with pytest.raises(BadInput, match=r"--set .*expected KEY=VALUE"):
+        load_recipe(write(tmp_path, tiny_recipe(tmp_path)), [item])
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parents[1].glob("recipes/*.yaml"))
+    assert recipes
+    for path in recipes:
+        load_recipe(path)
+
+
+def test_recipe_reference_doc_is_current():
+    from pathlib import Path
+
+    from shardtune.recipe import recipe_reference_markdown
+
+    doc = Path(__file__).parents[1] / "docs" / "recipe-reference.md"
+    assert doc.read_text() == recipe_reference_markdown() + "\n", "run `make docs`"

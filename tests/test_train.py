@@ -1,0 +1,156 @@
+"""End-to-end training on tiny random models: learning, frozen base, adapter files, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from shardtune.adapters import METHODS
+from shardtune.adapters.model import adapter_named_parameters, inject_adapter
+from shardtune.checkpoint import attach_adapter, list_checkpoints, load_adapted_model
+from shardtune.errors import BadInput
+from shardtune.models import build_tiny_model
+from shardtune.recipe import recipe_from_dict
+from shardtune.train import train
+
+
+def run(tmp_path, **sections):
+    return train(recipe_from_dict(tiny_recipe(tmp_path, **sections)))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("alias", ["tiny-llama", "tiny-gpt2"])
+def test_loss_falls_and_only_adapter_changes(tmp_path, method, alias):
+    result = run(
+        tmp_path,
+        model={"name": alias},
+        adapter={"method": method, "rank": 4},
+        train={"max_steps": 40},
+        logging={"every": 1},
+    )
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    assert result.eval_loss is not None and result.eval_loss < losses[0]
+
+    # Only adapter parameters changed: the trained model's base weights equal a fresh model's.
+    trained, _, meta = load_adapted_model(tmp_path / "run")
+    fresh = build_tiny_model(alias)
+    fresh_params = dict(fresh.named_parameters())
+    adapter_names = {n for n, _ in adapter_named_parameters(trained)}
+    changed_adapter = 0
+    for name, p in trained.named_parameters():
+        if name in adapter_names:
+            changed_adapter += int(p.abs().sum() > 0)
+            continue
+        base_name = name.replace(".base_layer", "")
+        assert torch.equal(p, fresh_params[base_name]), name
+    assert changed_adapter == len(adapter_names)
+    assert meta["method"] == method and meta["step"] == 40
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_save_load_round_trip_identical_logits(tmp_path, method, input_ids):
+    run(tmp_path, adapter={"method": method, "rank": 4, "dropout": 0.1})
+    run_dir = tmp_path / "run"
+    assert {"adapter.safetensors", "adapter.json", "recipe.yaml", "metrics.jsonl", "train.log"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    meta = json.loads((run_dir / "adapter.json").read_text())
+    assert meta["base_model"]["name"] == "tiny-llama"
+    assert meta["shardtune_version"] and meta["targets"] and meta["options"]["rank"] == 4
+
+    model_a, _, _ = load_adapted_model(run_dir)
+    model_b = build_tiny_model("tiny-llama")
+    attach_adapter(model_b, run_dir)
+    model_b.eval()
+    with torch.no_grad():
+        a, b = model_a(input_ids).logits, model_b(input_ids).logits
+        base = build_tiny_model("tiny-llama")(input_ids).logits
+    assert torch.equal(a, b)
+    assert (a - base).abs().max() > 1e-3  # the trained adapter is really there
+
+
+def test_checkpoints_every_n_steps_and_keep_last(tmp_path):
+    run(tmp_path, train={"max_steps": 12, "save_every": 3, "keep_checkpoints": 2})
+    ckpts = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in ckpts] == ["checkpoint-6", "checkpoint-9"]
+    assert json.loads((ckpts[-1] / "trainer_state.json").read_text()) == {"step": 9}
+    assert json.loads((ckpts[-1] / "adapter.json").read_text())["step"] == 9
+    assert not list((tmp_path / "run").glob(".checkpoint-*"))  # no temporary directory left behind
+    load_adapted_model(ckpts[0])
+
+
+def test_bf16_and_grad_accum_and_schedules(tmp_path):
+    result = run(
+        tmp_path,
+        adapter={"method": "fossil", "rank": 4},
+        train={"precision": "bf16", "grad_accum": 2, "schedule": "linear", "warmup_steps": 2, "max_steps": 6},
+        logging={"every": 1},
+    )
+    assert result.steps == 6
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(0.5e-2) and lrs[1] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(0.0)
+
+
+def test_epochs_determine_steps(tmp_path):
+    result = run(tmp_path, data={"num_samples": 64}, train={"max_steps": None, "epochs": 2, "batch_size": 16})
+    assert result.steps == 8  # 64 / 16 per epoch, two epochs
+
+
+def test_same_seed_same_adapter(tmp_path, input_ids):
+    from safetensors.torch import load_file
+
+    run(tmp_path / "a", adapter={"method": "lora", "dropout": 0.1})
+    run(tmp_path / "b", adapter={"method": "lora", "dropout": 0.1})
+    a = load_file(tmp_path / "a" / "run" / "adapter.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_clobber_a_run(tmp_path):
+    run(tmp_path)
+    with pytest.raises(BadInput, match=r"output.dir: .* already holds a run"):
+        run(tmp_path)
+    run(tmp_path, output={"overwrite": True})
+
+
+def test_data_file_with_prompt_masking(tmp_path):
+    from shardtune.data import IGNORE, Example, encode
+    from shardtune.models import byte_tokenizer
+
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"say {i} =", "completion": f" {i}"} for i in range(50)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = run(tmp_path, data={"task": None, "path": str(path), "eval_samples": 5})
+    assert result.steps == 12 and result.eval_loss is not None
+
+    feat, truncated = encode(Example("ab", "cd"), byte_tokenizer(), 64)
+    assert feat["labels"][:2] == [IGNORE, IGNORE] and feat["labels"][2:] == feat["input_ids"][2:]
+    assert feat["input_ids"][-1] == 2 and not truncated  # ends with EOS
+    feat, truncated = encode(Example("ab", "cdefgh"), byte_tokenizer(), 4)
+    assert truncated and len(feat["input_ids"]) == 4
+
+
+def test_attach_rejects_mismatched_adapter(tmp_path):
+    run(tmp_path)
+    model = build_tiny_model("tiny-gpt2")
+    with pytest.raises(BadInput, match="adapter.targets|other layers"):
+        attach_adapter(model, tmp_path / "run")
+    (tmp_path / "run" / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    model = build_tiny_model("tiny-llama")
+    with pytest.raises(BadInput, match="corrupt or unreadable safetensors"):
+        attach_adapter(model, tmp_path / "run")
+
+
+def test_inject_twice_is_refused():
+    model = build_tiny_model("tiny-llama")
+    opts = METHODS["lora"].Options(method="lora")
+    inject_adapter(model, opts)
+    with pytest.raises(BadInput, match="already carries"):
+        inject_adapter(model, opts)
