@@ -1,8 +1,21 @@
-"""Data: examples from a builtin task or a local file → token ids with loss masks → batches.
+"""Data: records from a builtin task, a local file/directory or a cached hub dataset → token ids with
+loss masks → batches.
 
-An example is ``(prompt, completion)``; plain text is ``("", text)``. The loss is computed on the
-completion tokens only (prompt tokens get label -100), and every example ends with the EOS token.
-Examples longer than ``data.max_length`` tokens are truncated from the right and counted.
+Formats (``data.format``, ``auto`` decides from the first record's keys):
+
+* ``text`` — ``{"text": ...}``: every token is trained.
+* ``prompt_completion`` — ``{"prompt": ..., "completion": ...}``: loss on the completion only.
+* ``alpaca`` — ``{"instruction", "input" (optional), "output"}``: prompt = instruction (+ blank line
+  + input), completion = output.
+* ``messages`` — ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's chat
+  template; loss on the assistant turns only.
+
+With ``data.chat_template`` on (``auto``: when the tokenizer has one) prompt/completion and alpaca
+examples are rendered as a user turn and an assistant turn too, which is what instruct models
+expect. Each example becomes segments ``(text, trainable)`` that are tokenized separately, so the
+mask is exact. Plain examples end with the EOS token (trained); chat examples end with the
+template's end-of-turn. Examples longer than ``data.max_length`` are truncated from the right and
+counted; ``data.packing`` concatenates examples into full ``max_length`` rows.
 """
 
 from __future__ import annotations
@@ -20,15 +33,23 @@ from shardtune.recipe import DataSection
 from shardtune.tasks import TASKS
 
 IGNORE = -100
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
-    completion: str
+    """One training example: a prompt/completion pair, plain text (empty prompt), or a chat."""
+
+    prompt: str = ""
+    completion: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
 
 
-def _read_records(path: Path) -> list[dict]:
+# ---------------------------------------------------------------------------------------------------
+# Records
+
+
+def _read_json_file(path: Path) -> list:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -38,6 +59,8 @@ def _read_records(path: Path) -> list[dict]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise BadInput(f"data.path: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        if isinstance(records, dict) and isinstance(records.get("data"), list):
+            records = records["data"]
         if not isinstance(records, list):
             raise BadInput(f"data.path: {path} must hold a JSON list of records")
         return records
@@ -52,14 +75,108 @@ def _read_records(path: Path) -> list[dict]:
     return records
 
 
-def _record_to_example(rec: object, fmt: str, where: str) -> Example:
+def _load_with_datasets(kind: str, source: str, split: str, key: str) -> list:
+    """csv / parquet / text files, ``save_to_disk`` directories and cached hub datasets."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if kind == "disk":
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise BadInput(f"data.split: {source} has no split {split!r}; it has {', '.join(ds)}")
+                ds = ds[split]
+        elif kind == "hub":
+            ds = datasets.load_dataset(source, split=split)
+        else:
+            ds = datasets.load_dataset(kind, data_files=source, split="train")
+    except BadInput:
+        raise
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{key}: {source} is not UTF-8 text (byte {e.start})") from None
+    except Exception as e:  # datasets/pyarrow raise many types for unreadable input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if kind == "hub":
+            first = (
+                "not in the local cache (shardtune never downloads at run time)"
+                if "offline" in first.lower() or "couldn't" in first.lower() or "not found" in first.lower()
+                else first
+            )
+        raise BadInput(f"{key}: cannot read {source}: {first}") from None
+    return [dict(row) for row in ds]
+
+
+def read_records(data: DataSection) -> list:
+    if data.hub is not None:
+        return _load_with_datasets("hub", data.hub, data.split, "data.hub")
+    path = Path(data.path).expanduser()
+    if path.is_dir():
+        return _load_with_datasets("disk", str(path), data.split, "data.path")
+    if not path.is_file():
+        raise BadInput(f"data.path: {data.path} not found")
+    if path.suffix not in FILE_TYPES:
+        raise BadInput(
+            f"data.path: {data.path}: unsupported file type {path.suffix!r} (use {', '.join(FILE_TYPES)} "
+            "or a datasets save_to_disk directory)"
+        )
+    if path.stat().st_size == 0:
+        raise BadInput(f"data.path: {data.path} is empty")
+    if FILE_TYPES[path.suffix] == "json":
+        return _read_json_file(path)
+    return _load_with_datasets(FILE_TYPES[path.suffix], str(path), "train", "data.path")
+
+
+def detect_format(record: object) -> str:
+    keys = set(record) if isinstance(record, dict) else set()
+    if "messages" in keys:
+        return "messages"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "text" in keys:
+        return "text"
+    raise BadInput(
+        f"data.format: cannot tell the format from the record keys {sorted(keys)}; expected text, "
+        "prompt+completion, instruction+output (alpaca) or messages"
+    )
+
+
+def record_to_example(rec: object, fmt: str, where: str, text_field: str = "text") -> Example:
     if not isinstance(rec, dict):
-        raise BadInput(f"data.path: {where} is not a JSON object")
-    keys = ("text",) if fmt == "text" else ("prompt", "completion")
-    for key in keys:
-        if not isinstance(rec.get(key), str):
-            raise BadInput(f"data.path: {where} has no string field {key!r} (data.format: {fmt})")
-    return Example("", rec["text"]) if fmt == "text" else Example(rec["prompt"], rec["completion"])
+        raise BadInput(f"{where} is not an object with named fields")
+
+    def field(key: str, optional: bool = False) -> str:
+        value = rec.get(key)
+        if value is None and optional:
+            return ""
+        if not isinstance(value, str):
+            raise BadInput(f"{where} has no string field {key!r} (data.format: {fmt})")
+        return value
+
+    if fmt == "text":
+        return Example("", field(text_field))
+    if fmt == "prompt_completion":
+        return Example(field("prompt"), field("completion"))
+    if fmt == "alpaca":
+        extra = field("input", optional=True)
+        return Example(field("instruction") + (f"\n\n{extra}" if extra else ""), field("output"))
+    messages = rec.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadInput(f"{where} has no list field 'messages' (data.format: messages)")
+    turns = []
+    for m in messages:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise BadInput(f"{where}: every message needs string 'role' and 'content'")
+        turns.append((m["role"], m["content"]))
+    if not any(role == "assistant" for role, _ in turns):
+        raise BadInput(f"{where} has no assistant message to learn from")
+    return Example(messages=tuple(turns))
 
 
 def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
@@ -72,53 +189,132 @@ def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
         held = [Example(p, c) for p, c in task.generate(data.eval_samples, data.seed + 1_000_003)]
         return train, held
 
-    path = Path(data.path).expanduser()
-    if not path.is_file():
-        raise BadInput(f"data.path: {data.path} not found")
-    if path.suffix not in (".jsonl", ".json"):
-        raise BadInput(f"data.path: {data.path}: unsupported file type {path.suffix!r} (use .jsonl or .json)")
-    records = _read_records(path)
+    source = data.path or data.hub
+    records = read_records(data)
     if not records:
-        raise BadInput(f"data.path: {data.path} holds no examples")
-    fmt = data.format
-    if fmt == "auto":
-        first = records[0] if isinstance(records[0], dict) else {}
-        fmt = "prompt_completion" if "prompt" in first and "completion" in first else "text"
-    examples = [_record_to_example(r, fmt, f"{data.path} record {i + 1}") for i, r in enumerate(records)]
+        raise BadInput(f"data.{'path' if data.path else 'hub'}: {source} holds no examples")
+    fmt = detect_format(records[0]) if data.format == "auto" else data.format
+    examples = [
+        record_to_example(r, fmt, f"data: {source} record {i + 1}", data.text_field)
+        for i, r in enumerate(records)
+    ]
+    if data.eval_split is not None:
+        held_data = data.model_copy(update={"split": data.eval_split})
+        held_records = read_records(held_data)
+        held = [
+            record_to_example(r, fmt, f"data: {source} [{data.eval_split}] record {i + 1}", data.text_field)
+            for i, r in enumerate(held_records)
+        ]
+        return examples, held[: data.eval_samples]
     random.Random(data.seed).shuffle(examples)
     n_eval = min(data.eval_samples, len(examples) // 5)
     return examples[n_eval:], examples[:n_eval]
 
 
-def encode(example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[dict, bool]:
-    """Token ids and labels (prompt masked); returns (features, was_truncated)."""
-    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
-    prompt = bos + tokenizer(example.prompt, add_special_tokens=False).input_ids
-    completion = tokenizer(example.completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    ids = prompt + completion
-    labels = [IGNORE] * len(prompt) + completion
+# ---------------------------------------------------------------------------------------------------
+# Tokens
+
+
+def uses_chat(tokenizer: PreTrainedTokenizerBase, setting: str | bool) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "auto":
+        return has
+    if setting and not has:
+        raise BadInput("data.chat_template: the tokenizer has no chat template")
+    return bool(setting)
+
+
+def _render(tokenizer, turns, add_generation_prompt: bool) -> str:
+    messages = [{"role": r, "content": c} for r, c in turns]
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def segments(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[tuple[str, bool]]:
+    """The example as ``(text, trainable)`` pieces, in order."""
+    turns = example.messages or (
+        (("user", example.prompt), ("assistant", example.completion)) if chat and example.prompt else ()
+    )
+    if turns:
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadInput("data.format: messages needs a tokenizer with a chat template")
+        out, done = [], ""
+        for k, (role, _) in enumerate(turns):
+            if role != "assistant":
+                continue
+            before = _render(tokenizer, turns[:k], add_generation_prompt=True)
+            full = _render(tokenizer, turns[: k + 1], add_generation_prompt=False)
+            if not before.startswith(done) or not full.startswith(before):
+                raise BadInput("data.chat_template: the chat template does not render turns incrementally")
+            out += [(before[len(done) :], False), (full[len(before) :], True)]
+            done = full
+        return [(text, trainable) for text, trainable in out if text]
+    return [(example.prompt, False), (example.completion, True)]
+
+
+def prompt_ids(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
+    """Token ids of the prompt as the model sees it before generating the completion."""
+    if chat:
+        text = _render(tokenizer, (("user", example.prompt),), add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return _bos(tokenizer) + tokenizer(example.prompt, add_special_tokens=False).input_ids
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """[BOS] if the tokenizer puts one in front of plain text by itself, else []."""
+    if tokenizer.bos_token_id is None:
+        return []
+    ids = tokenizer("a", add_special_tokens=True).input_ids
+    return [tokenizer.bos_token_id] if ids and ids[0] == tokenizer.bos_token_id else []
+
+
+def encode(
+    example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, chat: bool = False
+) -> tuple[dict, bool]:
+    """Token ids and labels (non-trainable segments masked); returns (features, was_truncated)."""
+    pieces = segments(example, tokenizer, chat)
+    is_chat = bool(example.messages) or (chat and bool(example.prompt))
+    ids, labels = ([], []) if is_chat else (_bos(tokenizer), [IGNORE] * len(_bos(tokenizer)))
+    for text, trainable in pieces:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        labels += piece if trainable else [IGNORE] * len(piece)
+    if not is_chat:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
     truncated = len(ids) > max_length
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated
 
 
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    if tokenizer.bos_token_id is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True).input_ids
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 def encode_all(
-    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, chat: bool = False
 ) -> tuple[list[dict], int]:
     """Encode every example; drop ones with no trainable token left; return (features, n_truncated)."""
     features, n_truncated = [], 0
     for ex in examples:
-        feat, truncated = encode(ex, tokenizer, max_length)
+        feat, truncated = encode(ex, tokenizer, max_length, chat)
         n_truncated += truncated
-        if any(label != IGNORE for label in feat["labels"]):
+        if any(label != IGNORE for label in feat["labels"][1:]):
             features.append(feat)
     return features, n_truncated
+
+
+def pack(features: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples (masks kept) and cut into rows of exactly ``max_length`` tokens.
+
+    Attention is not reset between packed examples (the usual simple packing); the last partial
+    row is dropped unless it is the only one.
+    """
+    ids = [t for f in features for t in f["input_ids"]]
+    labels = [t for f in features for t in f["labels"]]
+    rows = [
+        {"input_ids": ids[i : i + max_length], "labels": labels[i : i + max_length]}
+        for i in range(0, len(ids), max_length)
+    ]
+    if len(rows) > 1 and len(rows[-1]["input_ids"]) < max_length:
+        rows.pop()
+    return rows
 
 
 class Collator:

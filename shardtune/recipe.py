@@ -1,8 +1,8 @@
 """Recipes: YAML files validated by pydantic, with ``--set a.b=value`` overrides.
 
-A recipe has six sections — ``model``, ``adapter``, ``data``, ``train``, ``output``, ``logging`` —
-each a pydantic model below; ``adapter`` is the options model of the chosen method (one per file in
-``shardtune/adapters/``), picked by ``adapter.method``. Unknown keys are errors. Every problem is
+A recipe has seven sections — ``model``, ``adapter``, ``data``, ``train``, ``eval``, ``output``,
+``logging`` — each a pydantic model below; ``adapter`` is the options model of the chosen method
+(one per file in ``shardtune/adapters/``), picked by ``adapter.method``. Unknown keys are errors. Every problem is
 reported as one line that names the key path, e.g. ``adapter.rank: must be a positive integer, got -3``.
 """
 
@@ -48,25 +48,44 @@ AdapterSection = Annotated[
 
 class DataSection(Section):
     task: str | None = Field(
-        None, description="A builtin generated task (`shardtune tasks` lists them). Exclusive with `path`."
+        None,
+        description="A builtin generated task (`shardtune tasks` lists them). Exclusive with `path`/`hub`.",
     )
-    path: str | None = Field(None, description="A local .jsonl/.json file with one example per record.")
-    format: Literal["auto", "text", "prompt_completion"] = Field(
+    path: str | None = Field(
+        None,
+        description="A local .jsonl/.json/.csv/.parquet/.txt file or a `datasets` save_to_disk directory.",
+    )
+    hub: str | None = Field(
+        None, description="A hub dataset id already in the local cache (never downloaded)."
+    )
+    split: str = Field("train", description="Split to train on (hub datasets and save_to_disk directories).")
+    eval_split: str | None = Field(
+        None, description="Split to hold out for evaluation; unset: `eval_samples` records are split off."
+    )
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "messages"] = Field(
         "auto",
         description=(
-            "`text`: records with a `text` field, all tokens trained; `prompt_completion`: records with "
-            "`prompt` and `completion`, loss on the completion only; `auto`: decided from the first record."
+            "`text` (field `text`, all tokens trained), `prompt_completion`, `alpaca` "
+            "(instruction/input/output), `messages` (chat); loss only on completions / assistant turns. "
+            "`auto`: decided from the first record's keys."
         ),
     )
+    text_field: str = Field("text", description="Field holding the text for `format: text`.")
+    chat_template: Literal["auto"] | bool = Field(
+        "auto",
+        description="Render prompt/completion as a chat (user, assistant) with the tokenizer's template; "
+        "`auto`: when the tokenizer has one.",
+    )
+    packing: bool = Field(False, description="Concatenate examples into full rows of `max_length` tokens.")
     num_samples: PositiveInt = Field(2000, description="Training examples generated for a builtin task.")
-    eval_samples: int = Field(64, ge=0, description="Held-out examples (generated, or split off `path`).")
+    eval_samples: int = Field(64, ge=0, description="Held-out examples (generated, or split off the data).")
     max_length: PositiveInt = Field(256, description="Examples longer than this many tokens are truncated.")
     seed: int = Field(0, description="Seed of task generation and of the train/eval split.")
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.task is None) == (self.path is None):
-            raise ValueError("set exactly one of data.task or data.path")
+        if sum(x is not None for x in (self.task, self.path, self.hub)) != 1:
+            raise ValueError("set exactly one of data.task, data.path or data.hub")
         return self
 
 
@@ -83,12 +102,22 @@ class TrainSection(Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 disables.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast mixed precision.")
-    eval_every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at the end).")
     save_every: int = Field(
         0, ge=0, description="Write checkpoint-N every N steps (0: only the final adapter)."
     )
     keep_checkpoints: int = Field(3, ge=1, description="How many checkpoint-N directories to keep.")
     cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
+
+
+class EvalSection(Section):
+    every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at the end).")
+    score: bool = Field(
+        False,
+        description="After training, exact-match score of greedy answers on held-out items (builtin tasks).",
+    )
+    score_base: bool = Field(False, description="Also score the base model (adapter off) before training.")
+    max_new_tokens: PositiveInt = Field(32, description="Generation length limit when scoring.")
+    batch_size: PositiveInt = Field(16, description="Examples per batch when evaluating and scoring.")
 
 
 class OutputSection(Section):
@@ -108,6 +137,7 @@ class Recipe(Section):
     adapter: AdapterSection
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 

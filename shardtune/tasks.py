@@ -22,11 +22,11 @@ class Task:
         rng = random.Random(f"{self.name}:{seed}")
         return [self.make(rng) for _ in range(n)]
 
-    @staticmethod
-    def score(prediction: str, completion: str) -> bool:
-        """Exact match of the first line of the prediction with the expected completion."""
-        first = prediction.strip().splitlines()[0].strip() if prediction.strip() else ""
-        return first == completion.strip()
+
+def exact_match(prediction: str, completion: str) -> bool:
+    """The scorer of every builtin task: the first line of the answer equals the expected completion."""
+    first = prediction.strip().splitlines()[0].strip() if prediction.strip() else ""
+    return first == completion.strip()
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
@@ -39,10 +39,29 @@ def _repeat(rng: random.Random) -> tuple[str, str]:
     return f"twice {word} =", f" {word}{word}"
 
 
+def _date_format(rng: random.Random) -> tuple[str, str]:
+    year, month, day = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+    return (
+        f"Convert the date {year}-{month:02d}-{day:02d} to DD/MM/YYYY format.",
+        f"{day:02d}/{month:02d}/{year}",
+    )
+
+
+def _addition(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    return f"What is {a} + {b}? Answer with the number only.", str(a + b)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
         Task("reverse", "reverse a short string of letters a-f (tiny models learn it)", _reverse),
         Task("repeat", "write a short string of letters x-z twice (the easiest smoke task)", _repeat),
+        Task(
+            "date_format",
+            "rewrite an ISO date as DD/MM/YYYY (SmolLM2-135M: ~0% before tuning; the quickstart)",
+            _date_format,
+        ),
+        Task("addition", "add two 3-digit numbers, answer with the number only", _addition),
     )
 }

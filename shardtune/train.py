@@ -2,12 +2,13 @@
 
 1. Prepare the run directory (refuse to clobber an earlier run unless ``output.overwrite``) and its log.
 2. Seed everything; load the frozen base model and inject the adapter (only adapter parameters train).
-3. Build the training / held-out token data and the loader.
+3. Build the training / held-out token data and the loader (optionally score the base model).
 4. AdamW + warm-up and cosine/linear/constant decay; Accelerate handles device, DDP, bf16 autocast
    and gradient accumulation.
 5. Loop over optimizer steps: forward, backward, clip, step; log metrics (JSONL + progress); stop on
    NaN/inf; evaluate and checkpoint at the set intervals.
-6. Write the final adapter (adapter.safetensors + adapter.json + recipe.yaml) into the run directory.
+6. Held-out loss and (optionally) the tuned model's task score; write the final adapter
+   (adapter.safetensors + adapter.json + recipe.yaml) and result.json into the run directory.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from shardtune.adapters.model import count_parameters, inject_adapter
+from shardtune.adapters.model import adapter_disabled, count_parameters, inject_adapter
 from shardtune.checkpoint import ADAPTER_CONFIG, list_checkpoints, save_adapter, save_checkpoint
-from shardtune.data import Collator, encode_all, load_examples
+from shardtune.data import Collator, encode_all, load_examples, pack, uses_chat
 from shardtune.errors import BadInput, Diverged
+from shardtune.evaluate import heldout_loss, score_task
 from shardtune.models import load_model
 from shardtune.progress import Reporter
 from shardtune.recipe import Recipe
@@ -51,6 +53,8 @@ class TrainResult:
     total_parameters: int
     truncated_examples: int
     seconds: float
+    task_score_base: float | None = None
+    task_score: float | None = None
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:
@@ -76,21 +80,6 @@ def add_file_log(run_dir: Path, level: str) -> logging.Handler:
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     return handler
-
-
-@torch.no_grad()
-def evaluate_loss(model, loader, accelerator) -> float:
-    """Token-weighted mean cross-entropy over the held-out loader."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, device=accelerator.device)
-    for batch in loader:
-        n_tokens = (batch["labels"][:, 1:] != -100).sum()
-        loss = model(**batch).loss
-        total += torch.stack([loss.float() * n_tokens, n_tokens.float()])
-    total = accelerator.reduce(total, reduction="sum")
-    model.train(was_training)
-    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
@@ -121,14 +110,21 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
             f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})"
         )
 
-        # 3. Data.
+        # 3. Data (and the base model's task score, before any update).
+        chat = uses_chat(tokenizer, recipe.data.chat_template)
         train_examples, eval_examples = load_examples(recipe.data)
-        train_features, n_truncated = encode_all(train_examples, tokenizer, recipe.data.max_length)
-        eval_features, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length)
+        train_features, n_truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat)
+        eval_features, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat)
         if not train_features:
             raise BadInput("data: no training example has a token to learn from after truncation")
         if n_truncated:
             reporter.warn(f"{n_truncated} of {len(train_examples)} examples truncated to data.max_length")
+        if recipe.data.packing:
+            train_features = pack(train_features, recipe.data.max_length)
+        reporter.info(
+            f"data: {len(train_examples)} training examples ({len(train_features)} rows), "
+            f"{len(eval_features)} held out{', chat template' if chat else ''}"
+        )
         collate = Collator(tokenizer.pad_token_id)
         loader = DataLoader(
             train_features,
@@ -138,7 +134,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
             generator=torch.Generator().manual_seed(cfg.seed),
             drop_last=len(train_features) >= cfg.batch_size * accelerator.num_processes,
         )
-        eval_loader = DataLoader(eval_features, batch_size=cfg.batch_size, collate_fn=collate)
+        eval_loader = DataLoader(eval_features, batch_size=recipe.eval.batch_size, collate_fn=collate)
 
         # 4. Optimizer and schedule.
         updates_per_epoch = max(1, len(loader) // accelerator.num_processes // cfg.grad_accum)
@@ -152,6 +148,12 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
             num_training_steps=total_steps,
         )
         model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
+        scores: dict[str, float] = {}
+        if recipe.eval.score_base and main:
+            with adapter_disabled(accelerator.unwrap_model(model)) as base:
+                scores["task_score_base"] = _score(
+                    base, tokenizer, eval_examples, chat, recipe, reporter, "base model"
+                )
 
         # 5. Loop over optimizer steps.
         model.train()
@@ -195,8 +197,8 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
                         "tokens_per_s": tokens * accelerator.num_processes / max(now - last_log, 1e-9),
                     }
                     tokens, last_log = 0, now
-                    if cfg.eval_every and step % cfg.eval_every == 0 and len(eval_features):
-                        eval_loss = evaluate_loss(model, eval_loader, accelerator)
+                    if recipe.eval.every and step % recipe.eval.every == 0 and len(eval_features):
+                        eval_loss = heldout_loss(model, eval_loader, accelerator_sum(accelerator))
                         metrics["eval_loss"] = eval_loss
                     if main:
                         with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -216,8 +218,13 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
         reporter.stop()
 
         if len(eval_features):
-            eval_loss = evaluate_loss(model, eval_loader, accelerator)
+            eval_loss = heldout_loss(model, eval_loader, accelerator_sum(accelerator))
             reporter.info(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})")
+        if recipe.eval.score and main:
+            tuned = accelerator.unwrap_model(model)
+            scores["task_score"] = _score(
+                tuned, tokenizer, eval_examples, chat, recipe, reporter, "tuned model"
+            )
 
         # 6. Final adapter.
         accelerator.wait_for_everyone()
@@ -233,6 +240,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
             total_parameters=total,
             truncated_examples=n_truncated,
             seconds=time.perf_counter() - started,
+            **scores,
         )
         if main:
             (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
@@ -247,6 +255,23 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+
+
+def accelerator_sum(accelerator: Accelerator):
+    return lambda t: accelerator.reduce(t, reduction="sum")
+
+
+def _score(model, tokenizer, examples, chat, recipe: Recipe, reporter: Reporter, who: str) -> float:
+    if recipe.data.task is None:
+        raise BadInput("eval.score: exact-match scoring needs a builtin task (data.task)")
+    if not examples:
+        raise BadInput("eval.score: no held-out examples to score (data.eval_samples is 0)")
+    result = score_task(model, tokenizer, examples, chat, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    reporter.info(
+        f"{who}: exact match {result.correct}/{result.total} = {100 * result.accuracy:.1f}% on held-out "
+        f"{recipe.data.task} items (e.g. {result.samples[0]['prompt']!r} → {result.samples[0]['answer']!r})"
+    )
+    return result.accuracy
 
 
 def _last_checkpoint(run_dir: Path) -> str:
