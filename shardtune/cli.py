@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 import shardtune
-from shardtune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, ShardtuneError
+from shardtune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, ShardtuneError
 
 app = typer.Typer(
     name="shardtune",
@@ -92,9 +92,9 @@ def root(
 
     Start with [bold]shardtune train recipes/tiny.yaml[/bold]; see docs/ for recipes and methods.
     """
-    from shardtune.models import offline_hub
+    from shardtune.models import offline_and_quiet
 
-    offline_hub()
+    offline_and_quiet()
 
 
 @app.command()
@@ -129,6 +129,84 @@ def train(
     result = run_training(resolved, Reporter.for_cli(json_output, quiet))
     if json_output:
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
+
+
+@app.command()
+@handle_errors
+def generate(
+    prompt: Annotated[
+        list[str], typer.Argument(help="Prompt(s); each is answered separately.", show_default=False)
+    ],
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", "-a", help="Run or checkpoint directory with the adapter.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Base model (default: the adapter's base model).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    temperature: Annotated[float, typer.Option(help="0 (default) is greedy decoding.", min=0.0)] = 0.0,
+    chat: Annotated[
+        bool, typer.Option("--chat/--no-chat", help="Apply the tokenizer's chat template.")
+    ] = True,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Answer PROMPT with a base model and (optionally) a trained adapter."""
+    from shardtune.checkpoint import load_adapted_model
+    from shardtune.data import Example, prompt_ids, uses_chat
+    from shardtune.evaluate import generate as run_generate
+    from shardtune.models import load_model
+
+    if adapter is not None:
+        lm, tokenizer, _ = load_adapted_model(adapter, base_model=model, trust_remote_code=trust_remote_code)
+    elif model is not None:
+        lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
+    else:
+        raise BadInput("generate: give --adapter RUN_DIR, --model MODEL, or both")
+    use_chat = chat and uses_chat(tokenizer, "auto")
+    ids = [prompt_ids(Example(p, ""), tokenizer, use_chat) for p in prompt]
+    answers = run_generate(lm, tokenizer, ids, max_new_tokens, temperature=temperature)
+    if json_output:
+        sys.stdout.write(
+            json.dumps([{"prompt": p, "answer": a} for p, a in zip(prompt, answers, strict=True)]) + "\n"
+        )
+        return
+    for p, a in zip(prompt, answers, strict=True):
+        if len(prompt) > 1:
+            out_console.print(f"> {p}", style="bold", markup=False)
+        out_console.print(a.strip(), markup=False)
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    run_dir: Annotated[Path, typer.Argument(help="Run or checkpoint directory.", show_default=False)],
+    base: Annotated[bool, typer.Option("--base", help="Also evaluate the base model (adapter off).")] = False,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Held-out examples to use.")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Held-out loss, perplexity and (builtin tasks) exact-match score of a trained adapter."""
+    from rich.table import Table
+
+    from shardtune.evaluate import evaluate_run
+
+    result = evaluate_run(run_dir, base=base, samples=samples)
+    if json_output:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title=f"{result['run_dir']} ({result['method']}, step {result['step']})")
+    for col in ("model", "eval loss", "perplexity", "task score"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for who in ("base", "adapter"):
+        if who in result:
+            r = result[who]
+            score = (
+                f"{100 * r['task_score']:.1f}% ({r['task_correct']}/{r['examples']})"
+                if "task_score" in r
+                else "-"
+            )
+            table.add_row(who, f"{r['eval_loss']:.4f}", f"{r['perplexity']:.3f}", score)
+    out_console.print(table)
 
 
 @app.command()

@@ -213,8 +213,12 @@ def load_model(
     return model, tokenizer
 
 
-def offline_hub() -> None:
-    """Make sure nothing in transformers/datasets/hub reaches the network."""
+def offline_and_quiet() -> None:
+    """Nothing in transformers/datasets/hub reaches the network; their progress bars stay off our output."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

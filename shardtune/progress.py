@@ -40,12 +40,12 @@ class Reporter:
     def info(self, message: str) -> None:
         log.info(message)
         if not self.quiet:
-            self.console.print(message, markup=False)
+            self.console.print(message, markup=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         log.warning(message)
         if not self.quiet:
-            self.console.print(f"warning: {message}", style="yellow", markup=False)
+            self.console.print(f"warning: {message}", style="yellow", markup=False, soft_wrap=True)
 
     def start(self, total_steps: int) -> None:
         if self.interactive:

@@ -107,3 +107,41 @@ def test_tiny_recipe_runs_from_cli(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     first = json.loads((tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert summary["final_loss"] < 0.3 * first
+
+
+def test_generate_and_eval_commands(tmp_path):
+    path = write_recipe(
+        tmp_path,
+        adapter={"method": "fossil", "rank": 8},
+        data={"task": "repeat", "num_samples": 512, "eval_samples": 16},
+        train={"max_steps": 80, "batch_size": 16},
+        eval={"score": True, "score_base": True, "max_new_tokens": 12},
+    )
+    result = runner.invoke(app, ["train", str(path), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["task_score_base"] == 0.0
+    assert summary["task_score"] is not None and summary["task_score"] > summary["task_score_base"]
+
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--base", "--json"])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.stdout)
+    assert evaluated["adapter"]["eval_loss"] < evaluated["base"]["eval_loss"]
+    assert evaluated["adapter"]["task_score"] == pytest.approx(summary["task_score"])
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--base"])
+    assert result.exit_code == 0 and "task score" in result.output and "base" in result.output
+
+    result = runner.invoke(
+        app, ["generate", "-a", str(tmp_path / "run"), "twice xy =", "twice zz =", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)
+    assert [a["prompt"] for a in answers] == ["twice xy =", "twice zz ="]
+    assert all(isinstance(a["answer"], str) for a in answers)
+    result = runner.invoke(app, ["generate", "--model", "tiny-llama", "hello", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+
+    result = runner.invoke(app, ["generate", "hello"])
+    assert result.exit_code == 2 and "give --adapter" in result.stderr
+    result = runner.invoke(app, ["eval", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no such run or adapter directory" in result.stderr

@@ -1,0 +1,132 @@
+"""Data: file types, formats, masks (prompt and chat), truncation, packing, held-out split, tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shardtune.data import IGNORE, Example, encode, encode_all, load_examples, pack, segments
+from shardtune.errors import BadInput
+from shardtune.models import byte_tokenizer
+from shardtune.recipe import DataSection
+from shardtune.tasks import TASKS, exact_match
+
+ROWS = [{"instruction": f"Say {i}", "input": "" if i % 2 else "loudly", "output": f"{i}!"} for i in range(30)]
+
+
+def section(**kw) -> DataSection:
+    return DataSection(**{"eval_samples": 5, **kw})
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_formats_detected_from_jsonl(tmp_path):
+    train, held = load_examples(section(path=str(write_jsonl(tmp_path / "a.jsonl", ROWS))))
+    assert len(train) == 25 and len(held) == 5
+    by_prompt = {e.prompt: e for e in train + held}
+    assert by_prompt["Say 0\n\nloudly"].completion == "0!"  # alpaca: instruction + blank line + input
+    assert by_prompt["Say 1"].completion == "1!"
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 10
+    train, _ = load_examples(section(path=str(write_jsonl(tmp_path / "m.jsonl", rows))))
+    assert train[0].messages == (("user", "hi"), ("assistant", "yo"))
+
+    train, _ = load_examples(section(path=str(write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}] * 10))))
+    assert train[0] == Example("", "abc")
+
+
+def test_csv_parquet_txt_json_and_saved_dataset(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)])
+    ds.to_csv(str(tmp_path / "d.csv"))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.json").write_text(json.dumps(ds.to_list()))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(3))}).save_to_disk(str(tmp_path / "saved"))
+    for name in ("d.csv", "d.parquet", "d.json", "saved"):
+        train, held = load_examples(section(path=str(tmp_path / name)))
+        assert len(train) + len(held) == 20, name
+        assert {e.completion for e in train + held} == {f"c{i}" for i in range(20)}
+    train, held = load_examples(section(path=str(tmp_path / "saved"), eval_split="test"))
+    assert len(train) == 20 and len(held) == 3
+    (tmp_path / "lines.txt").write_text("one line\nanother line\n")
+    train, held = load_examples(section(path=str(tmp_path / "lines.txt"), eval_samples=0))
+    assert [e.completion for e in train] == ["one line", "another line"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", b"", "is empty"),
+        ("bad.jsonl", b'{"text": "a"}\n{"text": \n', "line 2 is not valid JSON"),
+        ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "is not UTF-8"),
+        ("cols.jsonl", b'{"question": "a", "answer": "b"}\n', "cannot tell the format from the record keys"),
+        ("broken.parquet", b"PAR1\x00\x00garbage", "cannot read"),
+        ("data.xlsx", b"x", "unsupported file type '.xlsx'"),
+    ],
+)
+def test_bad_data_files(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(BadInput, match=message) as err:
+        load_examples(section(path=str(tmp_path / name)))
+    assert str(err.value).startswith("data")
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_columns_for_explicit_format(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
+    with pytest.raises(BadInput, match=r"record \d has no string field 'completion'"):
+        load_examples(section(path=str(path), format="prompt_completion"))
+
+
+def test_prompt_mask_plain_and_chat():
+    tok = byte_tokenizer()
+    feat, _ = encode(Example("ab", "cd"), tok, 64, chat=False)
+    assert feat["labels"] == [IGNORE, IGNORE] + feat["input_ids"][2:]
+    assert feat["input_ids"][-1] == tok.eos_token_id
+
+    feat, _ = encode(Example("ab", "cd"), tok, 128, chat=True)
+    trained = tok.decode(
+        [t for t, lab in zip(feat["input_ids"], feat["labels"], strict=True) if lab != IGNORE]
+    )
+    assert trained == "cd</s>\n"  # only the assistant turn (with its end-of-turn) is learned
+    assert tok.decode(feat["input_ids"]).startswith("<|user|>\nab</s>\n<|assistant|>\n")
+
+
+def test_multi_turn_chat_masks_every_user_turn():
+    tok = byte_tokenizer()
+    ex = Example(messages=(("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2")))
+    pieces = segments(ex, tok, chat=True)
+    assert [(t, trainable) for t, trainable in pieces if trainable] == [
+        ("a1</s>\n", True),
+        ("a2</s>\n", True),
+    ]
+    feat, _ = encode(ex, tok, 256)
+    assert sum(lab != IGNORE for lab in feat["labels"]) == 2 * len("a1</s>\n") - 2 * 3  # '</s>' is one token
+
+
+def test_truncation_is_counted_and_packing_fills_rows():
+    tok = byte_tokenizer()
+    examples = [Example("p", "x" * n) for n in (3, 10, 30)]
+    features, n_truncated = encode_all(examples, tok, 16)
+    assert n_truncated == 1 and max(len(f["input_ids"]) for f in features) == 16
+    rows = pack(features, 8)
+    assert all(len(r["input_ids"]) == 8 for r in rows)
+    assert sum(len(r["input_ids"]) for r in rows) == 8 * (sum(len(f["input_ids"]) for f in features) // 8)
+
+
+def test_tasks_are_deterministic_and_scored():
+    for task in TASKS.values():
+        assert task.generate(5, 0) == task.generate(5, 0)
+        assert task.generate(5, 0) != task.generate(5, 1)
+    prompt, completion = TASKS["date_format"].generate(1, 0)[0]
+    day, month, year = completion.split("/")
+    assert prompt == f"Convert the date {year}-{month}-{day} to DD/MM/YYYY format."
+    assert exact_match(" 14/05/1983\nmore text", "14/05/1983")
+    assert not exact_match("The answer is 14/05/1983", "14/05/1983")
+    train, held = load_examples(section(task="date_format", num_samples=50, eval_samples=20))
+    assert len(held) == 20 and not {e.prompt for e in train} & {e.prompt for e in held}

