@@ -211,6 +211,48 @@ def eval_command(
 
 @app.command()
 @handle_errors
+def routing(
+    target: Annotated[Path, typer.Argument(help="Run/checkpoint directory, or a recipe (before training).")],
+    set_: SetOption = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write overlap heatmaps to this PNG (needs matplotlib).")
+    ] = None,
+    layers: Annotated[
+        int, typer.Option("--layers", min=1, help="Layers to list in the per-layer table.")
+    ] = 8,
+    json_output: JsonOption = False,
+) -> None:
+    """Show which pool shards each layer's A and B use: private ones, reuse counts, layer overlap.
+
+    MoS shows its routed pools; ShareLoRA and FOSSIL their simpler sharing; LoRA owns everything.
+    """
+    from shardtune import routing as routing_lib
+    from shardtune.adapters.model import inject_adapter
+    from shardtune.checkpoint import load_adapted_model
+    from shardtune.models import load_model
+    from shardtune.recipe import load_recipe
+
+    if target.is_dir():
+        lm, _, _ = load_adapted_model(target)
+    else:
+        recipe = load_recipe(target, set_)
+        lm, _ = load_model(
+            recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
+        )
+        inject_adapter(lm, recipe.adapter)
+    report = routing_lib.routing_report(lm)
+    if plot is not None:
+        routing_lib.plot(report, plot)
+    if json_output:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    routing_lib.render(report, out_console, max_layers=layers)
+    if plot is not None:
+        out_console.print(f"heatmap written to {plot}", markup=False)
+
+
+@app.command()
+@handle_errors
 def models(json_output: JsonOption = False) -> None:
     """List the builtin model aliases usable as model.name."""
     from shardtune.models import builtin_models

@@ -14,6 +14,21 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]
 
 
+# Options that are valid on the 2-layer tiny models for every method (MoS needs a pool large
+# enough for its rank: (rank − private) ≤ (equivalent_rank − private) · layers).
+TINY_OPTIONS = {
+    "lora": {"rank": 4},
+    "fossil": {"rank": 4},
+    "mos": {"rank": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2},
+}
+
+
+def tiny_options(method: str, **kw):
+    from shardtune.adapters import METHODS
+
+    return METHODS[method].Options(method=method, **{**TINY_OPTIONS[method], **kw})
+
+
 def tiny_recipe(tmp_path, **sections) -> dict:
     """A recipe dict for a seconds-long CPU run; pass sections to override (merged one level deep)."""
     raw = {

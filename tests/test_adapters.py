@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, tiny_options
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import (
@@ -175,7 +175,7 @@ def test_initial_update_is_zero_and_init_follows_paper(input_ids):
     base = logits(build_tiny_model("tiny-llama"), input_ids)
     for method in METHODS:
         model = build_tiny_model("tiny-llama")
-        inject_adapter(model, options(method, targets="all-linear"))
+        inject_adapter(model, tiny_options(method, targets="all-linear"))
         torch.testing.assert_close(logits(model, input_ids), base)
     model = build_tiny_model("tiny-llama")
     inject_adapter(model, options("lora", rank=8, targets=["q_proj"]))
@@ -192,12 +192,12 @@ def test_initial_update_is_zero_and_init_follows_paper(input_ids):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_inject_freezes_base_and_counts(alias, method, input_ids):
     model = build_tiny_model(alias)
-    targets = inject_adapter(model, options(method, rank=4, targets="all-linear"))
+    targets = inject_adapter(model, tiny_options(method, targets="all-linear"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     adapter = {n for n, _ in adapter_named_parameters(model)}
     assert trainable == adapter and adapter
     n_adapter, _ = count_parameters(model)
-    if method == "lora":
+    if method in ("lora", "mos"):  # MoS: exactly LoRA of rank equivalent_rank (4 here)
         assert n_adapter == sum(4 * (t.in_features + t.out_features) for t in targets)
     else:
         assert n_adapter == sum(4 * t.out_features for t in targets)
@@ -212,7 +212,7 @@ def test_inject_freezes_base_and_counts(alias, method, input_ids):
 def test_disable_and_merge(method, input_ids):
     model = build_tiny_model("tiny-gpt2" if method == "lora" else "tiny-llama")
     base = logits(model, input_ids)
-    inject_adapter(model, options(method, rank=4, targets="all-linear"))
+    inject_adapter(model, tiny_options(method, targets="all-linear"))
     randomize_adapter(model)
     adapted = logits(model, input_ids)
     assert (adapted - base).abs().max() > 1e-3

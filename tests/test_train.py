@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import TINY_OPTIONS, tiny_recipe
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import adapter_named_parameters, inject_adapter
@@ -27,7 +27,7 @@ def test_loss_falls_and_only_adapter_changes(tmp_path, method, alias):
     result = run(
         tmp_path,
         model={"name": alias},
-        adapter={"method": method, "rank": 4},
+        adapter={"method": method, **TINY_OPTIONS[method]},
         train={"max_steps": 40},
         logging={"every": 1},
     )
@@ -56,7 +56,7 @@ def test_loss_falls_and_only_adapter_changes(tmp_path, method, alias):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_save_load_round_trip_identical_logits(tmp_path, method, input_ids):
-    run(tmp_path, adapter={"method": method, "rank": 4, "dropout": 0.1})
+    run(tmp_path, adapter={"method": method, **TINY_OPTIONS[method], "dropout": 0.1})
     run_dir = tmp_path / "run"
     assert {"adapter.safetensors", "adapter.json", "recipe.yaml", "metrics.jsonl", "train.log"} <= {
         p.name for p in run_dir.iterdir()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from shardtune.adapters.base import AdaptedLinear, AdapterMethod, AdapterOptions, LayerAdapter, Target
 from shardtune.adapters.fossil import Fossil
 from shardtune.adapters.lora import Lora
+from shardtune.adapters.mos import Mos
 
-METHODS: dict[str, AdapterMethod] = {m.name: m for m in (Lora(), Fossil())}
+METHODS: dict[str, AdapterMethod] = {m.name: m for m in (Lora(), Fossil(), Mos())}
 
 
 def get_method(name: str) -> AdapterMethod:

@@ -68,11 +68,7 @@ class Target:
     in_features: int
     out_features: int
     fan_in_fan_out: bool  # True for GPT-2's Conv1D, whose weight is stored (in, out)
-
-    @property
-    def kind(self) -> str:
-        """Module type name used for per-type sharing, e.g. 'q_proj'."""
-        return self.name.rsplit(".", 1)[-1]
+    kind: str = ""  # projection type shared across layers, e.g. "q_proj" (or "attn_c_proj" when ambiguous)
 
 
 class LayerAdapter(nn.Module):
@@ -107,6 +103,18 @@ class LayerAdapter(nn.Module):
         """Dense ``ΔW = B · A`` (out, in). Used by merge; never in the training forward."""
         a, b = self.factors()
         return b @ a
+
+    def routing(self) -> dict:
+        """Where each factor's rank vectors come from, for `shardtune routing`.
+
+        ``{"A": {"pool": name | "own" | "fixed", "shards": [...], "private": [...]}, "B": {...}}``;
+        ``own`` means a store of this layer alone. The default: both factors are the layer's own.
+        """
+        a, b = self.factors()
+        return {
+            m: {"pool": "own", "shards": list(range(n)), "private": [True] * n}
+            for m, n in (("A", a.shape[0]), ("B", b.shape[1]))
+        }
 
 
 class AdaptedLinear(nn.Module):

@@ -100,6 +100,24 @@ class FossilAdapter(LayerAdapter):
         # ΔW[o, i] = D[i mod r, o], without the r·in·out product of B @ A.
         return self.full_shard().T.repeat(1, self.n_blocks)[:, : self.in_features]
 
+    def routing(self) -> dict:
+        r = self.rank
+        return {
+            "A": {
+                "pool": "fixed",
+                "shards": [],
+                "private": [],
+                "note": "0/1 block-sum matrix P (no parameters)",
+            },
+            "B": {
+                "pool": "own",
+                "shards": list(range(r)),
+                "private": [True] * r,
+                "note": f"shard D reused {self.n_blocks}× across the input"
+                + (f", tiled {self.out_features // self.mini_r}× along the output" if self.mini_r else ""),
+            },
+        }
+
 
 class Fossil(AdapterMethod):
     name = "fossil"

@@ -71,11 +71,26 @@ def find_targets(
         raise RecipeError(
             "adapter.targets", f"selects no linear layer; this model's linear layers are: {', '.join(kinds)}"
         )
+    kinds_of = projection_types(chosen)
     out = []
     for name in chosen:
         in_f, out_f, fifo = _linear_shape(layers[name])
-        out.append(Target(name, layers[name], in_f, out_f, fifo))
+        out.append(Target(name, layers[name], in_f, out_f, fifo, kinds_of[name]))
     return out
+
+
+def projection_types(names: list[str]) -> dict[str, str]:
+    """Name each layer's projection type: the shortest suffix of its path that, with layer numbers
+    ignored, tells the types apart (``q_proj``; ``attn_c_proj`` vs ``mlp_c_proj`` in GPT-2)."""
+    patterns = {n: [p for p in n.split(".") if not p.isdigit()] for n in names}
+    for depth in range(1, max((len(p) for p in patterns.values()), default=1) + 1):
+        suffix = {n: "_".join(p[-depth:]) for n, p in patterns.items()}
+        full = {}
+        for n, s in suffix.items():
+            full.setdefault(s, set()).add(".".join(patterns[n]))
+        if all(len(v) == 1 for v in full.values()):
+            return suffix
+    return {n: "_".join(p) for n, p in patterns.items()}
 
 
 def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
@@ -93,7 +108,9 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
 
     stores = method.build_stores(options, targets)
     if stores is not None:
-        model.add_module(STORES_ATTR, stores.to(dtype))
+        model.add_module(
+            STORES_ATTR, stores.to(device=next(targets[0].module.parameters()).device, dtype=dtype)
+        )
     for t in targets:
         device = next(t.module.parameters()).device
         adapter = method.build_layer(options, t, stores).to(device=device, dtype=dtype)
@@ -102,6 +119,7 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
         setattr(parent, child, AdaptedLinear(t.module, adapter, t.fan_in_fan_out))
     model.shardtune_options = options
     model.shardtune_targets = [t.name for t in targets]
+    model.shardtune_target_kinds = {t.name: t.kind for t in targets}
     return targets
 
 
@@ -118,6 +136,20 @@ def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Paramet
         yield from layer.adapter.named_parameters(prefix=f"{name}.adapter")
 
 
+def adapter_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers (e.g. MoS routing indices): everything an adapter file holds."""
+    yield from adapter_named_parameters(model)
+    stores = getattr(model, STORES_ATTR, None)
+    if stores is not None:
+        yield from stores.named_buffers(prefix=STORES_ATTR)
+    for name, layer in adapted_layers(model).items():
+        prefix = f"{name}.adapter"
+        persistent = {n for n, _ in layer.adapter.state_dict(keep_vars=True).items()}
+        for bname, buf in layer.adapter.named_buffers():
+            if bname in persistent:
+                yield f"{prefix}.{bname}", buf
+
+
 def mark_adapter_trainable(model: nn.Module) -> None:
     for _, p in adapter_named_parameters(model):
         p.requires_grad_(True)
@@ -131,8 +163,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached, contiguous copies of the adapter parameters (safetensors refuses aliased tensors)."""
-    return {n: p.detach().contiguous().clone() for n, p in adapter_named_parameters(model)}
+    """Detached, contiguous copies of the adapter tensors (safetensors refuses aliased tensors)."""
+    return {n: t.detach().contiguous().clone() for n, t in adapter_named_tensors(model)}
 
 
 @torch.no_grad()
@@ -140,7 +172,7 @@ def load_adapter_state_dict(
     model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter"
 ) -> None:
     """Copy ``state`` into the model's adapter; every key must be present with the right shape."""
-    params = dict(adapter_named_parameters(model))
+    params = dict(adapter_named_tensors(model))
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:

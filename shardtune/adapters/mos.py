@@ -1,0 +1,259 @@
+"""MoS — Mixture of Shards (Wang et al., arXiv 2410.00938, ICLR 2025): LoRA factors routed out of global shard pools.
+
+Notation: per-layer rank ``r`` (``rank``), equivalent rank ``R`` (``equivalent_rank``: the trainable
+budget equals LoRA of rank R), private rank ``p`` (``private_rank``), shards per vector ``l``
+(``shards_per_vector``), ``L_t`` = number of adapted layers of projection type ``t``.
+
+Pools (inter-layer sharing). For every projection type ``t`` (q_proj, k_proj, …) there is one
+A-pool and one B-pool, shared by all layers of that type and held once at the model root:
+
+    P^A_t ∈ R^{N_t × d_in/l},   P^B_t ∈ R^{N_t × d_out/l},   N_t = R·L_t·l shards each
+
+The first ``N_pub = (R−p)·L_t·l`` shards are public; the rest are split into ``L_t`` private blocks of
+``p·l`` shards, block ``k`` owned by layer ``k`` alone (shard privatization).
+
+Routing (fixed, drawn once from ``routing_seed``, saved with the adapter — there is no learned
+router). For layer ``k`` of type ``t``:
+
+    I^A_k = perm_A(N_pub)[: (r−p)·l] ++ [N_pub + k·p·l, …, N_pub + (k+1)·p·l − 1]     (subset selection)
+    I^B_k = perm_B(N_pub)[: (r−p)·l] ++ (same private range)    perm_B independent of perm_A (pair dissociation)
+
+Assembly (intra-layer sharing; vector sharding): rank vector ``j`` is the concatenation of the
+``l`` shards ``I[j·l], …, I[j·l+l−1]``:
+
+    A_k[j, :] = [P^A_t[I^A_k[j·l]] | … | P^A_t[I^A_k[j·l+l−1]]]  ∈ R^{d_in}      → A_k ∈ R^{r×d_in}
+    B_k[:, j] = [P^B_t[I^B_k[j·l]] ; … ; P^B_t[I^B_k[j·l+l−1]]]  ∈ R^{d_out}     → B_k ∈ R^{d_out×r}
+    y = W·x + (α/r) · B_k · A_k · dropout(x)
+
+so the private shards form the last ``p`` rank vectors. In code both gathers are one
+``index_select`` + ``reshape`` (no Python loop over shards). Init as the authors': A-pools
+Kaiming-uniform with fan = d_in, i.e. ``U(−1/√d_in, 1/√d_in)``; B-pools zero (ΔW = 0 at step 0).
+
+Trainable parameters: ``Σ_t R·L_t·(d_in^t + d_out^t)`` — exactly LoRA of rank R, whatever r, p, l.
+
+Ablations (each strategy can be switched off, for the paper's studies):
+``subset_selection: false`` — every layer uses all public shards in pool order (per-layer rank
+becomes ``(R−p)·L_t + p``); ``pair_dissociation: false`` — B uses A's public indices;
+``shards_per_vector: 1`` — no vector sharding; ``private_rank: 0`` — no privatization.
+``private_rank = R = rank`` is plain LoRA of rank R.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
+from shardtune.errors import RecipeError
+
+
+class MosOptions(AdapterOptions):
+    method: Literal["mos"] = "mos"
+    rank: PositiveInt = Field(8, description="r: rank of each layer's assembled ΔW = B·A.")
+    equivalent_rank: PositiveInt = Field(
+        2,
+        description="R: trainable parameters equal those of LoRA with this rank (pool size R·L·l shards).",
+    )
+    private_rank: int = Field(
+        1, ge=0, description="p: rank vectors per layer built from its own private shards."
+    )
+    shards_per_vector: PositiveInt = Field(
+        2, description="l: each rank vector is l shards (vector sharding; 1 switches it off)."
+    )
+    subset_selection: bool = Field(
+        True, description="Each layer routes r−p public vectors (false: all of them)."
+    )
+    pair_dissociation: bool = Field(True, description="A and B draw their public shards independently.")
+    alpha: float = Field(16.0, gt=0, description="α: the update is scaled by α/r.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapter's input (the paper uses 0.1)."
+    )
+    routing_seed: int = Field(0, description="Seed of the fixed random routing (saved with the adapter).")
+
+
+class ShardPools(nn.Module):
+    """The global pools of every projection type: ``A_<type>`` (N × d_in/l) and ``B_<type>`` (N × d_out/l)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pools = nn.ParameterDict()
+        self.routes: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # target → (I^A, I^B, rank)
+
+    def pool(self, matrix: str, kind: str) -> nn.Parameter:
+        return self.pools[f"{matrix}_{kind}"]
+
+
+class MosAdapter(LayerAdapter):
+    """One layer's view of the pools: its routing indices (buffers, saved) and the gather."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kind: str,
+        pools: ShardPools,
+        index_a: torch.Tensor,
+        index_b: torch.Tensor,
+        rank: int,
+        private_rank: int,
+        scale: float,
+        dropout: float = 0.0,
+    ):
+        super().__init__(in_features, out_features, dropout)
+        self.kind = kind
+        self.rank = rank
+        self.private_rank = private_rank
+        self.scale = scale
+        self.register_buffer("index_A", index_a.clone())
+        self.register_buffer("index_B", index_b.clone())
+        object.__setattr__(self, "_pools", pools)  # not a submodule: the pools live at the model root
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._pools.pool("A", self.kind).dtype
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B_unscaled)``: one index_select per pool, then a reshape that concatenates the shards."""
+        a = (
+            self._pools.pool("A", self.kind)
+            .index_select(0, self.index_A)
+            .reshape(self.rank, self.in_features)
+        )
+        b_t = (
+            self._pools.pool("B", self.kind)
+            .index_select(0, self.index_B)
+            .reshape(self.rank, self.out_features)
+        )
+        return a, b_t.T
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.gathered()
+        return a, b * self.scale
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.gathered()
+        return F.linear(F.linear(self.dropout(x), a), b) * self.scale
+
+    def routing(self) -> dict:
+        shards_per_vector = self.index_A.numel() // self.rank
+        n_private = self.private_rank * shards_per_vector
+        return {
+            matrix: {
+                "pool": f"{matrix}_{self.kind}",
+                "shards": index.tolist(),
+                "private": [i >= index.numel() - n_private for i in range(index.numel())],
+            }
+            for matrix, index in (("A", self.index_A), ("B", self.index_B))
+        }
+
+
+def _groups(targets: list[Target]) -> dict[str, list[Target]]:
+    groups: dict[str, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(t.kind, []).append(t)
+    return groups
+
+
+def _draw(n_public: int, n_routed: int, subset_selection: bool, gen: torch.Generator) -> torch.Tensor:
+    """Public shard indices of one factor of one layer: a random subset without repeats, or all of them."""
+    if not subset_selection:
+        return torch.arange(n_public)
+    return torch.randperm(n_public, generator=gen)[:n_routed]
+
+
+def layer_rank(options: MosOptions, n_layers: int) -> int:
+    """Per-layer rank: ``r``, or all public vectors plus the private ones without subset selection."""
+    if options.subset_selection:
+        return options.rank
+    return (options.equivalent_rank - options.private_rank) * n_layers + options.private_rank
+
+
+class Mos(AdapterMethod):
+    name = "mos"
+    Options = MosOptions
+    summary = "LoRA factors routed out of global shard pools per projection type (subset, dissociation, sharding, privatization)"
+
+    def check(self, options: MosOptions, targets: list[Target]) -> None:
+        r, big_r, p, per_vec = (
+            options.rank,
+            options.equivalent_rank,
+            options.private_rank,
+            options.shards_per_vector,
+        )
+        if p > big_r:
+            raise RecipeError(
+                "adapter.private_rank", f"must be at most adapter.equivalent_rank ({big_r}), got {p}"
+            )
+        if options.subset_selection and p > r:
+            raise RecipeError("adapter.private_rank", f"must be at most adapter.rank ({r}), got {p}")
+        if options.subset_selection and p == big_r and r != big_r:
+            raise RecipeError(
+                "adapter.rank", f"must equal adapter.equivalent_rank when all of it is private, got {r}"
+            )
+        for kind, group in _groups(targets).items():
+            shapes = {(t.in_features, t.out_features) for t in group}
+            if len(shapes) > 1:
+                raise RecipeError(
+                    "adapter.targets", f"layers of type {kind} have different shapes {sorted(shapes)}"
+                )
+            in_f, out_f = shapes.pop()
+            if in_f % per_vec or out_f % per_vec:
+                raise RecipeError(
+                    "adapter.shards_per_vector",
+                    f"must divide the input and output sizes of every target; {kind} is {out_f}×{in_f}, got {per_vec}",
+                )
+            if options.subset_selection and (r - p) > (big_r - p) * len(group):
+                raise RecipeError(
+                    "adapter.rank",
+                    f"too large for the pool: {kind} has {len(group)} layers, so at most "
+                    f"(R−p)·L + p = {(big_r - p) * len(group) + p}; got {r}",
+                )
+
+    def build_stores(self, options: MosOptions, targets: list[Target]) -> ShardPools:
+        big_r, p, per_vec = options.equivalent_rank, options.private_rank, options.shards_per_vector
+        gen = torch.Generator().manual_seed(options.routing_seed)
+        stores = ShardPools()
+        for kind, group in _groups(targets).items():
+            n_layers, in_f, out_f = len(group), group[0].in_features, group[0].out_features
+            n_shards, n_public = big_r * n_layers * per_vec, (big_r - p) * n_layers * per_vec
+            bound = 1 / math.sqrt(in_f)  # Kaiming-uniform(a=√5) with fan = the full vector length d_in
+            pool_a = torch.empty(n_shards, in_f // per_vec).uniform_(-bound, bound, generator=gen)
+            stores.pools[f"A_{kind}"] = nn.Parameter(pool_a)
+            stores.pools[f"B_{kind}"] = nn.Parameter(torch.zeros(n_shards, out_f // per_vec))
+            rank = layer_rank(options, n_layers)
+            n_routed = (rank - p) * per_vec
+            for k, t in enumerate(group):
+                private = torch.arange(n_public + k * p * per_vec, n_public + (k + 1) * p * per_vec)
+                public_a = _draw(n_public, n_routed, options.subset_selection, gen)
+                public_b = (
+                    _draw(n_public, n_routed, options.subset_selection, gen)
+                    if options.pair_dissociation
+                    else public_a
+                )
+                if not options.subset_selection and options.pair_dissociation:
+                    public_b = public_b[torch.randperm(n_public, generator=gen)]
+                stores.routes[t.name] = (torch.cat([public_a, private]), torch.cat([public_b, private]), rank)
+        return stores
+
+    def build_layer(self, options: MosOptions, target: Target, stores: ShardPools) -> MosAdapter:
+        index_a, index_b, rank = stores.routes[target.name]
+        return MosAdapter(
+            target.in_features,
+            target.out_features,
+            target.kind,
+            stores,
+            index_a,
+            index_b,
+            rank,
+            options.private_rank,
+            options.alpha / rank,
+            options.dropout,
+        )
+
+    def export_info(self, options: MosOptions) -> dict:
+        return {"rank": options.rank, "scale": options.alpha / options.rank}

@@ -1,0 +1,169 @@
+"""MoS against a direct re-implementation of the authors' indexing (Forence1999/MoS, modules/Tied_LoRA.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_options
+
+from shardtune.adapters.model import (
+    adapted_layers,
+    adapter_named_parameters,
+    count_parameters,
+    inject_adapter,
+)
+from shardtune.errors import RecipeError
+from shardtune.models import build_tiny_model
+
+
+def authors_delta(
+    pool_a: torch.Tensor, pool_b_authors: torch.Tensor, idx_a, idx_b, r: int, per_vec: int, scale: float
+):
+    """ΔW the way the authors write it, with explicit loops and their layouts: A-pool N×(d_in/per_vec) whose
+    rows are shards; B-pool (d_out/per_vec)×N whose columns are shards. Rank vector j of A is the left-to-right
+    concatenation of shards I_A[j·per_vec … j·per_vec+per_vec−1]; rank column j of B stacks shards I_B[j·per_vec … j·per_vec+per_vec−1]."""
+    d_in, d_out = pool_a.shape[1] * per_vec, pool_b_authors.shape[0] * per_vec
+    a = torch.zeros(r, d_in)
+    b = torch.zeros(d_out, r)
+    for j in range(r):
+        for i in range(per_vec):
+            width, height = d_in // per_vec, d_out // per_vec
+            a[j, i * width : (i + 1) * width] = pool_a[idx_a[j * per_vec + i]]
+            b[i * height : (i + 1) * height, j] = pool_b_authors[:, idx_b[j * per_vec + i]]
+    return scale * b @ a
+
+
+def mos_model(**kw):
+    model = build_tiny_model("tiny-llama")
+    inject_adapter(model, tiny_options("mos", targets="all-linear", **kw))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in adapter_named_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("shards_per_vector", [1, 2, 4])
+def test_assembled_factors_equal_authors_formulation(shards_per_vector):
+    model = mos_model(rank=4, equivalent_rank=4, private_rank=1, shards_per_vector=shards_per_vector, alpha=8)
+    pools = model.shardtune_stores
+    for _name, layer in adapted_layers(model).items():
+        ad = layer.adapter
+        pool_a, pool_b = pools.pool("A", ad.kind).detach(), pools.pool("B", ad.kind).detach()
+        expected = authors_delta(pool_a, pool_b.T, ad.index_A, ad.index_B, 4, shards_per_vector, 8 / 4)
+        torch.testing.assert_close(ad.delta_weight(), expected, atol=1e-5, rtol=1e-5)
+        x = torch.randn(3, ad.in_features)
+        torch.testing.assert_close(ad.delta(x), x @ expected.T, atol=1e-4, rtol=1e-4)
+
+
+def test_routing_structure_pools_and_privatization():
+    r, big_r, p, per_vec = 4, 4, 2, 2
+    model = mos_model(rank=r, equivalent_rank=big_r, private_rank=p, shards_per_vector=per_vec)
+    layers = adapted_layers(model)
+    by_kind: dict[str, list] = {}
+    for layer in layers.values():
+        by_kind.setdefault(layer.adapter.kind, []).append(layer.adapter)
+    assert set(by_kind) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for kind, group in by_kind.items():
+        n_layers = len(group)
+        n_shards, n_public = big_r * n_layers * per_vec, (big_r - p) * n_layers * per_vec
+        assert model.shardtune_stores.pool("A", kind).shape == (n_shards, group[0].in_features // per_vec)
+        assert model.shardtune_stores.pool("B", kind).shape == (n_shards, group[0].out_features // per_vec)
+        for k, ad in enumerate(group):
+            for index in (ad.index_A, ad.index_B):
+                public, private = index[: (r - p) * per_vec].tolist(), index[(r - p) * per_vec :].tolist()
+                assert len(set(public)) == len(public) and all(
+                    i < n_public for i in public
+                )  # subset, no repeats
+                assert private == list(
+                    range(n_public + k * p * per_vec, n_public + (k + 1) * p * per_vec)
+                )  # own block, last
+        assert not torch.equal(group[0].index_A, group[0].index_B)  # pair dissociation
+
+
+def test_ablation_switches():
+    model = mos_model(rank=3, equivalent_rank=2, private_rank=0, shards_per_vector=1, pair_dissociation=False)
+    for layer in adapted_layers(model).values():
+        assert torch.equal(layer.adapter.index_A, layer.adapter.index_B)
+        assert layer.adapter.index_A.numel() == 3  # per_vec = 1: one shard per vector
+
+    # Without subset selection every layer uses the whole public pool: rank (R−p)·L + p.
+    model = mos_model(equivalent_rank=2, private_rank=1, shards_per_vector=2, subset_selection=False)
+    for layer in adapted_layers(model).values():
+        ad = layer.adapter
+        assert ad.rank == (2 - 1) * 2 + 1
+        assert sorted(ad.index_A[: 2 * 2].tolist()) == list(range(4))
+
+    # private_rank = equivalent_rank = rank: every layer owns its vectors — plain LoRA of that rank.
+    model = mos_model(rank=2, equivalent_rank=2, private_rank=2, shards_per_vector=2)
+    used = [
+        set(layer.adapter.index_A.tolist())
+        for layer in adapted_layers(model).values()
+        if layer.adapter.kind == "q_proj"
+    ]
+    assert not used[0] & used[1]
+
+
+def test_routing_is_seeded_and_saved(tmp_path):
+    a = mos_model(routing_seed=7)
+    b = mos_model(routing_seed=7)
+    c = mos_model(routing_seed=8)
+    idx = lambda m: torch.cat([layer.adapter.index_A for layer in adapted_layers(m).values()])  # noqa: E731
+    assert torch.equal(idx(a), idx(b)) and not torch.equal(idx(a), idx(c))
+    from shardtune.adapters.model import adapter_state_dict
+
+    state = adapter_state_dict(a)
+    assert any(k.endswith("index_A") for k in state) and any(
+        k.startswith("shardtune_stores.pools.A_") for k in state
+    )
+
+
+def test_parameter_count_is_lora_of_equivalent_rank():
+    for r, p, per_vec in [(4, 1, 2), (2, 0, 1), (6, 2, 4)]:
+        model = mos_model(rank=r, equivalent_rank=4, private_rank=p, shards_per_vector=per_vec)
+        n, _ = count_parameters(model)
+        layers = adapted_layers(model).values()
+        assert n == sum(4 * (x.adapter.in_features + x.adapter.out_features) for x in layers)
+
+
+def test_shared_pool_gradient_is_sum_over_layers():
+    """The pool is one parameter: its gradient is the sum of what each routing layer contributes."""
+    model = mos_model(rank=4, equivalent_rank=4, private_rank=1, shards_per_vector=2)
+    ids = torch.randint(4, 200, (2, 9))
+    model(ids).logits.pow(2).mean().backward()
+    pool = model.shardtune_stores.pool("A", "q_proj")
+    total = pool.grad.clone()
+    # Recompute with each layer's contribution separately via a fresh graph per layer.
+    contributions = torch.zeros_like(total)
+    layers = [x for x in adapted_layers(model).values() if x.adapter.kind == "q_proj"]
+    for keep in layers:
+        pool.grad = None
+        saved = {}
+        for other in layers:
+            if other is not keep:
+                a, b = other.adapter.gathered()
+                saved[other] = (a.detach(), b.detach())
+        originals = {}
+        for other, (a, b) in saved.items():
+            originals[other] = other.adapter.gathered
+            other.adapter.gathered = lambda a=a, b=b: (a, b)  # freeze the other layers' view
+        model.zero_grad()
+        model(ids).logits.pow(2).mean().backward()
+        contributions += pool.grad
+        for other, fn in originals.items():
+            other.adapter.gathered = fn
+    torch.testing.assert_close(total, contributions, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        ({"rank": 8, "equivalent_rank": 2, "private_rank": 1}, "adapter.rank"),
+        ({"private_rank": 5, "equivalent_rank": 4}, "adapter.private_rank"),
+        ({"shards_per_vector": 3}, "adapter.shards_per_vector"),
+    ],
+)
+def test_invalid_settings_name_the_key(kw, key):
+    model = build_tiny_model("tiny-llama")
+    with pytest.raises(RecipeError, match=f"^{key}: "):
+        inject_adapter(model, tiny_options("mos", targets="all-linear", **kw))
