@@ -188,7 +188,10 @@ def plot(report: dict, path: str | Path) -> None:
         for col, matrix in enumerate(("A", "B")):
             ax = axes[row][col]
             grid = report["overlap"][kind][matrix]
-            im = ax.imshow(grid, cmap="viridis")
+            im = ax.imshow(grid, cmap="viridis", vmin=0)
+            ticks = range(0, len(grid), max(1, len(grid) // 8))
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
             ax.set_title(f"{kind} · {matrix}: shards shared by layer pairs", fontsize=9)
             ax.set_xlabel("layer")
             ax.set_ylabel("layer")

@@ -167,3 +167,82 @@ def test_invalid_settings_name_the_key(kw, key):
     model = build_tiny_model("tiny-llama")
     with pytest.raises(RecipeError, match=f"^{key}: "):
         inject_adapter(model, tiny_options("mos", targets="all-linear", **kw))
+
+
+def test_routing_command_on_recipe_and_run(tmp_path):
+    import json
+
+    import yaml
+    from conftest import TINY_OPTIONS, tiny_recipe
+    from typer.testing import CliRunner
+
+    from shardtune.cli import app
+
+    runner = CliRunner()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path, adapter={"method": "mos", **TINY_OPTIONS["mos"]})))
+    result = runner.invoke(app, ["routing", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    q0 = report["layers"][0]
+    assert q0["type"] == "q_proj" and q0["matrices"]["A"]["pool"] == "A_q_proj"
+    assert sum(q0["matrices"]["A"]["private"]) == 2  # p = 1 vector of l = 2 shards
+    pool = report["pools"]["A_q_proj"]
+    assert (
+        pool["shards"] == 4 * 2 * 2
+        and pool["unused"] + sum(pool["used_by_layers"].values()) == pool["shards"]
+    )
+    grid = report["overlap"]["q_proj"]["A"]
+    assert grid[0][0] == 8 and grid[0][1] == grid[1][0] and grid[0][1] < 8  # private shards never overlap
+
+    result = runner.invoke(app, ["routing", str(recipe), "--plot", str(tmp_path / "h.png")])
+    assert result.exit_code == 0, result.output
+    assert "routing summary" in result.output and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A trained run, and the simpler sharing of other methods.
+    result = runner.invoke(app, ["train", str(recipe), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(runner.invoke(app, ["routing", str(tmp_path / "run"), "--json"]).stdout) == report
+    result = runner.invoke(
+        app,
+        [
+            "routing",
+            str(recipe),
+            "--set",
+            "adapter.method=fossil",
+            "--set",
+            "adapter.equivalent_rank=null",
+            "--set",
+            "adapter.private_rank=null",
+            "--set",
+            "adapter.shards_per_vector=null",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 2  # null is not a valid rank: the keys must be removed, not nulled
+    result = runner.invoke(
+        app, ["routing", str(recipe), "--set", "adapter={method: fossil, rank: 4}", "--json"]
+    )
+    fossil = json.loads(result.stdout)
+    assert fossil["layers"][0]["matrices"]["A"]["pool"] == "fixed"
+    assert "reused" in fossil["layers"][0]["matrices"]["B"]["note"]
+    assert fossil["overlap"]["q_proj"]["B"][0][1] == 0  # nothing shared across layers
+
+
+def test_routing_plot_without_matplotlib(tmp_path, monkeypatch):
+    import builtins
+
+    from shardtune.errors import BadInput
+    from shardtune.routing import plot, routing_report
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    model = mos_model()
+    with pytest.raises(BadInput, match="--plot needs matplotlib: pip install matplotlib"):
+        plot(routing_report(model), tmp_path / "x.png")

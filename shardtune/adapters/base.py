@@ -86,9 +86,8 @@ class LayerAdapter(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            return p.dtype
-        return torch.float32
+        """dtype of the adapter's parameters (what its input is cast to outside autocast)."""
+        raise NotImplementedError
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(A, B)`` with ``A`` of shape (r, in), ``B`` of shape (out, r), ``ΔW = B @ A``."""
@@ -135,7 +134,11 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.enabled and not self.merged:
-            out = out + self.adapter.delta(x.to(self.adapter.dtype)).to(out.dtype)
+            # Under autocast the matmuls pick their dtype themselves; otherwise run the adapter in its
+            # own dtype (fp32 by default, also over a bf16 base) and return to the base's dtype.
+            if not torch.is_autocast_enabled(x.device.type):
+                x = x.to(self.adapter.dtype)
+            out = out + self.adapter.delta(x).to(out.dtype)
         return out
 
     @torch.no_grad()

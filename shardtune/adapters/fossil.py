@@ -66,6 +66,10 @@ class FossilAdapter(LayerAdapter):
         self.shard = nn.Parameter(torch.zeros(rank, mini_r if mini_r is not None else out_features))
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.shard.dtype
+
+    @property
     def n_blocks(self) -> int:
         return math.ceil(self.in_features / self.rank)
 

@@ -49,6 +49,10 @@ class LoraAdapter(LayerAdapter):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_A.dtype
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_B * self.scale
 

@@ -1,0 +1,237 @@
+"""Step time and peak memory of every method vs the frozen base and vs PEFT, side by side in one run.
+
+    python benchmarks/step_time.py                          # CPU, small Llama shape, fp32
+    python benchmarks/step_time.py --shape 1b --device cuda --dtype bf16 --batch 8 --seq 1024
+
+A training step is forward + backward + AdamW step on the adapter parameters, all linear layers
+adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the least that fits, p = 1, l = 2). "frozen
+base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
+the floor every adapter method pays. Variants run interleaved, round after round, and the median
+is reported, so machine noise hits all of them alike. Prints a table and writes JSON
+(benchmarks/results/step_time-<device>-<shape>.json unless --json is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shardtune.adapters import METHODS  # noqa: E402
+from shardtune.adapters.model import count_parameters, inject_adapter  # noqa: E402
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "small": (512, 1408, 4, 8, 4, 4096),
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
+    "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B shape
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_base(shape: str, dtype: torch.dtype, device: str):
+    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the target device (a 1B model on CPU takes long)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def variants(rank: int, n_layers: int) -> dict:
+    big_r = max(2, rank // 4)
+    while rank - 1 > (big_r - 1) * n_layers:  # the pool must hold r − p public vectors per layer
+        big_r += 1
+    mos = {"rank": rank, "equivalent_rank": big_r, "private_rank": 1, "shards_per_vector": 2}
+    return {
+        "frozen base": None,
+        "shardtune lora": ("ours", "lora", {"rank": rank, "alpha": 2 * rank}),
+        "shardtune fossil": ("ours", "fossil", {"rank": rank}),
+        "shardtune mos": ("ours", "mos", mos),
+        "peft lora": ("peft", "lora", {"r": rank, "lora_alpha": 2 * rank}),
+        "peft miss": ("peft", "miss", {"r": rank}),
+    }
+
+
+def prepare(spec, shape, dtype, device, adapter_dtype):
+    model = build_base(shape, dtype, device)
+    if spec is None:
+        return model
+    kind, method, kw = spec
+    if kind == "ours":
+        inject_adapter(
+            model, METHODS[method].Options(method=method, targets=TARGETS, dtype=adapter_dtype, **kw)
+        )
+        return model
+    import peft
+
+    config = (
+        peft.LoraConfig(target_modules=TARGETS, **kw)
+        if method == "lora"
+        else peft.MissConfig(target_modules=TARGETS, **kw)
+    )
+    # PEFT keeps adapters in fp32 by default (autocast_adapter_dtype), like shardtune's default.
+    return peft.get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype == "float32")
+
+
+def step_fn(model, ids, device, autocast_dtype):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    embed = model.get_input_embeddings()
+
+    def step():
+        with torch.autocast(
+            device_type=device.split(":")[0], dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ):
+            if params:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:  # frozen base: backward through all activations to the embedding output
+                emb = embed(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=emb, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default="small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="base weights; bf16 also autocasts"
+    )
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round and variant")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    n_layers = SHAPES[args.shape][2]
+    specs = variants(args.rank, n_layers)
+    if args.only:
+        specs = {k: v for k, v in specs.items() if k in args.only.split(",")}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SHAPES[args.shape][5], (args.batch, args.seq), generator=gen).to(args.device)
+
+    rows = {name: {"times": [], "peak_mem_gib": None} for name in specs}
+    if args.device.startswith("cuda"):
+        # Peak memory first, one variant alone on the GPU at a time (nothing else resident).
+        import gc
+
+        for name, spec in specs.items():
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            model = prepare(spec, args.shape, dtype, args.device, "float32")
+            step = step_fn(model, ids, args.device, autocast_dtype)
+            step()
+            step()
+            sync(args.device)
+            rows[name]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            del model, step
+
+    for name, spec in specs.items():
+        model = prepare(spec, args.shape, dtype, args.device, "float32")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if spec is not None and spec[0] == "ours":
+            trainable = count_parameters(model)[0]
+        step = step_fn(model, ids, args.device, autocast_dtype)
+        for _ in range(2):  # warm-up (allocator, kernels, optimizer state)
+            step()
+        sync(args.device)
+        rows[name].update(step=step, trainable=trainable)
+
+    for _ in range(args.rounds):
+        for _name, row in rows.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                row["step"]()
+            sync(args.device)
+            row["times"].append((time.perf_counter() - t0) / args.steps)
+
+    tokens = args.batch * args.seq
+    out = []
+    med = {n: statistics.median(r["times"]) for n, r in rows.items()}
+    for name, row in rows.items():
+        out.append(
+            {
+                "variant": name,
+                "trainable_params": row["trainable"],
+                "step_ms": 1000 * med[name],
+                "tokens_per_s": tokens / med[name],
+                "vs_frozen_base": med[name] / med["frozen base"] if "frozen base" in med else None,
+                "vs_shardtune_lora": med[name] / med["shardtune lora"] if "shardtune lora" in med else None,
+                "vs_peft_lora": med[name] / med["peft lora"] if "peft lora" in med else None,
+                "peak_mem_gib": row["peak_mem_gib"],
+            }
+        )
+
+    device_name = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    )
+    print(
+        f"\nstep time — {args.shape} Llama shape, {args.dtype}, batch {args.batch} × seq {args.seq}, "
+        f"rank {args.rank}, all 7 projections, {device_name}, torch {torch.__version__}"
+    )
+    header = f"{'variant':18} {'trainable':>11} {'ms/step':>9} {'tok/s':>9} {'×base':>7} {'×our lora':>9} {'×peft lora':>10} {'peak GiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in out:
+
+        def f(v, spec):
+            return format(v, spec) if v is not None else "-"
+
+        print(
+            f"{r['variant']:18} {r['trainable_params']:>11,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
+            f"{f(r['vs_frozen_base'], '>7.2f')} {f(r['vs_shardtune_lora'], '>9.2f')} {f(r['vs_peft_lora'], '>10.2f')} "
+            f"{f(r['peak_mem_gib'], '>9.2f')}"
+        )
+    path = Path(
+        args.json
+        or Path(__file__).parent / "results" / f"step_time-{args.device.split(':')[0]}-{args.shape}.json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(
+            {"args": vars(args), "device": device_name, "torch": torch.__version__, "rows": out}, indent=2
+        )
+        + "\n"
+    )
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()
