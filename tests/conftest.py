@@ -20,6 +20,7 @@ TINY_OPTIONS = {
     "lora": {"rank": 4},
     "fossil": {"rank": 4},
     "mos": {"rank": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2},
+    "sharelora": {"rank": 4, "share": "a"},
 }
 
 

@@ -199,6 +199,10 @@ def test_inject_freezes_base_and_counts(alias, method, input_ids):
     n_adapter, _ = count_parameters(model)
     if method in ("lora", "mos"):  # MoS: exactly LoRA of rank equivalent_rank (4 here)
         assert n_adapter == sum(4 * (t.in_features + t.out_features) for t in targets)
+    elif method == "sharelora":  # ShareA: one A per type, B per layer
+        assert n_adapter == sum(4 * t.out_features for t in targets) + sum(
+            4 * t.in_features for t in targets if t.name.startswith("model.layers.0.") or ".h.0." in t.name
+        )
     else:
         assert n_adapter == sum(4 * t.out_features for t in targets)
     randomize_adapter(model)
@@ -219,12 +223,14 @@ def test_disable_and_merge(method, input_ids):
     with adapter_disabled(model):
         torch.testing.assert_close(logits(model, input_ids), base)
     torch.testing.assert_close(logits(model, input_ids), adapted)
+    # fp32 rounding differs between W·x + B·A·x and (W + B·A)·x: relative 1e-5 of the logit scale
+    tol = dict(atol=5e-5, rtol=1e-5)
     merge_adapter(model)
-    torch.testing.assert_close(logits(model, input_ids), adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, input_ids), adapted, **tol)
     unmerge_adapter(model)
-    torch.testing.assert_close(logits(model, input_ids), adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model, input_ids), adapted, **tol)
     with adapter_disabled(model):
-        torch.testing.assert_close(logits(model, input_ids), base, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits(model, input_ids), base, **tol)
 
 
 def test_adapter_dtype_and_bf16_base(input_ids):

@@ -36,7 +36,12 @@ def test_help_texts():
 
 def test_version_and_listings():
     assert runner.invoke(app, ["--version"]).output.startswith("shardtune ")
-    assert json.loads(runner.invoke(app, ["methods", "--json"]).output).keys() == {"lora", "fossil", "mos"}
+    assert json.loads(runner.invoke(app, ["methods", "--json"]).output).keys() == {
+        "lora",
+        "fossil",
+        "mos",
+        "sharelora",
+    }
     assert "tiny-llama" in json.loads(runner.invoke(app, ["models", "--json"]).output)
     assert "reverse" in json.loads(runner.invoke(app, ["tasks", "--json"]).output)
 

@@ -50,7 +50,10 @@ def test_overrides(tmp_path):
             ["train.schedule=cosin"],
             "train.schedule: must be one of 'cosine', 'linear' or 'constant', got 'cosin'",
         ),
-        (["adapter.method=dora"], "adapter.method: unknown method 'dora'; available: lora, fossil, mos"),
+        (
+            ["adapter.method=dora"],
+            "adapter.method: unknown method 'dora'; available: lora, fossil, mos, sharelora",
+        ),
         (["adapter.dropout=1.5"], "adapter.dropout: must be less than 1, got 1.5"),
         (["adapter.mode=mini"], "adapter.mode: unknown key"),  # lora has no mode
         (["trian.lr=1"], "trian: unknown key (did you mean 'train'?)"),
@@ -76,7 +79,9 @@ def test_missing_sections_and_method(tmp_path):
         recipe_from_dict(raw)
     raw = tiny_recipe(tmp_path)
     del raw["adapter"]["method"]
-    with pytest.raises(RecipeError, match=r"^adapter.method: required key is missing; one of: lora, fossil, mos"):
+    with pytest.raises(
+        RecipeError, match=r"^adapter.method: required key is missing; one of: lora, fossil, mos, sharelora"
+    ):
         recipe_from_dict(raw)
 
 

@@ -6,8 +6,9 @@ from shardtune.adapters.base import AdaptedLinear, AdapterMethod, AdapterOptions
 from shardtune.adapters.fossil import Fossil
 from shardtune.adapters.lora import Lora
 from shardtune.adapters.mos import Mos
+from shardtune.adapters.sharelora import ShareLora
 
-METHODS: dict[str, AdapterMethod] = {m.name: m for m in (Lora(), Fossil(), Mos())}
+METHODS: dict[str, AdapterMethod] = {m.name: m for m in (Lora(), Fossil(), Mos(), ShareLora())}
 
 
 def get_method(name: str) -> AdapterMethod:

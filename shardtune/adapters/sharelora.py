@@ -1,0 +1,164 @@
+"""ShareLoRA (Song et al., arXiv 2406.10785): LoRA whose A, B or both are shared across layers.
+
+Per projection type ``t`` with ``L_t`` adapted layers (scope ``type``, the paper's; or all layers
+whose shared matrix has the same shape, scope ``shape``):
+
+    ShareA :  ΔW_l = s · B_l · A_t         A_t ∈ R^{r×d_in} shared,   B_l ∈ R^{d_out×r} per layer
+    ShareB :  ΔW_l = s · B_t · A_l         B_t shared,                A_l per layer
+    ShareAB:  ΔW_l = s · B_t · A_t         both shared: every layer of type t gets the same ΔW
+
+with ``s = α/r`` (rsLoRA: ``α/√r``). Initialisation as in the authors' scripts (which tie PEFT's
+LoRA layers after injection): A Kaiming-uniform (a = √5) — ``init: normal`` gives their alternative
+N(0, 1/r) for the shared A — and B zeros, so ΔW = 0 at step 0. The authors' LLaMA scripts use
+ShareA on q_proj and v_proj, r = 64, α = 16, dropout 0.1 (``recipes/sharelora-llama3-8b.yaml``).
+
+The shared matrices are one parameter each, registered once at the model root
+(``shardtune_stores.A_<type>``), so the optimizer, clipping and DDP see them once; their gradient
+is the sum of the gradients of every layer that uses them.
+
+Trainable parameters per type: LoRA ``L·r·(d_in+d_out)``; ShareA ``r·d_in + L·r·d_out``;
+ShareB ``L·r·d_in + r·d_out``; ShareAB ``r·(d_in+d_out)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
+from shardtune.adapters.lora import lora_scale
+
+
+class ShareLoraOptions(AdapterOptions):
+    method: Literal["sharelora"] = "sharelora"
+    rank: PositiveInt = Field(8, description="r: the rank of every layer's ΔW = B·A.")
+    alpha: float = Field(16.0, gt=0, description="α: the update is scaled by α/r (α/√r with rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (the authors: 0.1).")
+    rslora: bool = Field(False, description="Rank-stabilised scaling α/√r instead of α/r.")
+    share: Literal["a", "b", "ab"] = Field(
+        "a", description="Which factor is shared across layers (the paper: a)."
+    )
+    scope: Literal["type", "shape"] = Field(
+        "type",
+        description="`type`: one shared matrix per projection type (q_proj, v_proj, …); `shape`: one per shape "
+        "of the shared matrix, across types.",
+    )
+    init: Literal["kaiming", "normal"] = Field(
+        "kaiming",
+        description="Init of A: Kaiming-uniform (a=√5, PEFT's) or N(0, 1/r) (the authors' alternative).",
+    )
+
+
+def _init_a(rank: int, in_features: int, how: str) -> torch.Tensor:
+    a = torch.empty(rank, in_features)
+    if how == "normal":
+        return nn.init.normal_(a, std=1 / rank)
+    return nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
+class SharedFactors(nn.Module):
+    """The shared matrices, keyed ``A_<group>`` / ``B_<group>``."""
+
+    def __init__(self):
+        super().__init__()
+        self.matrices = nn.ParameterDict()
+
+
+class ShareLoraAdapter(LayerAdapter):
+    """A layer's own factor(s) plus an unregistered reference to the shared one(s) at the model root."""
+
+    def __init__(
+        self, target: Target, options: ShareLoraOptions, shared: SharedFactors, groups: dict[str, str]
+    ):
+        super().__init__(target.in_features, target.out_features, options.dropout)
+        self.rank = options.rank
+        self.scale = lora_scale(options.alpha, options.rank, options.rslora)
+        self.groups = groups  # "A"/"B" → key in shared.matrices, for the shared factor(s)
+        object.__setattr__(self, "_shared", shared)
+        if "A" not in groups:
+            self.lora_A = nn.Parameter(_init_a(options.rank, target.in_features, "kaiming"))
+        if "B" not in groups:
+            self.lora_B = nn.Parameter(torch.zeros(target.out_features, options.rank))
+
+    def _factor(self, matrix: str) -> torch.Tensor:
+        key = self.groups.get(matrix)
+        return self._shared.matrices[key] if key is not None else getattr(self, f"lora_{matrix}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._factor("A").dtype
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._factor("A"), self._factor("B") * self.scale
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.dropout(x), self._factor("A")), self._factor("B")) * self.scale
+
+    def routing(self) -> dict:
+        out = {}
+        for matrix in ("A", "B"):
+            key = self.groups.get(matrix)
+            out[matrix] = {
+                "pool": key or "own",
+                "shards": list(range(self.rank)),
+                "private": [key is None] * self.rank,
+            }
+        return out
+
+
+class ShareLora(AdapterMethod):
+    name = "sharelora"
+    Options = ShareLoraOptions
+    summary = "LoRA with A (ShareA), B (ShareB) or both shared across layers, per projection type"
+
+    @staticmethod
+    def groups(options: ShareLoraOptions, target: Target) -> dict[str, str]:
+        """Which shared matrix this layer's A and/or B is (keys of SharedFactors.matrices)."""
+        out = {}
+        for matrix in ("A", "B"):
+            if matrix.lower() in options.share:
+                if options.scope == "type":
+                    out[matrix] = f"{matrix}_{target.kind}"
+                else:
+                    size = target.in_features if matrix == "A" else target.out_features
+                    out[matrix] = f"{matrix}_{'in' if matrix == 'A' else 'out'}{size}"
+        return out
+
+    def check(self, options: ShareLoraOptions, targets: list[Target]) -> None:
+        from shardtune.errors import RecipeError
+
+        sizes: dict[str, set] = {}
+        for t in targets:
+            for matrix, key in self.groups(options, t).items():
+                sizes.setdefault(key, set()).add(t.in_features if matrix == "A" else t.out_features)
+        for key, found in sizes.items():
+            if len(found) > 1:
+                raise RecipeError(
+                    "adapter.scope",
+                    f"layers sharing {key} have different sizes {sorted(found)}; use scope: shape",
+                )
+
+    def build_stores(self, options: ShareLoraOptions, targets: list[Target]) -> SharedFactors:
+        shared = SharedFactors()
+        for t in targets:
+            for matrix, key in self.groups(options, t).items():
+                if key in shared.matrices:
+                    continue
+                if matrix == "A":
+                    shared.matrices[key] = nn.Parameter(_init_a(options.rank, t.in_features, options.init))
+                else:
+                    shared.matrices[key] = nn.Parameter(torch.zeros(t.out_features, options.rank))
+        return shared
+
+    def build_layer(
+        self, options: ShareLoraOptions, target: Target, stores: SharedFactors
+    ) -> ShareLoraAdapter:
+        return ShareLoraAdapter(target, options, stores, self.groups(options, target))
+
+    def export_info(self, options: ShareLoraOptions) -> dict:
+        return {"rank": options.rank, "scale": lora_scale(options.alpha, options.rank, options.rslora)}
