@@ -253,6 +253,63 @@ def routing(
 
 @app.command()
 @handle_errors
+def prune(
+    model: Annotated[str, typer.Argument(help="Model: builtin alias, local directory or cached hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output HF model directory.")],
+    method: Annotated[str, typer.Option(help="magnitude or wanda.")] = "magnitude",
+    sparsity: Annotated[float, typer.Option(help="Unstructured ratio of weights set to zero.")] = 0.5,
+    pattern: Annotated[
+        str | None, typer.Option(help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity).")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Recipe whose data gives the calibration samples (wanda).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration examples (wanda).")] = 128,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Prune a model's linear layers (magnitude or Wanda; ratio or N:M) into a new model directory for LoRS."""
+    from rich.table import Table
+    from torch.utils.data import DataLoader
+
+    from shardtune.data import Collator, encode_all, load_examples, uses_chat
+    from shardtune.models import load_model
+    from shardtune.prune import prune_model, save_model_dir
+    from shardtune.recipe import load_recipe
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise BadInput(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    lm, tokenizer = load_model(model, dtype)
+    calibration = None
+    if recipe is not None:
+        data = load_recipe(recipe).data
+        examples, _ = load_examples(data)
+        features, _ = encode_all(
+            examples[:samples], tokenizer, data.max_length, uses_chat(tokenizer, data.chat_template)
+        )
+        calibration = DataLoader(features, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
+    report = prune_model(lm, method, sparsity, pattern, calibration)
+    save_model_dir(lm, tokenizer, out, overwrite)
+    report["out"] = str(out)
+    if json_output:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    table = Table(title=f"{method} pruning, {report['pattern']} → {out}")
+    for col in ("layer", "zeros", "of", "sparsity"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in report["layers"]:
+        table.add_row(row["layer"], f"{row['zeros']:,}", f"{row['total']:,}", f"{100 * row['sparsity']:.1f}%")
+    out_console.print(table)
+    out_console.print(
+        f"overall sparsity of the pruned layers: {100 * report['overall_sparsity']:.2f}%", markup=False
+    )
+
+
+@app.command()
+@handle_errors
 def models(json_output: JsonOption = False) -> None:
     """List the builtin model aliases usable as model.name."""
     from shardtune.models import builtin_models

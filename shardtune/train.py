@@ -148,6 +148,8 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
             num_training_steps=total_steps,
         )
         model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
+        if getattr(recipe.adapter, "init", None) == "gradient":
+            _gradient_init(accelerator, model, train_features, collate, recipe, reporter)
         scores: dict[str, float] = {}
         if recipe.eval.score_base and main:
             with adapter_disabled(accelerator.unwrap_model(model)) as base:
@@ -255,6 +257,24 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
+
+
+def _gradient_init(accelerator, model, features, collate, recipe: Recipe, reporter: Reporter) -> None:
+    """LoRS: A from the SVD of the dense gradient on the first training examples (same on every rank)."""
+    from shardtune.adapters.lors import gradient_init
+
+    first = DataLoader(
+        features[: recipe.adapter.init_samples], batch_size=recipe.train.batch_size, collate_fn=collate
+    )
+    batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in first)
+    seen = gradient_init(accelerator.unwrap_model(model), batches, recipe.adapter)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+    reporter.info(f"adapter A initialised from the dense gradient of {seen} examples (LoRS init)")
 
 
 def accelerator_sum(accelerator: Accelerator):

@@ -21,7 +21,9 @@ TINY_OPTIONS = {
     "fossil": {"rank": 4},
     "mos": {"rank": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2},
     "sharelora": {"rank": 4, "share": "a"},
+    "lors": {"rank": 4, "alpha": 4, "init": "kaiming"},  # on a dense model the mask keeps everything
 }
+CONV1D_UNSUPPORTED = {"lors"}  # methods that need nn.Linear (GPT-2 uses Conv1D)
 
 
 def tiny_options(method: str, **kw):

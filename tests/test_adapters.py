@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, tiny_options
+from conftest import CONV1D_UNSUPPORTED, TINY, tiny_options
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import (
@@ -191,13 +191,17 @@ def test_initial_update_is_zero_and_init_follows_paper(input_ids):
 @pytest.mark.parametrize("alias", TINY)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_inject_freezes_base_and_counts(alias, method, input_ids):
+    if alias == "tiny-gpt2" and method in CONV1D_UNSUPPORTED:
+        with pytest.raises(RecipeError, match="nn.Linear layers only"):
+            inject_adapter(build_tiny_model(alias), tiny_options(method, targets="all-linear"))
+        return
     model = build_tiny_model(alias)
     targets = inject_adapter(model, tiny_options(method, targets="all-linear"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     adapter = {n for n, _ in adapter_named_parameters(model)}
     assert trainable == adapter and adapter
     n_adapter, _ = count_parameters(model)
-    if method in ("lora", "mos"):  # MoS: exactly LoRA of rank equivalent_rank (4 here)
+    if method in ("lora", "mos", "lors"):  # MoS: exactly LoRA of rank equivalent_rank (4 here)
         assert n_adapter == sum(4 * (t.in_features + t.out_features) for t in targets)
     elif method == "sharelora":  # ShareA: one A per type, B per layer
         assert n_adapter == sum(4 * t.out_features for t in targets) + sum(

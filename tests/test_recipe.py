@@ -52,7 +52,7 @@ def test_overrides(tmp_path):
         ),
         (
             ["adapter.method=dora"],
-            "adapter.method: unknown method 'dora'; available: lora, fossil, mos, sharelora",
+            "adapter.method: unknown method 'dora'; available: lora, fossil, mos, sharelora, lors",
         ),
         (["adapter.dropout=1.5"], "adapter.dropout: must be less than 1, got 1.5"),
         (["adapter.mode=mini"], "adapter.mode: unknown key"),  # lora has no mode
@@ -80,7 +80,8 @@ def test_missing_sections_and_method(tmp_path):
     raw = tiny_recipe(tmp_path)
     del raw["adapter"]["method"]
     with pytest.raises(
-        RecipeError, match=r"^adapter.method: required key is missing; one of: lora, fossil, mos, sharelora"
+        RecipeError,
+        match=r"^adapter.method: required key is missing; one of: lora, fossil, mos, sharelora, lors",
     ):
         recipe_from_dict(raw)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from shardtune.adapters.base import AdaptedLinear, AdapterMethod, AdapterOptions, LayerAdapter, Target
 from shardtune.adapters.fossil import Fossil
 from shardtune.adapters.lora import Lora
+from shardtune.adapters.lors import Lors
 from shardtune.adapters.mos import Mos
 from shardtune.adapters.sharelora import ShareLora
 
-METHODS: dict[str, AdapterMethod] = {m.name: m for m in (Lora(), Fossil(), Mos(), ShareLora())}
+METHODS: dict[str, AdapterMethod] = {m.name: m for m in (Lora(), Fossil(), Mos(), ShareLora(), Lors())}
 
 
 def get_method(name: str) -> AdapterMethod:

@@ -75,8 +75,11 @@ class LayerAdapter(nn.Module):
     """Per-layer view of a method's parameter store.
 
     Subclasses implement :meth:`factors` (and may override :meth:`delta`). ``dropout`` is applied
-    to the adapter's input, as in LoRA and MiSS.
+    to the adapter's input, as in LoRA and MiSS. A method whose update is not additive on the
+    output (LoRS masks the merged weight) sets ``replaces_base`` and implements :meth:`forward_full`.
     """
+
+    replaces_base = False
 
     def __init__(self, in_features: int, out_features: int, dropout: float = 0.0):
         super().__init__()
@@ -102,6 +105,10 @@ class LayerAdapter(nn.Module):
         """Dense ``ΔW = B · A`` (out, in). Used by merge; never in the training forward."""
         a, b = self.factors()
         return b @ a
+
+    def forward_full(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """The whole layer's output, for methods with ``replaces_base``."""
+        raise NotImplementedError
 
     def routing(self) -> dict:
         """Where each factor's rank vectors come from, for `shardtune routing`.
@@ -132,6 +139,8 @@ class AdaptedLinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.enabled and not self.merged and self.adapter.replaces_base:
+            return self.adapter.forward_full(x, self.base_layer)
         out = self.base_layer(x, *args, **kwargs)
         if self.enabled and not self.merged:
             # Under autocast the matmuls pick their dtype themselves; otherwise run the adapter in its
