@@ -36,12 +36,10 @@ def test_help_texts():
 
 def test_version_and_listings():
     assert runner.invoke(app, ["--version"]).output.startswith("shardtune ")
-    assert json.loads(runner.invoke(app, ["methods", "--json"]).output).keys() == {
-        "lora",
-        "fossil",
-        "mos",
-        "sharelora",
-    }
+    from shardtune.adapters import METHODS
+
+    listed = json.loads(runner.invoke(app, ["methods", "--json"]).output)
+    assert listed.keys() == METHODS.keys() == {"lora", "fossil", "mos", "sharelora", "lors"}
     assert "tiny-llama" in json.loads(runner.invoke(app, ["models", "--json"]).output)
     assert "reverse" in json.loads(runner.invoke(app, ["tasks", "--json"]).output)
 
