@@ -76,7 +76,7 @@ def prune_mask(
     if n_prune == 0:
         return torch.ones_like(score, dtype=torch.bool)
     drop = score.flatten().argsort()[:n_prune]
-    keep = torch.ones(score.numel(), dtype=torch.bool)
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     keep[drop] = False
     return keep.reshape(score.shape)
 
@@ -114,10 +114,10 @@ def prune_model(
     layers, zeros, total = [], 0, 0
     for name, module in modules.items():
         w = module.weight
-        score = w.detach().abs().float().cpu()
+        score = w.detach().abs().float()
         if norms is not None:
-            score = score * norms[name].float().unsqueeze(0)
-        keep = prune_mask(score, sparsity, nm, per_row=method == "wanda").to(w.device)
+            score = score * norms[name].to(score.device, torch.float32).unsqueeze(0)
+        keep = prune_mask(score, sparsity, nm, per_row=method == "wanda")
         w.mul_(keep.to(w.dtype))
         n_zero = int((w == 0).sum())
         layers.append({"layer": name, "zeros": n_zero, "total": w.numel(), "sparsity": n_zero / w.numel()})
