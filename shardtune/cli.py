@@ -308,6 +308,141 @@ def prune(
     )
 
 
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")]
+
+
+@app.command()
+@handle_errors
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Run or checkpoint directory.", show_default=False)],
+    out: OutOption,
+    dtype: Annotated[str, typer.Option(help="dtype of the written weights: bf16, fp16 or fp32.")] = "bf16",
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Merge the adapter into its base model (in fp32) → a plain transformers model directory."""
+    from shardtune.export import merge_run
+
+    result = merge_run(run_dir, out, dtype, overwrite)
+    if json_output:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        out_console.print(
+            f"merged {result['method']} adapter into {result['base_model']} → {out} ({dtype})", markup=False
+        )
+
+
+@app.command()
+@handle_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run or checkpoint directory.", show_default=False)],
+    out: OutOption,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="peft (a standard LoRA adapter) or shardtune.")
+    ] = "peft",
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Write the adapter in another format: `peft` (PEFT/vLLM/transformers-loadable LoRA) or `shardtune`."""
+    from shardtune.export import export_native, export_peft
+
+    if format == "peft":
+        result = export_peft(run_dir, out, overwrite)
+    elif format == "shardtune":
+        result = export_native(run_dir, out, overwrite)
+    else:
+        raise BadInput(f"--format: unknown format {format!r}; available: peft, shardtune")
+    if json_output:
+        sys.stdout.write(json.dumps(result) + "\n")
+    elif format == "peft":
+        out_console.print(
+            f"{result['method']} adapter written as a PEFT LoRA (r={result['r']}, {result['layers']} layers) to {out}; "
+            f"serve with e.g. vLLM --enable-lora --max-lora-rank {max(8, 1 << (result['r'] - 1).bit_length())}",
+            markup=False,
+        )
+    else:
+        out_console.print(f"adapter copied to {out}", markup=False)
+
+
+@app.command()
+@handle_errors
+def params(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Builtin alias, model directory/config.json, cached hub id.")
+    ],
+    method: Annotated[str, typer.Option("--method", help="Adapter method.")] = "lora",
+    rank: Annotated[int | None, typer.Option("--rank", "-r", min=1, help="adapter.rank.")] = None,
+    targets: Annotated[str | None, typer.Option(help="Comma-separated module names, or all-linear.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", "-s", metavar="KEY=VALUE", help="Other adapter options, e.g. --set equivalent_rank=2."
+        ),
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Every method side by side, with the ratio to LoRA.")
+    ] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Trainable parameters of a method on a model, from its config alone (meta device; no weights loaded)."""
+    import yaml
+    from rich.table import Table
+
+    from shardtune.adapters import METHODS
+    from shardtune.errors import ShardtuneError
+    from shardtune.export import count_trainable, method_options
+    from shardtune.models import load_config
+
+    config = load_config(model, trust_remote_code)
+    options: dict = {}
+    if rank is not None:
+        options["rank"] = rank
+    if targets is not None:
+        options["targets"] = targets if targets == "all-linear" else targets.split(",")
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BadInput(f"--set {item}: expected KEY=VALUE")
+        options[key.removeprefix("adapter.")] = yaml.safe_load(value)
+    rows = []
+    for name in METHODS if compare else [method]:
+        method_opts = (
+            {k: v for k, v in options.items() if k in METHODS[name].Options.model_fields}
+            if compare
+            else options
+        )
+        try:
+            trainable, base = count_trainable(config, method_options(name, **method_opts))
+            rows.append({"method": name, "trainable": trainable, "base": base})
+        except ShardtuneError as e:
+            if not compare:
+                raise
+            rows.append({"method": name, "trainable": None, "base": None, "error": str(e)})
+    lora = next((r["trainable"] for r in rows if r["method"] == "lora"), None)
+    for r in rows:
+        r["vs_lora"] = r["trainable"] / lora if lora and r["trainable"] is not None else None
+        r["percent_of_base"] = 100 * r["trainable"] / r["base"] if r["trainable"] is not None else None
+    if json_output:
+        sys.stdout.write(json.dumps({"model": model, "options": options, "methods": rows}) + "\n")
+        return
+    table = Table(title=f"trainable parameters on {model}" + (f" ({options})" if options else ""))
+    for col in ("method", "trainable", "% of base", "× LoRA"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        if r["trainable"] is None:
+            table.add_row(r["method"], "n/a", "", r.get("error", "")[:60])
+            continue
+        table.add_row(
+            r["method"],
+            f"{r['trainable']:,}",
+            f"{r['percent_of_base']:.3f}%",
+            f"{r['vs_lora']:.3f}" if r["vs_lora"] else "-",
+        )
+    out_console.print(table)
+
+
 @app.command()
 @handle_errors
 def models(json_output: JsonOption = False) -> None:

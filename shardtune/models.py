@@ -213,6 +213,25 @@ def load_model(
     return model, tokenizer
 
 
+def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """A model's config only (no weights): for parameter counting on the meta device."""
+    from transformers import AutoConfig
+
+    if name in TINY_CONFIGS:
+        return TINY_CONFIGS[name]()
+    path = embedded_model_dir(name) if name in EMBEDDED else Path(name).expanduser()
+    try:
+        if path.is_dir() or path.is_file():
+            return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(
+            f"--model: cannot read a config for {name!r} (a builtin alias, a model directory or config.json, "
+            f"or a hub id in the local cache): {first}"
+        ) from None
+
+
 def offline_and_quiet() -> None:
     """Nothing in transformers/datasets/hub reaches the network; their progress bars stay off our output."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -162,8 +162,8 @@ def _groups(targets: list[Target]) -> dict[str, list[Target]]:
 def _draw(n_public: int, n_routed: int, subset_selection: bool, gen: torch.Generator) -> torch.Tensor:
     """Public shard indices of one factor of one layer: a random subset without repeats, or all of them."""
     if not subset_selection:
-        return torch.arange(n_public)
-    return torch.randperm(n_public, generator=gen)[:n_routed]
+        return torch.arange(n_public, device="cpu")
+    return torch.randperm(n_public, generator=gen, device="cpu")[:n_routed]
 
 
 def layer_rank(options: MosOptions, n_layers: int) -> int:
@@ -222,13 +222,17 @@ class Mos(AdapterMethod):
             n_layers, in_f, out_f = len(group), group[0].in_features, group[0].out_features
             n_shards, n_public = big_r * n_layers * per_vec, (big_r - p) * n_layers * per_vec
             bound = 1 / math.sqrt(in_f)  # Kaiming-uniform(a=√5) with fan = the full vector length d_in
-            pool_a = torch.empty(n_shards, in_f // per_vec).uniform_(-bound, bound, generator=gen)
+            pool_a = torch.empty(n_shards, in_f // per_vec)
+            if not pool_a.is_meta:  # (parameter counting builds on the meta device)
+                pool_a.uniform_(-bound, bound, generator=gen)
             stores.pools[f"A_{kind}"] = nn.Parameter(pool_a)
             stores.pools[f"B_{kind}"] = nn.Parameter(torch.zeros(n_shards, out_f // per_vec))
             rank = layer_rank(options, n_layers)
             n_routed = (rank - p) * per_vec
             for k, t in enumerate(group):
-                private = torch.arange(n_public + k * p * per_vec, n_public + (k + 1) * p * per_vec)
+                private = torch.arange(
+                    n_public + k * p * per_vec, n_public + (k + 1) * p * per_vec, device="cpu"
+                )
                 public_a = _draw(n_public, n_routed, options.subset_selection, gen)
                 public_b = (
                     _draw(n_public, n_routed, options.subset_selection, gen)
@@ -236,7 +240,7 @@ class Mos(AdapterMethod):
                     else public_a
                 )
                 if not options.subset_selection and options.pair_dissociation:
-                    public_b = public_b[torch.randperm(n_public, generator=gen)]
+                    public_b = public_b[torch.randperm(n_public, generator=gen, device="cpu")]
                 stores.routes[t.name] = (torch.cat([public_a, private]), torch.cat([public_b, private]), rank)
         return stores
 

@@ -1,0 +1,198 @@
+"""The adapter leaves shardtune: merged HF model directories, PEFT LoRA adapters, parameter counts.
+
+* :func:`merge_run` — base + adapter → a plain transformers model directory. ``W ← W + ΔW`` is done in
+  fp32 (LoRS: ``W + s·(B·A) ⊙ M``, every zero kept), then cast to the requested dtype; the directory
+  is written under a temporary name and renamed, so an interrupted merge leaves nothing behind.
+* :func:`export_peft` — any method whose update is low-rank (LoRA, FOSSIL, MoS, ShareLoRA) written as
+  a standard PEFT LoRA adapter: per layer ``lora_A = A_l`` and ``lora_B = B_l`` from the spine's
+  factors (the scale folded into B, so ``lora_alpha = r``), shared stores copied per layer, ranks
+  padded with zeros to one ``r``. FOSSIL is exact: ``A = P`` (the 0/1 block-sum matrix), ``B = Dᵀ``.
+* :func:`count_trainable` — trainable parameters of a method on a model built from its config on
+  the meta device (no weights, seconds even for a 70B config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from shardtune.adapters import METHODS, AdapterOptions
+from shardtune.adapters.base import STORES_ATTR
+from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter, merge_adapter
+from shardtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, load_adapted_model
+from shardtune.errors import BadInput
+
+MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora")
+
+
+def _atomic_dir(out: Path, write, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise BadInput(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BadInput(f"--out: could not write {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def unwrap_merged(model: nn.Module) -> nn.Module:
+    """Replace every (merged) AdaptedLinear by its base layer and drop the shared stores."""
+    for name, layer in adapted_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    if hasattr(model, STORES_ATTR):
+        delattr(model, STORES_ATTR)
+    for attr in ("shardtune_options", "shardtune_targets", "shardtune_target_kinds"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False) -> dict:
+    """Merge the run's adapter into its base model and write a plain HF model directory."""
+    if dtype not in MERGE_DTYPES:
+        raise BadInput(f"--dtype: expected one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
+    model, tokenizer, meta = load_adapted_model(run_dir, dtype="float32")
+    merge_adapter(model)
+    unwrap_merged(model)
+    model.to(MERGE_DTYPES[dtype])
+    model.config.dtype = MERGE_DTYPES[dtype]
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    _atomic_dir(Path(out), write, overwrite)
+    return {
+        "out": str(out),
+        "method": meta["method"],
+        "dtype": dtype,
+        "base_model": meta["base_model"]["name"],
+    }
+
+
+def peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
+    """PEFT LoRA tensors (scale folded into B), the common rank, and fan_in_fan_out per layer."""
+    layers = adapted_layers(model)
+    factors = {name: layer.adapter.factors() for name, layer in layers.items()}
+    rank = max(a.shape[0] for a, _ in factors.values())
+    tensors, fifo = {}, {}
+    for name, (a, b) in factors.items():
+        a, b = a.detach().float(), b.detach().float()
+        pad = rank - a.shape[0]
+        if pad:  # zero rows/columns: the product is unchanged
+            a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().clone()
+        fifo[name] = layers[name].fan_in_fan_out
+    return tensors, rank, fifo
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Short names (``q_proj``) when PEFT's suffix matching selects exactly the adapted layers, else full paths."""
+    from shardtune.adapters.model import linear_layers
+
+    short = {n.rsplit(".", 1)[-1] for n in names}
+    every = set(names) | set(linear_layers(model))
+    selected = {n for n in every if n.rsplit(".", 1)[-1] in short}
+    return sorted(short) if selected == set(names) else sorted(names)
+
+
+def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    model, _, meta = load_adapted_model(run_dir)
+    method = meta["method"]
+    if method not in LOW_RANK_METHODS:
+        raise BadInput(
+            f"export: a {method} adapter cannot be written as a PEFT LoRA: its update (B·A) ⊙ M is masked, not "
+            "low-rank, and a LoRA runtime would make the model dense; use `shardtune merge` instead"
+        )
+    tensors, rank, fifo = peft_tensors(model)
+    if len(set(fifo.values())) > 1:
+        raise BadInput("export: the adapter mixes Conv1D and Linear layers; PEFT needs one fan_in_fan_out")
+    names = list(adapted_layers(model))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": meta["base_model"]["name"],
+        "r": rank,
+        "lora_alpha": rank,  # the scale is folded into lora_B: α/r = 1
+        "target_modules": _target_modules(model, names),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": next(iter(fifo.values())),
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    _atomic_dir(Path(out), write, overwrite)
+    stored = sum(p.numel() for p in tensors.values())
+    return {
+        "out": str(out),
+        "format": "peft",
+        "method": method,
+        "r": rank,
+        "layers": len(names),
+        "stored_parameters": stored,
+    }
+
+
+def export_native(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    run_dir = Path(run_dir)
+    load_adapted_model(run_dir)  # validate before copying
+
+    def write(tmp: Path) -> None:
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / name)
+
+    _atomic_dir(Path(out), write, overwrite)
+    return {"out": str(out), "format": "shardtune"}
+
+
+def count_trainable(config, options: AdapterOptions) -> tuple[int, int]:
+    """(trainable adapter parameters, base parameters) from a model config alone (meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    base = sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        inject_adapter(model, options)
+    return count_parameters(model)[0], base
+
+
+def method_options(method: str, **kw) -> AdapterOptions:
+    if method not in METHODS:
+        raise BadInput(f"--method: unknown method {method!r}; available: {', '.join(METHODS)}")
+    from pydantic import ValidationError
+
+    try:
+        return METHODS[method].Options(method=method, **kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise BadInput(f"--set {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
