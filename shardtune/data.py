@@ -88,7 +88,7 @@ def _load_with_datasets(kind: str, source: str, split: str, key: str) -> list:
                     raise BadInput(f"data.split: {source} has no split {split!r}; it has {', '.join(ds)}")
                 ds = ds[split]
         elif kind == "hub":
-            ds = datasets.load_dataset(source, split=split)
+            ds = _load_cached_hub_dataset(source, split)
         else:
             ds = datasets.load_dataset(kind, data_files=source, split="train")
     except BadInput:
@@ -105,6 +105,24 @@ def _load_with_datasets(kind: str, source: str, split: str, key: str) -> list:
             )
         raise BadInput(f"{key}: cannot read {source}: {first}") from None
     return [dict(row) for row in ds]
+
+
+def _load_cached_hub_dataset(repo_id: str, split: str):
+    """A hub dataset offline: from the datasets cache, else from its snapshot in the hub cache."""
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    try:
+        return datasets.load_dataset(repo_id, split=split)
+    except (ConnectionError, OSError, ValueError):
+        pass
+    try:
+        local = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except Exception:
+        raise BadInput(
+            f"data.hub: {repo_id} is not in the local cache (shardtune never downloads at run time)"
+        ) from None
+    return datasets.load_dataset(local, split=split)
 
 
 def read_records(data: DataSection) -> list:

@@ -130,3 +130,25 @@ def test_tasks_are_deterministic_and_scored():
     assert not exact_match("The answer is 14/05/1983", "14/05/1983")
     train, held = load_examples(section(task="date_format", num_samples=50, eval_samples=20))
     assert len(held) == 20 and not {e.prompt for e in train} & {e.prompt for e in held}
+
+
+def test_offline_cached_hub_dataset(tmp_path, monkeypatch):
+    """A dataset repo present only in the hub cache (as a download leaves it) loads with no network."""
+    import datasets
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--acme--tiny-ds"
+    (repo / "snapshots" / revision / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]
+    datasets.Dataset.from_list(rows).to_parquet(
+        str(repo / "snapshots" / revision / "data" / "train-00000.parquet")
+    )
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    train, held = load_examples(section(hub="acme/tiny-ds"))
+    assert len(train) + len(held) == 20 and train[0].completion.startswith("c")
+    with pytest.raises(BadInput, match="data.hub: acme/missing is not in the local cache"):
+        load_examples(section(hub="acme/missing"))

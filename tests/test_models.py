@@ -70,3 +70,20 @@ def test_embedded_smollm2_converts_exactly_and_is_cached(monkeypatch):
 
     monkeypatch.setattr(models, "embedded_gguf", no_gguf)
     load_model("smollm2-135m-instruct")
+
+
+def test_offline_cached_hub_model(tmp_path, monkeypatch):
+    """A hub id whose snapshot is in the local hub cache loads without any network access."""
+    revision = "89abcdef0123456789abcdef0123456789abcdef"
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / revision
+    model, tok = load_model("tiny-mistral")
+    model.save_pretrained(snap)
+    tok.save_pretrained(snap)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text(revision)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("transformers.utils.hub.HF_HUB_CACHE", str(tmp_path / "hub"), raising=False)
+    loaded, _ = load_model("acme/tiny")
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

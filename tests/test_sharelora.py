@@ -136,3 +136,16 @@ def test_check_refuses_mixed_sizes_in_one_group():
     targets = [Target("a.0.x", None, 8, 8, False, "x"), Target("a.1.x", None, 16, 8, False, "x")]
     with pytest.raises(RecipeError, match="adapter.scope: layers sharing A_x have different sizes"):
         ShareLora().check(tiny_options("sharelora", share="a"), targets)
+
+
+def test_routing_shows_shared_factor():
+    from shardtune.routing import routing_report
+
+    model = build_tiny_model("tiny-llama")
+    inject_adapter(model, tiny_options("sharelora", share="a", targets=["q_proj"]))
+    report = routing_report(model)
+    first, second = report["layers"]
+    assert first["matrices"]["A"]["pool"] == second["matrices"]["A"]["pool"] == "A_q_proj"
+    assert first["matrices"]["B"]["pool"].endswith(":B")  # own B
+    assert report["overlap"]["q_proj"]["A"][0][1] == 4 and report["overlap"]["q_proj"]["B"][0][1] == 0
+    assert report["pools"]["A_q_proj"]["max_reuse"] == 2

@@ -157,3 +157,17 @@ def test_inject_twice_is_refused():
     inject_adapter(model, opts)
     with pytest.raises(BadInput, match="already carries"):
         inject_adapter(model, opts)
+
+
+def test_eval_every_logs_heldout_loss(tmp_path):
+    run(tmp_path, eval={"every": 4}, logging={"every": 2})
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    with_eval = [r["step"] for r in rows if "eval_loss" in r]
+    assert with_eval == [4, 8, 12]
+    assert rows[-1]["eval_loss"] < rows[0]["loss"]
+
+
+def test_packing_and_truncation_reported(tmp_path):
+    result = run(tmp_path, data={"max_length": 42, "packing": True})
+    assert result.truncated_examples > 0  # the longer chat-rendered examples exceed 42 tokens
+    assert result.steps == 12
