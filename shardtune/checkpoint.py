@@ -36,6 +36,9 @@ from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
 RECIPE_FILE = "recipe.yaml"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
 FORMAT = "shardtune-adapter"
 FORMAT_VERSION = 1
 
@@ -89,13 +92,27 @@ def save_adapter(model: nn.Module, recipe: Recipe, directory: Path, step: int) -
     atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
 
 
-def save_checkpoint(model: nn.Module, recipe: Recipe, run_dir: Path, step: int, keep: int) -> Path:
-    """Write ``run_dir/checkpoint-{step}`` as a whole (temp dir + rename); keep the newest ``keep``."""
+def save_checkpoint(
+    model: nn.Module,
+    recipe: Recipe,
+    run_dir: Path,
+    step: int,
+    keep: int,
+    optimizer=None,
+    counters: dict | None = None,
+) -> Path:
+    """Write ``run_dir/checkpoint-{step}`` as a whole (temp dir + rename); keep the newest ``keep``.
+
+    With ``optimizer`` the checkpoint also holds the training state, so a killed run can resume.
+    """
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
     try:
         save_adapter(model, recipe, tmp, step)
-        atomic_write_text(tmp / "trainer_state.json", json.dumps({"step": step}) + "\n")
+        if optimizer is not None:
+            save_training_state(tmp, optimizer, {"step": step, **(counters or {})})
+        else:
+            atomic_write_text(tmp / TRAINER_STATE, json.dumps({"step": step}) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -173,6 +190,12 @@ def attach_adapter(model: nn.Module, directory: Path) -> dict:
     return meta
 
 
+def attach_weights(model: nn.Module, directory: Path) -> None:
+    """Load a checkpoint's adapter tensors into a model that already carries the same adapter."""
+    state = read_adapter_weights(directory / ADAPTER_WEIGHTS)
+    load_adapter_state_dict(model, state, str(directory / ADAPTER_WEIGHTS))
+
+
 def load_adapted_model(
     directory: str | Path,
     base_model: str | None = None,
@@ -195,3 +218,86 @@ def load_adapted_model(
     attach_adapter(model, directory)
     model.eval()
     return model, tokenizer, meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training state (resume): optimizer moments in safetensors, counters and RNG states in JSON/safetensors.
+
+
+def save_training_state(directory: Path, optimizer, counters: dict) -> None:
+    """Everything a killed run needs to continue exactly: optimizer, step/epoch/batch, RNG states."""
+    import random
+
+    state = optimizer.state_dict()
+    tensors = {
+        f"state.{idx}.{key}": value.detach().cpu().contiguous()
+        for idx, entry in state["state"].items()
+        for key, value in entry.items()
+        if isinstance(value, torch.Tensor)
+    }
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    _atomic_write_bytes(directory / OPTIMIZER_FILE, lambda tmp: save_file(tensors, tmp))
+    _atomic_write_bytes(directory / RNG_FILE, lambda tmp: save_file(rng, tmp))
+    meta = {
+        **counters,
+        "param_groups": state["param_groups"],
+        "python_rng": _py_rng_to_json(random.getstate()),
+    }
+    atomic_write_text(directory / TRAINER_STATE, json.dumps(meta) + "\n")
+
+
+def load_training_state(directory: Path, optimizer) -> dict:
+    """Restore optimizer and RNG states from a checkpoint; return its counters (step, epoch, batch)."""
+    import random
+
+    path = directory / TRAINER_STATE
+    if not path.is_file() or not (directory / OPTIMIZER_FILE).is_file():
+        raise BadInput(f"--resume: {directory} has no training state (was it written by shardtune train?)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: corrupt trainer state ({e})") from None
+    tensors = read_adapter_weights(directory / OPTIMIZER_FILE)
+    state: dict = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise BadInput(
+            f"--resume: the optimizer state in {directory} does not fit this adapter ({e})"
+        ) from None
+    rng = read_adapter_weights(directory / RNG_FILE)
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_py_rng_from_json(meta["python_rng"]))
+    return {k: meta[k] for k in ("step", "epoch", "batch_in_epoch")}
+
+
+def _py_rng_to_json(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_rng_from_json(data):
+    version, internal, gauss = data
+    return version, tuple(internal), gauss
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """``latest`` → the newest checkpoint of the run (None if there is none); a path → that checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise BadInput(f"--resume: {resume} is not a checkpoint directory (no {ADAPTER_CONFIG})")
+    return path

@@ -102,6 +102,28 @@ def root(
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
     set_: SetOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue from the run's newest checkpoint (or: --resume CHECKPOINT_DIR)."
+        ),
+    ] = False,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint-N directory.")
+    ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc", min=1, help="Processes to launch through Accelerate (GPUs, or gloo on CPUs)."
+        ),
+    ] = 1,
+    launch_args: Annotated[
+        str | None,
+        typer.Option(
+            "--launch-args",
+            help='Extra `accelerate launch` flags, e.g. "--num_machines 2 --machine_rank 0 --main_process_ip HOST".',
+        ),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate the recipe, print it resolved, and stop.")
     ] = False,
@@ -110,7 +132,8 @@ def train(
 ) -> None:
     """Train an adapter as the RECIPE says; the run directory gets the adapter, metrics and log.
 
-    Exit codes: 0 done, 1 internal error, 2 bad recipe/data/model, 3 diverged (NaN loss), 130 interrupted.
+    Exit codes: 0 done, 1 internal error, 2 bad recipe/data/model, 3 diverged (NaN loss), 130 interrupted,
+    143 stopped by SIGTERM (a checkpoint was written; continue with --resume).
     """
     from dataclasses import asdict
 
@@ -124,11 +147,36 @@ def train(
         else:
             out_console.print(recipe_to_yaml(resolved), markup=False, end="")
         return
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
+        forwarded += ["--resume"] if resume else []
+        forwarded += ["--resume-from", str(resume_from)] if resume_from else []
+        forwarded += ["--json"] if json_output else []
+        forwarded += ["-q"] if quiet else []
+        raise typer.Exit(launch(nproc, forwarded, launch_args, cpu=resolved.train.cpu))
     from shardtune.train import train as run_training
 
-    result = run_training(resolved, Reporter.for_cli(json_output, quiet))
-    if json_output:
+    which = str(resume_from) if resume_from else ("latest" if resume else None)
+    result = run_training(resolved, Reporter.for_cli(json_output, quiet), resume=which)
+    if json_output and os.environ.get("RANK", "0") == "0":  # one summary, from the main process
         sys.stdout.write(json.dumps(asdict(result)) + "\n")
+
+
+def launch(nproc: int, train_args: list[str], launch_args: str | None, cpu: bool) -> int:
+    """Re-run `shardtune train` under `accelerate launch` with N processes; return its exit code."""
+    import shlex
+    import subprocess
+
+    import torch
+
+    env = dict(os.environ)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc)]
+    command += ["--multi_gpu", "--main_process_port", "0"]
+    if cpu or not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # gloo; `accelerate launch --cpu` would start one process only
+    command += shlex.split(launch_args or "")
+    command += ["-m", "shardtune", "train", *train_args]
+    return subprocess.call(command, env=env)
 
 
 @app.command()
@@ -484,7 +532,12 @@ def methods(json_output: JsonOption = False) -> None:
 
 
 def main() -> None:
-    app(prog_name="shardtune")
+    # `--resume CHECKPOINT_DIR` is accepted as a spelling of `--resume-from CHECKPOINT_DIR`.
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--resume" and Path(argv[i + 1]).is_dir():
+            argv[i] = "--resume-from"
+    app(args=argv, prog_name="shardtune")
 
 
 if __name__ == "__main__":

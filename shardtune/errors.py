@@ -8,6 +8,7 @@ Exit codes (stable, documented in docs/cli.md):
 * 2 — bad input: recipe, command-line option, data or model file, adapter directory
 * 3 — training diverged (NaN/inf loss)
 * 130 — interrupted (Ctrl-C)
+* 143 — stopped by SIGTERM after writing a checkpoint (resume with ``--resume``)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class ShardtuneError(Exception):
@@ -42,3 +44,7 @@ class RecipeError(BadInput):
 
 class Diverged(ShardtuneError):
     exit_code = EXIT_DIVERGED
+
+
+class Terminated(ShardtuneError):
+    exit_code = EXIT_TERMINATED

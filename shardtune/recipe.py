@@ -107,6 +107,9 @@ class TrainSection(Section):
     )
     keep_checkpoints: int = Field(3, ge=1, description="How many checkpoint-N directories to keep.")
     cpu: bool = Field(False, description="Train on the CPU even when a GPU is present.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (less memory, ~30% more compute)."
+    )
 
 
 class EvalSection(Section):

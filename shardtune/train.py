@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,9 +30,17 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from shardtune.adapters.model import adapter_disabled, count_parameters, inject_adapter
-from shardtune.checkpoint import ADAPTER_CONFIG, list_checkpoints, save_adapter, save_checkpoint
+from shardtune.checkpoint import (
+    ADAPTER_CONFIG,
+    attach_weights,
+    list_checkpoints,
+    load_training_state,
+    resolve_resume,
+    save_adapter,
+    save_checkpoint,
+)
 from shardtune.data import Collator, encode_all, load_examples, pack, uses_chat
-from shardtune.errors import BadInput, Diverged
+from shardtune.errors import BadInput, Diverged, Terminated
 from shardtune.evaluate import heldout_loss, score_task
 from shardtune.models import load_model
 from shardtune.progress import Reporter
@@ -57,8 +66,11 @@ class TrainResult:
     task_score: float | None = None
 
 
-def prepare_run_dir(recipe: Recipe) -> Path:
+def prepare_run_dir(recipe: Recipe, resuming: bool = False) -> Path:
     run_dir = Path(recipe.output.dir)
+    if resuming:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
     has_run = (run_dir / ADAPTER_CONFIG).exists() or list_checkpoints(run_dir)
     if has_run and not recipe.output.overwrite:
         raise BadInput(
@@ -82,7 +94,51 @@ def add_file_log(run_dir: Path, level: str) -> logging.Handler:
     return handler
 
 
-def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from ``seed + epoch``: the data order is a pure function of
+    (seed, epoch), so a resumed run sees exactly the batches the killed one would have seen."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class StopFlag:
+    """Set by SIGTERM: the loop writes a checkpoint at the end of the current step and exits."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._set)
+        return self
+
+    def _set(self, *_):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None = None) -> TrainResult:
+    """Train as the recipe says. ``resume``: ``"latest"`` (the run's newest checkpoint) or a checkpoint path."""
     reporter = reporter or Reporter(quiet=True)
     cfg = recipe.train
     started = time.perf_counter()
@@ -94,7 +150,16 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
         gradient_accumulation_steps=cfg.grad_accum,
     )
     main = accelerator.is_main_process
-    run_dir = prepare_run_dir(recipe) if main else Path(recipe.output.dir)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise BadInput(
+            f"{launched} processes were launched but they are not connected (Accelerate sees "
+            f"{accelerator.num_processes}); on CPUs set ACCELERATE_USE_CPU=1 or use shardtune train --nproc"
+        )
+    resume_from = resolve_resume(Path(recipe.output.dir), resume)
+    if resume == "latest" and resume_from is None:
+        raise BadInput(f"--resume: {recipe.output.dir} has no checkpoint to resume from")
+    run_dir = prepare_run_dir(recipe, resuming=resume_from is not None) if main else Path(recipe.output.dir)
     handler = add_file_log(run_dir, recipe.logging.level) if main else None
     if not main:
         reporter = Reporter(quiet=True)
@@ -104,6 +169,9 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
             recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
         )
         targets = inject_adapter(model, recipe.adapter)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         trainable, total = count_parameters(model)
         reporter.info(
             f"{recipe.adapter.method} on {recipe.model.name}: {len(targets)} layers adapted, "
@@ -126,11 +194,14 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
             f"{len(eval_features)} held out{', chat template' if chat else ''}"
         )
         collate = Collator(tokenizer.pad_token_id)
+        sampler = EpochSampler(len(train_features), cfg.seed)
         loader = DataLoader(
             train_features,
             batch_size=cfg.batch_size,
-            shuffle=True,
+            sampler=sampler,
             collate_fn=collate,
+            # Its own generator: creating a loader iterator must not draw from the global RNG (which
+            # drives dropout), or a resumed run would drift from an uninterrupted one.
             generator=torch.Generator().manual_seed(cfg.seed),
             drop_last=len(train_features) >= cfg.batch_size * accelerator.num_processes,
         )
@@ -148,10 +219,18 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
             num_training_steps=total_steps,
         )
         model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
-        if getattr(recipe.adapter, "init", None) == "gradient":
+        step, epoch, skip = 0, 0, 0
+        if resume_from is not None:
+            attach_weights(accelerator.unwrap_model(model), resume_from)
+            counters = load_training_state(resume_from, optimizer)
+            step, epoch, skip = counters["step"], counters["epoch"], counters["batch_in_epoch"]
+            for _ in range(step):
+                scheduler.step()
+            reporter.info(f"resumed from {resume_from} at step {step}")
+        elif getattr(recipe.adapter, "init", None) == "gradient":
             _gradient_init(accelerator, model, train_features, collate, recipe, reporter)
         scores: dict[str, float] = {}
-        if recipe.eval.score_base and main:
+        if recipe.eval.score_base and main and resume_from is None:
             with adapter_disabled(accelerator.unwrap_model(model)) as base:
                 scores["task_score_base"] = _score(
                     base, tokenizer, eval_examples, chat, recipe, reporter, "base model"
@@ -160,10 +239,17 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
         # 5. Loop over optimizer steps.
         model.train()
         reporter.start(total_steps)
-        step, loss_sum, loss_count, tokens, last_log = 0, 0.0, 0, 0, time.perf_counter()
+        loss_sum, loss_count, tokens, last_log = 0.0, 0, 0, time.perf_counter()
         final_loss, eval_loss = float("nan"), None
+        stop = StopFlag().__enter__()
         while step < total_steps:
-            for batch in loader:
+            # The prepared loader re-sets its sampler's epoch from its own counter on every pass:
+            # set both, so a resumed run (whose loader starts counting at 0) sees the right order.
+            sampler.set_epoch(epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch_in_epoch, batch in enumerate(batches, start=skip + 1):
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
@@ -179,6 +265,12 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
                     continue
                 scheduler.step()
                 step += 1
+                if not torch.isfinite(loss.detach()).all():
+                    raise Diverged(
+                        f"loss became {loss.item()} at step {step}; lower train.lr or check the data "
+                        f"(last good checkpoint: {_last_checkpoint(run_dir)})"
+                    )
+                counters = {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
 
                 is_log_step = step % recipe.logging.every == 0 or step == total_steps or step == 1
                 if is_log_step:
@@ -209,14 +301,28 @@ def train(recipe: Recipe, reporter: Reporter | None = None) -> TrainResult:
                 else:
                     reporter.step(step, {}, log_line=False)
 
-                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                stopping = _any_process(accelerator, stop.raised)
+                if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stopping:
                     accelerator.wait_for_everyone()
                     if main:
-                        save_checkpoint(
-                            accelerator.unwrap_model(model), recipe, run_dir, step, cfg.keep_checkpoints
+                        ckpt = save_checkpoint(
+                            accelerator.unwrap_model(model),
+                            recipe,
+                            run_dir,
+                            step,
+                            cfg.keep_checkpoints,
+                            optimizer=optimizer,
+                            counters=counters,
+                        )
+                    if stopping:
+                        raise Terminated(
+                            f"stopped by SIGTERM at step {step}; checkpoint written to {run_dir / ckpt.name if main else run_dir}; "
+                            "continue with: shardtune train RECIPE --resume"
                         )
                 if step >= total_steps:
                     break
+            epoch, skip = epoch + 1, 0
+        stop.__exit__(None, None, None)
         reporter.stop()
 
         if len(eval_features):
@@ -275,6 +381,13 @@ def _gradient_init(accelerator, model, features, collate, recipe: Recipe, report
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
     reporter.info(f"adapter A initialised from the dense gradient of {seen} examples (LoRS init)")
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 def accelerator_sum(accelerator: Accelerator):

@@ -83,7 +83,9 @@ def test_checkpoints_every_n_steps_and_keep_last(tmp_path):
     run(tmp_path, train={"max_steps": 12, "save_every": 3, "keep_checkpoints": 2})
     ckpts = list_checkpoints(tmp_path / "run")
     assert [p.name for p in ckpts] == ["checkpoint-6", "checkpoint-9"]
-    assert json.loads((ckpts[-1] / "trainer_state.json").read_text()) == {"step": 9}
+    state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 9 and state["epoch"] == 0 and state["batch_in_epoch"] == 9
+    assert (ckpts[-1] / "optimizer.safetensors").is_file() and (ckpts[-1] / "rng.safetensors").is_file()
     assert json.loads((ckpts[-1] / "adapter.json").read_text())["step"] == 9
     assert not list((tmp_path / "run").glob(".checkpoint-*"))  # no temporary directory left behind
     load_adapted_model(ckpts[0])
