@@ -80,6 +80,9 @@ def _load_with_datasets(kind: str, source: str, split: str, key: str) -> list:
     import datasets
 
     datasets.disable_progress_bars()
+    # datasets logs its own error lines (e.g. for a truncated parquet file) before raising: keep them
+    # out of the terminal, the one-line error below says what went wrong.
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     try:
         if kind == "disk":
             ds = datasets.load_from_disk(source)

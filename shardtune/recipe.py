@@ -144,6 +144,14 @@ class Recipe(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
+    @model_validator(mode="after")
+    def _scoring_needs_a_task(self):
+        if (self.eval.score or self.eval.score_base) and self.data.task is None:
+            raise ValueError(
+                "eval.score and eval.score_base need a builtin task (data.task) to score against"
+            )
+        return self
+
 
 # ---------------------------------------------------------------------------------------------------
 # Loading, overrides and one-line errors

@@ -161,7 +161,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method):
     proc = shardtune(two, "--nproc", "2", "-q", env={**os.environ, "OMP_NUM_THREADS": "1"})
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    same_adapter(tmp_path / "one", tmp_path / "two", atol=2e-5)  # all-reduce sums in another order
+    # all-reduce sums in another order; a wrong global batch or data split differs by ~1e-2
+    same_adapter(tmp_path / "one", tmp_path / "two", atol=1e-4)
     log = (tmp_path / "two" / "train.log").read_text()
     assert log.count("adapter written") == 1  # only the main process writes files and logs
 

@@ -1,0 +1,272 @@
+"""Bad input of every kind: one line on stderr naming the key or file, a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import tiny_recipe
+from typer.testing import CliRunner
+
+from shardtune.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One small trained run to point adapter-consuming commands at (and to corrupt copies of)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    path = tmp / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp, train={"max_steps": 2})))
+    assert runner.invoke(app, ["train", str(path), "-q"]).exit_code == 0
+    return tmp / "run"
+
+
+def recipe_file(tmp_path, **sections):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, **sections)))
+    return str(path)
+
+
+def data_file(tmp_path, name, content: bytes):
+    (tmp_path / name).write_bytes(content)
+    return ["--set", "data.task=null", "--set", f"data.path={tmp_path / name}"]
+
+
+def copy_run(trained, tmp_path, mutate):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(trained, target)
+    mutate(target)
+    return str(target)
+
+
+CASES = {
+    # recipes
+    "recipe missing": (lambda t, r: ["train", str(t / "nope.yaml")], "recipe file not found"),
+    "recipe invalid yaml": (
+        lambda t, r: ["train", _write(t, "x.yaml", b"model: [oops")],
+        "invalid YAML at line 1",
+    ),
+    "recipe not a mapping": (
+        lambda t, r: ["train", _write(t, "x.yaml", b"- 1\n- 2\n")],
+        "must be a mapping of sections",
+    ),
+    "recipe empty": (lambda t, r: ["train", _write(t, "x.yaml", b"")], "model: required key is missing"),
+    "recipe binary": (lambda t, r: ["train", _write(t, "x.yaml", b"\xff\xfe\x00")], "not a UTF-8 text file"),
+    "unknown section": (
+        lambda t, r: ["train", recipe_file(t), "--set", "trainer.lr=1"],
+        "trainer: unknown key",
+    ),
+    "unknown adapter key": (
+        lambda t, r: ["train", recipe_file(t), "--set", "adapter.rnak=2"],
+        "adapter.rnak: unknown key (did you mean 'rank'?)",
+    ),
+    "negative rank": (
+        lambda t, r: ["train", recipe_file(t), "--set", "adapter.rank=-3"],
+        "adapter.rank: must be a positive integer, got -3",
+    ),
+    "rank not a number": (
+        lambda t, r: ["train", recipe_file(t), "--set", "adapter.rank=abc"],
+        "adapter.rank: must be an integer",
+    ),
+    "unknown method": (
+        lambda t, r: ["train", recipe_file(t), "--set", "adapter.method=dora"],
+        "adapter.method: unknown method 'dora'",
+    ),
+    "zero lr": (
+        lambda t, r: ["train", recipe_file(t), "--set", "train.lr=0"],
+        "train.lr: must be greater than 0",
+    ),
+    "bad schedule": (
+        lambda t, r: ["train", recipe_file(t), "--set", "train.schedule=cosin"],
+        "train.schedule: must be one of",
+    ),
+    "bad precision": (
+        lambda t, r: ["train", recipe_file(t), "--set", "train.precision=fp8"],
+        "train.precision: must be one of",
+    ),
+    "two data sources": (
+        lambda t, r: ["train", recipe_file(t), "--set", "data.path=x.jsonl"],
+        "set exactly one of data.task",
+    ),
+    "no data source": (
+        lambda t, r: ["train", recipe_file(t), "--set", "data.task=null"],
+        "set exactly one of data.task",
+    ),
+    "unknown task": (
+        lambda t, r: ["train", recipe_file(t), "--set", "data.task=nope"],
+        "data.task: unknown task 'nope'",
+    ),
+    "score without task": (
+        lambda t, r: [
+            "train",
+            recipe_file(t),
+            "--set",
+            "eval.score=true",
+            *data_file(t, "d.jsonl", b'{"text": "a"}\n'),
+        ],
+        "eval.score and eval.score_base need a builtin task",
+    ),
+    "bad --set syntax": (
+        lambda t, r: ["train", recipe_file(t), "--set", "train.lr"],
+        "--set train.lr: expected KEY=VALUE",
+    ),
+    # models and adapter/model pairs
+    "model not found": (
+        lambda t, r: ["train", recipe_file(t), "--set", "model.name=org/nothing"],
+        "model.name: 'org/nothing' is not a builtin alias",
+    ),
+    "model dir without config": (
+        lambda t, r: ["train", recipe_file(t), "--set", f"model.name={t}"],
+        "has no config.json",
+    ),
+    "target matches nothing": (
+        lambda t, r: ["train", recipe_file(t), "--set", "adapter.targets=[qq_proj]"],
+        "adapter.targets: 'qq_proj' matches no linear layer",
+    ),
+    "bad target regex": (
+        lambda t, r: ["train", recipe_file(t), "--set", "adapter.targets=((x"],
+        "adapter.targets: invalid regular expression",
+    ),
+    "fossil mini_r": (
+        lambda t, r: [
+            "train",
+            recipe_file(t, adapter={"method": "fossil", "mode": "mini", "mini_r": 48, "rank": 4}),
+        ],
+        "adapter.mini_r: must divide",
+    ),
+    "mos pool too small": (
+        lambda t, r: ["train", recipe_file(t, adapter={"method": "mos", "rank": 16, "equivalent_rank": 2})],
+        "adapter.rank: too large for the pool",
+    ),
+    "lors on gpt2": (
+        lambda t, r: [
+            "train",
+            recipe_file(
+                t, model={"name": "tiny-gpt2"}, adapter={"method": "lors", "rank": 4, "init": "kaiming"}
+            ),
+        ],
+        "lors supports nn.Linear layers only",
+    ),
+    "output dir holds a run": (
+        lambda t, r: ["train", recipe_file(t, output={"dir": str(r)})],
+        "already holds a run",
+    ),
+    "resume without checkpoint": (
+        lambda t, r: ["train", recipe_file(t), "--resume"],
+        "has no checkpoint to resume from",
+    ),
+    # data files
+    "empty data file": (lambda t, r: ["train", recipe_file(t), *data_file(t, "e.jsonl", b"")], "is empty"),
+    "wrong columns": (
+        lambda t, r: ["train", recipe_file(t), *data_file(t, "c.jsonl", b'{"q": 1}\n')],
+        "cannot tell the format",
+    ),
+    "non-utf8 data": (
+        lambda t, r: ["train", recipe_file(t), *data_file(t, "l.jsonl", b'{"text": "caf\xe9"}\n')],
+        "is not UTF-8",
+    ),
+    "truncated parquet": (
+        lambda t, r: ["train", recipe_file(t), *data_file(t, "t.parquet", b"PAR1\x00\x01")],
+        "cannot read",
+    ),
+    "json not a list": (
+        lambda t, r: ["train", recipe_file(t), *data_file(t, "o.json", b'{"a": 1}')],
+        "must hold a JSON list",
+    ),
+    "invalid jsonl line": (
+        lambda t, r: ["train", recipe_file(t), *data_file(t, "i.jsonl", b'{"text": "a"}\n{bad\n')],
+        "line 2 is not valid JSON",
+    ),
+    "unsupported data type": (
+        lambda t, r: ["train", recipe_file(t), *data_file(t, "d.xlsx", b"x")],
+        "unsupported file type",
+    ),
+    # adapter directories and safetensors
+    "not an adapter dir": (lambda t, r: ["eval", str(t)], "not a shardtune adapter directory"),
+    "no such run": (
+        lambda t, r: ["generate", "-a", str(t / "none"), "hi"],
+        "no such run or adapter directory",
+    ),
+    "corrupt safetensors": (
+        lambda t, r: [
+            "generate",
+            "-a",
+            copy_run(r, t, lambda d: (d / "adapter.safetensors").write_bytes(b"\x08garbage")),
+            "hi",
+        ],
+        "corrupt or unreadable safetensors",
+    ),
+    "truncated safetensors": (
+        lambda t, r: ["eval", copy_run(r, t, lambda d: _truncate(d / "adapter.safetensors"))],
+        "corrupt or unreadable safetensors",
+    ),
+    "corrupt adapter.json": (
+        lambda t, r: [
+            "merge",
+            copy_run(r, t, lambda d: (d / "adapter.json").write_text("{nope")),
+            "--out",
+            str(t / "m"),
+        ],
+        "corrupt adapter config",
+    ),
+    "adapter from the future": (
+        lambda t, r: ["export", copy_run(r, t, lambda d: _bump(d / "adapter.json")), "--out", str(t / "x")],
+        "written by a newer shardtune",
+    ),
+    "adapter on the wrong base": (
+        lambda t, r: ["generate", "-a", str(r), "-m", "tiny-gpt2", "hi"],
+        "is it the right base model?",
+    ),
+    "merge into a non-empty dir": (
+        lambda t, r: ["merge", str(r), "--out", str(r)],
+        "exists and is not empty",
+    ),
+    "export unknown format": (
+        lambda t, r: ["export", str(r), "--format", "gguf", "--out", str(t / "x")],
+        "unknown format 'gguf'",
+    ),
+    "prune bad pattern": (
+        lambda t, r: ["prune", "tiny-llama", "--out", str(t / "p"), "--pattern", "2-4"],
+        "--pattern: expected N:M",
+    ),
+    "params unknown method": (
+        lambda t, r: ["params", "--model", "tiny-llama", "--method", "nope"],
+        "--method: unknown method",
+    ),
+}
+
+
+def _write(tmp_path, name, content: bytes) -> str:
+    (tmp_path / name).write_bytes(content)
+    return str(tmp_path / name)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _bump(path):
+    meta = json.loads(path.read_text())
+    meta["format_version"] = 99
+    path.write_text(json.dumps(meta))
+
+
+def test_there_are_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_line_error_and_nonzero_exit(case, tmp_path, trained):
+    make_args, expected = CASES[case]
+    result = runner.invoke(app, make_args(tmp_path, trained))
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and expected in err, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.output + result.stderr
