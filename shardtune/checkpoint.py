@@ -9,9 +9,7 @@ renamed as a whole.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from shardtune.adapters.model import (
     load_adapter_state_dict,
 )
 from shardtune.errors import BadInput
+from shardtune.fileio import atomic_directory, atomic_write, atomic_write_text
 from shardtune.models import load_model
 from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
 
@@ -41,23 +40,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 FORMAT = "shardtune-adapter"
 FORMAT_VERSION = 1
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def adapter_metadata(model: nn.Module, recipe: Recipe, step: int) -> dict:
@@ -84,7 +66,7 @@ def save_adapter(model: nn.Module, recipe: Recipe, directory: Path, step: int) -
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model)
     meta = adapter_metadata(model, recipe, step)
-    _atomic_write_bytes(
+    atomic_write(
         directory / ADAPTER_WEIGHTS,
         lambda tmp: save_file({k: v.cpu() for k, v in state.items()}, tmp, metadata={"format": "pt"}),
     )
@@ -106,19 +88,12 @@ def save_checkpoint(
     With ``optimizer`` the checkpoint also holds the training state, so a killed run can resume.
     """
     final = run_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=run_dir))
-    try:
+    with atomic_directory(final) as tmp:
         save_adapter(model, recipe, tmp, step)
         if optimizer is not None:
             save_training_state(tmp, optimizer, {"step": step, **(counters or {})})
         else:
             atomic_write_text(tmp / TRAINER_STATE, json.dumps({"step": step}) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -239,8 +214,8 @@ def save_training_state(directory: Path, optimizer, counters: dict) -> None:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
-    _atomic_write_bytes(directory / OPTIMIZER_FILE, lambda tmp: save_file(tensors, tmp))
-    _atomic_write_bytes(directory / RNG_FILE, lambda tmp: save_file(rng, tmp))
+    atomic_write(directory / OPTIMIZER_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(directory / RNG_FILE, lambda tmp: save_file(rng, tmp))
     meta = {
         **counters,
         "param_groups": state["param_groups"],

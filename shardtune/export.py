@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,27 +26,22 @@ from shardtune.adapters.base import STORES_ATTR
 from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter, merge_adapter
 from shardtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, load_adapted_model
 from shardtune.errors import BadInput
+from shardtune.fileio import atomic_directory
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora")
 
 
-def _atomic_dir(out: Path, write, overwrite: bool) -> None:
+def write_directory(out: Path, write, overwrite: bool) -> None:
+    """Fill ``out`` atomically with ``write(tmp_dir)``; refuse a non-empty ``out`` unless ``overwrite``."""
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BadInput(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        with atomic_directory(out) as tmp:
+            write(tmp)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise BadInput(f"--out: could not write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def unwrap_merged(model: nn.Module) -> nn.Module:
@@ -78,7 +71,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwri
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _atomic_dir(Path(out), write, overwrite)
+    write_directory(Path(out), write, overwrite)
     return {
         "out": str(out),
         "method": meta["method"],
@@ -148,7 +141,7 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    _atomic_dir(Path(out), write, overwrite)
+    write_directory(Path(out), write, overwrite)
     stored = sum(p.numel() for p in tensors.values())
     return {
         "out": str(out),
@@ -169,7 +162,7 @@ def export_native(run_dir: str | Path, out: str | Path, overwrite: bool = False)
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, tmp / name)
 
-    _atomic_dir(Path(out), write, overwrite)
+    write_directory(Path(out), write, overwrite)
     return {"out": str(out), "format": "shardtune"}
 
 

@@ -141,13 +141,10 @@ def embedded_model_dir(alias: str) -> Path:
         raise BadInput(
             f"model.name: converting {alias} from GGUF needs the gguf package: pip install gguf"
         ) from None
-    import shutil
-    import tempfile
+    from shardtune.fileio import atomic_directory
 
     logging.getLogger("shardtune").info("converting %s from %s to %s (once)", alias, gguf_path, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         quantized = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -161,12 +158,6 @@ def embedded_model_dir(alias: str) -> Path:
         plain.load_state_dict(quantized.state_dict(), strict=True)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -12,9 +12,6 @@ every group of M consecutive inputs of a row). The output head and embeddings ar
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -133,20 +130,14 @@ def prune_model(
 
 def save_model_dir(model: nn.Module, tokenizer, out: Path, overwrite: bool = False) -> None:
     """Write a HF model directory atomically (temp dir, then rename)."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BadInput(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from shardtune.export import write_directory
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(out, write, overwrite)
 
 
 def sparsity_of(model: nn.Module) -> float:
