@@ -22,7 +22,7 @@ from shardtune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, Shardtune
 
 app = typer.Typer(
     name="shardtune",
-    help="Fine-tune language models with shard-sharing low-rank adapters (LoRA, FOSSIL/MiSS, ...).",
+    help="Fine-tune language models with shard-sharing low-rank adapters (LoRA, FOSSIL/MiSS, MoS, ShareLoRA, LoRS).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
