@@ -27,19 +27,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field
 from torch import nn
 
-from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
-from shardtune.adapters.lora import lora_scale
+from shardtune.adapters.base import AdapterMethod, LayerAdapter, Target
+from shardtune.adapters.lora import LoraOptions, lora_scale
 
 
-class ShareLoraOptions(AdapterOptions):
+class ShareLoraOptions(LoraOptions):
+    """LoRA's keys (rank, alpha, dropout, rslora) plus what is shared and how."""
+
     method: Literal["sharelora"] = "sharelora"
-    rank: PositiveInt = Field(8, description="r: the rank of every layer's ΔW = B·A.")
-    alpha: float = Field(16.0, gt=0, description="α: the update is scaled by α/r (α/√r with rslora).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (the authors: 0.1).")
-    rslora: bool = Field(False, description="Rank-stabilised scaling α/√r instead of α/r.")
     share: Literal["a", "b", "ab"] = Field(
         "a", description="Which factor is shared across layers (the paper: a)."
     )
