@@ -163,6 +163,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
     handler = add_file_log(run_dir, recipe.logging.level) if main else None
     if not main:
         reporter = Reporter(quiet=True)
+    stop = StopFlag().__enter__()  # SIGTERM → checkpoint and exit; restored in `finally`
     try:
         set_seed(cfg.seed)
         model, tokenizer = load_model(
@@ -241,7 +242,6 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
         reporter.start(total_steps)
         loss_sum, loss_count, tokens, last_log = 0.0, 0, 0, time.perf_counter()
         final_loss, eval_loss = float("nan"), None
-        stop = StopFlag().__enter__()
         while step < total_steps:
             # The prepared loader re-sets its sampler's epoch from its own counter on every pass:
             # set both, so a resumed run (whose loader starts counting at 0) sees the right order.
@@ -322,7 +322,6 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
                 if step >= total_steps:
                     break
             epoch, skip = epoch + 1, 0
-        stop.__exit__(None, None, None)
         reporter.stop()
 
         if len(eval_features):
@@ -355,6 +354,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
         reporter.info(f"adapter written to {run_dir}")
         return result
     finally:
+        stop.__exit__(None, None, None)
         reporter.stop()
         if accelerator.num_processes == 1:
             # Let a later run in this process (tests, `compare`) pick its own precision/device.
