@@ -491,6 +491,46 @@ def params(
     out_console.print(table)
 
 
+@app.command("compare")
+@handle_errors
+def compare_command(
+    recipe: Annotated[
+        Path, typer.Argument(help="Recipe YAML file (its adapter keys are shared where they apply).")
+    ],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "lora,fossil,mos,sharelora",
+    set_: SetOption = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Loss curves PNG (needs matplotlib).")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
+    from rich.table import Table
+
+    from shardtune.compare import compare
+    from shardtune.progress import Reporter
+    from shardtune.recipe import load_recipe
+
+    report = compare(
+        load_recipe(recipe, set_),
+        [m.strip() for m in methods.split(",") if m.strip()],
+        Reporter.for_cli(json_output, quiet),
+        plot,
+    )
+    if json_output:
+        sys.stdout.write(json.dumps(report["rows"]) + "\n")
+        return
+    table = Table(title=f"compare on {report['recipe_model']}")
+    for col in ("method", "eval loss", "task score", "trainable", "s/step"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in report["rows"]:
+        score = f"{100 * r['task_score']:.1f}%" if r["task_score"] is not None else "-"
+        eval_loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
+        table.add_row(
+            r["method"], eval_loss, score, f"{r['trainable_parameters']:,}", f"{r['seconds_per_step']:.3f}"
+        )
+    out_console.print(table)
+
+
 @app.command()
 @handle_errors
 def models(json_output: JsonOption = False) -> None:

@@ -64,6 +64,7 @@ class TrainResult:
     seconds: float
     task_score_base: float | None = None
     task_score: float | None = None
+    train_seconds: float = 0.0  # the optimizer-step loop alone (no loading, evaluation or scoring)
 
 
 def prepare_run_dir(recipe: Recipe, resuming: bool = False) -> Path:
@@ -239,6 +240,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
 
         # 5. Loop over optimizer steps.
         model.train()
+        loop_started = time.perf_counter()
         reporter.start(total_steps)
         loss_sum, loss_count, tokens, last_log = 0.0, 0, 0, time.perf_counter()
         final_loss, eval_loss = float("nan"), None
@@ -323,6 +325,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
                     break
             epoch, skip = epoch + 1, 0
         reporter.stop()
+        train_seconds = time.perf_counter() - loop_started
 
         if len(eval_features):
             eval_loss = heldout_loss(model, eval_loader, accelerator_sum(accelerator))
@@ -347,6 +350,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
             total_parameters=total,
             truncated_examples=n_truncated,
             seconds=time.perf_counter() - started,
+            train_seconds=train_seconds,
             **scores,
         )
         if main:

@@ -148,3 +148,42 @@ def test_generate_and_eval_commands(tmp_path):
     assert result.exit_code == 2 and "give --adapter" in result.stderr
     result = runner.invoke(app, ["eval", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "no such run or adapter directory" in result.stderr
+
+
+def test_compare_methods_side_by_side(tmp_path):
+    path = write_recipe(
+        tmp_path,
+        data={"task": "repeat", "num_samples": 64, "eval_samples": 4},
+        train={"max_steps": 4},
+        eval={"score": True, "max_new_tokens": 6},
+    )
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            str(path),
+            "--methods",
+            "lora,fossil,mos",
+            "--set",
+            "adapter.rank=2",
+            "--plot",
+            str(tmp_path / "curves.png"),
+            "--json",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(result.stdout.strip().splitlines()[-1])}
+    assert rows.keys() == {"lora", "fossil", "mos"}
+    assert (
+        rows["mos"]["trainable_parameters"] == rows["lora"]["trainable_parameters"]
+    )  # MoS R=2 == LoRA r=2 budget
+    assert rows["fossil"]["trainable_parameters"] < rows["lora"]["trainable_parameters"]
+    assert all(
+        r["eval_loss"] is not None and r["task_score"] is not None and r["seconds_per_step"] > 0
+        for r in rows.values()
+    )
+    saved = json.loads((tmp_path / "run" / "compare" / "compare.json").read_text())
+    assert [s for s, _ in saved["curves"]["lora"]] == [1, 4] and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(app, ["compare", str(path), "--methods", "lora,dora"])
+    assert result.exit_code == 2 and "unknown method 'dora'" in result.stderr

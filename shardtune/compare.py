@@ -1,0 +1,87 @@
+"""`shardtune compare`: the same recipe trained with several methods, side by side.
+
+Every method gets the recipe's data, steps, schedule and seed; its adapter section keeps the keys
+that method understands (rank, targets, dropout, …) and uses its own defaults for the rest. Each run
+goes to ``<output.dir>/compare/<method>``; the table holds eval loss, task score, trainable
+parameters and the mean time per optimizer step, and ``compare.json`` / a loss-curve PNG are written
+beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shardtune.adapters import METHODS
+from shardtune.errors import BadInput
+from shardtune.progress import Reporter
+from shardtune.recipe import Recipe, recipe_from_dict
+
+
+def method_recipe(recipe: Recipe, method: str, out_dir: Path) -> Recipe:
+    raw = recipe.model_dump(mode="json")
+    fields = METHODS[method].Options.model_fields
+    raw["adapter"] = {k: v for k, v in raw["adapter"].items() if k in fields and k != "method"} | {
+        "method": method
+    }
+    raw["output"] = {"dir": str(out_dir / method), "overwrite": True}
+    return recipe_from_dict(raw)
+
+
+def compare(recipe: Recipe, methods: list[str], reporter: Reporter, plot: Path | None = None) -> dict:
+    from shardtune.train import train
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise BadInput(f"--methods: unknown method {unknown[0]!r}; available: {', '.join(METHODS)}")
+    out_dir = Path(recipe.output.dir) / "compare"
+    rows, curves = [], {}
+    for method in methods:
+        reporter.info(f"— {method} —")
+        result = train(method_recipe(recipe, method, out_dir), reporter)
+        metrics = [
+            json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
+        ]
+        curves[method] = [(m["step"], m["loss"]) for m in metrics]
+        rows.append(
+            {
+                "method": method,
+                "eval_loss": result.eval_loss,
+                "task_score": result.task_score,
+                "task_score_base": result.task_score_base,
+                "trainable_parameters": result.trainable_parameters,
+                "seconds_per_step": result.train_seconds / max(result.steps, 1),
+                "final_loss": result.final_loss,
+                "run_dir": result.run_dir,
+            }
+        )
+    report = {
+        "recipe_model": recipe.model.name,
+        "steps": recipe.train.max_steps,
+        "rows": rows,
+        "curves": curves,
+    }
+    (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    if plot is not None:
+        plot_curves(curves, plot)
+    return report
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BadInput("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, points in curves.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], label=method)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
