@@ -4,7 +4,8 @@
     python benchmarks/step_time.py --shape 1b --device cuda --dtype bf16 --batch 8 --seq 1024
 
 A training step is forward + backward + AdamW step on the adapter parameters, all linear layers
-adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the least that fits, p = 1, l = 2). "frozen
+adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the least that fits, p = 1, l = 2;
+ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors_memory.py. "frozen
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
 the floor every adapter method pays. Variants run interleaved, round after round, and the median
 is reported, so machine noise hits all of them alike. Prints a table and writes JSON
@@ -67,6 +68,7 @@ def variants(rank: int, n_layers: int) -> dict:
         "shardtune lora": ("ours", "lora", {"rank": rank, "alpha": 2 * rank}),
         "shardtune fossil": ("ours", "fossil", {"rank": rank}),
         "shardtune mos": ("ours", "mos", mos),
+        "shardtune sharelora": ("ours", "sharelora", {"rank": rank, "alpha": 2 * rank, "share": "a"}),
         "peft lora": ("peft", "lora", {"r": rank, "lora_alpha": 2 * rank}),
         "peft miss": ("peft", "miss", {"r": rank}),
     }
