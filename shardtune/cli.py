@@ -138,12 +138,12 @@ def train(
     from dataclasses import asdict
 
     from shardtune.progress import Reporter
-    from shardtune.recipe import load_recipe, recipe_json_dict, recipe_to_yaml
+    from shardtune.recipe import load_recipe, recipe_to_yaml
 
     resolved = load_recipe(recipe, set_)
     if dry_run:
         if json_output:
-            out_console.print_json(data=recipe_json_dict(resolved))
+            out_console.print_json(data=resolved.model_dump(mode="json"))
         else:
             out_console.print(recipe_to_yaml(resolved), markup=False, end="")
         return

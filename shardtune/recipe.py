@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -294,10 +294,6 @@ def first_recipe_error(e: ValidationError, raw: dict) -> RecipeError:
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def recipe_json_dict(recipe: Recipe) -> dict[str, Any]:
-    return recipe.model_dump(mode="json")
 
 
 def recipe_reference_markdown() -> str:

@@ -242,8 +242,23 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
         model.train()
         loop_started = time.perf_counter()
         reporter.start(total_steps)
-        loss_sum, loss_count, tokens, last_log = 0.0, 0, 0, time.perf_counter()
+        # Per-step bookkeeping stays on the device (no host sync in the hot path); it is read at log
+        # steps, before checkpoints and at the end.
+        device = accelerator.device
+        loss_sum, loss_count, last_log = torch.zeros((), device=device), 0, time.perf_counter()
+        tokens = torch.zeros((), dtype=torch.long, device=device)
+        first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
+        first_bad_loss = torch.zeros((), device=device)
         final_loss, eval_loss = float("nan"), None
+
+        def raise_if_diverged() -> None:
+            bad = int(accelerator.reduce(first_bad_step, reduction="max").item())
+            if bad:
+                raise Diverged(
+                    f"loss became {first_bad_loss.item()} at step {bad}; lower train.lr or check the data "
+                    f"(last good checkpoint: {_last_checkpoint(run_dir)})"
+                )
+
         while step < total_steps:
             # The prepared loader re-sets its sampler's epoch from its own counter on every pass:
             # set both, so a resumed run (whose loader starts counting at 0) sees the right order.
@@ -262,27 +277,29 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach().float()
                 loss_count += 1
-                tokens += int(batch["attention_mask"].sum())
+                tokens += batch["attention_mask"].sum()
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()
                 step += 1
-                if not torch.isfinite(loss.detach()).all():
-                    raise Diverged(
-                        f"loss became {loss.item()} at step {step}; lower train.lr or check the data "
-                        f"(last good checkpoint: {_last_checkpoint(run_dir)})"
-                    )
+                newly_bad = ~torch.isfinite(loss.detach()) & (first_bad_step == 0)
+                first_bad_step.masked_fill_(newly_bad, step)
+                first_bad_loss = torch.where(newly_bad, loss.detach().float(), first_bad_loss)
                 counters = {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
 
                 is_log_step = step % recipe.logging.every == 0 or step == total_steps or step == 1
+                is_save_step = bool(cfg.save_every) and step % cfg.save_every == 0 and step < total_steps
+                # SIGTERM must be seen by every process at the same step: one collective at log/save
+                # steps when there are several processes, a plain flag read otherwise.
+                stopping = stop.raised
+                if accelerator.num_processes > 1:
+                    stopping = (is_log_step or is_save_step) and _any_process(accelerator, stop.raised)
+                if is_log_step or is_save_step or stopping:
+                    raise_if_diverged()  # before anything is logged or written
                 if is_log_step:
                     mean_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
-                    loss_sum, loss_count = 0.0, 0
-                    if not math.isfinite(mean_loss):
-                        raise Diverged(
-                            f"loss became {mean_loss} at step {step}; lower train.lr or check the data "
-                            f"(last good adapter: {_last_checkpoint(run_dir)})"
-                        )
+                    loss_sum.zero_()
+                    loss_count = 0
                     final_loss = mean_loss
                     now = time.perf_counter()
                     metrics = {
@@ -290,9 +307,10 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
                         "loss": mean_loss,
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "tokens_per_s": tokens * accelerator.num_processes / max(now - last_log, 1e-9),
+                        "tokens_per_s": int(tokens) * accelerator.num_processes / max(now - last_log, 1e-9),
                     }
-                    tokens, last_log = 0, now
+                    tokens.zero_()
+                    last_log = now
                     if recipe.eval.every and step % recipe.eval.every == 0 and len(eval_features):
                         eval_loss = heldout_loss(model, eval_loader, accelerator_sum(accelerator))
                         metrics["eval_loss"] = eval_loss
@@ -303,8 +321,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
                 else:
                     reporter.step(step, {}, log_line=False)
 
-                stopping = _any_process(accelerator, stop.raised)
-                if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stopping:
+                if is_save_step or stopping:
                     accelerator.wait_for_everyone()
                     if main:
                         ckpt = save_checkpoint(
@@ -325,6 +342,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
                     break
             epoch, skip = epoch + 1, 0
         reporter.stop()
+        raise_if_diverged()
         train_seconds = time.perf_counter() - loop_started
 
         if len(eval_features):

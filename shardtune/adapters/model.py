@@ -150,11 +150,6 @@ def adapter_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
                 yield f"{prefix}.{bname}", buf
 
 
-def mark_adapter_trainable(model: nn.Module) -> None:
-    for _, p in adapter_named_parameters(model):
-        p.requires_grad_(True)
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(adapter parameters, all parameters), each shared tensor counted once."""
     adapter = sum(p.numel() for _, p in adapter_named_parameters(model))
