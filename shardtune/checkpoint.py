@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from shardtune.adapters.model import (
 )
 from shardtune.errors import BadInput
 from shardtune.fileio import atomic_directory, atomic_write, atomic_write_text
+from shardtune.fsdp import full_tensor, like_parameter
 from shardtune.models import load_model
 from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
 
@@ -61,10 +63,16 @@ def adapter_metadata(model: nn.Module, recipe: Recipe, step: int) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, recipe: Recipe, directory: Path, step: int) -> None:
-    """Write the adapter of ``model`` into ``directory`` (created if needed), file by file atomically."""
+def save_adapter(
+    model: nn.Module, recipe: Recipe, directory: Path, step: int, tensors: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write the adapter of ``model`` into ``directory`` (created if needed), file by file atomically.
+
+    ``tensors``: the adapter's whole tensors when already gathered (:func:`adapter_state_dict`; under
+    FSDP every process gathers, then the main process alone writes).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model) if tensors is None else tensors
     meta = adapter_metadata(model, recipe, step)
     atomic_write(
         directory / ADAPTER_WEIGHTS,
@@ -72,6 +80,23 @@ def save_adapter(model: nn.Module, recipe: Recipe, directory: Path, step: int) -
     )
     atomic_write_text(directory / RECIPE_FILE, recipe_to_yaml(recipe))
     atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
+
+
+@dataclass
+class TrainingSnapshot:
+    """Whole tensors of everything a checkpoint holds, gathered on every process (a collective
+    under FSDP) before the main process writes them."""
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor] | None = None
+    param_groups: list | None = None
+
+
+def take_snapshot(model: nn.Module, optimizer=None) -> TrainingSnapshot:
+    snapshot = TrainingSnapshot(adapter_state_dict(model))
+    if optimizer is not None:
+        snapshot.optimizer, snapshot.param_groups = optimizer_tensors(optimizer)
+    return snapshot
 
 
 def save_checkpoint(
@@ -82,16 +107,19 @@ def save_checkpoint(
     keep: int,
     optimizer=None,
     counters: dict | None = None,
+    snapshot: TrainingSnapshot | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint-{step}`` as a whole (temp dir + rename); keep the newest ``keep``.
 
-    With ``optimizer`` the checkpoint also holds the training state, so a killed run can resume.
+    With ``optimizer`` (or a ``snapshot`` that holds its state) the checkpoint also holds the
+    training state, so a killed run can resume.
     """
+    snapshot = snapshot or take_snapshot(model, optimizer)
     final = run_dir / f"checkpoint-{step}"
     with atomic_directory(final) as tmp:
-        save_adapter(model, recipe, tmp, step)
-        if optimizer is not None:
-            save_training_state(tmp, optimizer, {"step": step, **(counters or {})})
+        save_adapter(model, recipe, tmp, step, snapshot.adapter)
+        if snapshot.optimizer is not None:
+            save_training_state(tmp, snapshot, {"step": step, **(counters or {})})
         else:
             atomic_write_text(tmp / TRAINER_STATE, json.dumps({"step": step}) + "\n")
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -199,33 +227,45 @@ def load_adapted_model(
 # Training state (resume): optimizer moments in safetensors, counters and RNG states in JSON/safetensors.
 
 
-def save_training_state(directory: Path, optimizer, counters: dict) -> None:
-    """Everything a killed run needs to continue exactly: optimizer, step/epoch/batch, RNG states."""
-    import random
+def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """The optimizer state as whole tensors keyed ``state.<param index>.<name>``, and its param groups.
 
+    Under FSDP each moment is gathered from its shards (every process must call this).
+    """
     state = optimizer.state_dict()
     tensors = {
-        f"state.{idx}.{key}": value.detach().cpu().contiguous()
+        f"state.{idx}.{key}": full_tensor(value.detach()).cpu().contiguous()
         for idx, entry in state["state"].items()
         for key, value in entry.items()
         if isinstance(value, torch.Tensor)
     }
+    return tensors, state["param_groups"]
+
+
+def save_training_state(directory: Path, snapshot: TrainingSnapshot, counters: dict) -> None:
+    """Everything a killed run needs to continue exactly: optimizer, step/epoch/batch, RNG states."""
+    import random
+
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
-    atomic_write(directory / OPTIMIZER_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(directory / OPTIMIZER_FILE, lambda tmp: save_file(snapshot.optimizer, tmp))
     atomic_write(directory / RNG_FILE, lambda tmp: save_file(rng, tmp))
     meta = {
         **counters,
-        "param_groups": state["param_groups"],
+        "param_groups": snapshot.param_groups,
         "python_rng": _py_rng_to_json(random.getstate()),
     }
     atomic_write_text(directory / TRAINER_STATE, json.dumps(meta) + "\n")
 
 
 def load_training_state(directory: Path, optimizer) -> dict:
-    """Restore optimizer and RNG states from a checkpoint; return its counters (step, epoch, batch)."""
+    """Restore optimizer and RNG states from a checkpoint; return its counters (step, epoch, batch).
+
+    The moments are laid out as the optimizer's parameters are (this process's shard under FSDP),
+    whatever strategy wrote them.
+    """
     import random
 
     path = directory / TRAINER_STATE
@@ -236,10 +276,14 @@ def load_training_state(directory: Path, optimizer) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"{path}: corrupt trainer state ({e})") from None
     tensors = read_adapter_weights(directory / OPTIMIZER_FILE)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
     for key, value in tensors.items():
         _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
+        idx = int(idx)
+        if idx < len(params) and value.shape == params[idx].shape and value.dim() > 0:
+            value = like_parameter(value, params[idx])  # a moment of the parameter's shape
+        state.setdefault(idx, {})[name] = value
     try:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError) as e:

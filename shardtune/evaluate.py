@@ -23,8 +23,13 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     temperature: float = 0.0,
+    synced: bool = False,
 ) -> list[str]:
-    """Complete each prompt (token ids); greedy when ``temperature == 0``. Returns the new text only."""
+    """Complete each prompt (token ids); greedy when ``temperature == 0``. Returns the new text only.
+
+    ``synced``: every process of a sharded (FSDP) model runs this with the same prompts; each keeps
+    stepping until all are done, so no process waits on a collective the others never reach.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -47,6 +52,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced,
             **sampling,
         )
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
@@ -66,12 +72,17 @@ class TaskScore:
 
 
 def score_task(
-    model, tokenizer, examples: list[Example], chat: bool, max_new_tokens: int = 32, batch_size: int = 16
+    model,
+    tokenizer,
+    examples: list[Example],
+    chat: bool,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    synced: bool = False,
 ) -> TaskScore:
     """Exact match (first line of the greedy answer) against each example's completion."""
-    answers = generate(
-        model, tokenizer, [prompt_ids(e, tokenizer, chat) for e in examples], max_new_tokens, batch_size
-    )
+    prompts = [prompt_ids(e, tokenizer, chat) for e in examples]
+    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, synced=synced)
     samples = [
         {
             "prompt": e.prompt,

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -131,9 +133,25 @@ def embedded_gguf(alias: str) -> Path:
 
 def embedded_model_dir(alias: str) -> Path:
     """The cached safetensors directory of an embedded model, converting the GGUF on first use."""
+    from shardtune.fileio import file_lock
+
     target = cache_dir() / "models" / alias
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
+    # Several processes of one run may get here together: the first converts, the others wait for it.
+    with file_lock(target.parent / f".{alias}.lock"):
+        if not _converted(target):
+            _convert_gguf(alias, target)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _convert_gguf(alias: str, target: Path) -> None:
+    from shardtune.fileio import atomic_directory
+
     gguf_path = embedded_gguf(alias)
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
@@ -141,8 +159,6 @@ def embedded_model_dir(alias: str) -> Path:
         raise BadInput(
             f"model.name: converting {alias} from GGUF needs the gguf package: pip install gguf"
         ) from None
-    from shardtune.fileio import atomic_directory
-
     logging.getLogger("shardtune").info("converting %s from %s to %s (once)", alias, gguf_path, target)
     with atomic_directory(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -156,9 +172,25 @@ def embedded_model_dir(alias: str) -> Path:
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(quantized.state_dict(), strict=True)
-        plain.save_pretrained(tmp)
+        # Written file by file rather than with save_pretrained, which writes nothing on a process
+        # other than rank 0 once torch.distributed is up (this cache is local to every process).
+        plain.config.architectures = [type(plain).__name__]
+        plain.config.save_pretrained(tmp)
+        if plain.generation_config is not None:
+            plain.generation_config.save_pretrained(tmp)
+        save_file(_unique_tensors(plain), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-    return target
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each storage once, under its first name (tied output head left out)."""
+    seen, out = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.contiguous()
+    return out
 
 
 def build_tiny_model(alias: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:

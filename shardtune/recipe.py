@@ -89,6 +89,22 @@ class DataSection(Section):
         return self
 
 
+class FsdpSection(Section):
+    """How ``train.strategy: fsdp`` shards the model (PyTorch FSDP2, ``torch.distributed.fsdp.fully_shard``)."""
+
+    wrap: list[str] | None = Field(
+        None,
+        description="Module classes sharded as one unit each (e.g. `[LlamaDecoderLayer]`); unset: the model's "
+        "own blocks (`_no_split_modules`). Everything else, the shared adapter stores included, belongs to "
+        "the root unit.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each unit's gathered weights after its forward and gather again in backward "
+        "(least memory, ZeRO-3); `false` keeps them until backward (fewer all-gathers, ZeRO-2-like).",
+    )
+
+
 class TrainSection(Section):
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides `epochs` when set.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is not set).")
@@ -110,6 +126,22 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (less memory, ~30% more compute)."
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several processes: `ddp` keeps a whole model per process and all-reduces the adapter "
+        "gradients; `fsdp` shards base weights, adapter, gradients and optimizer state across processes "
+        "(see docs/distributed.md). One process trains unsharded either way.",
+    )
+    fsdp: FsdpSection = Field(
+        default_factory=FsdpSection, description="Options of `strategy: fsdp` (table `train.fsdp` below)."
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_options_need_fsdp(self):
+        # (a resolved recipe spells out the defaults: only options that differ from them count)
+        if self.fsdp != FsdpSection() and self.strategy != "fsdp":
+            raise ValueError("fsdp options are set but strategy is ddp; set train.strategy: fsdp to use them")
+        return self
 
 
 class EvalSection(Section):
@@ -329,6 +361,9 @@ def recipe_reference_markdown() -> str:
         if name == "adapter":
             continue
         out += [f"## `{name}`", "", *table(field.annotation), ""]
+        for sub_name, sub in field.annotation.model_fields.items():  # nested sections, e.g. train.fsdp
+            if isinstance(sub.annotation, type) and issubclass(sub.annotation, Section):
+                out += [f"### `{name}.{sub_name}`", "", *table(sub.annotation), ""]
     out += ["## `adapter`", "", "Keys shared by every method:", ""]
     from shardtune.adapters.base import AdapterOptions
 

@@ -4,7 +4,8 @@
 2. Seed everything; load the frozen base model and inject the adapter (only adapter parameters train).
 3. Build the training / held-out token data and the loader (optionally score the base model).
 4. AdamW + warm-up and cosine/linear/constant decay; Accelerate handles device, DDP, bf16 autocast
-   and gradient accumulation.
+   and gradient accumulation; with ``train.strategy: fsdp`` the model is sharded first
+   (:mod:`shardtune.fsdp`) and Accelerate prepares only the optimizer and the data.
 5. Loop over optimizer steps: forward, backward, clip, step; log metrics (JSONL + progress); stop on
    NaN/inf; evaluate and checkpoint at the set intervals.
 6. Held-out loss and (optionally) the tuned model's task score; write the final adapter
@@ -25,11 +26,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from shardtune.adapters.model import adapter_disabled, count_parameters, inject_adapter
+from shardtune.adapters.model import adapter_disabled, adapter_state_dict, count_parameters, inject_adapter
 from shardtune.checkpoint import (
     ADAPTER_CONFIG,
     attach_weights,
@@ -38,10 +39,12 @@ from shardtune.checkpoint import (
     resolve_resume,
     save_adapter,
     save_checkpoint,
+    take_snapshot,
 )
 from shardtune.data import Collator, encode_all, load_examples, pack, uses_chat
 from shardtune.errors import BadInput, Diverged, Terminated
 from shardtune.evaluate import heldout_loss, score_task
+from shardtune.fsdp import block_classes, full_tensor, shard_model
 from shardtune.models import load_model
 from shardtune.progress import Reporter
 from shardtune.recipe import Recipe
@@ -157,6 +160,14 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
             f"{launched} processes were launched but they are not connected (Accelerate sees "
             f"{accelerator.num_processes}); on CPUs set ACCELERATE_USE_CPU=1 or use shardtune train --nproc"
         )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise BadInput(
+            "the launcher turned on Accelerate's FSDP plugin; shardtune shards through the recipe: "
+            "set train.strategy: fsdp and launch without FSDP options"
+        )
+    # Several processes, each holding only its shards: collectives (gathering a checkpoint,
+    # generating for a score) must then run on every process, not only on the main one.
+    fsdp = cfg.strategy == "fsdp" and accelerator.num_processes > 1
     resume_from = resolve_resume(Path(recipe.output.dir), resume)
     if resume == "latest" and resume_from is None:
         raise BadInput(f"--resume: {recipe.output.dir} has no checkpoint to resume from")
@@ -179,6 +190,12 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
             f"{recipe.adapter.method} on {recipe.model.name}: {len(targets)} layers adapted, "
             f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})"
         )
+        if resume_from is not None:
+            attach_weights(model, resume_from)
+        if cfg.strategy == "fsdp":
+            block_classes(model, cfg.fsdp.wrap)  # a wrong train.fsdp.wrap fails here, on one process too
+            if not fsdp:
+                reporter.warn("train.strategy: fsdp with one process: nothing to shard, training unsharded")
 
         # 3. Data (and the base model's task score, before any update).
         chat = uses_chat(tokenizer, recipe.data.chat_template)
@@ -209,10 +226,21 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
         )
         eval_loader = DataLoader(eval_features, batch_size=recipe.eval.batch_size, collate_fn=collate)
 
-        # 4. Optimizer and schedule.
+        # 4. Sharding (FSDP), optimizer and schedule.
+        if fsdp:
+            if getattr(recipe.adapter, "init", None) == "gradient" and resume_from is None:
+                # LoRS init needs whole dense gradients: each process computes them on its full copy.
+                model.to(accelerator.device)
+                _gradient_init(accelerator, model, train_features, collate, recipe, reporter)
+            layout = shard_model(model, cfg.fsdp, accelerator.device, bf16=cfg.precision == "bf16")
+            reporter.info(
+                f"FSDP over {layout['processes']} processes: {layout['units']} units "
+                f"({', '.join(layout['classes'])}) + the root, which holds the shared adapter stores "
+                f"({layout['root_store_tensors']} tensors)"
+            )
         updates_per_epoch = max(1, len(loader) // accelerator.num_processes // cfg.grad_accum)
         total_steps = cfg.max_steps or max(1, math.ceil(updates_per_epoch * cfg.epochs))
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the shards
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
         scheduler = get_scheduler(
             SCHEDULES[cfg.schedule],
@@ -220,22 +248,24 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
             num_warmup_steps=cfg.warmup_steps,
             num_training_steps=total_steps,
         )
-        model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
+        if fsdp:  # already sharded and placed; Accelerate must not wrap it again
+            optimizer, loader, eval_loader = accelerator.prepare(optimizer, loader, eval_loader)
+        else:
+            model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
         step, epoch, skip = 0, 0, 0
         if resume_from is not None:
-            attach_weights(accelerator.unwrap_model(model), resume_from)
             counters = load_training_state(resume_from, optimizer)
             step, epoch, skip = counters["step"], counters["epoch"], counters["batch_in_epoch"]
             for _ in range(step):
                 scheduler.step()
             reporter.info(f"resumed from {resume_from} at step {step}")
-        elif getattr(recipe.adapter, "init", None) == "gradient":
+        elif getattr(recipe.adapter, "init", None) == "gradient" and not fsdp:
             _gradient_init(accelerator, model, train_features, collate, recipe, reporter)
         scores: dict[str, float] = {}
-        if recipe.eval.score_base and main and resume_from is None:
+        if recipe.eval.score_base and (main or fsdp) and resume_from is None:
             with adapter_disabled(accelerator.unwrap_model(model)) as base:
                 scores["task_score_base"] = _score(
-                    base, tokenizer, eval_examples, chat, recipe, reporter, "base model"
+                    base, tokenizer, eval_examples, chat, recipe, reporter, "base model", synced=fsdp
                 )
 
         # 5. Loop over optimizer steps.
@@ -268,6 +298,8 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch_in_epoch, batch in enumerate(batches, start=skip + 1):
                 with accelerator.accumulate(model):
+                    if fsdp:  # reduce-scatter the gradients only on the micro-batch that steps
+                        model.set_requires_gradient_sync(accelerator.sync_gradients)
                     loss = model(**batch).loss
                     accelerator.backward(loss)
                     grad_norm = None
@@ -306,7 +338,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
                         "step": step,
                         "loss": mean_loss,
                         "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "grad_norm": float(full_tensor(grad_norm)) if grad_norm is not None else None,
                         "tokens_per_s": int(tokens) * accelerator.num_processes / max(now - last_log, 1e-9),
                     }
                     tokens.zero_()
@@ -323,6 +355,8 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
 
                 if is_save_step or stopping:
                     accelerator.wait_for_everyone()
+                    if main or fsdp:  # under FSDP every process gathers its shards
+                        snapshot = take_snapshot(accelerator.unwrap_model(model), optimizer)
                     if main:
                         ckpt = save_checkpoint(
                             accelerator.unwrap_model(model),
@@ -330,8 +364,8 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
                             run_dir,
                             step,
                             cfg.keep_checkpoints,
-                            optimizer=optimizer,
                             counters=counters,
+                            snapshot=snapshot,
                         )
                     if stopping:
                         raise Terminated(
@@ -348,16 +382,17 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
         if len(eval_features):
             eval_loss = heldout_loss(model, eval_loader, accelerator_sum(accelerator))
             reporter.info(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})")
-        if recipe.eval.score and main:
+        if recipe.eval.score and (main or fsdp):
             tuned = accelerator.unwrap_model(model)
             scores["task_score"] = _score(
-                tuned, tokenizer, eval_examples, chat, recipe, reporter, "tuned model"
+                tuned, tokenizer, eval_examples, chat, recipe, reporter, "tuned model", synced=fsdp
             )
 
         # 6. Final adapter.
         accelerator.wait_for_everyone()
+        tensors = adapter_state_dict(accelerator.unwrap_model(model)) if main or fsdp else None
         if main:
-            save_adapter(accelerator.unwrap_model(model), recipe, run_dir, step)
+            save_adapter(accelerator.unwrap_model(model), recipe, run_dir, step, tensors)
         result = TrainResult(
             run_dir=str(run_dir),
             method=recipe.adapter.method,
@@ -416,12 +451,17 @@ def accelerator_sum(accelerator: Accelerator):
     return lambda t: accelerator.reduce(t, reduction="sum")
 
 
-def _score(model, tokenizer, examples, chat, recipe: Recipe, reporter: Reporter, who: str) -> float:
+def _score(
+    model, tokenizer, examples, chat, recipe: Recipe, reporter: Reporter, who: str, synced: bool = False
+) -> float:
+    """Exact-match score; ``synced``: every process generates the same answers in lockstep (FSDP)."""
     if recipe.data.task is None:
         raise BadInput("eval.score: exact-match scoring needs a builtin task (data.task)")
     if not examples:
         raise BadInput("eval.score: no held-out examples to score (data.eval_samples is 0)")
-    result = score_task(model, tokenizer, examples, chat, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    result = score_task(
+        model, tokenizer, examples, chat, recipe.eval.max_new_tokens, recipe.eval.batch_size, synced=synced
+    )
     reporter.info(
         f"{who}: exact match {result.correct}/{result.total} = {100 * result.accuracy:.1f}% on held-out "
         f"{recipe.data.task} items (e.g. {result.samples[0]['prompt']!r} → {result.samples[0]['answer']!r})"

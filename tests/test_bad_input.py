@@ -143,6 +143,17 @@ CASES = {
         lambda t, r: ["train", recipe_file(t, adapter={"method": "mos", "rank": 16, "equivalent_rank": 2})],
         "adapter.rank: too large for the pool",
     ),
+    "fsdp options without fsdp": (
+        lambda t, r: ["train", recipe_file(t), "--set", "train.fsdp.reshard_after_forward=false"],
+        "train: fsdp options are set but strategy is ddp; set train.strategy: fsdp",
+    ),
+    "fsdp wrap class unknown": (
+        lambda t, r: [
+            "train",
+            recipe_file(t, train={"strategy": "fsdp", "fsdp": {"wrap": ["LlamaBlock"]}}),
+        ],
+        "train.fsdp.wrap: 'LlamaBlock' is not a module class of this model; its blocks are: LlamaDecoderLayer",
+    ),
     "lors on gpt2": (
         lambda t, r: [
             "train",

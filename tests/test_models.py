@@ -87,3 +87,31 @@ def test_offline_cached_hub_model(tmp_path, monkeypatch):
     loaded, _ = load_model("acme/tiny")
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_processes_starting_together_convert_the_embedded_model_once(tmp_path, monkeypatch):
+    """The processes of a multi-process run all ask for the cached model: one converts, the rest wait."""
+    import threading
+    import time
+
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_convert(alias, target):
+        calls.append(alias)
+        time.sleep(0.3)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(models, "_convert_gguf", slow_convert)
+    found = []
+    threads = [
+        threading.Thread(target=lambda: found.append(models.embedded_model_dir("smollm2-135m-instruct")))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(found)) == 1 and len(found) == 3

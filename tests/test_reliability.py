@@ -137,9 +137,8 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
     same_adapter(tmp_path / "a" / "run", tmp_path / "b" / "run")
 
 
-@pytest.mark.parametrize("method", ["lora", "mos", "sharelora"])
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method):
-    """2 gloo processes × batch 4 == 1 process × batch 8 (equal-length examples: equal token weights)."""
+def copy_task(tmp_path) -> Path:
+    """64 examples of equal length: every process's mean loss weighs its tokens as the global mean does."""
     rows = [
         {"prompt": f"copy {a}{b}{c} =", "completion": f" {a}{b}{c}"}
         for a in "abcd"
@@ -148,23 +147,102 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method):
     ]
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
+    return data
+
+
+def two_processes(recipe: Path, *args) -> subprocess.CompletedProcess:
+    proc = shardtune(recipe, "--nproc", "2", "-q", *args, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize(
+    "method,strategy",
+    [("lora", "ddp"), ("mos", "ddp"), ("sharelora", "ddp"), ("mos", "fsdp"), ("sharelora", "fsdp")],
+)
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, strategy):
+    """2 gloo processes × batch 4 == 1 process × batch 8, with DDP and with FSDP (shared stores at the root)."""
     from conftest import TINY_OPTIONS
 
     sections = {
         "adapter": {"method": method, **TINY_OPTIONS[method]},
-        "data": {"task": None, "path": str(data), "eval_samples": 0, "chat_template": False},
+        "data": {"task": None, "path": str(copy_task(tmp_path)), "eval_samples": 0, "chat_template": False},
         "train": {"max_steps": 6, "batch_size": 8},
     }
     one = write(tmp_path, "one", **sections)
-    two = write(tmp_path, "two", **{**sections, "train": {"max_steps": 6, "batch_size": 4}})
+    two = write(tmp_path, "two", **{**sections, "train": {"max_steps": 6, "batch_size": 4, "strategy": strategy}})
     assert shardtune(one, "-q").wait(timeout=300) == 0
-    proc = shardtune(two, "--nproc", "2", "-q", env={**os.environ, "OMP_NUM_THREADS": "1"})
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    two_processes(two)
     # all-reduce sums in another order; a wrong global batch or data split differs by ~1e-2
     same_adapter(tmp_path / "one", tmp_path / "two", atol=1e-4)
     log = (tmp_path / "two" / "train.log").read_text()
     assert log.count("adapter written") == 1  # only the main process writes files and logs
+    if strategy == "fsdp":
+        # every shared store (MoS A/B pools, ShareA's A per type) is sharded by the root unit
+        stores = sum(k.startswith("shardtune_stores.") for k in load_file(tmp_path / "two" / "adapter.safetensors"))
+        assert stores == {"mos": 14, "sharelora": 7}[method]
+        assert f"FSDP over 2 processes: 2 units (LlamaDecoderLayer) + the root, which holds the shared adapter stores ({stores} tensors)" in log
+
+
+def test_fsdp_checkpoints_resume_under_fsdp_and_on_one_process(tmp_path):
+    """An FSDP checkpoint holds whole tensors: resuming it sharded again, or in one process, ends where
+    the uninterrupted FSDP run ended."""
+    data = {"task": None, "path": str(copy_task(tmp_path)), "eval_samples": 0, "chat_template": False}
+    adapter = {"method": "mos", "rank": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2}
+    fsdp = {"max_steps": 8, "batch_size": 4, "save_every": 4, "strategy": "fsdp"}
+    two_processes(write(tmp_path, "ref", adapter=adapter, data=data, train=fsdp))
+    checkpoint = tmp_path / "ref" / "checkpoint-4"
+    assert load_file(checkpoint / "adapter.safetensors").keys() == load_file(tmp_path / "ref" / "adapter.safetensors").keys()
+    moments = load_file(checkpoint / "optimizer.safetensors")
+    pool = load_file(checkpoint / "adapter.safetensors")["shardtune_stores.pools.A_q_proj"]
+    assert moments["state.0.exp_avg"].shape == pool.shape  # whole, not a shard
+
+    two_processes(write(tmp_path, "again", adapter=adapter, data=data, train=fsdp), "--resume-from", checkpoint)
+    same_adapter(tmp_path / "ref", tmp_path / "again", atol=1e-6)
+
+    one = {**fsdp, "batch_size": 8, "strategy": "ddp"}
+    assert shardtune(write(tmp_path, "one", adapter=adapter, data=data, train=one), "-q", "--resume-from", checkpoint).wait(timeout=300) == 0
+    same_adapter(tmp_path / "ref", tmp_path / "one", atol=1e-4)
+
+
+def test_fsdp_composes_with_bf16_checkpointing_lors_init_and_scoring(tmp_path):
+    """LoRS's gradient init (before sharding), bf16 mixed precision, gradient checkpointing, explicit
+    wrap classes, no resharding, and exact-match scoring (generation in lockstep) under FSDP."""
+    recipe = write(
+        tmp_path,
+        "run",
+        adapter={"method": "lors", "rank": 4, "alpha": 4, "init": "gradient", "init_samples": 8},
+        train={
+            "max_steps": 8,
+            "batch_size": 4,
+            "precision": "bf16",
+            "gradient_checkpointing": True,
+            "strategy": "fsdp",
+            "fsdp": {"wrap": ["LlamaDecoderLayer"], "reshard_after_forward": False},
+        },
+        eval={"score": True, "score_base": True, "max_new_tokens": 8, "batch_size": 8},
+    )
+    two_processes(recipe)
+    run = tmp_path / "run"
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 8 and result["task_score"] is not None and result["task_score_base"] is not None
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    log = (run / "train.log").read_text()
+    assert "FSDP over 2 processes: 2 units (LlamaDecoderLayer)" in log
+    assert "initialised from the dense gradient" in log and "tuned model: exact match" in log
+    from shardtune.checkpoint import load_adapted_model
+
+    model, _, meta = load_adapted_model(run)  # whole tensors, loadable in one process
+    assert meta["trainable_parameters"] == result["trainable_parameters"]
+
+
+def test_fsdp_on_one_process_trains_unsharded_and_says_so(tmp_path):
+    train(recipe_from_dict(tiny_recipe(tmp_path / "a", train={"max_steps": 3})))
+    train(recipe_from_dict(tiny_recipe(tmp_path / "b", train={"max_steps": 3, "strategy": "fsdp"})))
+    same_adapter(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    assert "fsdp with one process: nothing to shard" in (tmp_path / "b" / "run" / "train.log").read_text()
 
 
 def test_unconnected_processes_are_refused(tmp_path, monkeypatch):

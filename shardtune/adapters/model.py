@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from shardtune.adapters import get_method
 from shardtune.adapters.base import DTYPES, STORES_ATTR, AdaptedLinear, AdapterOptions, Target
 from shardtune.errors import BadInput, RecipeError
+from shardtune.fsdp import full_tensor, like_parameter
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
@@ -158,8 +159,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached, contiguous copies of the adapter tensors (safetensors refuses aliased tensors)."""
-    return {n: t.detach().contiguous().clone() for n, t in adapter_named_tensors(model)}
+    """Detached, contiguous copies of the whole adapter tensors (safetensors refuses aliased tensors).
+
+    Under FSDP the shards are gathered: every process must call this, in step.
+    """
+    return {n: full_tensor(t.detach()).contiguous().clone() for n, t in adapter_named_tensors(model)}
 
 
 @torch.no_grad()
@@ -180,7 +184,7 @@ def load_adapter_state_dict(
         t = state[name]
         if t.shape != p.shape:
             raise BadInput(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-        p.copy_(t.to(p.dtype))
+        p.copy_(like_parameter(t.to(p.dtype), p))
 
 
 def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
