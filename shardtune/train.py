@@ -148,13 +148,21 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
     started = time.perf_counter()
 
     # 1-2. Run directory, accelerator, seed, model with adapter.
-    accelerator = Accelerator(
-        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-        cpu=cfg.cpu,
-        gradient_accumulation_steps=cfg.grad_accum,
-    )
-    main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Several processes on a machine without an accelerator (torchrun on CPUs): connect them over gloo.
+    cpu_only = launched > 1 and not _has_accelerator()
+    try:
+        accelerator = Accelerator(
+            mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+            cpu=cfg.cpu or cpu_only,
+            gradient_accumulation_steps=cfg.grad_accum,
+        )
+    except (ValueError, RuntimeError) as e:
+        if launched == 1:
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise BadInput(f"{launched} processes were launched but cannot connect: {first}") from None
+    main = accelerator.is_main_process
     if accelerator.num_processes != launched:
         raise BadInput(
             f"{launched} processes were launched but they are not connected (Accelerate sees "
@@ -438,6 +446,11 @@ def _gradient_init(accelerator, model, features, collate, recipe: Recipe, report
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
     reporter.info(f"adapter A initialised from the dense gradient of {seen} examples (LoRS init)")
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:

@@ -248,6 +248,47 @@ def test_fsdp_on_one_process_trains_unsharded_and_says_so(tmp_path):
 def test_unconnected_processes_are_refused(tmp_path, monkeypatch):
     from shardtune.errors import BadInput
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(BadInput, match="2 processes were launched but they are not connected"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # but no rendezvous (MASTER_ADDR, RANK, …)
+    with pytest.raises(BadInput, match="2 processes were launched but cannot connect: .*MASTER_ADDR"):
         train(recipe_from_dict(tiny_recipe(tmp_path)))
+
+
+def test_torchrun_on_cpus_trains_like_nproc(tmp_path):
+    """torchrun (no Accelerate launcher, no ACCELERATE_USE_CPU) connects its processes over gloo."""
+    sections = {
+        "adapter": {"method": "lora", "rank": 4},
+        "data": {"task": None, "path": str(copy_task(tmp_path)), "eval_samples": 0, "chat_template": False},
+        "train": {"max_steps": 4, "batch_size": 4},
+    }
+    via_nproc = write(tmp_path, "nproc", **sections)
+    via_torchrun = write(tmp_path, "torchrun", **sections)
+    two_processes(via_nproc)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["-m", "shardtune", "train", str(via_torchrun), "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    same_adapter(tmp_path / "nproc", tmp_path / "torchrun", atol=1e-6)
+
+
+def test_nproc_hands_multi_node_flags_to_accelerate_launch(monkeypatch):
+    import subprocess as sp
+
+    from shardtune import cli
+
+    calls = []
+    monkeypatch.setattr(sp, "call", lambda command, env: calls.append((command, env)) or 7)
+    flags = "--num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1 --main_process_port 29500"
+    assert cli.launch(8, ["r.yaml", "--set", "train.lr=1e-3"], flags, cpu=False) == 7  # its exit code
+    command, env = calls[0]
+    launch_at = command.index("accelerate.commands.launch")
+    assert command[launch_at + 1 : launch_at + 3] == ["--num_processes", "8"]
+    joined = " ".join(command)
+    assert flags in joined and joined.index(flags) > joined.index("--main_process_port 0")  # the user's win
+    assert command[-6:] == ["-m", "shardtune", "train", "r.yaml", "--set", "train.lr=1e-3"]
