@@ -84,7 +84,11 @@ def shard_model(model: nn.Module, options: FsdpSection, device: torch.device, bf
     # block and keeps them gathered until the backward is done.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
     stores = getattr(model, STORES_ATTR, None)
+    local = sum(p.to_local().nbytes if is_sharded(p) else p.nbytes for p in model.parameters())
+    whole = sum(p.nbytes for p in model.parameters())  # a DTensor's nbytes are the whole tensor's
     return {
+        "local_bytes": local,
+        "whole_bytes": whole,
         "units": len(units),
         "classes": sorted(c.__name__ for c in classes),
         "processes": dist.get_world_size(),

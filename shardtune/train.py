@@ -244,7 +244,9 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
             reporter.info(
                 f"FSDP over {layout['processes']} processes: {layout['units']} units "
                 f"({', '.join(layout['classes'])}) + the root, which holds the shared adapter stores "
-                f"({layout['root_store_tensors']} tensors)"
+                f"({layout['root_store_tensors']} tensors); each process holds "
+                f"{100 * layout['local_bytes'] / layout['whole_bytes']:.1f}% of the parameters "
+                f"({layout['local_bytes'] / 2**20:.1f} of {layout['whole_bytes'] / 2**20:.1f} MiB)"
             )
         updates_per_epoch = max(1, len(loader) // accelerator.num_processes // cfg.grad_accum)
         total_steps = cfg.max_steps or max(1, math.ceil(updates_per_epoch * cfg.epochs))

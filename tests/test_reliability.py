@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def two_processes(recipe: Path, *args) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "method,strategy",
-    [("lora", "ddp"), ("mos", "ddp"), ("sharelora", "ddp"), ("mos", "fsdp"), ("sharelora", "fsdp")],
+    [("lora", "ddp"), ("mos", "ddp"), ("sharelora", "ddp"), ("mos", "fsdp"), ("sharelora", "fsdp"), ("lors", "fsdp")],
 )
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, strategy):
     """2 gloo processes × batch 4 == 1 process × batch 8, with DDP and with FSDP (shared stores at the root)."""
@@ -181,8 +182,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, st
     if strategy == "fsdp":
         # every shared store (MoS A/B pools, ShareA's A per type) is sharded by the root unit
         stores = sum(k.startswith("shardtune_stores.") for k in load_file(tmp_path / "two" / "adapter.safetensors"))
-        assert stores == {"mos": 14, "sharelora": 7}[method]
+        assert stores == {"mos": 14, "sharelora": 7, "lors": 0}[method]
         assert f"FSDP over 2 processes: 2 units (LlamaDecoderLayer) + the root, which holds the shared adapter stores ({stores} tensors)" in log
+        held = float(re.search(r"each process holds ([\d.]+)% of the parameters", log).group(1))
+        assert 49 < held < 52  # each of the 2 processes holds half of every parameter (+ padding)
 
 
 def test_fsdp_checkpoints_resume_under_fsdp_and_on_one_process(tmp_path):
