@@ -30,6 +30,7 @@ docs: setup
 
 lint: setup
 	$(BIN)/ruff check shardtune tests benchmarks
+	$(BIN)/ruff format --check shardtune tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

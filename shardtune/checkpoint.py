@@ -64,7 +64,11 @@ def adapter_metadata(model: nn.Module, recipe: Recipe, step: int) -> dict:
 
 
 def save_adapter(
-    model: nn.Module, recipe: Recipe, directory: Path, step: int, tensors: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    recipe: Recipe,
+    directory: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the adapter of ``model`` into ``directory`` (created if needed), file by file atomically.
 

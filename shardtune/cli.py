@@ -44,8 +44,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
 
-def fail(message: str, code: int) -> None:
-    err_console.print(f"error: {message}", markup=False, soft_wrap=True)
+def fail(message: str, code: int, same_on_every_process: bool = False) -> None:
+    """Print `error: MESSAGE` and exit with CODE. Of several launched processes, the main one speaks for
+    errors every process meets alike (a bad recipe or data file); others name their rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or not same_on_every_process:
+        prefix = f"[process {rank}] " if rank else ""
+        err_console.print(f"error: {prefix}{message}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -57,7 +62,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ShardtuneError as e:
-            fail(str(e), e.exit_code)
+            fail(str(e), e.exit_code, same_on_every_process=isinstance(e, BadInput))
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
         except typer.Exit:
@@ -65,11 +70,10 @@ def handle_errors(fn):
         except Exception as e:
             if os.environ.get("SHARDTUNE_DEBUG"):
                 raise
-            logging.getLogger("shardtune").exception("internal error")
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            where = "details in the run's train.log; " if fn.__name__ == "train" else ""
             fail(
-                f"internal error: {type(e).__name__}: {first} (details in the run's train.log; "
-                "SHARDTUNE_DEBUG=1 shows the traceback)",
+                f"internal error: {type(e).__name__}: {first} ({where}SHARDTUNE_DEBUG=1 shows the traceback)",
                 EXIT_FAILURE,
             )
 
@@ -163,15 +167,17 @@ def train(
 
 
 def launch(nproc: int, train_args: list[str], launch_args: str | None, cpu: bool) -> int:
-    """Re-run `shardtune train` under `accelerate launch` with N processes; return its exit code."""
+    """Re-run `shardtune train` under `accelerate launch` (through `shardtune.launcher`, which turns a
+    failed process into its exit code instead of a traceback) with N processes; return the exit code."""
     import shlex
     import subprocess
 
     import torch
 
     env = dict(os.environ)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc)]
-    command += ["--multi_gpu", "--main_process_port", "0"]
+    command = [sys.executable, "-m", "shardtune.launcher", "--num_processes", str(nproc)]
+    command += ["--multi_gpu", "--main_process_port", "0", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # the recipe sets precision itself
     if cpu or not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # gloo; `accelerate launch --cpu` would start one process only
     command += shlex.split(launch_args or "")
@@ -577,7 +583,25 @@ def main() -> None:
     for i, arg in enumerate(argv[:-1]):
         if arg == "--resume" and Path(argv[i + 1]).is_dir():
             argv[i] = "--resume-from"
-    app(args=argv, prog_name="shardtune")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        app(args=argv, prog_name="shardtune")
+        return
+    # One of several launched processes: once the command is done, leave without the interpreter's
+    # exit-time teardown. There, the collective backend's threads (gloo) are destroyed in an order
+    # that now and then aborts a finished process ("terminate called without an active exception"),
+    # turning a successful run into a failed launch. Everything is written and flushed by then.
+    code = 0
+    try:
+        app(args=argv, prog_name="shardtune", standalone_mode=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

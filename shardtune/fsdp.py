@@ -67,11 +67,12 @@ def shard_model(model: nn.Module, options: FsdpSection, device: torch.device, bf
     every weight on the accelerator).
     """
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     classes = tuple(block_classes(model, options.wrap))
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # The world group itself (no new process group): one dimension, every process.
+    mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if bf16

@@ -42,7 +42,7 @@ from shardtune.checkpoint import (
     take_snapshot,
 )
 from shardtune.data import Collator, encode_all, load_examples, pack, uses_chat
-from shardtune.errors import BadInput, Diverged, Terminated
+from shardtune.errors import BadInput, Diverged, ShardtuneError, Terminated
 from shardtune.evaluate import heldout_loss, score_task
 from shardtune.fsdp import block_classes, full_tensor, shard_model
 from shardtune.models import load_model
@@ -70,17 +70,24 @@ class TrainResult:
     train_seconds: float = 0.0  # the optimizer-step loop alone (no loading, evaluation or scoring)
 
 
+def refuse_to_clobber(recipe: Recipe, resuming: bool) -> None:
+    """Every process checks this before the main one touches the directory, so all stop alike."""
+    run_dir = Path(recipe.output.dir)
+    has_run = (run_dir / ADAPTER_CONFIG).exists() or list_checkpoints(run_dir)
+    if has_run and not resuming and not recipe.output.overwrite:
+        raise BadInput(
+            f"output.dir: {run_dir} already holds a run; choose another directory or "
+            "--set output.overwrite=true to replace it"
+        )
+
+
 def prepare_run_dir(recipe: Recipe, resuming: bool = False) -> Path:
     run_dir = Path(recipe.output.dir)
     if resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir
+    refuse_to_clobber(recipe, resuming)
     has_run = (run_dir / ADAPTER_CONFIG).exists() or list_checkpoints(run_dir)
-    if has_run and not recipe.output.overwrite:
-        raise BadInput(
-            f"output.dir: {run_dir} already holds a run; choose another directory or "
-            "--set output.overwrite=true to replace it"
-        )
     if has_run:
         for old in list_checkpoints(run_dir):
             shutil.rmtree(old)
@@ -151,6 +158,8 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Several processes on a machine without an accelerator (torchrun on CPUs): connect them over gloo.
     cpu_only = launched > 1 and not _has_accelerator()
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+    environment = {key: os.environ.get(key) for key in rendezvous}  # Accelerate writes these
     try:
         accelerator = Accelerator(
             mixed_precision="bf16" if cfg.precision == "bf16" else "no",
@@ -158,6 +167,14 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
             gradient_accumulation_steps=cfg.grad_accum,
         )
     except (ValueError, RuntimeError) as e:
+        # Half-built: leave the state and environment as they were, so a later run starts afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if launched == 1:
             raise
         first = str(e).strip().splitlines()[0]
@@ -179,6 +196,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
     resume_from = resolve_resume(Path(recipe.output.dir), resume)
     if resume == "latest" and resume_from is None:
         raise BadInput(f"--resume: {recipe.output.dir} has no checkpoint to resume from")
+    refuse_to_clobber(recipe, resuming=resume_from is not None)
     run_dir = prepare_run_dir(recipe, resuming=resume_from is not None) if main else Path(recipe.output.dir)
     handler = add_file_log(run_dir, recipe.logging.level) if main else None
     if not main:
@@ -420,6 +438,12 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
             (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         reporter.info(f"adapter written to {run_dir}")
         return result
+    except ShardtuneError as e:
+        log.error("error: %s", e)
+        raise
+    except Exception:
+        log.exception("training failed")  # the traceback goes to train.log; the user gets one line
+        raise
     finally:
         stop.__exit__(None, None, None)
         reporter.stop()

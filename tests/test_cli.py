@@ -86,6 +86,23 @@ def test_missing_recipe_file_exit_2(tmp_path):
     assert result.stderr.strip() == f"error: {tmp_path / 'missing.yaml'}: recipe file not found"
 
 
+def test_an_internal_error_is_one_line_with_the_traceback_in_train_log(tmp_path, monkeypatch):
+    import shardtune.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model loader broke\nsecond line")
+
+    monkeypatch.setattr(shardtune.train, "load_model", broken)
+    result = runner.invoke(app, ["train", str(write_recipe(tmp_path)), "-q"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "error: internal error: RuntimeError: the model loader broke (details in the run's train.log; "
+        "SHARDTUNE_DEBUG=1 shows the traceback)"
+    )
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "training failed" in log and "Traceback" in log and "second line" in log
+
+
 def test_console_script_real_process(tmp_path):
     """The installed entry point, in a real process: one line on stderr, exit code 2, no traceback."""
     path = write_recipe(tmp_path)
@@ -184,6 +201,7 @@ def test_compare_methods_side_by_side(tmp_path):
         for r in rows.values()
     )
     saved = json.loads((tmp_path / "run" / "compare" / "compare.json").read_text())
-    assert [s for s, _ in saved["curves"]["lora"]] == [1, 4] and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert [s for s, _ in saved["curves"]["lora"]] == [1, 4]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     result = runner.invoke(app, ["compare", str(path), "--methods", "lora,dora"])
     assert result.exit_code == 2 and "unknown method 'dora'" in result.stderr

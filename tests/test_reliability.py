@@ -160,7 +160,14 @@ def two_processes(recipe: Path, *args) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "method,strategy",
-    [("lora", "ddp"), ("mos", "ddp"), ("sharelora", "ddp"), ("mos", "fsdp"), ("sharelora", "fsdp"), ("lors", "fsdp")],
+    [
+        ("lora", "ddp"),
+        ("mos", "ddp"),
+        ("sharelora", "ddp"),
+        ("mos", "fsdp"),
+        ("sharelora", "fsdp"),
+        ("lors", "fsdp"),
+    ],
 )
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, strategy):
     """2 gloo processes × batch 4 == 1 process × batch 8, with DDP and with FSDP (shared stores at the root)."""
@@ -172,7 +179,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, st
         "train": {"max_steps": 6, "batch_size": 8},
     }
     one = write(tmp_path, "one", **sections)
-    two = write(tmp_path, "two", **{**sections, "train": {"max_steps": 6, "batch_size": 4, "strategy": strategy}})
+    two = write(
+        tmp_path, "two", **{**sections, "train": {"max_steps": 6, "batch_size": 4, "strategy": strategy}}
+    )
     assert shardtune(one, "-q").wait(timeout=300) == 0
     two_processes(two)
     # all-reduce sums in another order; a wrong global batch or data split differs by ~1e-2
@@ -181,9 +190,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, st
     assert log.count("adapter written") == 1  # only the main process writes files and logs
     if strategy == "fsdp":
         # every shared store (MoS A/B pools, ShareA's A per type) is sharded by the root unit
-        stores = sum(k.startswith("shardtune_stores.") for k in load_file(tmp_path / "two" / "adapter.safetensors"))
+        stores = sum(
+            k.startswith("shardtune_stores.") for k in load_file(tmp_path / "two" / "adapter.safetensors")
+        )
         assert stores == {"mos": 14, "sharelora": 7, "lors": 0}[method]
-        assert f"FSDP over 2 processes: 2 units (LlamaDecoderLayer) + the root, which holds the shared adapter stores ({stores} tensors)" in log
+        assert (
+            f"FSDP over 2 processes: 2 units (LlamaDecoderLayer) + the root, which holds the shared adapter stores ({stores} tensors)"
+            in log
+        )
         held = float(re.search(r"each process holds ([\d.]+)% of the parameters", log).group(1))
         assert 49 < held < 52  # each of the 2 processes holds half of every parameter (+ padding)
 
@@ -196,16 +210,26 @@ def test_fsdp_checkpoints_resume_under_fsdp_and_on_one_process(tmp_path):
     fsdp = {"max_steps": 8, "batch_size": 4, "save_every": 4, "strategy": "fsdp"}
     two_processes(write(tmp_path, "ref", adapter=adapter, data=data, train=fsdp))
     checkpoint = tmp_path / "ref" / "checkpoint-4"
-    assert load_file(checkpoint / "adapter.safetensors").keys() == load_file(tmp_path / "ref" / "adapter.safetensors").keys()
+    assert (
+        load_file(checkpoint / "adapter.safetensors").keys()
+        == load_file(tmp_path / "ref" / "adapter.safetensors").keys()
+    )
     moments = load_file(checkpoint / "optimizer.safetensors")
     pool = load_file(checkpoint / "adapter.safetensors")["shardtune_stores.pools.A_q_proj"]
     assert moments["state.0.exp_avg"].shape == pool.shape  # whole, not a shard
 
-    two_processes(write(tmp_path, "again", adapter=adapter, data=data, train=fsdp), "--resume-from", checkpoint)
+    two_processes(
+        write(tmp_path, "again", adapter=adapter, data=data, train=fsdp), "--resume-from", checkpoint
+    )
     same_adapter(tmp_path / "ref", tmp_path / "again", atol=1e-6)
 
     one = {**fsdp, "batch_size": 8, "strategy": "ddp"}
-    assert shardtune(write(tmp_path, "one", adapter=adapter, data=data, train=one), "-q", "--resume-from", checkpoint).wait(timeout=300) == 0
+    assert (
+        shardtune(
+            write(tmp_path, "one", adapter=adapter, data=data, train=one), "-q", "--resume-from", checkpoint
+        ).wait(timeout=300)
+        == 0
+    )
     same_adapter(tmp_path / "ref", tmp_path / "one", atol=1e-4)
 
 
@@ -290,8 +314,49 @@ def test_nproc_hands_multi_node_flags_to_accelerate_launch(monkeypatch):
     flags = "--num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1 --main_process_port 29500"
     assert cli.launch(8, ["r.yaml", "--set", "train.lr=1e-3"], flags, cpu=False) == 7  # its exit code
     command, env = calls[0]
-    launch_at = command.index("accelerate.commands.launch")
+    launch_at = command.index("shardtune.launcher")  # accelerate launch, ending in an exit code
     assert command[launch_at + 1 : launch_at + 3] == ["--num_processes", "8"]
     joined = " ".join(command)
     assert flags in joined and joined.index(flags) > joined.index("--main_process_port 0")  # the user's win
     assert command[-6:] == ["-m", "shardtune", "train", "r.yaml", "--set", "train.lr=1e-3"]
+
+
+def test_a_failure_in_several_processes_ends_in_one_line_and_its_exit_code(tmp_path):
+    """Bad input met by every process: the main one says it once; the launcher adds no traceback."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "adapter.json").write_text("{}")
+    recipe = write(tmp_path, "again")
+    recipe.write_text(recipe.read_text().replace(str(tmp_path / "again"), str(taken)))
+    proc = shardtune(recipe, "--nproc", "2", "-q", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: output.dir: {taken} already holds a run; choose another directory or "
+        "--set output.overwrite=true to replace it"
+    ], err
+    assert "Traceback" not in err and "ChildFailedError" not in err
+
+
+def test_the_launcher_passes_on_exit_codes_and_names_a_killed_process(monkeypatch, capsys):
+    from accelerate.commands import launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from shardtune import launcher
+
+    def fails_with(code):
+        def launch_command(args):
+            failure = ProcessFailure(local_rank=1, pid=1, exitcode=code, error_file="/nonexistent")
+            raise ChildFailedError("shardtune", {1: failure})
+
+        return launch_command
+
+    argv = ["--num_processes", "2", "-m", "shardtune", "train", "r.yaml"]
+    monkeypatch.setattr(accelerate_launch, "launch_command", fails_with(3))
+    assert launcher.main(argv) == 3 and capsys.readouterr().err == ""  # the process said why itself
+    monkeypatch.setattr(accelerate_launch, "launch_command", fails_with(-9))
+    assert launcher.main(argv) == 137
+    assert capsys.readouterr().err == "error: process 1 was killed by SIGKILL\n"
+    monkeypatch.setattr(accelerate_launch, "launch_command", lambda args: None)
+    assert launcher.main(argv) == 0
