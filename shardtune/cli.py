@@ -592,7 +592,7 @@ def main() -> None:
     # turning a successful run into a failed launch. Everything is written and flushed by then.
     code = 0
     try:
-        app(args=argv, prog_name="shardtune", standalone_mode=True)
+        app(args=argv, prog_name="shardtune")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):

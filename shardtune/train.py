@@ -70,29 +70,25 @@ class TrainResult:
     train_seconds: float = 0.0  # the optimizer-step loop alone (no loading, evaluation or scoring)
 
 
-def refuse_to_clobber(recipe: Recipe, resuming: bool) -> None:
-    """Every process checks this before the main one touches the directory, so all stop alike."""
+def prepare_run_dir(recipe: Recipe, resuming: bool, writes: bool) -> Path:
+    """Every process checks that ``output.dir`` holds no run it would replace (so all stop alike);
+    the one that ``writes`` (the main process) then clears old checkpoints and starts the metrics."""
     run_dir = Path(recipe.output.dir)
-    has_run = (run_dir / ADAPTER_CONFIG).exists() or list_checkpoints(run_dir)
-    if has_run and not resuming and not recipe.output.overwrite:
+    if resuming:
+        if writes:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    checkpoints = list_checkpoints(run_dir)
+    if ((run_dir / ADAPTER_CONFIG).exists() or checkpoints) and not recipe.output.overwrite:
         raise BadInput(
             f"output.dir: {run_dir} already holds a run; choose another directory or "
             "--set output.overwrite=true to replace it"
         )
-
-
-def prepare_run_dir(recipe: Recipe, resuming: bool = False) -> Path:
-    run_dir = Path(recipe.output.dir)
-    if resuming:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-    refuse_to_clobber(recipe, resuming)
-    has_run = (run_dir / ADAPTER_CONFIG).exists() or list_checkpoints(run_dir)
-    if has_run:
-        for old in list_checkpoints(run_dir):
+    if writes:
+        for old in checkpoints:
             shutil.rmtree(old)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text("")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("")
     return run_dir
 
 
@@ -196,8 +192,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
     resume_from = resolve_resume(Path(recipe.output.dir), resume)
     if resume == "latest" and resume_from is None:
         raise BadInput(f"--resume: {recipe.output.dir} has no checkpoint to resume from")
-    refuse_to_clobber(recipe, resuming=resume_from is not None)
-    run_dir = prepare_run_dir(recipe, resuming=resume_from is not None) if main else Path(recipe.output.dir)
+    run_dir = prepare_run_dir(recipe, resuming=resume_from is not None, writes=main)
     handler = add_file_log(run_dir, recipe.logging.level) if main else None
     if not main:
         reporter = Reporter(quiet=True)

@@ -205,3 +205,32 @@ def test_compare_methods_side_by_side(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     result = runner.invoke(app, ["compare", str(path), "--methods", "lora,dora"])
     assert result.exit_code == 2 and "unknown method 'dora'" in result.stderr
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_launched_process_leaves_with_its_exit_code_and_bad_input_is_said_once(
+    rank, tmp_path, monkeypatch, capsys
+):
+    """Under a launcher, `main` ends with os._exit(code), past the interpreter's teardown; of bad input
+    every process meets alike, only the main process (rank 0) prints the line."""
+    from shardtune import cli
+
+    class Left(Exception):
+        pass
+
+    def leave(code):
+        raise Left(code)
+
+    monkeypatch.setattr(cli.os, "_exit", leave)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(sys, "argv", ["shardtune", "train", str(tmp_path / "none.yaml")])
+    with pytest.raises(Left) as left:
+        cli.main()
+    assert left.value.args == (2,)
+    err = capsys.readouterr().err
+    assert ("none.yaml" in err) == (rank == "0") and "Traceback" not in err
+    monkeypatch.setattr(sys, "argv", ["shardtune", "--version"])
+    with pytest.raises(Left) as left:
+        cli.main()
+    assert left.value.args == (0,) and capsys.readouterr().out.startswith("shardtune ")
