@@ -112,6 +112,31 @@ def heldout_loss(model, loader, reduce=None) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+def answer_prompts(
+    prompts: list[str],
+    adapter: str | Path | None = None,
+    model: str | None = None,
+    chat: bool = True,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    trust_remote_code: bool = False,
+) -> list[dict]:
+    """``[{"prompt", "answer"}]`` from a base model (``model``) and/or a run's adapter (``adapter``)."""
+    from shardtune.checkpoint import load_adapted_model
+    from shardtune.models import load_model
+
+    if adapter is not None:
+        lm, tokenizer, _ = load_adapted_model(adapter, base_model=model, trust_remote_code=trust_remote_code)
+    elif model is not None:
+        lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
+    else:
+        raise BadInput("generate: give --adapter RUN_DIR, --model MODEL, or both")
+    use_chat = chat and uses_chat(tokenizer, "auto")
+    ids = [prompt_ids(Example(p, ""), tokenizer, use_chat) for p in prompts]
+    answers = generate(lm, tokenizer, ids, max_new_tokens, temperature=temperature)
+    return [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+
+
 def evaluate_run(run_dir: str | Path, base: bool = False, samples: int | None = None) -> dict:
     """Held-out loss, perplexity and (for builtin tasks) exact-match score of a trained run."""
     from shardtune.checkpoint import RECIPE_FILE, load_adapted_model

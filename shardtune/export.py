@@ -179,6 +179,38 @@ def count_trainable(config, options: AdapterOptions) -> tuple[int, int]:
     return count_parameters(model)[0], base
 
 
+def parameter_report(
+    model: str,
+    method: str = "lora",
+    options: dict | None = None,
+    compare: bool = False,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Trainable parameters of ``method`` (or, ``compare``, of every method with the options it
+    understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA."""
+    from shardtune.errors import ShardtuneError
+    from shardtune.models import load_config
+
+    config = load_config(model, trust_remote_code)
+    options = options or {}
+    rows = []
+    for name in METHODS if compare else [method]:
+        fields = METHODS[name].Options.model_fields if name in METHODS else {}
+        method_opts = {k: v for k, v in options.items() if k in fields} if compare else options
+        try:
+            trainable, base = count_trainable(config, method_options(name, **method_opts))
+            rows.append({"method": name, "trainable": trainable, "base": base})
+        except ShardtuneError as e:
+            if not compare:
+                raise
+            rows.append({"method": name, "trainable": None, "base": None, "error": str(e)})
+    lora = next((r["trainable"] for r in rows if r["method"] == "lora"), None)
+    for r in rows:
+        r["vs_lora"] = r["trainable"] / lora if lora and r["trainable"] is not None else None
+        r["percent_of_base"] = 100 * r["trainable"] / r["base"] if r["trainable"] is not None else None
+    return {"model": model, "options": options, "methods": rows}
+
+
 def method_options(method: str, **kw) -> AdapterOptions:
     if method not in METHODS:
         raise BadInput(f"--method: unknown method {method!r}; available: {', '.join(METHODS)}")

@@ -22,16 +22,11 @@ under FSDP resumes under DDP or on one process, and the other way round.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from shardtune.adapters.base import STORES_ATTR
 from shardtune.errors import RecipeError
-
-if TYPE_CHECKING:
-    from shardtune.recipe import FsdpSection
 
 
 def block_classes(model: nn.Module, names: list[str] | None) -> list[type[nn.Module]]:
@@ -60,8 +55,16 @@ def _blocks(model: nn.Module) -> list[str]:
     )
 
 
-def shard_model(model: nn.Module, options: FsdpSection, device: torch.device, bf16: bool) -> dict:
-    """Apply ``fully_shard`` to every block, then to the root; return a summary for the log.
+def shard_model(
+    model: nn.Module,
+    wrap: list[str] | None,
+    reshard_after_forward: bool,
+    device: torch.device,
+    bf16: bool,
+) -> dict:
+    """Apply ``fully_shard`` to every block (the classes named in ``wrap``, else the model's own
+    blocks), then to the root; return a summary for the log. ``reshard_after_forward``: see
+    ``train.fsdp`` in the recipe reference.
 
     The model may sit on the CPU: its shards move to ``device`` (each process then holds 1/N of
     every weight on the accelerator).
@@ -70,7 +73,7 @@ def shard_model(model: nn.Module, options: FsdpSection, device: torch.device, bf
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    classes = tuple(block_classes(model, options.wrap))
+    classes = tuple(block_classes(model, wrap))
     # The world group itself (no new process group): one dimension, every process.
     mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
     policy = (
@@ -80,10 +83,10 @@ def shard_model(model: nn.Module, options: FsdpSection, device: torch.device, bf
     )
     units = [m for m in model.modules() if isinstance(m, classes)]
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root: the rest of the model, the shared stores with it. It gathers them before the first
     # block and keeps them gathered until the backward is done.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=options.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     stores = getattr(model, STORES_ATTR, None)
     local = sum(p.to_local().nbytes if is_sharded(p) else p.nbytes for p in model.parameters())
     whole = sum(p.nbytes for p in model.parameters())  # a DTensor's nbytes are the whole tensor's

@@ -128,6 +128,41 @@ def prune_model(
     }
 
 
+def prune_to_directory(
+    model: str,
+    out: Path,
+    method: str = "magnitude",
+    sparsity: float | None = 0.5,
+    pattern: str | None = None,
+    recipe: Path | None = None,
+    samples: int = 128,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> dict:
+    """Load ``model``, prune it (Wanda calibrates on the first ``samples`` examples of ``recipe``'s
+    data) and write it to ``out``; return :func:`prune_model`'s report with ``out``."""
+    from torch.utils.data import DataLoader
+
+    from shardtune.data import Collator, encode_all, load_examples, uses_chat
+    from shardtune.models import load_model
+    from shardtune.recipe import load_recipe
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise BadInput(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    lm, tokenizer = load_model(model, dtype)
+    calibration = None
+    if recipe is not None:
+        data = load_recipe(recipe).data
+        examples, _ = load_examples(data)
+        features, _ = encode_all(
+            examples[:samples], tokenizer, data.max_length, uses_chat(tokenizer, data.chat_template)
+        )
+        calibration = DataLoader(features, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
+    report = prune_model(lm, method, sparsity, pattern, calibration)
+    save_model_dir(lm, tokenizer, out, overwrite)
+    return {**report, "out": str(out)}
+
+
 def save_model_dir(model: nn.Module, tokenizer, out: Path, overwrite: bool = False) -> None:
     """Write a HF model directory atomically (temp dir, then rename)."""
     from shardtune.export import write_directory

@@ -16,6 +16,24 @@ from shardtune.adapters.model import adapted_layers
 from shardtune.errors import BadInput
 
 
+def routing_of(target: Path, overrides: list[str] | None = None) -> dict:
+    """:func:`routing_report` of a run or checkpoint directory, or of a recipe's adapter before training."""
+    from shardtune.adapters.model import inject_adapter
+    from shardtune.checkpoint import load_adapted_model
+    from shardtune.models import load_model
+    from shardtune.recipe import load_recipe
+
+    if target.is_dir():
+        model, _, _ = load_adapted_model(target)
+    else:
+        recipe = load_recipe(target, overrides)
+        model, _ = load_model(
+            recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
+        )
+        inject_adapter(model, recipe.adapter)
+    return routing_report(model)
+
+
 def routing_report(model: nn.Module) -> dict:
     """Per layer and matrix: pool and shards; per pool: reuse counts; per type: pairwise layer overlap."""
     layers = []

@@ -1,15 +1,20 @@
-"""The training loop, top to bottom: recipe → model + adapter → data → AdamW on Accelerate → adapter on disk.
+"""The training loop, top to bottom, as named phases.
 
-1. Prepare the run directory (refuse to clobber an earlier run unless ``output.overwrite``) and its log.
-2. Seed everything; load the frozen base model and inject the adapter (only adapter parameters train).
-3. Build the training / held-out token data and the loader (optionally score the base model).
-4. AdamW + warm-up and cosine/linear/constant decay; Accelerate handles device, DDP, bf16 autocast
-   and gradient accumulation; with ``train.strategy: fsdp`` the model is sharded first
-   (:mod:`shardtune.fsdp`) and Accelerate prepares only the optimizer and the data.
-5. Loop over optimizer steps: forward, backward, clip, step; log metrics (JSONL + progress); stop on
-   NaN/inf; evaluate and checkpoint at the set intervals.
-6. Held-out loss and (optionally) the tuned model's task score; write the final adapter
-   (adapter.safetensors + adapter.json + recipe.yaml) and result.json into the run directory.
+    train(recipe)
+      connect_processes         Accelerate: one process, or the launched ones (DDP; FSDP shards over them)
+      Trainer.run_directory     output.dir checked, train.log opened, SIGTERM turned into checkpoint + exit
+      Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights)
+      Trainer.setup_data        examples → token rows → loaders
+      Trainer.setup_optimizer   LoRS gradient init, FSDP sharding, AdamW + schedule, Accelerate's prepare
+      Trainer.restore_or_score  resumed: optimizer, RNG, data position; fresh: the base model's task score
+      Trainer.loop              each optimizer step: train_step (per micro-batch), then at_interval
+                                (log + evaluate, checkpoint, SIGTERM) when its step is due
+      Trainer.finish            held-out loss and task score, final adapter, result.json
+
+Accelerate handles the device, DDP, bf16 autocast and gradient accumulation; with
+``train.strategy: fsdp`` the model is sharded by :mod:`shardtune.fsdp` and Accelerate prepares only
+the optimizer and the data. Everything a checkpoint needs to resume exactly (adapter, optimizer,
+RNG states, data position) is in :mod:`shardtune.checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,13 +50,13 @@ from shardtune.checkpoint import (
     save_checkpoint,
     take_snapshot,
 )
-from shardtune.data import Collator, encode_all, load_examples, pack, uses_chat
+from shardtune.data import Collator, Example, encode_all, load_examples, pack, uses_chat
 from shardtune.errors import BadInput, Diverged, ShardtuneError, Terminated
 from shardtune.evaluate import heldout_loss, score_task
 from shardtune.fsdp import block_classes, full_tensor, shard_model
 from shardtune.models import load_model
 from shardtune.progress import Reporter
-from shardtune.recipe import Recipe
+from shardtune.recipe import Recipe, TrainSection
 
 log = logging.getLogger("shardtune")
 
@@ -68,6 +77,97 @@ class TrainResult:
     task_score_base: float | None = None
     task_score: float | None = None
     train_seconds: float = 0.0  # the optimizer-step loop alone (no loading, evaluation or scoring)
+
+
+def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None = None) -> TrainResult:
+    """Train as the recipe says. ``resume``: ``"latest"`` (the run's newest checkpoint) or a checkpoint path."""
+    started = time.perf_counter()
+    with connect_processes(recipe.train) as accelerator:
+        trainer = Trainer(recipe, accelerator, reporter or Reporter(quiet=True))
+        with trainer.run_directory(resume):
+            trainer.setup_model()
+            trainer.setup_data()
+            trainer.setup_optimizer()
+            trainer.restore_or_score()
+            trainer.loop()
+            return trainer.finish(started)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes
+
+
+@contextmanager
+def connect_processes(cfg: TrainSection) -> Iterator[Accelerator]:
+    """An Accelerator over the launched processes (gloo on CPUs); on one process its global state is
+    reset afterwards, so a later run in the same process (tests, `compare`) picks its own settings."""
+    accelerator = _accelerator(cfg)
+    try:
+        yield accelerator
+    finally:
+        if accelerator.num_processes == 1:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+
+def _accelerator(cfg: TrainSection) -> Accelerator:
+    """Accelerate's state for this process; a launch that cannot connect is a one-line error."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Several processes on a machine without an accelerator (torchrun on CPUs): connect them over gloo.
+    cpu_only = launched > 1 and not _has_accelerator()
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+    environment = {key: os.environ.get(key) for key in rendezvous}  # Accelerate writes these
+    try:
+        accelerator = Accelerator(
+            mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+            cpu=cfg.cpu or cpu_only,
+            gradient_accumulation_steps=cfg.grad_accum,
+        )
+    except (ValueError, RuntimeError) as e:
+        # Half-built: leave the state and environment as they were, so a later run starts afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if launched == 1:
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise BadInput(f"{launched} processes were launched but cannot connect: {first}") from None
+    if accelerator.num_processes != launched:
+        raise BadInput(
+            f"{launched} processes were launched but they are not connected (Accelerate sees "
+            f"{accelerator.num_processes}); on CPUs set ACCELERATE_USE_CPU=1 or use shardtune train --nproc"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise BadInput(
+            "the launcher turned on Accelerate's FSDP plugin; shardtune shards through the recipe: "
+            "set train.strategy: fsdp and launch without FSDP options"
+        )
+    return accelerator
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a collective with several processes)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def accelerator_sum(accelerator: Accelerator):
+    return lambda t: accelerator.reduce(t, reduction="sum")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run directory, its log and SIGTERM
 
 
 def prepare_run_dir(recipe: Recipe, resuming: bool, writes: bool) -> Path:
@@ -101,6 +201,30 @@ def add_file_log(run_dir: Path, level: str) -> logging.Handler:
     return handler
 
 
+class StopFlag:
+    """Set by SIGTERM: the loop writes a checkpoint at the end of the current step and exits."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._set)
+        return self
+
+    def _set(self, *_):
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """A fresh permutation per epoch from ``seed + epoch``: the data order is a pure function of
     (seed, epoch), so a resumed run sees exactly the batches the killed one would have seen."""
@@ -119,388 +243,448 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n
 
 
-class StopFlag:
-    """Set by SIGTERM: the loop writes a checkpoint at the end of the current step and exits."""
+@dataclass
+class TrainingData:
+    """The run's token rows and their loaders (before Accelerate prepares them)."""
 
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._set)
-        return self
-
-    def _set(self, *_):
-        self.raised = True
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    eval_examples: list[Example]
+    chat: bool
+    truncated: int
+    collate: Collator
+    sampler: EpochSampler
+    loader: DataLoader
+    eval_loader: DataLoader
 
 
-def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None = None) -> TrainResult:
-    """Train as the recipe says. ``resume``: ``"latest"`` (the run's newest checkpoint) or a checkpoint path."""
-    reporter = reporter or Reporter(quiet=True)
+def build_data(recipe: Recipe, tokenizer, num_processes: int, reporter: Reporter) -> TrainingData:
+    """Examples → token rows with loss masks (truncated, optionally packed) → shuffled batches."""
     cfg = recipe.train
-    started = time.perf_counter()
+    chat = uses_chat(tokenizer, recipe.data.chat_template)
+    train_examples, eval_examples = load_examples(recipe.data)
+    train_rows, truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat)
+    eval_rows, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat)
+    if not train_rows:
+        raise BadInput("data: no training example has a token to learn from after truncation")
+    if truncated:
+        reporter.warn(f"{truncated} of {len(train_examples)} examples truncated to data.max_length")
+    if recipe.data.packing:
+        train_rows = pack(train_rows, recipe.data.max_length)
+    reporter.info(
+        f"data: {len(train_examples)} training examples ({len(train_rows)} rows), "
+        f"{len(eval_rows)} held out{', chat template' if chat else ''}"
+    )
+    collate = Collator(tokenizer.pad_token_id)
+    sampler = EpochSampler(len(train_rows), cfg.seed)
+    loader = DataLoader(
+        train_rows,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        # Its own generator: creating a loader iterator must not draw from the global RNG (which
+        # drives dropout), or a resumed run would drift from an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.seed),
+        drop_last=len(train_rows) >= cfg.batch_size * num_processes,
+    )
+    eval_loader = DataLoader(eval_rows, batch_size=recipe.eval.batch_size, collate_fn=collate)
+    return TrainingData(
+        train_rows, eval_rows, eval_examples, chat, truncated, collate, sampler, loader, eval_loader
+    )
 
-    # 1-2. Run directory, accelerator, seed, model with adapter.
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # Several processes on a machine without an accelerator (torchrun on CPUs): connect them over gloo.
-    cpu_only = launched > 1 and not _has_accelerator()
-    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
-    environment = {key: os.environ.get(key) for key in rendezvous}  # Accelerate writes these
-    try:
-        accelerator = Accelerator(
-            mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-            cpu=cfg.cpu or cpu_only,
-            gradient_accumulation_steps=cfg.grad_accum,
-        )
-    except (ValueError, RuntimeError) as e:
-        # Half-built: leave the state and environment as they were, so a later run starts afresh.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        for key, value in environment.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        if launched == 1:
+
+# ---------------------------------------------------------------------------------------------------
+# The loop's bookkeeping
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, the epoch, and batches of it already trained on."""
+
+    step: int = 0
+    epoch: int = 0
+    skip: int = 0  # batches of ``epoch`` a resumed run must not see again
+
+
+@dataclass
+class Tally:
+    """Loss, tokens and the first non-finite loss since the last log step, kept on the device so
+    the hot path never waits for the host; read at log and save steps and at the end."""
+
+    device: torch.device
+    loss_sum: torch.Tensor = field(init=False)
+    tokens: torch.Tensor = field(init=False)
+    first_bad_step: torch.Tensor = field(init=False)  # 0 while every loss is finite
+    first_bad_loss: torch.Tensor = field(init=False)
+    micro_batches: int = 0
+    since: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=self.device)
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=self.device)
+        self.first_bad_loss = torch.zeros((), device=self.device)
+
+    def add(self, loss: torch.Tensor, batch: dict) -> None:
+        self.loss_sum += loss.detach().float()
+        self.micro_batches += 1
+        self.tokens += batch["attention_mask"].sum()
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
+        newly_bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step == 0)
+        self.first_bad_step.masked_fill_(newly_bad, step)
+        self.first_bad_loss = torch.where(newly_bad, loss.detach().float(), self.first_bad_loss)
+
+    def take(self, accelerator: Accelerator) -> tuple[float, float]:
+        """(mean loss over every process, tokens per second over every process) since the last call."""
+        mean_loss = accelerator.reduce(self.loss_sum / self.micro_batches, reduction="mean").item()
+        now = time.perf_counter()
+        tokens_per_s = int(self.tokens) * accelerator.num_processes / max(now - self.since, 1e-9)
+        self.loss_sum.zero_()
+        self.tokens.zero_()
+        self.micro_batches, self.since = 0, now
+        return mean_loss, tokens_per_s
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """One training run; :func:`train` calls its phases in order (module docstring)."""
+
+    def __init__(self, recipe: Recipe, accelerator: Accelerator, reporter: Reporter):
+        self.recipe, self.cfg, self.accelerator = recipe, recipe.train, accelerator
+        self.main = accelerator.is_main_process
+        self.reporter = reporter if self.main else Reporter(quiet=True)
+        # Several processes, each holding only its shards: collectives (gathering a checkpoint,
+        # generating for a score) must then run on every process, not only on the main one.
+        self.fsdp = self.cfg.strategy == "fsdp" and accelerator.num_processes > 1
+        self.position = Position()
+        self.scores: dict[str, float] = {}
+        self.final_loss, self.eval_loss, self.grad_norm = float("nan"), None, None
+        self.train_seconds = 0.0
+
+    @contextmanager
+    def run_directory(self, resume: str | None) -> Iterator[None]:
+        """Check ``output.dir`` (and the checkpoint to resume from), open train.log and catch SIGTERM;
+        an error met inside is logged there, its traceback included, before it reaches the user."""
+        self.resume_from = resolve_resume(Path(self.recipe.output.dir), resume)
+        if resume == "latest" and self.resume_from is None:
+            raise BadInput(f"--resume: {self.recipe.output.dir} has no checkpoint to resume from")
+        self.run_dir = prepare_run_dir(self.recipe, resuming=self.resume_from is not None, writes=self.main)
+        handler = add_file_log(self.run_dir, self.recipe.logging.level) if self.main else None
+        try:
+            with StopFlag() as self.stop:
+                yield
+        except ShardtuneError as e:
+            log.error("error: %s", e)
             raise
-        first = str(e).strip().splitlines()[0]
-        raise BadInput(f"{launched} processes were launched but cannot connect: {first}") from None
-    main = accelerator.is_main_process
-    if accelerator.num_processes != launched:
-        raise BadInput(
-            f"{launched} processes were launched but they are not connected (Accelerate sees "
-            f"{accelerator.num_processes}); on CPUs set ACCELERATE_USE_CPU=1 or use shardtune train --nproc"
-        )
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise BadInput(
-            "the launcher turned on Accelerate's FSDP plugin; shardtune shards through the recipe: "
-            "set train.strategy: fsdp and launch without FSDP options"
-        )
-    # Several processes, each holding only its shards: collectives (gathering a checkpoint,
-    # generating for a score) must then run on every process, not only on the main one.
-    fsdp = cfg.strategy == "fsdp" and accelerator.num_processes > 1
-    resume_from = resolve_resume(Path(recipe.output.dir), resume)
-    if resume == "latest" and resume_from is None:
-        raise BadInput(f"--resume: {recipe.output.dir} has no checkpoint to resume from")
-    run_dir = prepare_run_dir(recipe, resuming=resume_from is not None, writes=main)
-    handler = add_file_log(run_dir, recipe.logging.level) if main else None
-    if not main:
-        reporter = Reporter(quiet=True)
-    stop = StopFlag().__enter__()  # SIGTERM → checkpoint and exit; restored in `finally`
-    try:
+        except Exception:
+            log.exception("training failed")  # the traceback goes to train.log; the user gets one line
+            raise
+        finally:
+            self.reporter.stop()
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+
+    def setup_model(self) -> None:
+        """Load the frozen base model and inject the adapter (resumed: the checkpoint's adapter weights)."""
+        recipe, cfg = self.recipe, self.cfg
         set_seed(cfg.seed)
-        model, tokenizer = load_model(
+        self.model, self.tokenizer = load_model(
             recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
         )
-        targets = inject_adapter(model, recipe.adapter)
+        targets = inject_adapter(self.model, recipe.adapter)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        trainable, total = count_parameters(model)
-        reporter.info(
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+        self.trainable, self.total = count_parameters(self.model)
+        self.reporter.info(
             f"{recipe.adapter.method} on {recipe.model.name}: {len(targets)} layers adapted, "
-            f"{trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})"
+            f"{self.trainable:,} trainable parameters ({100 * self.trainable / self.total:.3f}% of {self.total:,})"
         )
-        if resume_from is not None:
-            attach_weights(model, resume_from)
+        if self.resume_from is not None:
+            attach_weights(self.model, self.resume_from)
         if cfg.strategy == "fsdp":
-            block_classes(model, cfg.fsdp.wrap)  # a wrong train.fsdp.wrap fails here, on one process too
-            if not fsdp:
-                reporter.warn("train.strategy: fsdp with one process: nothing to shard, training unsharded")
+            block_classes(self.model, cfg.fsdp.wrap)  # a wrong train.fsdp.wrap fails here, on one process too
+            if not self.fsdp:
+                self.reporter.warn(
+                    "train.strategy: fsdp with one process: nothing to shard, training unsharded"
+                )
 
-        # 3. Data (and the base model's task score, before any update).
-        chat = uses_chat(tokenizer, recipe.data.chat_template)
-        train_examples, eval_examples = load_examples(recipe.data)
-        train_features, n_truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat)
-        eval_features, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat)
-        if not train_features:
-            raise BadInput("data: no training example has a token to learn from after truncation")
-        if n_truncated:
-            reporter.warn(f"{n_truncated} of {len(train_examples)} examples truncated to data.max_length")
-        if recipe.data.packing:
-            train_features = pack(train_features, recipe.data.max_length)
-        reporter.info(
-            f"data: {len(train_examples)} training examples ({len(train_features)} rows), "
-            f"{len(eval_features)} held out{', chat template' if chat else ''}"
-        )
-        collate = Collator(tokenizer.pad_token_id)
-        sampler = EpochSampler(len(train_features), cfg.seed)
-        loader = DataLoader(
-            train_features,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            collate_fn=collate,
-            # Its own generator: creating a loader iterator must not draw from the global RNG (which
-            # drives dropout), or a resumed run would drift from an uninterrupted one.
-            generator=torch.Generator().manual_seed(cfg.seed),
-            drop_last=len(train_features) >= cfg.batch_size * accelerator.num_processes,
-        )
-        eval_loader = DataLoader(eval_features, batch_size=recipe.eval.batch_size, collate_fn=collate)
+    def setup_data(self) -> None:
+        """Token rows and loaders of the training and held-out examples."""
+        self.data = build_data(self.recipe, self.tokenizer, self.accelerator.num_processes, self.reporter)
 
-        # 4. Sharding (FSDP), optimizer and schedule.
-        if fsdp:
-            if getattr(recipe.adapter, "init", None) == "gradient" and resume_from is None:
-                # LoRS init needs whole dense gradients: each process computes them on its full copy.
-                model.to(accelerator.device)
-                _gradient_init(accelerator, model, train_features, collate, recipe, reporter)
-            layout = shard_model(model, cfg.fsdp, accelerator.device, bf16=cfg.precision == "bf16")
-            reporter.info(
-                f"FSDP over {layout['processes']} processes: {layout['units']} units "
-                f"({', '.join(layout['classes'])}) + the root, which holds the shared adapter stores "
-                f"({layout['root_store_tensors']} tensors); each process holds "
-                f"{100 * layout['local_bytes'] / layout['whole_bytes']:.1f}% of the parameters "
-                f"({layout['local_bytes'] / 2**20:.1f} of {layout['whole_bytes'] / 2**20:.1f} MiB)"
-            )
+    def setup_optimizer(self) -> None:
+        """LoRS gradient init (a fresh run), FSDP sharding, AdamW with its schedule, Accelerate's prepare."""
+        cfg, accelerator = self.cfg, self.accelerator
+        if getattr(self.recipe.adapter, "init", None) == "gradient" and self.resume_from is None:
+            # Before sharding: LoRS init needs whole dense gradients, computed on every process alike.
+            self.model.to(accelerator.device)
+            self._gradient_init()
+        if self.fsdp:
+            self._shard()
+        loader = self.data.loader
         updates_per_epoch = max(1, len(loader) // accelerator.num_processes // cfg.grad_accum)
-        total_steps = cfg.max_steps or max(1, math.ceil(updates_per_epoch * cfg.epochs))
-        params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the shards
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-        scheduler = get_scheduler(
-            SCHEDULES[cfg.schedule],
-            optimizer,
-            num_warmup_steps=cfg.warmup_steps,
-            num_training_steps=total_steps,
+        self.total_steps = cfg.max_steps or max(1, math.ceil(updates_per_epoch * cfg.epochs))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: the shards
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas
         )
-        if fsdp:  # already sharded and placed; Accelerate must not wrap it again
-            optimizer, loader, eval_loader = accelerator.prepare(optimizer, loader, eval_loader)
+        self.scheduler = get_scheduler(
+            SCHEDULES[cfg.schedule],
+            self.optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+        if self.fsdp:  # already sharded and placed; Accelerate must not wrap it again
+            self.optimizer, self.loader, self.eval_loader = accelerator.prepare(
+                self.optimizer, loader, self.data.eval_loader
+            )
         else:
-            model, optimizer, loader, eval_loader = accelerator.prepare(model, optimizer, loader, eval_loader)
-        step, epoch, skip = 0, 0, 0
-        if resume_from is not None:
-            counters = load_training_state(resume_from, optimizer)
-            step, epoch, skip = counters["step"], counters["epoch"], counters["batch_in_epoch"]
-            for _ in range(step):
-                scheduler.step()
-            reporter.info(f"resumed from {resume_from} at step {step}")
-        elif getattr(recipe.adapter, "init", None) == "gradient" and not fsdp:
-            _gradient_init(accelerator, model, train_features, collate, recipe, reporter)
-        scores: dict[str, float] = {}
-        if recipe.eval.score_base and (main or fsdp) and resume_from is None:
-            with adapter_disabled(accelerator.unwrap_model(model)) as base:
-                scores["task_score_base"] = _score(
-                    base, tokenizer, eval_examples, chat, recipe, reporter, "base model", synced=fsdp
-                )
-
-        # 5. Loop over optimizer steps.
-        model.train()
-        loop_started = time.perf_counter()
-        reporter.start(total_steps)
-        # Per-step bookkeeping stays on the device (no host sync in the hot path); it is read at log
-        # steps, before checkpoints and at the end.
-        device = accelerator.device
-        loss_sum, loss_count, last_log = torch.zeros((), device=device), 0, time.perf_counter()
-        tokens = torch.zeros((), dtype=torch.long, device=device)
-        first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # first step with a non-finite loss
-        first_bad_loss = torch.zeros((), device=device)
-        final_loss, eval_loss = float("nan"), None
-
-        def raise_if_diverged() -> None:
-            bad = int(accelerator.reduce(first_bad_step, reduction="max").item())
-            if bad:
-                raise Diverged(
-                    f"loss became {first_bad_loss.item()} at step {bad}; lower train.lr or check the data "
-                    f"(last good checkpoint: {_last_checkpoint(run_dir)})"
-                )
-
-        while step < total_steps:
-            # The prepared loader re-sets its sampler's epoch from its own counter on every pass:
-            # set both, so a resumed run (whose loader starts counting at 0) sees the right order.
-            sampler.set_epoch(epoch)
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            for batch_in_epoch, batch in enumerate(batches, start=skip + 1):
-                with accelerator.accumulate(model):
-                    if fsdp:  # reduce-scatter the gradients only on the micro-batch that steps
-                        model.set_requires_gradient_sync(accelerator.sync_gradients)
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().float()
-                loss_count += 1
-                tokens += batch["attention_mask"].sum()
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                step += 1
-                newly_bad = ~torch.isfinite(loss.detach()) & (first_bad_step == 0)
-                first_bad_step.masked_fill_(newly_bad, step)
-                first_bad_loss = torch.where(newly_bad, loss.detach().float(), first_bad_loss)
-                counters = {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
-
-                is_log_step = step % recipe.logging.every == 0 or step == total_steps or step == 1
-                is_save_step = bool(cfg.save_every) and step % cfg.save_every == 0 and step < total_steps
-                # SIGTERM must be seen by every process at the same step: one collective at log/save
-                # steps when there are several processes, a plain flag read otherwise.
-                stopping = stop.raised
-                if accelerator.num_processes > 1:
-                    stopping = (is_log_step or is_save_step) and _any_process(accelerator, stop.raised)
-                if is_log_step or is_save_step or stopping:
-                    raise_if_diverged()  # before anything is logged or written
-                if is_log_step:
-                    mean_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
-                    loss_sum.zero_()
-                    loss_count = 0
-                    final_loss = mean_loss
-                    now = time.perf_counter()
-                    metrics = {
-                        "step": step,
-                        "loss": mean_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(full_tensor(grad_norm)) if grad_norm is not None else None,
-                        "tokens_per_s": int(tokens) * accelerator.num_processes / max(now - last_log, 1e-9),
-                    }
-                    tokens.zero_()
-                    last_log = now
-                    if recipe.eval.every and step % recipe.eval.every == 0 and len(eval_features):
-                        eval_loss = heldout_loss(model, eval_loader, accelerator_sum(accelerator))
-                        metrics["eval_loss"] = eval_loss
-                    if main:
-                        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                            f.write(json.dumps(metrics) + "\n")
-                    reporter.step(step, {k: v for k, v in metrics.items() if v is not None}, log_line=True)
-                else:
-                    reporter.step(step, {}, log_line=False)
-
-                if is_save_step or stopping:
-                    accelerator.wait_for_everyone()
-                    if main or fsdp:  # under FSDP every process gathers its shards
-                        snapshot = take_snapshot(accelerator.unwrap_model(model), optimizer)
-                    if main:
-                        ckpt = save_checkpoint(
-                            accelerator.unwrap_model(model),
-                            recipe,
-                            run_dir,
-                            step,
-                            cfg.keep_checkpoints,
-                            counters=counters,
-                            snapshot=snapshot,
-                        )
-                    if stopping:
-                        raise Terminated(
-                            f"stopped by SIGTERM at step {step}; checkpoint written to {run_dir / ckpt.name if main else run_dir}; "
-                            "continue with: shardtune train RECIPE --resume"
-                        )
-                if step >= total_steps:
-                    break
-            epoch, skip = epoch + 1, 0
-        reporter.stop()
-        raise_if_diverged()
-        train_seconds = time.perf_counter() - loop_started
-
-        if len(eval_features):
-            eval_loss = heldout_loss(model, eval_loader, accelerator_sum(accelerator))
-            reporter.info(f"eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})")
-        if recipe.eval.score and (main or fsdp):
-            tuned = accelerator.unwrap_model(model)
-            scores["task_score"] = _score(
-                tuned, tokenizer, eval_examples, chat, recipe, reporter, "tuned model", synced=fsdp
+            self.model, self.optimizer, self.loader, self.eval_loader = accelerator.prepare(
+                self.model, self.optimizer, loader, self.data.eval_loader
             )
 
-        # 6. Final adapter.
+    def _gradient_init(self) -> None:
+        """LoRS: A from the SVD of the dense gradient on the first training examples (same on every rank)."""
+        from shardtune.adapters.lors import gradient_init
+
+        recipe, accelerator = self.recipe, self.accelerator
+        first = DataLoader(
+            self.data.train_rows[: recipe.adapter.init_samples],
+            batch_size=recipe.train.batch_size,
+            collate_fn=self.data.collate,
+        )
+        batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in first)
+        seen = gradient_init(self.model, batches, recipe.adapter)
+        if accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+        self.reporter.info(f"adapter A initialised from the dense gradient of {seen} examples (LoRS init)")
+
+    def _shard(self) -> None:
+        """FSDP2 units per block plus the root (which holds the shared stores); report the layout."""
+        cfg = self.cfg
+        layout = shard_model(
+            self.model,
+            wrap=cfg.fsdp.wrap,
+            reshard_after_forward=cfg.fsdp.reshard_after_forward,
+            device=self.accelerator.device,
+            bf16=cfg.precision == "bf16",
+        )
+        self.reporter.info(
+            f"FSDP over {layout['processes']} processes: {layout['units']} units "
+            f"({', '.join(layout['classes'])}) + the root, which holds the shared adapter stores "
+            f"({layout['root_store_tensors']} tensors); each process holds "
+            f"{100 * layout['local_bytes'] / layout['whole_bytes']:.1f}% of the parameters "
+            f"({layout['local_bytes'] / 2**20:.1f} of {layout['whole_bytes'] / 2**20:.1f} MiB)"
+        )
+
+    def restore_or_score(self) -> None:
+        """Resumed: optimizer, RNG states and data position from the checkpoint. Fresh: the base
+        model's task score (``eval.score_base``), before any update."""
+        if self.resume_from is not None:
+            counters = load_training_state(self.resume_from, self.optimizer)
+            self.position = Position(counters["step"], counters["epoch"], counters["batch_in_epoch"])
+            for _ in range(self.position.step):
+                self.scheduler.step()
+            self.reporter.info(f"resumed from {self.resume_from} at step {self.position.step}")
+        elif self.recipe.eval.score_base and (self.main or self.fsdp):
+            with adapter_disabled(self.accelerator.unwrap_model(self.model)) as base:
+                self.scores["task_score_base"] = self._score(base, "base model")
+
+    def loop(self) -> None:
+        """Optimizer steps until the last one: :meth:`train_step` per micro-batch, then
+        :meth:`at_interval` after each optimizer step."""
+        self.model.train()
+        started = time.perf_counter()
+        self.reporter.start(self.total_steps)
+        self.tally = Tally(self.accelerator.device)
+        position = self.position
+        while position.step < self.total_steps:
+            for batch_in_epoch, batch in self._epoch_batches():
+                if self.train_step(batch):
+                    self.at_interval(batch_in_epoch)
+                    if position.step >= self.total_steps:
+                        break
+            position.epoch, position.skip = position.epoch + 1, 0
+        self.reporter.stop()
+        self._raise_if_diverged()
+        self.train_seconds = time.perf_counter() - started
+
+    def _epoch_batches(self):
+        """(batch number in the epoch, batch) for the current epoch, without the ones already trained on."""
+        epoch, skip = self.position.epoch, self.position.skip
+        # The prepared loader re-sets its sampler's epoch from its own counter on every pass:
+        # set both, so a resumed run (whose loader starts counting at 0) sees the right order.
+        self.data.sampler.set_epoch(epoch)
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        batches = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        return enumerate(batches, start=skip + 1)
+
+    def train_step(self, batch: dict) -> bool:
+        """Forward, backward and (on the last micro-batch of a step) clip, AdamW and schedule;
+        True when an optimizer step was taken."""
+        accelerator, model = self.accelerator, self.model
+        with accelerator.accumulate(model):
+            if self.fsdp:  # reduce-scatter the gradients only on the micro-batch that steps
+                model.set_requires_gradient_sync(accelerator.sync_gradients)
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            self.grad_norm = None
+            if accelerator.sync_gradients and self.cfg.max_grad_norm > 0:
+                self.grad_norm = accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.tally.add(loss, batch)
+        if not accelerator.sync_gradients:
+            return False
+        self.scheduler.step()
+        self.position.step += 1
+        self.tally.check_finite(loss, self.position.step)
+        return True
+
+    def at_interval(self, batch_in_epoch: int) -> None:
+        """After an optimizer step: log (and evaluate), checkpoint, and stop on SIGTERM, each when due."""
+        step, cfg = self.position.step, self.cfg
+        is_log_step = step % self.recipe.logging.every == 0 or step == self.total_steps or step == 1
+        is_save_step = bool(cfg.save_every) and step % cfg.save_every == 0 and step < self.total_steps
+        stopping = self._stop_requested(at_sync_point=is_log_step or is_save_step)
+        if is_log_step or is_save_step or stopping:
+            self._raise_if_diverged()  # before anything is logged or written
+        if is_log_step:
+            self.log_metrics()
+        else:
+            self.reporter.step(step, {}, log_line=False)
+        if is_save_step or stopping:
+            checkpoint = self.save_checkpoint(
+                {"epoch": self.position.epoch, "batch_in_epoch": batch_in_epoch}
+            )
+        if stopping:
+            raise Terminated(
+                f"stopped by SIGTERM at step {step}; checkpoint written to {checkpoint or self.run_dir}; "
+                "continue with: shardtune train RECIPE --resume"
+            )
+
+    def _stop_requested(self, at_sync_point: bool) -> bool:
+        """SIGTERM seen. With several processes it must be seen by all at the same step: one
+        collective, at log/save steps only."""
+        if self.accelerator.num_processes == 1:
+            return self.stop.raised
+        return at_sync_point and _any_process(self.accelerator, self.stop.raised)
+
+    def _raise_if_diverged(self) -> None:
+        """Stop with exit code 3 if any process saw a non-finite loss."""
+        bad = int(self.accelerator.reduce(self.tally.first_bad_step, reduction="max").item())
+        if bad:
+            raise Diverged(
+                f"loss became {self.tally.first_bad_loss.item()} at step {bad}; lower train.lr or check the "
+                f"data (last good checkpoint: {_last_checkpoint(self.run_dir)})"
+            )
+
+    def log_metrics(self) -> None:
+        """One metrics.jsonl line and progress update: mean loss since the last one, lr, gradient
+        norm, tokens/s, and the held-out loss when ``eval.every`` says so."""
+        step = self.position.step
+        mean_loss, tokens_per_s = self.tally.take(self.accelerator)
+        self.final_loss = mean_loss
+        metrics = {
+            "step": step,
+            "loss": mean_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(full_tensor(self.grad_norm)) if self.grad_norm is not None else None,
+            "tokens_per_s": tokens_per_s,
+        }
+        every = self.recipe.eval.every
+        if every and step % every == 0 and len(self.data.eval_rows):
+            self.eval_loss = heldout_loss(self.model, self.eval_loader, accelerator_sum(self.accelerator))
+            metrics["eval_loss"] = self.eval_loss
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+        self.reporter.step(step, {k: v for k, v in metrics.items() if v is not None}, log_line=True)
+
+    def save_checkpoint(self, counters: dict) -> Path | None:
+        """``checkpoint-<step>`` with everything needed to resume exactly; the main process writes it
+        (under FSDP every process first gathers its shards). Returns its path on the main process."""
+        self.accelerator.wait_for_everyone()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        snapshot = take_snapshot(unwrapped, self.optimizer) if self.main or self.fsdp else None
+        if not self.main:
+            return None
+        return save_checkpoint(
+            unwrapped,
+            self.recipe,
+            self.run_dir,
+            self.position.step,
+            self.cfg.keep_checkpoints,
+            counters=counters,
+            snapshot=snapshot,
+        )
+
+    def finish(self, started: float) -> TrainResult:
+        """Held-out loss and task score of the tuned model; the final adapter and result.json."""
+        accelerator, main = self.accelerator, self.main
+        if len(self.data.eval_rows):
+            self.eval_loss = heldout_loss(self.model, self.eval_loader, accelerator_sum(accelerator))
+            self.reporter.info(
+                f"eval loss {self.eval_loss:.4f} (perplexity {math.exp(min(self.eval_loss, 50)):.2f})"
+            )
+        if self.recipe.eval.score and (main or self.fsdp):
+            self.scores["task_score"] = self._score(accelerator.unwrap_model(self.model), "tuned model")
         accelerator.wait_for_everyone()
-        tensors = adapter_state_dict(accelerator.unwrap_model(model)) if main or fsdp else None
+        unwrapped = accelerator.unwrap_model(self.model)
+        tensors = adapter_state_dict(unwrapped) if main or self.fsdp else None
         if main:
-            save_adapter(accelerator.unwrap_model(model), recipe, run_dir, step, tensors)
+            save_adapter(unwrapped, self.recipe, self.run_dir, self.position.step, tensors)
         result = TrainResult(
-            run_dir=str(run_dir),
-            method=recipe.adapter.method,
-            steps=step,
-            final_loss=final_loss,
-            eval_loss=eval_loss,
-            trainable_parameters=trainable,
-            total_parameters=total,
-            truncated_examples=n_truncated,
+            run_dir=str(self.run_dir),
+            method=self.recipe.adapter.method,
+            steps=self.position.step,
+            final_loss=self.final_loss,
+            eval_loss=self.eval_loss,
+            trainable_parameters=self.trainable,
+            total_parameters=self.total,
+            truncated_examples=self.data.truncated,
             seconds=time.perf_counter() - started,
-            train_seconds=train_seconds,
-            **scores,
+            train_seconds=self.train_seconds,
+            **self.scores,
         )
         if main:
-            (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        reporter.info(f"adapter written to {run_dir}")
+            (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        self.reporter.info(f"adapter written to {self.run_dir}")
         return result
-    except ShardtuneError as e:
-        log.error("error: %s", e)
-        raise
-    except Exception:
-        log.exception("training failed")  # the traceback goes to train.log; the user gets one line
-        raise
-    finally:
-        stop.__exit__(None, None, None)
-        reporter.stop()
-        if accelerator.num_processes == 1:
-            # Let a later run in this process (tests, `compare`) pick its own precision/device.
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
 
-
-def _gradient_init(accelerator, model, features, collate, recipe: Recipe, reporter: Reporter) -> None:
-    """LoRS: A from the SVD of the dense gradient on the first training examples (same on every rank)."""
-    from shardtune.adapters.lors import gradient_init
-
-    first = DataLoader(
-        features[: recipe.adapter.init_samples], batch_size=recipe.train.batch_size, collate_fn=collate
-    )
-    batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in first)
-    seen = gradient_init(accelerator.unwrap_model(model), batches, recipe.adapter)
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.broadcast(p.data, src=0)
-    reporter.info(f"adapter A initialised from the dense gradient of {seen} examples (LoRS init)")
-
-
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-
-
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-def accelerator_sum(accelerator: Accelerator):
-    return lambda t: accelerator.reduce(t, reduction="sum")
-
-
-def _score(
-    model, tokenizer, examples, chat, recipe: Recipe, reporter: Reporter, who: str, synced: bool = False
-) -> float:
-    """Exact-match score; ``synced``: every process generates the same answers in lockstep (FSDP)."""
-    if recipe.data.task is None:
-        raise BadInput("eval.score: exact-match scoring needs a builtin task (data.task)")
-    if not examples:
-        raise BadInput("eval.score: no held-out examples to score (data.eval_samples is 0)")
-    result = score_task(
-        model, tokenizer, examples, chat, recipe.eval.max_new_tokens, recipe.eval.batch_size, synced=synced
-    )
-    reporter.info(
-        f"{who}: exact match {result.correct}/{result.total} = {100 * result.accuracy:.1f}% on held-out "
-        f"{recipe.data.task} items (e.g. {result.samples[0]['prompt']!r} → {result.samples[0]['answer']!r})"
-    )
-    return result.accuracy
+    def _score(self, model, who: str) -> float:
+        """Exact-match score on the held-out items; under FSDP every process generates in lockstep."""
+        recipe = self.recipe
+        if recipe.data.task is None:
+            raise BadInput("eval.score: exact-match scoring needs a builtin task (data.task)")
+        examples = self.data.eval_examples
+        if not examples:
+            raise BadInput("eval.score: no held-out examples to score (data.eval_samples is 0)")
+        result = score_task(
+            model,
+            self.tokenizer,
+            examples,
+            self.data.chat,
+            recipe.eval.max_new_tokens,
+            recipe.eval.batch_size,
+            synced=self.fsdp,
+        )
+        self.reporter.info(
+            f"{who}: exact match {result.correct}/{result.total} = {100 * result.accuracy:.1f}% on held-out "
+            f"{recipe.data.task} items (e.g. {result.samples[0]['prompt']!r} → {result.samples[0]['answer']!r})"
+        )
+        return result.accuracy
 
 
 def _last_checkpoint(run_dir: Path) -> str:

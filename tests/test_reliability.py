@@ -305,14 +305,12 @@ def test_torchrun_on_cpus_trains_like_nproc(tmp_path):
 
 
 def test_nproc_hands_multi_node_flags_to_accelerate_launch(monkeypatch):
-    import subprocess as sp
-
-    from shardtune import cli
+    from shardtune import launcher
 
     calls = []
-    monkeypatch.setattr(sp, "call", lambda command, env: calls.append((command, env)) or 7)
+    monkeypatch.setattr(launcher.subprocess, "call", lambda command, env: calls.append((command, env)) or 7)
     flags = "--num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1 --main_process_port 29500"
-    assert cli.launch(8, ["r.yaml", "--set", "train.lr=1e-3"], flags, cpu=False) == 7  # its exit code
+    assert launcher.launch(8, ["r.yaml", "--set", "train.lr=1e-3"], flags, cpu=False) == 7  # its exit code
     command, env = calls[0]
     launch_at = command.index("shardtune.launcher")  # accelerate launch, ending in an exit code
     assert command[launch_at + 1 : launch_at + 3] == ["--num_processes", "8"]

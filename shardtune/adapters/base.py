@@ -21,6 +21,8 @@ see each parameter exactly once; a layer keeps an *unregistered* reference to th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -168,6 +170,26 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             self._add_delta(-1.0)
             self.merged = False
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    """Every adapted layer of ``model`` by its module path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+
+
+def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    for layer in adapted_layers(model).values():
+        layer.enabled = enabled
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the frozen base model: ``with adapter_disabled(model): base_logits = model(x).logits``."""
+    set_adapter_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_adapter_enabled(model, True)
 
 
 class AdapterMethod:

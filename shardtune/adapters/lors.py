@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
+from shardtune.adapters.base import (
+    AdapterMethod,
+    AdapterOptions,
+    LayerAdapter,
+    Target,
+    adapted_layers,
+    adapter_disabled,
+)
 
 
 class LorsOptions(AdapterOptions):
@@ -169,8 +176,6 @@ def gradient_init(model: nn.Module, batches, options: LorsOptions) -> int:
 
     ``batches`` yields model inputs with labels; returns the number of examples used.
     """
-    from shardtune.adapters.model import adapted_layers, adapter_disabled
-
     layers = {n: m for n, m in adapted_layers(model).items() if isinstance(m.adapter, LorsAdapter)}
     weights = [m.base_layer.weight for m in layers.values()]
     for w in weights:

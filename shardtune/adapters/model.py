@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from shardtune.adapters import get_method
-from shardtune.adapters.base import DTYPES, STORES_ATTR, AdaptedLinear, AdapterOptions, Target
+from shardtune.adapters.base import (  # noqa: F401  (adapted_layers & co. are used from here too)
+    DTYPES,
+    STORES_ATTR,
+    AdaptedLinear,
+    AdapterOptions,
+    Target,
+    adapted_layers,
+    adapter_disabled,
+    set_adapter_enabled,
+)
 from shardtune.errors import BadInput, RecipeError
 from shardtune.fsdp import full_tensor, like_parameter
 
@@ -124,10 +132,6 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
     return targets
 
 
-def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
-
-
 def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Every adapter parameter once: shared stores first, then each layer's own."""
     stores = getattr(model, STORES_ATTR, None)
@@ -185,21 +189,6 @@ def load_adapter_state_dict(
         if t.shape != p.shape:
             raise BadInput(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
         p.copy_(like_parameter(t.to(p.dtype), p))
-
-
-def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
-    for layer in adapted_layers(model).values():
-        layer.enabled = enabled
-
-
-@contextmanager
-def adapter_disabled(model: nn.Module):
-    """Run the frozen base model: ``with adapter_disabled(model): base_logits = model(x).logits``."""
-    set_adapter_enabled(model, False)
-    try:
-        yield model
-    finally:
-        set_adapter_enabled(model, True)
 
 
 def merge_adapter(model: nn.Module) -> None:

@@ -1,0 +1,102 @@
+"""`shardtune merge`, `export` and `prune`: commands that write a model or adapter directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shardtune.cli.common import JsonOption, out_console, print_json
+from shardtune.errors import BadInput
+
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")]
+RunArgument = Annotated[Path, typer.Argument(help="Run or checkpoint directory.", show_default=False)]
+
+
+def merge(
+    run_dir: RunArgument,
+    out: OutOption,
+    dtype: Annotated[str, typer.Option(help="dtype of the written weights: bf16, fp16 or fp32.")] = "bf16",
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Merge the adapter into its base model (in fp32) → a plain transformers model directory."""
+    from shardtune.export import merge_run
+
+    result = merge_run(run_dir, out, dtype, overwrite)
+    if json_output:
+        print_json(result)
+    else:
+        out_console.print(
+            f"merged {result['method']} adapter into {result['base_model']} → {out} ({dtype})", markup=False
+        )
+
+
+def export(
+    run_dir: RunArgument,
+    out: OutOption,
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="peft (a standard LoRA adapter) or shardtune.")
+    ] = "peft",
+    overwrite: OverwriteOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Write the adapter in another format: `peft` (PEFT/vLLM/transformers-loadable LoRA) or `shardtune`."""
+    from shardtune.export import export_native, export_peft
+
+    if format == "peft":
+        result = export_peft(run_dir, out, overwrite)
+    elif format == "shardtune":
+        result = export_native(run_dir, out, overwrite)
+    else:
+        raise BadInput(f"--format: unknown format {format!r}; available: peft, shardtune")
+    if json_output:
+        print_json(result)
+    elif format == "peft":
+        out_console.print(
+            f"{result['method']} adapter written as a PEFT LoRA (r={result['r']}, {result['layers']} layers) to {out}; "
+            f"serve with e.g. vLLM --enable-lora --max-lora-rank {max(8, 1 << (result['r'] - 1).bit_length())}",
+            markup=False,
+        )
+    else:
+        out_console.print(f"adapter copied to {out}", markup=False)
+
+
+def prune(
+    model: Annotated[str, typer.Argument(help="Model: builtin alias, local directory or cached hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output HF model directory.")],
+    method: Annotated[str, typer.Option(help="magnitude or wanda.")] = "magnitude",
+    sparsity: Annotated[float, typer.Option(help="Unstructured ratio of weights set to zero.")] = 0.5,
+    pattern: Annotated[
+        str | None, typer.Option(help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity).")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Recipe whose data gives the calibration samples (wanda).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration examples (wanda).")] = 128,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Prune a model's linear layers (magnitude or Wanda; ratio or N:M) into a new model directory for LoRS."""
+    from rich.table import Table
+
+    from shardtune.prune import prune_to_directory
+
+    report = prune_to_directory(model, out, method, sparsity, pattern, recipe, samples, dtype, overwrite)
+    if json_output:
+        print_json(report)
+        return
+    table = Table(title=f"{method} pruning, {report['pattern']} → {out}")
+    for col in ("layer", "zeros", "of", "sparsity"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in report["layers"]:
+        table.add_row(row["layer"], f"{row['zeros']:,}", f"{row['total']:,}", f"{100 * row['sparsity']:.1f}%")
+    out_console.print(table)
+    out_console.print(
+        f"overall sparsity of the pruned layers: {100 * report['overall_sparsity']:.2f}%", markup=False
+    )

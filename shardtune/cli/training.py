@@ -1,0 +1,113 @@
+"""`shardtune train` and `shardtune compare`: runs that train adapters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shardtune.cli.common import JsonOption, QuietOption, SetOption, out_console, print_json
+
+
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    set_: SetOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue from the run's newest checkpoint (or: --resume CHECKPOINT_DIR)."
+        ),
+    ] = False,
+    resume_from: Annotated[
+        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint-N directory.")
+    ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc", min=1, help="Processes to launch through Accelerate (GPUs, or gloo on CPUs)."
+        ),
+    ] = 1,
+    launch_args: Annotated[
+        str | None,
+        typer.Option(
+            "--launch-args",
+            help='Extra `accelerate launch` flags, e.g. "--num_machines 2 --machine_rank 0 --main_process_ip HOST".',
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate the recipe, print it resolved, and stop.")
+    ] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train an adapter as the RECIPE says; the run directory gets the adapter, metrics and log.
+
+    Exit codes: 0 done, 1 internal error, 2 bad recipe/data/model, 3 diverged (NaN loss), 130 interrupted,
+    143 stopped by SIGTERM (a checkpoint was written; continue with --resume).
+    """
+    from dataclasses import asdict
+
+    from shardtune.launcher import launch
+    from shardtune.progress import Reporter
+    from shardtune.recipe import load_recipe, recipe_to_yaml
+
+    resolved = load_recipe(recipe, set_)
+    if dry_run:
+        if json_output:
+            out_console.print_json(data=resolved.model_dump(mode="json"))
+        else:
+            out_console.print(recipe_to_yaml(resolved), markup=False, end="")
+        return
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
+        forwarded += ["--resume"] if resume else []
+        forwarded += ["--resume-from", str(resume_from)] if resume_from else []
+        forwarded += ["--json"] if json_output else []
+        forwarded += ["-q"] if quiet else []
+        raise typer.Exit(launch(nproc, forwarded, launch_args, cpu=resolved.train.cpu))
+    from shardtune.train import train as run_training
+
+    which = str(resume_from) if resume_from else ("latest" if resume else None)
+    result = run_training(resolved, Reporter.for_cli(json_output, quiet), resume=which)
+    if json_output and os.environ.get("RANK", "0") == "0":  # one summary, from the main process
+        print_json(asdict(result))
+
+
+def compare(
+    recipe: Annotated[
+        Path, typer.Argument(help="Recipe YAML file (its adapter keys are shared where they apply).")
+    ],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "lora,fossil,mos,sharelora",
+    set_: SetOption = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Loss curves PNG (needs matplotlib).")] = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
+    from rich.table import Table
+
+    from shardtune.compare import compare as run_compare
+    from shardtune.progress import Reporter
+    from shardtune.recipe import load_recipe
+
+    report = run_compare(
+        load_recipe(recipe, set_),
+        [m.strip() for m in methods.split(",") if m.strip()],
+        Reporter.for_cli(json_output, quiet),
+        plot,
+    )
+    if json_output:
+        print_json(report["rows"])
+        return
+    table = Table(title=f"compare on {report['recipe_model']}")
+    for col in ("method", "eval loss", "task score", "trainable", "s/step"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in report["rows"]:
+        score = f"{100 * r['task_score']:.1f}%" if r["task_score"] is not None else "-"
+        eval_loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
+        table.add_row(
+            r["method"], eval_loss, score, f"{r['trainable_parameters']:,}", f"{r['seconds_per_step']:.3f}"
+        )
+    out_console.print(table)
