@@ -41,11 +41,14 @@ def shardtune(*args, **kw):
     )
 
 
-def same_adapter(a: Path, b: Path, atol: float = 1e-6) -> None:
+def same_adapter(a: Path, b: Path, atol: float = 1e-6, exact: bool = False) -> None:
     x, y = load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors")
     assert x.keys() == y.keys()
     for k in x:
-        torch.testing.assert_close(x[k], y[k], atol=atol, rtol=1e-5, msg=k)
+        if exact:
+            assert torch.equal(x[k], y[k]), k
+        else:
+            torch.testing.assert_close(x[k], y[k], atol=atol, rtol=1e-5, msg=k)
 
 
 LONG = {
@@ -73,7 +76,7 @@ def test_sigkill_then_resume_gives_the_same_adapter(tmp_path):
     resumed = shardtune(killed, "--resume", "-q")
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    same_adapter(tmp_path / "ref", tmp_path / "killed")
+    same_adapter(tmp_path / "ref", tmp_path / "killed", exact=True)  # bit for bit
 
 
 def test_resume_from_a_named_checkpoint(tmp_path):
