@@ -142,6 +142,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def read_adapter_config(directory: Path) -> dict:
+    """adapter.json of a run or checkpoint, checked key by key (one line naming the file and the key)."""
     path = directory / ADAPTER_CONFIG
     if not directory.is_dir():
         raise BadInput(f"{directory}: no such run or adapter directory")
@@ -153,9 +154,26 @@ def read_adapter_config(directory: Path) -> dict:
         raise BadInput(f"{path}: corrupt adapter config ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BadInput(f"{path}: not a shardtune adapter config (format is not {FORMAT!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BadInput(f"{path}: written by a newer shardtune (format {version}); please upgrade")
+    expected = {
+        "method": str,
+        "options": dict,
+        "targets": list,
+        "base_model": dict,
+        "step": int,
+    }
+    for key, kind in expected.items():
+        if key not in meta:
+            raise BadInput(f"{path}: missing key {key!r}; the file was edited or cut short")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise BadInput(f"{path}: key {key!r} must be a {kind.__name__}, got {meta[key]!r}")
+    if not isinstance(meta["base_model"].get("name"), str):
+        raise BadInput(f"{path}: key 'base_model.name' is missing or not a string")
+    if meta["options"].get("method", meta["method"]) != meta["method"]:
         raise BadInput(
-            f"{path}: written by a newer shardtune (format {meta['format_version']}); please upgrade"
+            f"{path}: key 'method' says {meta['method']!r} but 'options.method' says {meta['options']['method']!r}"
         )
     return meta
 
@@ -167,18 +185,24 @@ def adapter_options_from_config(meta: dict, source: str) -> AdapterOptions:
             f"{source}: unknown adapter method {method!r}; this shardtune knows {', '.join(METHODS)}"
         )
     try:
-        return METHODS[method].Options.model_validate(meta.get("options", {}))
+        return METHODS[method].Options.model_validate({**meta.get("options", {}), "method": method})
     except ValidationError as e:
-        raise BadInput(f"{source}: invalid adapter options ({e.errors()[0]['msg']})") from None
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise BadInput(f"{source}: invalid adapter option {where!r} ({err['msg']})") from None
 
 
 def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of a run or checkpoint; missing, empty, cut short or corrupt: one line."""
     if not path.is_file():
-        raise BadInput(f"{path}: adapter weights not found")
+        raise BadInput(f"{path}: file not found; the run is incomplete")
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path}: empty file; the run is incomplete or the file was cut short")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BadInput(f"{path}: corrupt or unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{path}: corrupt or truncated safetensors file ({first})") from None
 
 
 def attach_adapter(model: nn.Module, directory: Path) -> dict:
@@ -272,13 +296,7 @@ def load_training_state(directory: Path, optimizer) -> dict:
     """
     import random
 
-    path = directory / TRAINER_STATE
-    if not path.is_file() or not (directory / OPTIMIZER_FILE).is_file():
-        raise BadInput(f"--resume: {directory} has no training state (was it written by shardtune train?)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: corrupt trainer state ({e})") from None
+    meta = read_trainer_state(directory)
     tensors = read_adapter_weights(directory / OPTIMIZER_FILE)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
@@ -319,8 +337,47 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         return None
     if resume == "latest":
         found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise BadInput(f"--resume: {resume} is not a checkpoint directory (no {ADAPTER_CONFIG})")
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise BadInput(f"--resume-from: {resume} is not a directory")
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise BadInput(f"--resume-from: {resume} is not a checkpoint directory (no {ADAPTER_CONFIG})")
     return path
+
+
+def check_checkpoint(directory: Path) -> int:
+    """Read every file of a checkpoint (before a resumed run touches anything); return its step.
+    Anything missing or broken: one line naming the file, and nothing is written."""
+    meta = read_adapter_config(directory)
+    adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
+    read_adapter_weights(directory / ADAPTER_WEIGHTS)
+    state = read_trainer_state(directory)
+    read_adapter_weights(directory / OPTIMIZER_FILE)
+    rng = read_adapter_weights(directory / RNG_FILE)
+    if "torch_cpu" not in rng:
+        raise BadInput(f"{directory / RNG_FILE}: holds no CPU random state; the file was edited")
+    return state["step"]
+
+
+def read_trainer_state(directory: Path) -> dict:
+    """trainer_state.json of a checkpoint: counters, optimizer param groups, Python's RNG state."""
+    path = directory / TRAINER_STATE
+    if not path.is_file() or not (directory / OPTIMIZER_FILE).is_file():
+        raise BadInput(f"--resume: {directory} has no training state (was it written by shardtune train?)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: corrupt trainer state ({e})") from None
+    if not isinstance(meta, dict):
+        raise BadInput(f"{path}: corrupt trainer state (not a JSON object)")
+    for key in ("step", "epoch", "batch_in_epoch", "param_groups", "python_rng"):
+        if key not in meta:
+            raise BadInput(f"{path}: missing key {key!r}; the file was edited or cut short")
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise BadInput(f"{path}: key {key!r} must be a whole number, got {meta[key]!r}")
+    return meta

@@ -14,8 +14,19 @@ from pathlib import Path
 
 from shardtune.adapters import METHODS
 from shardtune.errors import BadInput
+from shardtune.fileio import (
+    atomic_write_text,
+    check_output_dir,
+    check_plot_path,
+    make_directory,
+    save_figure,
+    write_marker,
+)
 from shardtune.progress import Reporter
 from shardtune.recipe import Recipe, recipe_from_dict
+
+COMPARE_FILE = "compare.json"
+COMPARE_ENTRIES = [*METHODS, COMPARE_FILE]  # one run directory per method, and the summary
 
 
 def method_recipe(recipe: Recipe, method: str, out_dir: Path) -> Recipe:
@@ -34,7 +45,21 @@ def compare(recipe: Recipe, methods: list[str], reporter: Reporter, plot: Path |
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise BadInput(f"--methods: unknown method {unknown[0]!r}; available: {', '.join(METHODS)}")
-    out_dir = Path(recipe.output.dir) / "compare"
+    if plot is not None:
+        check_plot_path(plot, "--plot")
+    out_dir = Path(recipe.output.dir).expanduser() / "compare"
+    model = Path(recipe.model.name).expanduser()
+    check_output_dir(
+        out_dir,
+        "output.dir",
+        replace=recipe.output.overwrite,
+        what="an earlier comparison",
+        replace_hint="--set output.overwrite=true to replace it, or choose another output.dir",
+        inputs=[model if (model / "config.json").is_file() else None, recipe.data.path],
+        legacy=lambda d: COMPARE_ENTRIES if (d / COMPARE_FILE).is_file() else None,
+    )
+    make_directory(out_dir)
+    write_marker(out_dir, "compare", COMPARE_ENTRIES)
     rows, curves = [], {}
     for method in methods:
         reporter.info(f"— {method} —")
@@ -61,7 +86,7 @@ def compare(recipe: Recipe, methods: list[str], reporter: Reporter, plot: Path |
         "rows": rows,
         "curves": curves,
     }
-    (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / COMPARE_FILE, json.dumps(report, indent=2) + "\n")
     if plot is not None:
         plot_curves(curves, plot)
     return report
@@ -83,5 +108,7 @@ def plot_curves(curves: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

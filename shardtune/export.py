@@ -26,22 +26,19 @@ from shardtune.adapters.base import STORES_ATTR
 from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter, merge_adapter
 from shardtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, load_adapted_model
 from shardtune.errors import BadInput
-from shardtune.fileio import atomic_directory
+from shardtune.fileio import check_output_dir, write_output_dir
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora")
 
 
-def write_directory(out: Path, write, overwrite: bool) -> None:
-    """Fill ``out`` atomically with ``write(tmp_dir)``; refuse a non-empty ``out`` unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise BadInput(f"--out: {out} exists and is not empty (pass --overwrite to replace it)")
-    try:
-        with atomic_directory(out) as tmp:
-            write(tmp)
-    except OSError as e:
-        raise BadInput(f"--out: could not write {out}: {e.strerror or e}") from None
+def _inputs(run_dir: Path) -> list[Path | None]:
+    """What merge/export read: the run (or checkpoint) and, when it is a local directory, its base model."""
+    from shardtune.checkpoint import read_adapter_config
+
+    name = read_adapter_config(run_dir)["base_model"]["name"]
+    base = Path(name).expanduser()
+    return [run_dir, base if base.is_dir() else None]
 
 
 def unwrap_merged(model: nn.Module) -> nn.Module:
@@ -61,6 +58,8 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwri
     """Merge the run's adapter into its base model and write a plain HF model directory."""
     if dtype not in MERGE_DTYPES:
         raise BadInput(f"--dtype: expected one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
+    inputs = _inputs(Path(run_dir))
+    check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything
     model, tokenizer, meta = load_adapted_model(run_dir, dtype="float32")
     merge_adapter(model)
     unwrap_merged(model)
@@ -71,7 +70,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwri
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    write_directory(Path(out), write, overwrite)
+    write_output_dir(out, write, "merge", overwrite, inputs)
     return {
         "out": str(out),
         "method": meta["method"],
@@ -109,6 +108,9 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """The run's adapter as a standard PEFT LoRA adapter directory (see the module docstring)."""
+    inputs = _inputs(Path(run_dir))
+    check_output_dir(out, "--out", replace=overwrite, inputs=inputs)
     model, _, meta = load_adapted_model(run_dir)
     method = meta["method"]
     if method not in LOW_RANK_METHODS:
@@ -141,7 +143,7 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    write_directory(Path(out), write, overwrite)
+    write_output_dir(out, write, "export-peft", overwrite, inputs)
     stored = sum(p.numel() for p in tensors.values())
     return {
         "out": str(out),
@@ -154,7 +156,10 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
 
 
 def export_native(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """A copy of the run's adapter files (adapter.safetensors, adapter.json, recipe.yaml)."""
     run_dir = Path(run_dir)
+    inputs = _inputs(run_dir)
+    check_output_dir(out, "--out", replace=overwrite, inputs=inputs)
     load_adapted_model(run_dir)  # validate before copying
 
     def write(tmp: Path) -> None:
@@ -162,7 +167,7 @@ def export_native(run_dir: str | Path, out: str | Path, overwrite: bool = False)
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, tmp / name)
 
-    write_directory(Path(out), write, overwrite)
+    write_output_dir(out, write, "export-shardtune", overwrite, inputs)
     return {"out": str(out), "format": "shardtune"}
 
 

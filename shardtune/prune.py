@@ -144,11 +144,15 @@ def prune_to_directory(
     from torch.utils.data import DataLoader
 
     from shardtune.data import Collator, encode_all, load_examples, uses_chat
+    from shardtune.fileio import check_output_dir
     from shardtune.models import load_model
     from shardtune.recipe import load_recipe
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise BadInput(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    local = Path(model).expanduser()
+    inputs = [local if local.exists() else None, recipe]
+    check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything
     lm, tokenizer = load_model(model, dtype)
     calibration = None
     if recipe is not None:
@@ -159,20 +163,20 @@ def prune_to_directory(
         )
         calibration = DataLoader(features, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
     report = prune_model(lm, method, sparsity, pattern, calibration)
-    save_model_dir(lm, tokenizer, out, overwrite)
+    save_model_dir(lm, tokenizer, out, overwrite, inputs)
     return {**report, "out": str(out)}
 
 
-def save_model_dir(model: nn.Module, tokenizer, out: Path, overwrite: bool = False) -> None:
-    """Write a HF model directory atomically (temp dir, then rename)."""
-    from shardtune.export import write_directory
+def save_model_dir(model: nn.Module, tokenizer, out: Path, overwrite: bool = False, inputs=()) -> None:
+    """Write a HF model directory atomically (temp dir, then rename), marked as shardtune's."""
+    from shardtune.fileio import write_output_dir
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    write_directory(out, write, overwrite)
+    write_output_dir(out, write, "prune", overwrite, inputs)
 
 
 def sparsity_of(model: nn.Module) -> float:

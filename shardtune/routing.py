@@ -14,6 +14,7 @@ from torch import nn
 
 from shardtune.adapters.model import adapted_layers
 from shardtune.errors import BadInput
+from shardtune.fileio import check_plot_path, save_figure
 
 
 def routing_of(target: Path, overrides: list[str] | None = None) -> dict:
@@ -193,6 +194,7 @@ def render(report: dict, console, max_layers: int = 8) -> None:
 
 def plot(report: dict, path: str | Path) -> None:
     """Heatmaps of the pairwise layer overlap (shared shards) of A and B, one row per projection type."""
+    check_plot_path(path, "--plot")
     try:
         import matplotlib
 
@@ -216,5 +218,7 @@ def plot(report: dict, path: str | Path) -> None:
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"{report['method']} routing overlap")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

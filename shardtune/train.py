@@ -2,9 +2,10 @@
 
     train(recipe)
       connect_processes         Accelerate: one process, or the launched ones (DDP; FSDP shards over them)
-      Trainer.run_directory     output.dir checked, train.log opened, SIGTERM turned into checkpoint + exit
+      Trainer.run_directory     output.dir checked and locked (shardtune.rundir), SIGTERM → checkpoint + exit
       Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights)
       Trainer.setup_data        examples → token rows → loaders
+      Trainer.start_run         the run directory is written: replaced or created, recipe.yaml, train.log
       Trainer.setup_optimizer   LoRS gradient init, FSDP sharding, AdamW + schedule, Accelerate's prepare
       Trainer.restore_or_score  resumed: optimizer, RNG, data position; fresh: the base model's task score
       Trainer.loop              each optimizer step: train_step (per micro-batch), then at_interval
@@ -23,7 +24,7 @@ import json
 import logging
 import math
 import os
-import shutil
+import shlex
 import signal
 import threading
 import time
@@ -37,12 +38,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from shardtune.adapters.model import adapter_disabled, adapter_state_dict, count_parameters, inject_adapter
 from shardtune.checkpoint import (
-    ADAPTER_CONFIG,
+    RECIPE_FILE,
     attach_weights,
+    check_checkpoint,
     list_checkpoints,
     load_training_state,
     resolve_resume,
@@ -53,14 +54,14 @@ from shardtune.checkpoint import (
 from shardtune.data import Collator, Example, encode_all, load_examples, pack, uses_chat
 from shardtune.errors import BadInput, Diverged, ShardtuneError, Terminated
 from shardtune.evaluate import heldout_loss, score_task
+from shardtune.fileio import atomic_write_text
 from shardtune.fsdp import block_classes, full_tensor, shard_model
 from shardtune.models import load_model
 from shardtune.progress import Reporter
 from shardtune.recipe import Recipe, TrainSection
+from shardtune.rundir import METRICS_FILE, RESULT_FILE, RunDirectory
 
 log = logging.getLogger("shardtune")
-
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -87,6 +88,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
         with trainer.run_directory(resume):
             trainer.setup_model()
             trainer.setup_data()
+            trainer.start_run()
             trainer.setup_optimizer()
             trainer.restore_or_score()
             trainer.loop()
@@ -167,38 +169,23 @@ def accelerator_sum(accelerator: Accelerator):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The run directory, its log and SIGTERM
+# SIGTERM and the learning rate
 
 
-def prepare_run_dir(recipe: Recipe, resuming: bool, writes: bool) -> Path:
-    """Every process checks that ``output.dir`` holds no run it would replace (so all stop alike);
-    the one that ``writes`` (the main process) then clears old checkpoints and starts the metrics."""
-    run_dir = Path(recipe.output.dir)
-    if resuming:
-        if writes:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-    checkpoints = list_checkpoints(run_dir)
-    if ((run_dir / ADAPTER_CONFIG).exists() or checkpoints) and not recipe.output.overwrite:
-        raise BadInput(
-            f"output.dir: {run_dir} already holds a run; choose another directory or "
-            "--set output.overwrite=true to replace it"
-        )
-    if writes:
-        for old in checkpoints:
-            shutil.rmtree(old)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").write_text("")
-    return run_dir
+def lr_factor(done: int, warmup: int, total: int, schedule: str) -> float:
+    """The learning rate of optimizer step ``done + 1`` as a share of ``train.lr``.
 
-
-def add_file_log(run_dir: Path, level: str) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.setLevel(level.upper())
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    return handler
+    Warm-up: step k of the first W rises linearly to k/W (the first step already learns), then
+    ``cosine`` falls to 0 after the last step, ``linear`` likewise in a straight line, ``constant`` stays.
+    """
+    if done < warmup:
+        return (done + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (done - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class StopFlag:
@@ -363,17 +350,20 @@ class Trainer:
         self.position = Position()
         self.scores: dict[str, float] = {}
         self.final_loss, self.eval_loss, self.grad_norm = float("nan"), None, None
+        self.lr = self.cfg.lr
         self.train_seconds = 0.0
 
     @contextmanager
     def run_directory(self, resume: str | None) -> Iterator[None]:
-        """Check ``output.dir`` (and the checkpoint to resume from), open train.log and catch SIGTERM;
-        an error met inside is logged there, its traceback included, before it reaches the user."""
+        """Claim ``output.dir`` (checked on every process, locked by the main one; a checkpoint to
+        resume from is read whole first) and catch SIGTERM; an error met inside goes to train.log."""
         self.resume_from = resolve_resume(Path(self.recipe.output.dir), resume)
         if resume == "latest" and self.resume_from is None:
             raise BadInput(f"--resume: {self.recipe.output.dir} has no checkpoint to resume from")
-        self.run_dir = prepare_run_dir(self.recipe, resuming=self.resume_from is not None, writes=self.main)
-        handler = add_file_log(self.run_dir, self.recipe.logging.level) if self.main else None
+        self.resumed_step = check_checkpoint(self.resume_from) if self.resume_from is not None else 0
+        self.directory = RunDirectory(self.recipe, self.resume_from, self.main, self.recipe.logging.level)
+        self.run_dir = self.directory.path
+        self.directory.claim(agree=lambda failed: _any_process(self.accelerator, failed))
         try:
             with StopFlag() as self.stop:
                 yield
@@ -385,9 +375,7 @@ class Trainer:
             raise
         finally:
             self.reporter.stop()
-            if handler is not None:
-                log.removeHandler(handler)
-                handler.close()
+            self.directory.close()
 
     def setup_model(self) -> None:
         """Load the frozen base model and inject the adapter (resumed: the checkpoint's adapter weights)."""
@@ -418,8 +406,13 @@ class Trainer:
         """Token rows and loaders of the training and held-out examples."""
         self.data = build_data(self.recipe, self.tokenizer, self.accelerator.num_processes, self.reporter)
 
+    def start_run(self) -> None:
+        """From here on the run directory is written: an earlier run it replaces is set aside, the
+        metrics start (or are cut back to the checkpoint's step), recipe.yaml holds the resolved recipe."""
+        self.directory.start(self.resumed_step)
+
     def setup_optimizer(self) -> None:
-        """LoRS gradient init (a fresh run), FSDP sharding, AdamW with its schedule, Accelerate's prepare."""
+        """LoRS gradient init (a fresh run), FSDP sharding, AdamW, Accelerate's prepare."""
         cfg, accelerator = self.cfg, self.accelerator
         if getattr(self.recipe.adapter, "init", None) == "gradient" and self.resume_from is None:
             # Before sharding: LoRS init needs whole dense gradients, computed on every process alike.
@@ -433,12 +426,6 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: the shards
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas
-        )
-        self.scheduler = get_scheduler(
-            SCHEDULES[cfg.schedule],
-            self.optimizer,
-            num_warmup_steps=cfg.warmup_steps,
-            num_training_steps=self.total_steps,
         )
         if self.fsdp:  # already sharded and placed; Accelerate must not wrap it again
             self.optimizer, self.loader, self.eval_loader = accelerator.prepare(
@@ -493,8 +480,6 @@ class Trainer:
         if self.resume_from is not None:
             counters = load_training_state(self.resume_from, self.optimizer)
             self.position = Position(counters["step"], counters["epoch"], counters["batch_in_epoch"])
-            for _ in range(self.position.step):
-                self.scheduler.step()
             self.reporter.info(f"resumed from {self.resume_from} at step {self.position.step}")
         elif self.recipe.eval.score_base and (self.main or self.fsdp):
             with adapter_disabled(self.accelerator.unwrap_model(self.model)) as base:
@@ -540,17 +525,25 @@ class Trainer:
             loss = model(**batch).loss
             accelerator.backward(loss)
             self.grad_norm = None
-            if accelerator.sync_gradients and self.cfg.max_grad_norm > 0:
-                self.grad_norm = accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            if accelerator.sync_gradients:
+                if self.cfg.max_grad_norm > 0:
+                    self.grad_norm = accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+                self._set_lr()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.tally.add(loss, batch)
         if not accelerator.sync_gradients:
             return False
-        self.scheduler.step()
         self.position.step += 1
         self.tally.check_finite(loss, self.position.step)
         return True
+
+    def _set_lr(self) -> None:
+        """The learning rate of the step about to be taken (a function of the step: resumes exactly)."""
+        cfg = self.cfg
+        self.lr = cfg.lr * lr_factor(self.position.step, cfg.warmup_steps, self.total_steps, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
 
     def at_interval(self, batch_in_epoch: int) -> None:
         """After an optimizer step: log (and evaluate), checkpoint, and stop on SIGTERM, each when due."""
@@ -571,8 +564,14 @@ class Trainer:
         if stopping:
             raise Terminated(
                 f"stopped by SIGTERM at step {step}; checkpoint written to {checkpoint or self.run_dir}; "
-                "continue with: shardtune train RECIPE --resume"
+                f"continue with: {self.resume_command()}"
             )
+
+    def resume_command(self) -> str:
+        """The command that continues this run exactly: its resolved recipe (overrides included)."""
+        command = f"shardtune train {shlex.quote(str(self.run_dir / RECIPE_FILE))} --resume"
+        processes = self.accelerator.num_processes
+        return command + (f" --nproc {processes}" if processes > 1 else "")
 
     def _stop_requested(self, at_sync_point: bool) -> bool:
         """SIGTERM seen. With several processes it must be seen by all at the same step: one
@@ -599,7 +598,7 @@ class Trainer:
         metrics = {
             "step": step,
             "loss": mean_loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.lr,
             "grad_norm": float(full_tensor(self.grad_norm)) if self.grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
         }
@@ -608,7 +607,7 @@ class Trainer:
             self.eval_loss = heldout_loss(self.model, self.eval_loader, accelerator_sum(self.accelerator))
             metrics["eval_loss"] = self.eval_loss
         if self.main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
         self.reporter.step(step, {k: v for k, v in metrics.items() if v is not None}, log_line=True)
 
@@ -659,7 +658,8 @@ class Trainer:
             **self.scores,
         )
         if main:
-            (self.run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+            atomic_write_text(self.run_dir / RESULT_FILE, json.dumps(asdict(result), indent=2) + "\n")
+            self.directory.finish()
         self.reporter.info(f"adapter written to {self.run_dir}")
         return result
 

@@ -210,11 +210,11 @@ CASES = {
             copy_run(r, t, lambda d: (d / "adapter.safetensors").write_bytes(b"\x08garbage")),
             "hi",
         ],
-        "corrupt or unreadable safetensors",
+        "corrupt or truncated safetensors",
     ),
     "truncated safetensors": (
         lambda t, r: ["eval", copy_run(r, t, lambda d: _truncate(d / "adapter.safetensors"))],
-        "corrupt or unreadable safetensors",
+        "corrupt or truncated safetensors",
     ),
     "corrupt adapter.json": (
         lambda t, r: [

@@ -129,6 +129,7 @@ def test_train_reads_as_named_phases_with_docstrings():
         "run_directory",
         "setup_model",
         "setup_data",
+        "start_run",
         "setup_optimizer",
         "restore_or_score",
         "loop",
