@@ -349,11 +349,19 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def check_checkpoint(directory: Path) -> int:
+def check_checkpoint(directory: Path, options: AdapterOptions | None = None) -> int:
     """Read every file of a checkpoint (before a resumed run touches anything); return its step.
-    Anything missing or broken: one line naming the file, and nothing is written."""
+    Anything missing or broken, or an adapter other than ``options`` (the recipe's): one line naming
+    the file, and nothing is written."""
     meta = read_adapter_config(directory)
-    adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
+    saved = adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
+    if options is not None and saved != options:
+        ours, theirs = options.model_dump(), saved.model_dump()
+        key = next(k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k))
+        raise BadInput(
+            f"{directory / ADAPTER_CONFIG}: the checkpoint's adapter has {key} = {theirs.get(key)!r} but the "
+            f"recipe says adapter.{key} = {ours.get(key)!r}; resume with the recipe it was trained with"
+        )
     read_adapter_weights(directory / ADAPTER_WEIGHTS)
     state = read_trainer_state(directory)
     read_adapter_weights(directory / OPTIMIZER_FILE)

@@ -20,6 +20,7 @@ counted; ``data.packing`` concatenates examples into full ``max_length`` rows.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shardtune.errors import BadInput
+from shardtune.errors import BadInput, RecipeError
 from shardtune.recipe import DataSection
 from shardtune.tasks import TASKS
 
 IGNORE = -100
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -145,7 +147,42 @@ def read_records(data: DataSection) -> list:
         raise BadInput(f"data.path: {data.path} is empty")
     if FILE_TYPES[path.suffix] == "json":
         return _read_json_file(path)
+    if FILE_TYPES[path.suffix] == "csv":
+        return _read_csv_file(path)
     return _load_with_datasets(FILE_TYPES[path.suffix], str(path), "train", "data.path")
+
+
+def _read_csv_file(path: Path) -> list[dict]:
+    """A CSV file with a header row → one record per row, every field a string. A row with more or
+    fewer fields than the header is an error naming its line."""
+    import csv
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"data.path: {path} is not UTF-8 text (byte {e.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, records = None, []
+    try:
+        for row in reader:
+            if not row:
+                continue  # a blank line
+            if header is None:
+                header = row
+                if len(set(header)) != len(header) or not all(h.strip() for h in header):
+                    raise BadInput(
+                        f"data.path: {path} line {reader.line_num}: the header needs distinct names"
+                    )
+                continue
+            if len(row) != len(header):
+                raise BadInput(
+                    f"data.path: {path} line {reader.line_num} has {len(row)} fields; the header has "
+                    f"{len(header)} ({', '.join(header)})"
+                )
+            records.append(dict(zip(header, row, strict=True)))
+    except csv.Error as e:
+        raise BadInput(f"data.path: {path} line {reader.line_num} is not valid CSV ({e})") from None
+    return records
 
 
 def detect_format(record: object) -> str:
@@ -187,27 +224,35 @@ def record_to_example(rec: object, fmt: str, where: str, text_field: str = "text
     if not isinstance(messages, list) or not messages:
         raise BadInput(f"{where} has no list field 'messages' (data.format: messages)")
     turns = []
-    for m in messages:
+    for k, m in enumerate(messages, 1):
         if (
             not isinstance(m, dict)
             or not isinstance(m.get("role"), str)
             or not isinstance(m.get("content"), str)
         ):
             raise BadInput(f"{where}: every message needs string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise BadInput(
+                f"{where}: message {k} has role {m['role']!r}; chat templates know {', '.join(CHAT_ROLES)}"
+            )
         turns.append((m["role"], m["content"]))
     if not any(role == "assistant" for role, _ in turns):
         raise BadInput(f"{where} has no assistant message to learn from")
     return Example(messages=tuple(turns))
 
 
+DEFAULT_EVAL_SAMPLES = 64
+
+
 def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
-    """Training and held-out examples for the recipe's data section."""
+    """Training and held-out examples for the recipe's data section; the two never share a record."""
     if data.task is not None:
         task = TASKS.get(data.task)
         if task is None:
             raise BadInput(f"data.task: unknown task {data.task!r}; available: {', '.join(TASKS)}")
+        n_eval = DEFAULT_EVAL_SAMPLES if data.eval_samples is None else data.eval_samples
         train = [Example(p, c) for p, c in task.generate(data.num_samples, data.seed)]
-        held = [Example(p, c) for p, c in task.generate(data.eval_samples, data.seed + 1_000_003)]
+        held = [Example(p, c) for p, c in task.generate(n_eval, data.seed + 1_000_003)]
         return train, held
 
     source = data.path or data.hub
@@ -220,16 +265,46 @@ def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
         for i, r in enumerate(records)
     ]
     if data.eval_split is not None:
-        held_data = data.model_copy(update={"split": data.eval_split})
-        held_records = read_records(held_data)
+        held_records = read_records(_held_out_source(data))
+        where = data.eval_split
         held = [
-            record_to_example(r, fmt, f"data: {source} [{data.eval_split}] record {i + 1}", data.text_field)
+            record_to_example(r, fmt, f"data: {where} record {i + 1}", data.text_field)
             for i, r in enumerate(held_records)
         ]
-        return examples, held[: data.eval_samples]
+        return examples, held[: DEFAULT_EVAL_SAMPLES if data.eval_samples is None else data.eval_samples]
+    # One source: a seeded shuffle, then the first n_eval are held out and the rest train.
+    if data.eval_samples is None:
+        n_eval = min(DEFAULT_EVAL_SAMPLES, len(examples) // 5)
+    elif data.eval_samples >= len(examples):
+        raise RecipeError(
+            "data.eval_samples",
+            f"{data.eval_samples} is not less than the {len(examples)} examples in {source}; hold out fewer "
+            "so that some are left to train on",
+        )
+    else:
+        n_eval = data.eval_samples
     random.Random(data.seed).shuffle(examples)
-    n_eval = min(data.eval_samples, len(examples) // 5)
     return examples[n_eval:], examples[:n_eval]
+
+
+def _held_out_source(data: DataSection) -> DataSection:
+    """Where ``data.eval_split`` points: a split of the same hub dataset or save_to_disk directory, or
+    — next to a local data file — a second file."""
+    if data.hub is not None or Path(data.path).expanduser().is_dir():
+        return data.model_copy(update={"split": data.eval_split})
+    second = Path(data.eval_split).expanduser()
+    if not second.is_file():
+        raise RecipeError(
+            "data.eval_split",
+            f"{data.path} is a single file, so eval_split must name a second file with the held-out "
+            f"examples ({data.eval_split!r} is not one); or leave it unset to hold out data.eval_samples "
+            "records of data.path",
+        )
+    if second.resolve() == Path(data.path).expanduser().resolve():
+        raise RecipeError(
+            "data.eval_split", f"names data.path itself ({data.path}); held-out data must differ"
+        )
+    return data.model_copy(update={"path": str(second), "eval_split": None})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,10 +321,16 @@ def uses_chat(tokenizer: PreTrainedTokenizerBase, setting: str | bool) -> bool:
 
 
 def _render(tokenizer, turns, add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
     messages = [{"role": r, "content": c} for r, c in turns]
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as e:
+        roles = " → ".join(r for r, _ in turns)
+        raise BadInput(f"data: the tokenizer's chat template refuses the turns {roles} ({e})") from None
 
 
 def segments(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[tuple[str, bool]]:

@@ -139,18 +139,20 @@ def answer_prompts(
 
 def evaluate_run(run_dir: str | Path, base: bool = False, samples: int | None = None) -> dict:
     """Held-out loss, perplexity and (for builtin tasks) exact-match score of a trained run."""
-    from shardtune.checkpoint import RECIPE_FILE, load_adapted_model
+    from shardtune.checkpoint import RECIPE_FILE, load_adapted_model, read_adapter_config
     from shardtune.recipe import load_recipe
 
     run_dir = Path(run_dir)
-    model, tokenizer, meta = load_adapted_model(run_dir)
+    read_adapter_config(run_dir)  # a run at all, before its recipe
     recipe_path = run_dir / RECIPE_FILE
     if not recipe_path.is_file():
         raise BadInput(f"{run_dir}: no {RECIPE_FILE}; cannot tell which data to evaluate on")
     recipe = load_recipe(recipe_path)
-    if samples is not None:
-        recipe.data.eval_samples = samples
+    model, tokenizer, meta = load_adapted_model(run_dir)
+    if samples is not None and recipe.data.task is not None:
+        recipe.data.eval_samples = samples  # generated items: as many as asked, never trained on
     _, held = load_examples(recipe.data)
+    held = held[:samples]  # split-off data: never more than the run held out (the rest was trained on)
     if not held:
         raise BadInput(f"{run_dir}: the recipe holds out no examples (data.eval_samples is 0)")
     chat = uses_chat(tokenizer, recipe.data.chat_template)

@@ -22,10 +22,7 @@ import glob
 import json
 import os
 import shutil
-import socket
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,8 +44,8 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~umask())
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # after writing: some writers (safetensors) create files 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -197,29 +194,63 @@ def atomic_directory(
     make_directory(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
     try:
-        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         if kind is not None:
             write_marker(tmp, kind, exact_entries(tmp) if entries is None else entries)
+        readable(tmp)
         replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def readable(tree: Path) -> None:
+    """Modes of a tree shardtune just wrote as the umask says (some writers create files 0600)."""
+    mask = umask()
+    os.chmod(tree, 0o777 & ~mask)
+    for root, dirs, files in os.walk(tree):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 def replace_directory(new: Path, final: Path) -> None:
-    """Rename ``new`` onto ``final``; an existing non-empty ``final`` is renamed aside first and
-    deleted once ``new`` is in place."""
+    """Put ``new`` in the place of ``final``. An existing non-empty ``final`` is swapped with ``new`` in
+    one step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), else renamed aside first;
+    either way it is deleted once ``new`` is in place."""
     try:
         os.rename(new, final)  # final absent, or an empty directory
         return
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
+    if exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # now the old tree
+        return
     aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
     os.rename(final, aside)  # onto the empty placeholder
     os.rename(new, final)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where the
+    system or file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def write_output_dir(
@@ -283,7 +314,8 @@ def lock_beside(target: Path) -> Path:
 
 @contextmanager
 def exclusive_lock(path: Path, key: str, what: str, remove: bool = False) -> Iterator[None]:
-    """Hold an exclusive, non-blocking lock on ``path`` (created if needed) for the ``with`` block.
+    """Hold an exclusive, non-blocking lock on ``path`` (created empty if needed; never written, so a
+    run directory reads the same after a refused command) for the ``with`` block.
 
     Taken already: one line naming ``key`` and the process that holds it. ``remove``: delete the
     lock file afterwards (for locks beside a directory). A no-op where ``fcntl`` is missing (Windows).
@@ -294,11 +326,11 @@ def exclusive_lock(path: Path, key: str, what: str, remove: bool = False) -> Ite
         yield
         return
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666 & ~umask())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = lock_holder(os.fstat(fd).st_ino)
             os.close(fd)
             raise BadInput(
                 f"{key}: {what} is in use by another shardtune run ({holder}); wait for it or choose "
@@ -311,16 +343,31 @@ def exclusive_lock(path: Path, key: str, what: str, remove: bool = False) -> Ite
             pass
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}: {command}\n".encode(), 0)
         yield
     finally:
         if remove:
             Path(path).unlink(missing_ok=True)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def lock_holder(inode: int) -> str:
+    """``pid N: COMMAND`` of the process holding a flock on ``inode`` (Linux /proc), else a phrase."""
+    try:
+        with open("/proc/locks", encoding="ascii") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    pid = fields[4]
+                    try:
+                        raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                        command = " ".join(a.decode("utf-8", "replace") for a in raw if a)[:200]
+                    except OSError:
+                        command = ""
+                    return f"pid {pid}: {command}" if command else f"pid {pid}"
+    except OSError:
+        pass
+    return "another process"
 
 
 @contextmanager

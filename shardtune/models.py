@@ -135,9 +135,13 @@ def embedded_model_dir(alias: str) -> Path:
     """The cached safetensors directory of an embedded model, converting the GGUF on first use."""
     from shardtune.fileio import file_lock
 
+    from shardtune.fileio import check_output_dir
+
     target = cache_dir() / "models" / alias
     if _converted(target):
         return target
+    # A half-written conversion of ours is replaced; anything else there is the user's (SHARDTUNE_CACHE).
+    check_output_dir(target, "SHARDTUNE_CACHE", replace=True)
     # Several processes of one run may get here together: the first converts, the others wait for it.
     with file_lock(target.parent / f".{alias}.lock"):
         if not _converted(target):
@@ -160,7 +164,7 @@ def _convert_gguf(alias: str, target: Path) -> None:
             f"model.name: converting {alias} from GGUF needs the gguf package: pip install gguf"
         ) from None
     logging.getLogger("shardtune").info("converting %s from %s to %s (once)", alias, gguf_path, target)
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, kind="model-cache") as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         quantized = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32

@@ -9,18 +9,29 @@ reported as one line that names the key path, e.g. ``adapter.rank: must be a pos
 from __future__ import annotations
 
 import difflib
+import errno
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from shardtune.adapters import METHODS
 from shardtune.errors import BadInput, RecipeError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `rank: true` or `lr: "2e-4"` are mistakes, not 1 and 0.0002; numbers must be finite.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -46,6 +57,9 @@ AdapterSection = Annotated[
 ]
 
 
+MAX_LENGTH_LIMIT = 1 << 20  # tokens: beyond any model's context
+
+
 class DataSection(Section):
     task: str | None = Field(
         None,
@@ -60,7 +74,10 @@ class DataSection(Section):
     )
     split: str = Field("train", description="Split to train on (hub datasets and save_to_disk directories).")
     eval_split: str | None = Field(
-        None, description="Split to hold out for evaluation; unset: `eval_samples` records are split off."
+        None,
+        description="Held-out examples from elsewhere: a split name (hub datasets, save_to_disk "
+        "directories) or, next to a local data file, a second file. Unset: `eval_samples` records are "
+        "split off the training data.",
     )
     format: Literal["auto", "text", "prompt_completion", "alpaca", "messages"] = Field(
         "auto",
@@ -78,8 +95,18 @@ class DataSection(Section):
     )
     packing: bool = Field(False, description="Concatenate examples into full rows of `max_length` tokens.")
     num_samples: PositiveInt = Field(2000, description="Training examples generated for a builtin task.")
-    eval_samples: int = Field(64, ge=0, description="Held-out examples (generated, or split off the data).")
-    max_length: PositiveInt = Field(256, description="Examples longer than this many tokens are truncated.")
+    eval_samples: int | None = Field(
+        None,
+        ge=0,
+        description="Held-out examples: generated for a builtin task, taken from `eval_split`, or split off "
+        "the data (seeded, disjoint from training). Unset: 64, or a fifth of a single source, at most 64; "
+        "set: exactly this many (fewer than the examples of a single source).",
+    )
+    max_length: PositiveInt = Field(
+        256,
+        le=MAX_LENGTH_LIMIT,
+        description="Examples longer than this many tokens are truncated (at most the model's context).",
+    )
     seed: int = Field(0, description="Seed of task generation and of the train/eval split.")
 
     @model_validator(mode="after")
@@ -112,9 +139,13 @@ class TrainSection(Section):
     grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warm-up: step k of the first N uses lr·k/N (the first step learns)."
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="After warm-up: cosine or linear decay towards 0 after the last step, or constant."
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 disables.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast mixed precision.")
@@ -135,6 +166,18 @@ class TrainSection(Section):
     fsdp: FsdpSection = Field(
         default_factory=FsdpSection, description="Options of `strategy: fsdp` (table `train.fsdp` below)."
     )
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas_from_a_list(cls, value):
+        return tuple(value) if isinstance(value, list) else value  # YAML has lists, not tuples
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value):
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
 
     @model_validator(mode="after")
     def _fsdp_options_need_fsdp(self):
@@ -159,7 +202,18 @@ class OutputSection(Section):
     dir: str = Field(
         "runs/run", description="Run directory: adapter, checkpoints, metrics, log, resolved recipe."
     )
-    overwrite: bool = Field(False, description="Allow writing into a directory that already holds a run.")
+    overwrite: bool = Field(
+        False,
+        description="Replace an earlier run in `dir` (one shardtune wrote; it is deleted once the new run "
+        "finishes). Never replaces anything else.",
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty; name the run directory, e.g. runs/my-run")
+        return value
 
 
 class LoggingSection(Section):
@@ -189,15 +243,82 @@ class Recipe(Section):
 # Loading, overrides and one-line errors
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two mistakes of YAML 1.1 mended: ``2e-4`` is a number (not the string
+    ``"2e-4"``), and a key given twice in one mapping is an error (not: the later one wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges keys on purpose
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key {key!r} appears twice (lines {first} and {line})")
+        self.key, self.line, self.first = key, line, first
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what :class:`RecipeLoader` reads back the same (a string such as ``"2e-4"`` is quoted)."""
+
+
+RecipeDumper.yaml_implicit_resolvers = RecipeLoader.yaml_implicit_resolvers
+
+
+def parse_yaml(text: str):
+    """YAML as recipes read it (:class:`RecipeLoader`)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; raise :class:`RecipeError` / :class:`BadInput`."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise BadInput(f"{path}: not a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise BadInput(f"{path}: is a directory, not a recipe file") from None
+    except FileNotFoundError:
+        problem = "a symbolic link to nothing" if path.is_symlink() else "recipe file not found"
+        raise BadInput(f"{path}: {problem}") from None
+    except PermissionError:
+        raise BadInput(f"{path}: cannot be read (permission denied)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadInput(f"{path}: a loop of symbolic links, not a recipe file") from None
+        raise BadInput(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        raw = parse_yaml(text)
+    except DuplicateKey as e:
+        raise BadInput(
+            f"{path}: key {e.key!r} appears twice in one section (lines {e.first} and {e.line}); keep one"
+        ) from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -225,7 +346,7 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise BadInput(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=2e-4")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw
@@ -285,15 +406,21 @@ def _describe(err: dict, raw: dict, loc: tuple) -> str:
     if kind == "greater_than" and ctx.get("gt") == 0 and _is_int_field(loc, raw):
         return "must be a positive integer" + got_text
     if kind == "greater_than":
-        return f"must be greater than {ctx.get('gt'):g}" + got_text
+        return f"must be greater than {_number(ctx.get('gt'))}" + got_text
     if kind == "greater_than_equal":
-        return f"must be at least {ctx.get('ge'):g}" + got_text
+        return f"must be at least {_number(ctx.get('ge'))}" + got_text
     if kind == "less_than":
-        return f"must be less than {ctx.get('lt'):g}" + got_text
+        return f"must be less than {_number(ctx.get('lt'))}" + got_text
+    if kind == "less_than_equal":
+        return f"must be at most {_number(ctx.get('le'))}" + got_text
     if kind in ("int_parsing", "int_type", "int_from_float"):
-        return "must be an integer" + got_text
+        return "must be an integer" + got_text + _quoted_hint(got)
     if kind in ("float_parsing", "float_type"):
-        return "must be a number" + got_text
+        return "must be a number" + got_text + _quoted_hint(got)
+    if kind == "finite_number":
+        return "must be a finite number" + got_text
+    if kind in ("tuple_type", "list_type"):
+        return "must be a list" + got_text
     if kind in ("bool_parsing", "bool_type"):
         return "must be true or false" + got_text
     if kind in ("string_type",):
@@ -305,6 +432,18 @@ def _describe(err: dict, raw: dict, loc: tuple) -> str:
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
     return err["msg"][0].lower() + err["msg"][1:] + got_text
+
+
+def _number(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _quoted_hint(got: object) -> str:
+    if isinstance(got, bool):
+        return " (a boolean)"
+    if isinstance(got, str):
+        return " (a string: write numbers without quotes)"
+    return ""
 
 
 def first_recipe_error(e: ValidationError, raw: dict) -> RecipeError:
@@ -325,7 +464,7 @@ def first_recipe_error(e: ValidationError, raw: dict) -> RecipeError:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(recipe.model_dump(mode="json"), Dumper=RecipeDumper, sort_keys=False, allow_unicode=True)
 
 
 def recipe_reference_markdown() -> str:

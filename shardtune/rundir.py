@@ -2,21 +2,21 @@
 
 ``claim`` — before anything is loaded. Every process checks the target
 (:func:`shardtune.fileio.check_output_dir`: never the current directory, an input, someone else's
-files, …) so that all stop alike; the main process takes the run's lock, which a second run into the
-same directory cannot get (it exits 2 naming the holder) and which the kernel drops when a process
-dies, so ``--resume`` after a kill is never blocked.
+files, …) so that all stop alike. An existing run that will be replaced (``output.overwrite``) or
+continued (``--resume``) is locked by the main process; a second run into the same directory cannot
+get the lock (it exits 2 naming the holder), and the kernel drops it when a process dies, so
+``--resume`` after a kill is never blocked. Nothing is written yet: what is logged waits in memory.
 
-* absent or empty → created, marked as a run, locked; ``train.log`` opened at once;
-* an earlier run and ``output.overwrite`` → that run is locked and left as it is until ``start``;
-  what is logged meanwhile waits in memory;
-* ``--resume`` → the run is locked; ``train.log`` is appended to.
+``start`` — once the model and the data are ready, so that a mistake in the recipe costs nothing:
+a new directory is created (and locked), or the earlier run is renamed aside to ``.NAME.replaced-*``
+and a fresh directory takes its place — the earlier run is deleted by ``finish``, when the new one
+is complete (a run killed before that leaves both whole; the next run that finishes there deletes
+it). ``train.log`` opens with what was logged so far; ``metrics.jsonl`` is emptied, or for a resumed
+run cut back to the checkpoint's step, so each step appears once; ``recipe.yaml`` holds the resolved
+recipe, which a resumed run is started from.
 
-``start`` — once the model and the data are ready (so a typo in the recipe never costs the earlier
-run). Replacing: the earlier run is renamed aside to ``.NAME.replaced-*`` and a fresh directory takes
-its place; it is deleted by ``finish``, when the new run is complete (a run killed before that keeps
-both whole; the next run that finishes there deletes it). Fresh: ``metrics.jsonl`` is emptied;
-resumed: it is cut back to the checkpoint's step, so each step appears once. The resolved recipe is
-written to ``recipe.yaml`` (what a resumed run is started from).
+An internal error before ``start`` still leaves its traceback in ``train.log`` of a new or resumed
+run (never in a run about to be replaced); bad input leaves nothing.
 """
 
 from __future__ import annotations
@@ -75,45 +75,50 @@ def legacy_run_entries(directory: Path) -> list[str] | None:
 
 
 class RunDirectory:
-    """``output.dir`` of one run: :meth:`claim`, :meth:`start`, :meth:`finish`, :meth:`close` (module docstring)."""
+    """``output.dir`` of one run: :meth:`claim`, :meth:`start`, :meth:`finish`, :meth:`close`."""
 
     def __init__(self, recipe: Recipe, resume_from: Path | None, main: bool, level: str = "info"):
         self.recipe, self.main = recipe, main
         self.path = Path(recipe.output.dir).expanduser()
         # Continuing this run (its own checkpoint); a checkpoint from elsewhere starts a new run here.
         self.resuming = resume_from is not None and resolved(resume_from).parent == resolved(self.path)
-        self.level = level
-        self.replacing = False
+        self.level = level.upper()
+        self.replacing = self.started = False
+        self.keep_log = False  # set on an internal error: its traceback goes to train.log
         self._locks = ExitStack()
-        self._locked: set[Path] = set()
         self._log: logging.Handler | None = None
 
-    def claim(self, agree: Callable[[bool], bool] = bool) -> None:
-        """Check the target on every process, then lock (and create) it on the main one.
-        ``agree(failed)`` is true on every process when any failed (a collective with several
-        processes: all stop alike, and none looks at the directory while the main one writes it)."""
-        for step in (self._check_all, self._prepare):
-            error = None
-            try:
-                step()
-            except BadInput as e:
-                error = e
-            if agree(error is not None):
-                self.close()
-                raise error or BadInput(f"output.dir: {self.path} cannot be used by every process")
+    # --- claim ------------------------------------------------------------------------------------
 
-    def _check_all(self) -> None:
-        if self.main and self.path.is_dir() and (self.path / LOCK).exists():
-            self._lock(self.path)  # a run in progress says so before anything else
-        self.replacing = self._check()
+    def claim(self, agree: Callable[[bool], bool] = bool) -> None:
+        """Check the target on every process; the main one locks an existing run and starts
+        logging into memory. ``agree(failed)`` is true on every process when any failed (a
+        collective with several processes), so that all stop alike."""
+        error = None
+        try:
+            self.replacing = self._check()
+            if self.main:
+                if self.replacing or self.resuming:
+                    self._lock()
+                self._log = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+                self._log.setLevel(self.level)
+                log.addHandler(self._log)
+                log.setLevel(logging.DEBUG)
+        except BadInput as e:
+            error = e
+        if agree(error is not None):
+            self.close()
+            raise error or BadInput(f"output.dir: {self.path} cannot be used by every process")
 
     def _check(self) -> bool:
-        """True when an earlier run will be replaced."""
+        """Refuse what may not be written; True when an earlier run will be replaced."""
         if self.resuming:
             if not self.path.is_dir():
                 raise BadInput(f"--resume: {self.path} is not a run directory")
             return False
-        data = self.recipe.data
+        if self.main and (self.path / LOCK).exists():
+            with exclusive_lock(self.path / LOCK, "output.dir", f"run directory {self.path}"):
+                pass  # a run in progress there says so before anything else
         model = Path(self.recipe.model.name).expanduser()
         return check_output_dir(
             self.path,
@@ -123,40 +128,16 @@ class RunDirectory:
             replace_hint="choose another directory, --set output.overwrite=true to replace it, "
             "or --resume to continue it",
             # (a model directory without config.json fails to load with its own message)
-            inputs=[model if (model / "config.json").is_file() else None, data.path],
+            inputs=[model if (model / "config.json").is_file() else None, self.recipe.data.path],
             legacy=legacy_run_entries,
         )
 
-    def _prepare(self) -> None:
-        """Main process: lock the directory; a fresh one is created and marked, its log opened."""
-        if not self.main:
-            return
-        if not self.path.is_dir():
-            make_directory(self.path)
-        if not self.replacing and not self.resuming:
-            write_marker(self.path, "run", RUN_ENTRIES)
-        self._lock(self.path)
-        if self.replacing:
-            self._log = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
-        else:
-            self._log = self._file_log(self.path)
-        self._log.setLevel(self.level.upper())
-        log.addHandler(self._log)
-        log.setLevel(logging.DEBUG)
-
-    def _lock(self, directory: Path, again: bool = False) -> None:
-        """Take the lock of ``directory`` once (``again``: a new directory now under the same name)."""
-        if directory in self._locked and not again:
-            return
+    def _lock(self) -> None:
         self._locks.enter_context(
-            exclusive_lock(directory / LOCK, "output.dir", f"run directory {self.path}")
+            exclusive_lock(self.path / LOCK, "output.dir", f"run directory {self.path}")
         )
-        self._locked.add(directory)
 
-    def _file_log(self, directory: Path) -> logging.Handler:
-        handler = logging.FileHandler(directory / LOG_FILE, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        return handler
+    # --- start ------------------------------------------------------------------------------------
 
     def start(self, resumed_step: int) -> None:
         """Main process: the directory is written from here on (module docstring)."""
@@ -164,51 +145,71 @@ class RunDirectory:
             return
         if self.replacing:
             aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-", dir=self.path.parent))
-            os.rename(self.path, aside)
-            make_directory(self.path)
-            self._lock(self.path, again=True)
+            os.rename(self.path, aside)  # onto the empty placeholder; its lock stays held
             log.info("the earlier run in %s is kept at %s until this run finishes", self.path, aside)
-            self._marked(**{REPLACES: aside.name})
-            self._open_file_log()
+            self._create(**{REPLACES: aside.name})
+        elif not self.resuming:
+            self._create()
         elif read_marker(self.path) is None:
-            self._marked()  # a run written before runs were marked
+            write_marker(self.path, "run", RUN_ENTRIES)  # a run written before runs were marked
+        self._open_file_log()
         metrics = self.path / METRICS_FILE
         if not self.resuming:
             atomic_write_text(metrics, "")
         elif metrics.is_file():
             atomic_write_text(metrics, "".join(_lines_up_to(metrics, resumed_step)))
         atomic_write_text(self.path / RECIPE_FILE, recipe_to_yaml(self.recipe))
+        self.started = True
 
-    def _marked(self, **extra) -> None:
-        write_marker(self.path, "run", RUN_ENTRIES, **extra)
+    def _create(self, **marker) -> None:
+        """A new run directory, locked, then checked again: another run may have got here meanwhile."""
+        make_directory(self.path)
+        self._lock()
+        if any(p.name != LOCK for p in self.path.iterdir()):
+            raise BadInput(
+                f"output.dir: {self.path} was filled by another process meanwhile; choose another directory"
+            )
+        write_marker(self.path, "run", RUN_ENTRIES, **marker)
 
     def _open_file_log(self) -> None:
-        """Write what was logged so far into the new directory's train.log and go on there."""
+        """Write what was logged so far into train.log and go on there."""
         buffered = self._log
-        self._log = self._file_log(self.path)
-        self._log.setLevel(self.level.upper())
+        self._log = logging.FileHandler(self.path / LOG_FILE, encoding="utf-8")
+        self._log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._log.setLevel(self.level)
         log.addHandler(self._log)
-        if buffered is not None:
+        if isinstance(buffered, logging.handlers.MemoryHandler):
             log.removeHandler(buffered)
             buffered.setTarget(self._log)
             buffered.flush()
             buffered.close()
 
+    # --- finish and close -------------------------------------------------------------------------
+
     def finish(self) -> None:
         """Main process, the run complete: delete the earlier run it replaced."""
         if not self.main:
             return
-        replaced = (read_marker(self.path) or {}).get(REPLACES)
+        marker = read_marker(self.path) or {}
+        replaced = marker.get(REPLACES)
         if (
-            replaced
-            and Path(replaced).name == replaced
+            isinstance(replaced, str)
             and replaced.startswith(f".{self.path.name}.replaced-")
+            and "/" not in replaced
         ):
             shutil.rmtree(self.path.parent / replaced, ignore_errors=True)
-            self._marked()
+            write_marker(self.path, "run", RUN_ENTRIES)
 
     def close(self) -> None:
-        """Release the locks and close train.log (what waited in memory is dropped: nothing was written)."""
+        """Release the locks and close train.log. Before ``start``, what waited in memory is dropped —
+        unless ``keep_log`` (an internal error) and the directory is new or resumed: then it is written."""
+        if self.main and not self.started and self.keep_log and not self.replacing:
+            try:
+                if not self.resuming:
+                    self._create()
+                self._open_file_log()
+            except (OSError, BadInput):
+                pass
         if self._log is not None:
             log.removeHandler(self._log)
             self._log.close()

@@ -52,7 +52,7 @@ from shardtune.checkpoint import (
     take_snapshot,
 )
 from shardtune.data import Collator, Example, encode_all, load_examples, pack, uses_chat
-from shardtune.errors import BadInput, Diverged, ShardtuneError, Terminated
+from shardtune.errors import BadInput, Diverged, RecipeError, ShardtuneError, Terminated
 from shardtune.evaluate import heldout_loss, score_task
 from shardtune.fileio import atomic_write_text
 from shardtune.fsdp import block_classes, full_tensor, shard_model
@@ -360,7 +360,10 @@ class Trainer:
         self.resume_from = resolve_resume(Path(self.recipe.output.dir), resume)
         if resume == "latest" and self.resume_from is None:
             raise BadInput(f"--resume: {self.recipe.output.dir} has no checkpoint to resume from")
-        self.resumed_step = check_checkpoint(self.resume_from) if self.resume_from is not None else 0
+        if self.resume_from is not None:
+            self.resumed_step = check_checkpoint(self.resume_from, self.recipe.adapter)
+        else:
+            self.resumed_step = 0
         self.directory = RunDirectory(self.recipe, self.resume_from, self.main, self.recipe.logging.level)
         self.run_dir = self.directory.path
         self.directory.claim(agree=lambda failed: _any_process(self.accelerator, failed))
@@ -372,6 +375,7 @@ class Trainer:
             raise
         except Exception:
             log.exception("training failed")  # the traceback goes to train.log; the user gets one line
+            self.directory.keep_log = True
             raise
         finally:
             self.reporter.stop()
@@ -404,6 +408,13 @@ class Trainer:
 
     def setup_data(self) -> None:
         """Token rows and loaders of the training and held-out examples."""
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(context, int) and self.recipe.data.max_length > context:
+            raise RecipeError(
+                "data.max_length",
+                f"{self.recipe.data.max_length} is longer than the model's context of {context} tokens "
+                "(max_position_embeddings)",
+            )
         self.data = build_data(self.recipe, self.tokenizer, self.accelerator.num_processes, self.reporter)
 
     def start_run(self) -> None:

@@ -233,9 +233,9 @@ CASES = {
         lambda t, r: ["generate", "-a", str(r), "-m", "tiny-gpt2", "hi"],
         "is it the right base model?",
     ),
-    "merge into a non-empty dir": (
+    "merge into its own run": (
         lambda t, r: ["merge", str(r), "--out", str(r)],
-        "exists and is not empty",
+        "is the input",
     ),
     "export unknown format": (
         lambda t, r: ["export", str(r), "--format", "gguf", "--out", str(t / "x")],

@@ -334,8 +334,7 @@ def test_a_failure_in_several_processes_ends_in_one_line_and_its_exit_code(tmp_p
     assert proc.returncode == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [
-        f"error: output.dir: {taken} already holds a run; choose another directory or "
-        "--set output.overwrite=true to replace it"
+        f"error: output.dir: {taken} holds files shardtune did not write; choose a new or empty directory"
     ], err
     assert "Traceback" not in err and "ChildFailedError" not in err
 

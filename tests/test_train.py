@@ -151,7 +151,7 @@ def test_attach_rejects_mismatched_adapter(tmp_path):
         attach_adapter(model, tmp_path / "run")
     (tmp_path / "run" / "adapter.safetensors").write_bytes(b"not a safetensors file")
     model = build_tiny_model("tiny-llama")
-    with pytest.raises(BadInput, match="corrupt or unreadable safetensors"):
+    with pytest.raises(BadInput, match="corrupt or truncated safetensors"):
         attach_adapter(model, tmp_path / "run")
 
 

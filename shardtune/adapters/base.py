@@ -40,7 +40,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class AdapterOptions(BaseModel):
     """Options every method shares. Methods subclass this and add their own keys."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `rank: true` or `rank: "8"` are mistakes, not 1 and 8; numbers must be finite.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     method: str
     targets: list[str] | str = Field(
@@ -205,6 +206,11 @@ class AdapterMethod:
 
     def check(self, options: AdapterOptions, targets: list[Target]) -> None:
         """Raise :class:`shardtune.errors.RecipeError` if the options cannot work on these targets."""
+
+    def largest_rank(self, options: AdapterOptions, target: Target) -> int:
+        """The largest ``adapter.rank`` that fits ``target``: a rank-r update of an out×in weight
+        needs r ≤ min(in, out); beyond it a method trains more than the weight has entries."""
+        return min(target.in_features, target.out_features)
 
     def build_stores(self, options: AdapterOptions, targets: list[Target]) -> nn.Module | None:
         """Parameters shared between layers; registered once at the model root."""

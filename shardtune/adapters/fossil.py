@@ -138,6 +138,10 @@ class Fossil(AdapterMethod):
                         f"{t.out_features}, got {options.mini_r}",
                     )
 
+    def largest_rank(self, options: FossilOptions, target: Target) -> int:
+        # r = in gives every input its own row of D (a full ΔW); beyond it the blocks are padding.
+        return target.in_features
+
     def build_layer(self, options: FossilOptions, target: Target, stores: nn.Module | None) -> FossilAdapter:
         mini_r = options.mini_r if options.mode == "mini" else None
         return FossilAdapter(target.in_features, target.out_features, options.rank, mini_r, options.dropout)

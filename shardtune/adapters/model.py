@@ -108,6 +108,7 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
         raise BadInput("this model already carries a shardtune adapter")
     method = get_method(options.method)
     targets = find_targets(model, options.targets, options.exclude)
+    check_rank(method, options, targets)
     method.check(options, targets)
     base_dtype = next(model.parameters()).dtype
     dtype = base_dtype if options.dtype == "auto" else DTYPES[options.dtype]
@@ -130,6 +131,21 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
     model.shardtune_targets = [t.name for t in targets]
     model.shardtune_target_kinds = {t.name: t.kind for t in targets}
     return targets
+
+
+def check_rank(method, options: AdapterOptions, targets: list[Target]) -> None:
+    """``adapter.rank`` must fit every layer it adapts (:meth:`AdapterMethod.largest_rank`)."""
+    rank = getattr(options, "rank", None)
+    if rank is None:
+        return
+    tightest = min(targets, key=lambda t: method.largest_rank(options, t))
+    fits = method.largest_rank(options, tightest)
+    if rank > fits:
+        raise RecipeError(
+            "adapter.rank",
+            f"{rank} is larger than the layers it adapts allow: {tightest.name} is "
+            f"{tightest.out_features}×{tightest.in_features}; the largest rank that fits every target is {fits}",
+        )
 
 
 def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -19,7 +19,7 @@ import typer
 
 import shardtune
 from shardtune.cli import artifacts, inspection, training
-from shardtune.cli.common import handle_errors, out_console
+from shardtune.cli.common import handle_errors, launched_processes, out_console, warnings_to_log
 
 app = typer.Typer(
     name="shardtune",
@@ -66,6 +66,7 @@ def root(
     """
     from shardtune.models import offline_and_quiet
 
+    warnings_to_log()
     offline_and_quiet()
 
 
@@ -75,7 +76,7 @@ def main() -> None:
     for i, arg in enumerate(argv[:-1]):
         if arg == "--resume" and Path(argv[i + 1]).is_dir():
             argv[i] = "--resume-from"
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() == 1:
         app(args=argv, prog_name="shardtune")
         return
     # One of several launched processes: once the command is done, leave without the interpreter's

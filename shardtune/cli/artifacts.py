@@ -10,7 +10,8 @@ import typer
 from shardtune.cli.common import JsonOption, out_console, print_json
 from shardtune.errors import BadInput
 
-OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")]
+# A string, not a Path: `--out ""` must reach the check as empty, not as "." (the current directory).
+OutOption = Annotated[str, typer.Option("--out", "-o", help="Output directory (written atomically).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")]
 RunArgument = Annotated[Path, typer.Argument(help="Run or checkpoint directory.", show_default=False)]
 
@@ -66,7 +67,7 @@ def export(
 
 def prune(
     model: Annotated[str, typer.Argument(help="Model: builtin alias, local directory or cached hub id.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output HF model directory.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output HF model directory.")],
     method: Annotated[str, typer.Option(help="magnitude or wanda.")] = "magnitude",
     sparsity: Annotated[float, typer.Option(help="Unstructured ratio of weights set to zero.")] = 0.5,
     pattern: Annotated[

@@ -34,10 +34,48 @@ def print_json(data: object) -> None:
     sys.stdout.write(json.dumps(data) + "\n")
 
 
+def launched_processes() -> int:
+    """WORLD_SIZE as a launcher (accelerate launch, torchrun) sets it; 1 otherwise."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def process_rank() -> int:
+    """This process's rank among the launched ones; 0 outside a launch (RANK alone, as a cluster's
+    environment may leave it, means nothing)."""
+    if launched_processes() == 1:
+        return 0
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def debugging() -> bool:
+    """SHARDTUNE_DEBUG set to a true value (1, true, yes, on): tracebacks instead of one line."""
+    return os.environ.get("SHARDTUNE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def warnings_to_log() -> None:
+    """Library warnings go to shardtune's log (a run's train.log), never to stderr, which carries
+    shardtune's own words only; SHARDTUNE_DEBUG shows them as Python does."""
+    if debugging():
+        return
+    import logging
+    import warnings
+
+    def to_log(message, category, filename, lineno, file=None, line=None):
+        logging.getLogger("shardtune").warning("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
+
+    warnings.showwarning = to_log
+
+
 def fail(message: str, code: int, same_on_every_process: bool = False) -> None:
     """Print `error: MESSAGE` and exit with CODE. Of several launched processes, the main one speaks for
     errors every process meets alike (a bad recipe or data file); others name their rank."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = process_rank()
     if rank == 0 or not same_on_every_process:
         prefix = f"[process {rank}] " if rank else ""
         err_console.print(f"error: {prefix}{message}", markup=False, soft_wrap=True)
@@ -58,7 +96,7 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except Exception as e:
-            if os.environ.get("SHARDTUNE_DEBUG"):
+            if debugging():
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             where = "details in the run's train.log; " if fn.__name__ == "train" else ""

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from shardtune.cli.common import JsonOption, QuietOption, SetOption, out_console, print_json
+from shardtune.cli.common import (
+    JsonOption,
+    QuietOption,
+    SetOption,
+    launched_processes,
+    out_console,
+    print_json,
+    process_rank,
+)
 
 
 def train(
@@ -60,7 +67,7 @@ def train(
         else:
             out_console.print(recipe_to_yaml(resolved), markup=False, end="")
         return
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if nproc > 1 and launched_processes() == 1:
         forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
         forwarded += ["--resume"] if resume else []
         forwarded += ["--resume-from", str(resume_from)] if resume_from else []
@@ -71,7 +78,7 @@ def train(
 
     which = str(resume_from) if resume_from else ("latest" if resume else None)
     result = run_training(resolved, Reporter.for_cli(json_output, quiet), resume=which)
-    if json_output and os.environ.get("RANK", "0") == "0":  # one summary, from the main process
+    if json_output and process_rank() == 0:  # one summary, from the main process
         print_json(asdict(result))
 
 

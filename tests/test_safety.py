@@ -1,0 +1,737 @@
+"""Safety at the edges: shardtune never destroys what it did not write; recipes are strict; runs cannot
+collide; broken artifacts are one line; resume and signals behave; files others can read.
+
+Every refused case asserts the exit code, the one-line message, and that nothing was touched: a hash of
+every file around (the working directory, its parent, the home directory, the input run) is the same
+before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from shardtune.cli import app
+from shardtune.fileio import MARKER, exclusive_lock, lock_beside
+
+ROOT = Path(__file__).parents[1]
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures: a trained run, and a place around it full of things that must survive
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small trained run (4 steps) with a checkpoint at step 2, to copy into each test's place."""
+    tmp = tmp_path_factory.mktemp("trained")
+    path = tmp / "r.yaml"
+    raw = tiny_recipe(tmp, train={"max_steps": 4, "save_every": 2, "keep_checkpoints": 5})
+    path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["train", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    return tmp / "run"
+
+
+class Place:
+    """tmp/ (parent_sentinel) ├ work/ = cwd (sentinel) ├ home/ = $HOME (home_sentinel) ├ runs/run
+    (a copy of the trained run) ├ foreign/notes.txt ├ afile.txt ├ link → foreign ├ data.jsonl"""
+
+    def __init__(self, tmp: Path, trained: Path, monkeypatch):
+        self.tmp = tmp
+        self.work, self.home = tmp / "work", tmp / "home"
+        for d in (self.work, self.home, tmp / "foreign", tmp / "runs"):
+            d.mkdir()
+        (tmp / "parent_sentinel").write_text("parent")
+        (self.work / "sentinel").write_text("cwd")
+        (self.home / "home_sentinel").write_text("home")
+        (tmp / "foreign" / "notes.txt").write_text("mine")
+        (tmp / "afile.txt").write_text("a file")
+        (tmp / "link").symlink_to(tmp / "foreign")
+        rows = [{"prompt": f"say {i}", "completion": f" {i}"} for i in range(20)]
+        (tmp / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        self.run = tmp / "runs" / "run"
+        shutil.copytree(trained, self.run)
+        monkeypatch.chdir(self.work)
+        monkeypatch.setenv("HOME", str(self.home))
+
+    def snapshot(self) -> dict[str, str]:
+        """Every file under tmp (hidden ones too) → hash of its bytes; directories as entries."""
+        found = {}
+        for path in sorted(self.tmp.rglob("*")):
+            rel = str(path.relative_to(self.tmp))
+            if path.is_symlink():
+                found[rel] = "link→" + os.readlink(path)
+            elif path.is_file():
+                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                found[rel] = "dir"
+        return found
+
+    def recipe(self, **sections) -> str:
+        path = self.tmp / "recipe.yaml"
+        raw = tiny_recipe(self.tmp, **sections)
+        path.write_text(yaml.safe_dump(raw))
+        return str(path)
+
+
+@pytest.fixture
+def place(tmp_path, trained, monkeypatch):
+    return Place(tmp_path, trained, monkeypatch)
+
+
+def refused(args: list[str], expected: str, code: int = 2):
+    result = runner.invoke(app, args)
+    err = result.stderr.strip()
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert err.startswith("error: ") and expected in err, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in result.output
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output directories: replace only shardtune's own output
+
+TARGETS = {
+    # id: (target relative to the place, message)
+    "the current directory": (lambda p: ".", "is the current directory"),
+    "the parent directory": (lambda p: "..", "a parent of the current directory"),
+    "an ancestor": (lambda p: str(p.tmp.parent), "a parent of the current directory"),
+    "the root": (lambda p: "/", "filesystem root"),
+    "the home directory": (lambda p: str(p.home), "your home directory"),
+    "a tilde": (lambda p: "~", "your home directory"),
+    "an existing file": (lambda p: str(p.tmp / "afile.txt"), "is an existing file"),
+    "a foreign directory": (lambda p: str(p.tmp / "foreign"), "shardtune did not write"),
+    "a symbolic link": (lambda p: str(p.tmp / "link"), "symbolic link"),
+    "an empty name": (lambda p: "", "is empty"),
+    "a blank name": (lambda p: "   ", "is empty"),
+}
+RUN_INPUT_TARGETS = {
+    "the input run": (lambda p: str(p.run), "is the input"),
+    "inside the input run": (lambda p: str(p.run / "out"), "is inside the input"),
+    "around the input run": (lambda p: str(p.tmp / "runs"), "holds the input"),
+    "a checkpoint of the input": (lambda p: str(p.run / "checkpoint-2"), "is inside the input"),
+}
+COMMANDS = {
+    "export": lambda p, t: ["export", str(p.run), "--out", t, "--overwrite"],
+    "export-native": lambda p, t: ["export", str(p.run), "--format", "shardtune", "--out", t, "--overwrite"],
+    "merge": lambda p, t: ["merge", str(p.run), "--out", t, "--overwrite", "--dtype", "fp32"],
+    "prune": lambda p, t: ["prune", "tiny-llama", "--out", t, "--overwrite", "--pattern", "2:4"],
+}
+OUTPUT_CASES = [(c, t) for c in COMMANDS for t in TARGETS] + [
+    (c, t) for c in ("export", "merge") for t in RUN_INPUT_TARGETS
+]
+
+
+@pytest.mark.parametrize("command,target", OUTPUT_CASES, ids=[f"{c} into {t}" for c, t in OUTPUT_CASES])
+def test_commands_refuse_targets_they_must_not_write(place, command, target):
+    make_target, message = {**TARGETS, **RUN_INPUT_TARGETS}[target]
+    before = place.snapshot()
+    refused(COMMANDS[command](place, make_target(place)), message)
+    assert place.snapshot() == before
+
+
+TRAIN_TARGETS = [
+    "the current directory",
+    "the parent directory",
+    "the home directory",
+    "an existing file",
+    "a foreign directory",
+    "a symbolic link",
+    "an empty name",
+    "a blank name",
+]
+
+
+@pytest.mark.parametrize("target", TRAIN_TARGETS)
+def test_train_refuses_output_dirs_it_must_not_write(place, target):
+    make_target, message = TARGETS[target]
+    recipe = place.recipe()
+    before = place.snapshot()
+    args = ["train", recipe, "--set", f"output.dir={make_target(place)!r}", "--set", "output.overwrite=true"]
+    refused(args, message)
+    assert place.snapshot() == before
+
+
+def test_train_refuses_its_data_file_and_a_directory_inside_its_model(place):
+    recipe = place.recipe(data={"task": None, "path": str(place.tmp / "data.jsonl"), "eval_samples": 2})
+    before = place.snapshot()
+    refused(["train", recipe, "--set", f"output.dir={place.tmp / 'data.jsonl'}"], "is the input")
+    assert place.snapshot() == before
+    assert runner.invoke(app, ["prune", "tiny-llama", "--out", str(place.tmp / "sparse")]).exit_code == 0
+    args = ["train", place.recipe(), "--set", f"model.name={place.tmp / 'sparse'}"]
+    before = place.snapshot()
+    refused([*args, "--set", f"output.dir={place.tmp / 'sparse' / 'run'}"], "is inside the input")
+    assert place.snapshot() == before
+
+
+def test_compare_refuses_a_foreign_compare_directory_and_plots_never_overwrite_a_users_file(place):
+    recipe = place.recipe(output={"dir": str(place.tmp / "cmp")}, train={"max_steps": 2})
+    (place.tmp / "cmp" / "compare").mkdir(parents=True)
+    (place.tmp / "cmp" / "compare" / "mine.txt").write_text("keep")
+    (place.tmp / "figure.png").write_bytes(b"\x89PNG not shardtune's")
+    before = place.snapshot()
+    refused(["compare", recipe, "--methods", "lora"], "shardtune did not write")
+    (place.tmp / "cmp" / "compare" / "mine.txt").unlink()
+    before = place.snapshot()
+    refused(
+        ["compare", recipe, "--methods", "lora", "--plot", str(place.tmp / "figure.png")], "shardtune did not"
+    )
+    refused(
+        ["routing", str(place.run), "--plot", str(place.tmp / "figure.png")], "shardtune did not write it"
+    )
+    refused(["routing", str(place.run), "--plot", str(place.tmp / "foreign")], "is a directory")
+    assert place.snapshot() == before
+    plot = str(place.tmp / "ours.png")
+    assert runner.invoke(app, ["compare", recipe, "--methods", "lora", "--plot", plot, "-q"]).exit_code == 0
+    assert runner.invoke(app, ["routing", str(place.run), "--plot", plot]).exit_code == 0  # ours: replaced
+    refused(["compare", recipe, "--methods", "lora"], "already holds an earlier comparison")
+
+
+def test_the_model_cache_never_replaces_a_users_directory(place, monkeypatch):
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(place.tmp / "cache"))
+    mine = place.tmp / "cache" / "models" / "smollm2-135m-instruct"
+    mine.mkdir(parents=True)
+    (mine / "weights-i-made.bin").write_text("x")
+    before = place.snapshot()
+    refused(["params", "-m", "smollm2-135m-instruct"], "SHARDTUNE_CACHE: ")
+    assert place.snapshot() == before
+
+
+def test_a_shardtune_output_is_replaced_only_with_overwrite_and_leaves_nothing_behind(place):
+    out = place.tmp / "peft"
+    assert runner.invoke(app, ["export", str(place.run), "--out", str(out)]).exit_code == 0
+    assert json.loads((out / MARKER).read_text())["kind"] == "export-peft"
+    first = (out / "adapter_model.safetensors").read_bytes()
+    refused(
+        ["export", str(place.run), "--out", str(out)], "already holds a shardtune output; pass --overwrite"
+    )
+    # replaced by a different adapter (the checkpoint at step 2)
+    args = ["export", str(place.run / "checkpoint-2"), "--out", str(out), "--overwrite"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != first
+    leftovers = [p.name for p in place.tmp.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # no temporary tree, set-aside tree or lock left beside it
+
+
+def test_a_shardtune_output_holding_a_users_file_is_never_replaced(place):
+    out = place.tmp / "merged"
+    assert runner.invoke(app, ["merge", str(place.run), "--out", str(out), "--dtype", "fp32"]).exit_code == 0
+    (out / "my-notes.md").write_text("do not lose me")
+    before = place.snapshot()
+    refused(
+        ["merge", str(place.run), "--out", str(out), "--overwrite"],
+        "holds 'my-notes.md', which shardtune did not write",
+    )
+    assert place.snapshot() == before
+
+
+def test_an_interrupted_write_leaves_the_old_output_whole(place, monkeypatch):
+    out = place.tmp / "peft"
+    assert runner.invoke(app, ["export", str(place.run), "--out", str(out)]).exit_code == 0
+    before = place.snapshot()
+    import shardtune.export
+
+    def broken(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shardtune.export, "save_file", broken)
+    refused(["export", str(place.run), "--out", str(out), "--overwrite"], "No space left on device")
+    assert place.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "crash_at", ["exchange", "delete-old", "fallback-first-rename", "fallback-second-rename"]
+)
+def test_a_crash_while_replacing_leaves_the_old_or_the_new_tree_whole(tmp_path, monkeypatch, crash_at):
+    """replace_directory: interrupted at any step, the target (or, on systems without an atomic
+    exchange, the set-aside sibling) holds one whole tree."""
+    from shardtune import fileio
+
+    final, new = tmp_path / "out", tmp_path / ".out.new-x"
+    for d, word in ((final, "old"), (new, "new")):
+        d.mkdir()
+        for i in range(3):
+            (d / f"f{i}").write_text(word)
+
+    def trees() -> list[set[str]]:
+        found = []
+        for d in [final, *tmp_path.glob(".out.*")]:
+            if d.is_dir() and any(d.iterdir()):  # (an empty placeholder holds no tree)
+                found.append({f.read_text() for f in d.iterdir()})
+        return found
+
+    real_rename, calls = os.rename, {"n": 0}
+
+    def crashing_rename(a, b):
+        calls["n"] += 1
+        if (crash_at, calls["n"]) in (("fallback-first-rename", 2), ("fallback-second-rename", 3)):
+            raise KeyboardInterrupt
+        return real_rename(a, b)
+
+    if crash_at == "exchange":
+        monkeypatch.setattr(fileio, "exchange", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt()))
+    elif crash_at == "delete-old":
+        monkeypatch.setattr(
+            fileio.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+        )
+    else:
+        monkeypatch.setattr(fileio, "exchange", lambda a, b: False)
+        monkeypatch.setattr(fileio.os, "rename", crashing_rename)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.replace_directory(new, final)
+    assert all(t in ({"old"}, {"new"}) for t in trees())  # nothing mixed, nothing half-written
+    if crash_at in ("exchange", "delete-old", "fallback-first-rename"):
+        assert final.is_dir() and len(list(final.iterdir())) == 3  # the target itself is whole
+    assert {"old"} in trees() or final.is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two runs, one directory: a lock that names its holder, never left stale
+
+
+def test_a_held_run_directory_refuses_a_second_writer_naming_the_holder(place):
+    recipe = place.recipe(output={"dir": str(place.run), "overwrite": True})
+    with exclusive_lock(place.run / ".shardtune.lock", "test", "run"):
+        before = place.snapshot()
+        err = refused(["train", recipe], "is in use by another shardtune run")
+        assert f"pid {os.getpid()}" in err
+        err = refused(["train", recipe, "--resume"], "is in use by another shardtune run")
+        assert place.snapshot() == before
+
+
+def test_a_held_export_target_refuses_a_second_writer(place):
+    out = place.tmp / "peft"
+    with exclusive_lock(lock_beside(out), "test", "out", remove=True):
+        refused(["export", str(place.run), "--out", str(out)], "is in use by another shardtune run")
+    assert not out.exists() and not lock_beside(out).exists()
+
+
+def shardtune_process(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "shardtune", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+def test_two_runs_into_one_directory_then_a_kill_never_blocks_resume(tmp_path):
+    raw = tiny_recipe(tmp_path, train={"max_steps": 300, "save_every": 5, "batch_size": 4})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    first = shardtune_process("train", path, "-q")
+    wait_for(tmp_path / "run" / "checkpoint-5", first)
+    second = shardtune_process("train", path, "-q", "--set", "output.overwrite=true")
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 2, err
+    assert re.fullmatch(
+        rf"error: output\.dir: run directory .* is in use by another shardtune run \(pid {first.pid}: .*shardtune train .*\n",
+        err,
+    )
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    resumed = shardtune_process("train", path, "-q", "--resume", "--set", "train.max_steps=10")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err  # the kernel dropped the dead run's lock
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 10
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_ready(place):
+    recipe = place.recipe(output={"dir": str(place.run), "overwrite": True})
+    before = place.snapshot()
+    refused(["train", recipe, "--set", "data.task=no-such-task"], "unknown task")  # fails in setup
+    assert place.snapshot() == before  # the earlier run is untouched
+    assert runner.invoke(app, ["train", recipe, "-q", "--set", "train.max_steps=3"]).exit_code == 0
+    assert json.loads((place.run / "result.json").read_text())["steps"] == 3
+    assert not (place.run / "checkpoint-2").exists()  # the earlier run's checkpoints went with it
+    assert [p.name for p in place.run.parent.iterdir()] == ["run"]  # nothing set aside remains
+
+
+def test_a_killed_replacing_run_keeps_the_earlier_run_whole_until_its_resume_finishes(tmp_path):
+    raw = tiny_recipe(tmp_path, train={"max_steps": 4})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert shardtune_process("train", path, "-q").wait(timeout=300) == 0
+    earlier = load_file(tmp_path / "run" / "adapter.safetensors")
+    args = ["--set", "output.overwrite=true", "--set", "train.max_steps=400", "--set", "train.save_every=5"]
+    proc = shardtune_process("train", path, "-q", *args)
+    wait_for(tmp_path / "run" / "checkpoint-5", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    aside = list(tmp_path.glob(".run.replaced-*"))
+    assert len(aside) == 1
+    kept = load_file(aside[0] / "adapter.safetensors")
+    assert all(torch.equal(kept[k], earlier[k]) for k in earlier)  # the earlier run, whole
+    args[3] = "train.max_steps=7"
+    assert shardtune_process("train", path, "-q", "--resume", *args).wait(timeout=300) == 0
+    assert list(tmp_path.glob(".run.replaced-*")) == []  # deleted once the new run finished
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict recipe values
+
+RECIPE_CASES = {
+    "a boolean rank": ({"adapter": {"rank": True}}, "adapter.rank: must be an integer, got True (a boolean)"),
+    "a rank as a string": ({"adapter": {"rank": "8"}}, "adapter.rank: must be an integer, got '8' (a string"),
+    "lr as a string": ({"train": {"lr": "0.0002"}}, "train.lr: must be a number, got '0.0002' (a string"),
+    "an infinite lr": ({"train": {"lr": float("inf")}}, "train.lr: must be a finite number, got inf"),
+    "a NaN gradient clip": (
+        {"train": {"max_grad_norm": float("nan")}},
+        "train.max_grad_norm: must be a finite number",
+    ),
+    "a boolean batch size": ({"train": {"batch_size": False}}, "train.batch_size: must be an integer"),
+    "betas above 1": (
+        {"train": {"betas": [0.9, 1.5]}},
+        "train.betas: each beta must be in [0, 1), got [0.9, 1.5]",
+    ),
+    "a negative beta": ({"train": {"betas": [-0.1, 0.9]}}, "train.betas: each beta must be in [0, 1)"),
+    "an absurd max_length": ({"data": {"max_length": 10**9}}, "data.max_length: must be at most 1048576"),
+    "a number for a name": ({"model": {"name": 7}}, "model.name: must be a string, got 7"),
+    "an empty output.dir": ({"output": {"dir": ""}}, "output.dir: is empty"),
+    "a string for a boolean": ({"train": {"cpu": "yes please"}}, "train.cpu: must be true or false"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_recipe_values_are_strict(place, case):
+    sections, message = RECIPE_CASES[case]
+    recipe = place.recipe(**sections)
+    before = place.snapshot()
+    refused(["train", recipe, "--dry-run"], message)
+    assert place.snapshot() == before
+
+
+def test_numbers_written_as_yaml_writes_them_are_numbers(place):
+    from shardtune.recipe import ModelSection, parse_yaml, recipe_from_dict, recipe_to_yaml
+
+    # and strings that look like numbers to YAML 1.2 stay strings through the resolved recipe.yaml
+    raw = yaml.safe_load(Path(place.recipe()).read_text())
+    raw["model"]["revision"] = "1e5"
+    again = parse_yaml(recipe_to_yaml(recipe_from_dict(raw)))
+    assert again["model"]["revision"] == "1e5" and ModelSection.model_validate(again["model"])
+    path = Path(place.recipe())
+    path.write_text(path.read_text().replace("lr: 0.01", "lr: 2e-4"))
+    result = runner.invoke(app, ["train", str(path), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["train"]["lr"] == 2e-4
+    result = runner.invoke(
+        app, ["train", str(path), "--dry-run", "--json", "--set", "train.warmup_steps=1e1"]
+    )
+    assert result.exit_code == 2 and "must be an integer, got 10.0" in result.stderr
+
+
+def test_a_key_given_twice_is_named_with_its_lines(place):
+    path = place.tmp / "dup.yaml"
+    path.write_text(Path(place.recipe()).read_text() + "train:\n  lr: 0.5\n")
+    refused(["train", str(path)], "key 'train' appears twice in one section (lines")
+    text = (
+        "model:\n  name: tiny-llama\nadapter:\n  method: lora\n  rank: 4\n  rank: 8\ndata:\n  task: repeat\n"
+    )
+    path.write_text(text)
+    refused(["train", str(path)], "key 'rank' appears twice in one section (lines 5 and 6)")
+
+
+def test_a_recipe_path_that_is_a_directory_or_a_link_loop_says_so(place):
+    refused(["train", str(place.tmp / "foreign")], "is a directory, not a recipe file")
+    loop = place.tmp / "loop.yaml"
+    loop.symlink_to(loop)
+    refused(["train", str(loop)], "a loop of symbolic links")
+    dangling = place.tmp / "dangling.yaml"
+    dangling.symlink_to(place.tmp / "nowhere.yaml")
+    refused(["train", str(dangling)], "a symbolic link to nothing")
+
+
+@pytest.mark.parametrize(
+    "method,rank,largest",
+    [("fossil", 100000, 64), ("lora", 1000, 32), ("mos", 64, 32), ("sharelora", 40, 32), ("lors", 33, 32)],
+)
+def test_a_rank_larger_than_the_layers_names_the_largest_that_fits(place, method, rank, largest):
+    from conftest import TINY_OPTIONS
+
+    adapter = {"method": method, **TINY_OPTIONS[method], "rank": rank, "targets": "all-linear"}
+    recipe = place.recipe(adapter=adapter)
+    before = place.snapshot()
+    refused(["train", recipe], f"the largest rank that fits every target is {largest}")
+    refused(["params", "-m", "tiny-llama", "--method", method, "--rank", str(rank)], f"is {largest}")
+    assert place.snapshot() == before
+
+
+def test_eval_samples_must_leave_examples_to_train_on(place):
+    data = {"task": None, "path": str(place.tmp / "data.jsonl")}
+    for n in (20, 25):
+        refused(
+            ["train", place.recipe(data={**data, "eval_samples": n})],
+            f"data.eval_samples: {n} is not less than the 20 examples",
+        )
+
+
+def test_max_length_beyond_the_models_context(place):
+    refused(
+        ["train", place.recipe(data={"max_length": 4096})], "longer than the model's context of 1024 tokens"
+    )
+
+
+def test_chat_roles_the_template_does_not_know(place):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "yo"}]}] * 5
+    (place.tmp / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = {"task": None, "path": str(place.tmp / "chat.jsonl"), "eval_samples": 1}
+    refused(
+        ["train", place.recipe(data=data)], "message 2 has role 'asistant'; chat templates know system, user"
+    )
+
+
+def test_a_ragged_csv_names_its_line(place):
+    (place.tmp / "d.csv").write_text('prompt,completion\n"a, b",c\nd,e\nf,g,h\ni,j\n')
+    data = {"task": None, "path": str(place.tmp / "d.csv"), "eval_samples": 1}
+    refused(["train", place.recipe(data=data)], "d.csv line 4 has 3 fields; the header has 2")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Broken artifacts: one line naming the file, nothing written
+
+
+def _empty(p):
+    p.write_bytes(b"")
+
+
+def _truncated(p):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _garbage(p):
+    p.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}" + os.urandom(64))
+
+
+def _edit(**changes):
+    def edit(p):
+        meta = json.loads(p.read_text())
+        for key, value in changes.items():
+            node, *path = key.split(".")
+            target = meta
+            for part in [node, *path][:-1]:
+                target = target[part]
+            if value is None:
+                target.pop([node, *path][-1])
+            else:
+                target[[node, *path][-1]] = value
+        p.write_text(json.dumps(meta))
+
+    return edit
+
+
+BREAKAGES = {
+    "empty weights": ("adapter.safetensors", _empty, "adapter.safetensors: empty file"),
+    "truncated weights": ("adapter.safetensors", _truncated, "adapter.safetensors: corrupt or truncated"),
+    "garbage weights": ("adapter.safetensors", _garbage, "adapter.safetensors: corrupt or truncated"),
+    "missing weights": ("adapter.safetensors", Path.unlink, "adapter.safetensors: file not found"),
+    "another method": ("adapter.json", _edit(method="fossil"), "adapter.json: key 'method' says 'fossil'"),
+    "another rank": ("adapter.json", _edit(**{"options.rank": 2}), "adapter.safetensors: tensor"),
+    "a missing key": ("adapter.json", _edit(base_model=None), "adapter.json: missing key 'base_model'"),
+    "an unknown option": ("adapter.json", _edit(**{"options.ranks": 2}), "invalid adapter option 'ranks'"),
+    "corrupt json": ("adapter.json", lambda p: p.write_text("{oops"), "adapter.json: corrupt adapter config"),
+    "missing config": ("adapter.json", Path.unlink, "not a shardtune adapter directory"),
+}
+READERS = {
+    "eval": lambda p, d: ["eval", str(d)],
+    "generate": lambda p, d: ["generate", "-a", str(d), "hi"],
+    "merge": lambda p, d: ["merge", str(d), "--out", str(p.tmp / "out")],
+    "export": lambda p, d: ["export", str(d), "--out", str(p.tmp / "out")],
+    "routing": lambda p, d: ["routing", str(d)],
+    "resume": lambda p, d: ["train", p.recipe(output={"dir": str(p.run)}), "--resume-from", str(d)],
+}
+ARTIFACT_CASES = [(r, b) for r in READERS for b in BREAKAGES]
+# A resumed run builds its adapter from the recipe: an edited adapter.json disagrees with the recipe.
+RESUME_MESSAGES = {
+    "another rank": "adapter.json: the checkpoint's adapter has rank = 2 but the recipe says",
+    "missing config": "checkpoint-2 is not a checkpoint directory (no adapter.json)",
+}
+
+
+@pytest.mark.parametrize("reader,breakage", ARTIFACT_CASES, ids=[f"{r} of {b}" for r, b in ARTIFACT_CASES])
+def test_broken_artifacts_are_one_line_naming_the_file_and_nothing_is_written(place, reader, breakage):
+    name, breaks, message = BREAKAGES[breakage]
+    if reader == "resume":
+        message = RESUME_MESSAGES.get(breakage, message)
+    directory = place.run / "checkpoint-2" if reader == "resume" else place.run
+    breaks(directory / name)
+    args = READERS[reader](place, directory)  # (writes the recipe of a resume first)
+    before = place.snapshot()
+    refused(args, message)
+    assert place.snapshot() == before
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "rng.safetensors", "trainer_state.json"])
+def test_resume_from_a_checkpoint_with_a_broken_training_state(place, name):
+    checkpoint = place.run / "checkpoint-2"
+    _truncated(checkpoint / name)
+    recipe = place.recipe(output={"dir": str(place.run)})
+    before = place.snapshot()
+    refused(["train", recipe, "--resume"], name)
+    assert place.snapshot() == before
+
+
+def test_resume_with_another_adapter_than_the_checkpoints(place):
+    recipe = place.recipe(output={"dir": str(place.run)})
+    before = place.snapshot()
+    refused(["train", recipe, "--resume", "--set", "adapter.rank=8"], "the checkpoint's adapter has rank = 4")
+    refused(["train", recipe, "--resume", "--set", "adapter.alpha=2"], "recipe says adapter.alpha = 2.0")
+    assert place.snapshot() == before
+
+
+def test_eval_of_a_run_without_its_recipe(place):
+    (place.run / "recipe.yaml").unlink()
+    before = place.snapshot()
+    refused(["eval", str(place.run)], "no recipe.yaml")
+    assert place.snapshot() == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume and signals
+
+
+def test_after_a_resume_each_step_is_in_the_metrics_once_and_no_warning_is_printed(place):
+    recipe = place.recipe(
+        output={"dir": str(place.tmp / "r")},
+        train={"max_steps": 8, "save_every": 2, "keep_checkpoints": 10},
+        logging={"every": 1},
+    )
+    assert runner.invoke(app, ["train", recipe, "-q"]).exit_code == 0
+    metrics = place.tmp / "r" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 9))
+    # as after a kill at step 8: resume from step 4 in place
+    result = runner.invoke(
+        app, ["train", recipe, "-q", "--json", "--resume-from", str(place.tmp / "r" / "checkpoint-2")]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # no library warning (e.g. torch's lr_scheduler order) under -q/--json
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 9))
+
+
+def test_sigterm_names_the_command_that_resumes_exactly_with_the_overrides(tmp_path):
+    raw = tiny_recipe(tmp_path, adapter={"method": "lora", "rank": 4, "dropout": 0.1})
+    raw["train"].update({"max_steps": 400, "save_every": 5, "batch_size": 4})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    overrides = ["--set", "train.lr=0.02", "--set", "train.max_steps=60"]
+    reference = shardtune_process("train", path, "-q", *overrides, "--set", f"output.dir={tmp_path / 'ref'}")
+    assert reference.wait(timeout=300) == 0
+    proc = shardtune_process("train", path, "-q", *overrides)
+    wait_for(tmp_path / "run" / "checkpoint-5", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    command = re.search(r"continue with: (shardtune train \S+ --resume)$", err.strip()).group(1)
+    assert command == f"shardtune train {tmp_path / 'run' / 'recipe.yaml'} --resume"
+    resumed = shardtune_process(*command.split()[1:])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    ref, got = (
+        load_file(tmp_path / "ref" / "adapter.safetensors"),
+        load_file(tmp_path / "run" / "adapter.safetensors"),
+    )
+    assert all(torch.equal(ref[k], got[k]) for k in ref)  # bit for bit, overrides included
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_the_first_optimizer_step_changes_the_adapter(place, schedule):
+    recipe = place.recipe(
+        output={"dir": str(place.tmp / "one")},
+        train={"max_steps": 1, "warmup_steps": 10, "schedule": schedule},
+    )
+    assert runner.invoke(app, ["train", recipe, "-q"]).exit_code == 0
+    tensors = load_file(place.tmp / "one" / "adapter.safetensors")
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # B starts at zero
+    (lr,) = [
+        json.loads(line)["lr"] for line in (place.tmp / "one" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert lr == pytest.approx(0.01 / 10)
+
+
+def test_rank_without_world_size_is_one_process(place, monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = runner.invoke(app, ["train", place.recipe(output={"dir": str(place.tmp / "r")}), "--json", "-q"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["steps"] == 12
+    refused(["eval", str(place.tmp / "none")], "no such run")  # the error is said, not left to "rank 0"
+
+
+@pytest.mark.parametrize("value", ["0", "false", "no", "off", ""])
+def test_shardtune_debug_off_values_keep_the_one_line(place, monkeypatch, value):
+    import shardtune.train
+
+    def broken(*a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(shardtune.train, "load_model", broken)
+    monkeypatch.setenv("SHARDTUNE_DEBUG", value)
+    refused(
+        ["train", place.recipe(output={"dir": str(place.tmp / "r")})], "internal error: RuntimeError: boom", 1
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files others can read
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_written_files_follow_the_umask(place, mask):
+    previous = os.umask(mask)
+    try:
+        recipe = place.recipe(output={"dir": str(place.tmp / "r")}, train={"max_steps": 2, "save_every": 1})
+        assert runner.invoke(app, ["train", recipe, "-q"]).exit_code == 0
+        export = ["export", str(place.tmp / "r"), "--out", str(place.tmp / "peft")]
+        assert runner.invoke(app, export).exit_code == 0
+        merge = ["merge", str(place.tmp / "r"), "--out", str(place.tmp / "merged")]
+        assert runner.invoke(app, merge).exit_code == 0
+    finally:
+        os.umask(previous)
+    run = place.tmp / "r"
+    files = [run / "adapter.safetensors", run / "adapter.json", run / "recipe.yaml", run / "result.json"]
+    files += [run / "checkpoint-1" / "optimizer.safetensors", place.tmp / "peft" / "adapter_config.json"]
+    files += [place.tmp / "peft" / "adapter_model.safetensors", place.tmp / "merged" / "model.safetensors"]
+    dirs = [run, run / "checkpoint-1", place.tmp / "peft", place.tmp / "merged"]
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+    for d in dirs:
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask, d
+
+
+def test_at_least_30_new_cases():
+    import inspect
+
+    module = sys.modules[__name__]
+    count = 0
+    for name, fn in inspect.getmembers(module, inspect.isfunction):
+        if name.startswith("test_"):
+            marks = getattr(fn, "pytestmark", [])
+            count += max([len(m.args[1]) for m in marks if m.name == "parametrize"] or [1])
+    assert count >= 30, count
