@@ -133,9 +133,7 @@ def embedded_gguf(alias: str) -> Path:
 
 def embedded_model_dir(alias: str) -> Path:
     """The cached safetensors directory of an embedded model, converting the GGUF on first use."""
-    from shardtune.fileio import file_lock
-
-    from shardtune.fileio import check_output_dir
+    from shardtune.fileio import check_output_dir, file_lock
 
     target = cache_dir() / "models" / alias
     if _converted(target):

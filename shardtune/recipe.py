@@ -144,7 +144,8 @@ class TrainSection(Section):
         0, ge=0, description="Linear warm-up: step k of the first N uses lr·k/N (the first step learns)."
     )
     schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="After warm-up: cosine or linear decay towards 0 after the last step, or constant."
+        "cosine",
+        description="After warm-up: cosine or linear decay towards 0 after the last step, or constant.",
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 disables.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
