@@ -374,8 +374,12 @@ def check_checkpoint(directory: Path, options: AdapterOptions | None = None) -> 
 def read_trainer_state(directory: Path) -> dict:
     """trainer_state.json of a checkpoint: counters, optimizer param groups, Python's RNG state."""
     path = directory / TRAINER_STATE
-    if not path.is_file() or not (directory / OPTIMIZER_FILE).is_file():
-        raise BadInput(f"--resume: {directory} has no training state (was it written by shardtune train?)")
+    for needed in (path, directory / OPTIMIZER_FILE):
+        if not needed.is_file():
+            raise BadInput(
+                f"--resume: {needed} not found: {directory} holds no complete training state (was it "
+                "written by shardtune train with train.save_every?)"
+            )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -45,10 +45,10 @@ def compare(recipe: Recipe, methods: list[str], reporter: Reporter, plot: Path |
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise BadInput(f"--methods: unknown method {unknown[0]!r}; available: {', '.join(METHODS)}")
-    if plot is not None:
-        check_plot_path(plot, "--plot")
     out_dir = Path(recipe.output.dir).expanduser() / "compare"
     model = Path(recipe.model.name).expanduser()
+    if plot is not None:
+        check_plot_path(plot, "--plot", inputs=[model if model.is_dir() else None, recipe.data.path])
     check_output_dir(
         out_dir,
         "output.dir",

@@ -163,6 +163,9 @@ def check_output_dir(
         if where in src.parents:
             raise BadInput(f"{key}: {text} holds the input {source}; write somewhere else")
     if not where.exists():
+        above = next(p for p in where.parents if p.exists())
+        if not above.is_dir():
+            raise BadInput(f"{key}: {text} is inside {above}, which is a file; name a directory to write")
         return False
     if not where.is_dir():
         raise BadInput(f"{key}: {text} is an existing file; name a directory to write")
@@ -277,9 +280,12 @@ def write_output_dir(
 PNG_SIGNATURE = {"Software": "shardtune"}  # PNG text chunk that marks a figure as shardtune's
 
 
-def check_plot_path(path: Path | str, key: str) -> None:
-    """A figure may be written to a new file or over a PNG shardtune wrote; nothing else."""
+def check_plot_path(path: Path | str, key: str, inputs: Iterable[Path | str | None] = ()) -> None:
+    """A figure may be written to a new file or over a PNG shardtune wrote, never inside an input."""
     path = Path(path).expanduser()
+    for source in inputs:
+        if source is not None and resolved(Path(source)) in resolved(path).parents:
+            raise BadInput(f"{key}: {path} is inside the input {source}; write the figure somewhere else")
     if path.is_symlink():
         raise BadInput(f"{key}: {path} is a symbolic link; name the file itself")
     if path.is_dir():

@@ -58,6 +58,7 @@ AdapterSection = Annotated[
 
 
 MAX_LENGTH_LIMIT = 1 << 20  # tokens: beyond any model's context
+MAX_GENERATED = 1_000_000  # examples a builtin task generates (or holds out): beyond it, a typo
 
 
 class DataSection(Section):
@@ -94,10 +95,13 @@ class DataSection(Section):
         "`auto`: when the tokenizer has one.",
     )
     packing: bool = Field(False, description="Concatenate examples into full rows of `max_length` tokens.")
-    num_samples: PositiveInt = Field(2000, description="Training examples generated for a builtin task.")
+    num_samples: PositiveInt = Field(
+        2000, le=MAX_GENERATED, description="Training examples generated for a builtin task."
+    )
     eval_samples: int | None = Field(
         None,
         ge=0,
+        le=MAX_GENERATED,
         description="Held-out examples: generated for a builtin task, taken from `eval_split`, or split off "
         "the data (seeded, disjoint from training). Unset: 64, or a fifth of a single source, at most 64; "
         "set: exactly this many (fewer than the examples of a single source).",

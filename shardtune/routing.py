@@ -17,8 +17,11 @@ from shardtune.errors import BadInput
 from shardtune.fileio import check_plot_path, save_figure
 
 
-def routing_of(target: Path, overrides: list[str] | None = None) -> dict:
-    """:func:`routing_report` of a run or checkpoint directory, or of a recipe's adapter before training."""
+def routing_of(target: Path, overrides: list[str] | None = None, plot_to: Path | None = None) -> dict:
+    """:func:`routing_report` of a run or checkpoint directory, or of a recipe's adapter before
+    training; with ``plot_to``, also the overlap heatmaps there (:func:`plot`)."""
+    if plot_to is not None:
+        check_plot_path(plot_to, "--plot", inputs=[target if target.is_dir() else None])
     from shardtune.adapters.model import inject_adapter
     from shardtune.checkpoint import load_adapted_model
     from shardtune.models import load_model
@@ -32,7 +35,10 @@ def routing_of(target: Path, overrides: list[str] | None = None) -> dict:
             recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
         )
         inject_adapter(model, recipe.adapter)
-    return routing_report(model)
+    report = routing_report(model)
+    if plot_to is not None:
+        plot(report, plot_to)
+    return report
 
 
 def routing_report(model: nn.Module) -> dict:

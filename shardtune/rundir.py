@@ -163,7 +163,10 @@ class RunDirectory:
 
     def _create(self, **marker) -> None:
         """A new run directory, locked, then checked again: another run may have got here meanwhile."""
-        make_directory(self.path)
+        try:
+            make_directory(self.path)
+        except OSError as e:
+            raise BadInput(f"output.dir: cannot create {self.path}: {e.strerror or e}") from None
         self._lock()
         if any(p.name != LOCK for p in self.path.iterdir()):
             raise BadInput(

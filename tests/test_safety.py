@@ -123,6 +123,7 @@ TARGETS = {
     "a symbolic link": (lambda p: str(p.tmp / "link"), "symbolic link"),
     "an empty name": (lambda p: "", "is empty"),
     "a blank name": (lambda p: "   ", "is empty"),
+    "inside a file": (lambda p: str(p.tmp / "afile.txt" / "out"), "which is a file"),
 }
 RUN_INPUT_TARGETS = {
     "the input run": (lambda p: str(p.run), "is the input"),
@@ -199,6 +200,7 @@ def test_compare_refuses_a_foreign_compare_directory_and_plots_never_overwrite_a
         ["routing", str(place.run), "--plot", str(place.tmp / "figure.png")], "shardtune did not write it"
     )
     refused(["routing", str(place.run), "--plot", str(place.tmp / "foreign")], "is a directory")
+    refused(["routing", str(place.run), "--plot", str(place.run / "heat.png")], "is inside the input")
     assert place.snapshot() == before
     plot = str(place.tmp / "ours.png")
     assert runner.invoke(app, ["compare", recipe, "--methods", "lora", "--plot", plot, "-q"]).exit_code == 0
@@ -415,6 +417,7 @@ RECIPE_CASES = {
     ),
     "a negative beta": ({"train": {"betas": [-0.1, 0.9]}}, "train.betas: each beta must be in [0, 1)"),
     "an absurd max_length": ({"data": {"max_length": 10**9}}, "data.max_length: must be at most 1048576"),
+    "absurd generated data": ({"data": {"num_samples": 10**12}}, "data.num_samples: must be at most 1000000"),
     "a number for a name": ({"model": {"name": 7}}, "model.name: must be a string, got 7"),
     "an empty output.dir": ({"output": {"dir": ""}}, "output.dir: is empty"),
     "a string for a boolean": ({"train": {"cpu": "yes please"}}, "train.cpu: must be true or false"),
@@ -483,6 +486,26 @@ def test_a_rank_larger_than_the_layers_names_the_largest_that_fits(place, method
     refused(["train", recipe], f"the largest rank that fits every target is {largest}")
     refused(["params", "-m", "tiny-llama", "--method", method, "--rank", str(rank)], f"is {largest}")
     assert place.snapshot() == before
+
+
+def test_an_absurd_mos_budget_is_refused_like_a_rank(place):
+    adapter = {"method": "mos", "rank": 4, "equivalent_rank": 100000, "private_rank": 1}
+    refused(
+        [
+            "params",
+            "-m",
+            "tiny-llama",
+            "--method",
+            "mos",
+            "--set",
+            "rank=4",
+            "--set",
+            "equivalent_rank=100000",
+        ],
+        "adapter.equivalent_rank: 100000 is larger",
+    )
+    recipe = place.recipe(adapter=adapter)
+    refused(["train", recipe], "adapter.equivalent_rank: 100000 is larger than the layers it adapts allow")
 
 
 def test_eval_samples_must_leave_examples_to_train_on(place):
@@ -589,10 +612,11 @@ def test_broken_artifacts_are_one_line_naming_the_file_and_nothing_is_written(pl
     assert place.snapshot() == before
 
 
+@pytest.mark.parametrize("how", [_truncated, Path.unlink], ids=["truncated", "missing"])
 @pytest.mark.parametrize("name", ["optimizer.safetensors", "rng.safetensors", "trainer_state.json"])
-def test_resume_from_a_checkpoint_with_a_broken_training_state(place, name):
+def test_resume_from_a_checkpoint_with_a_broken_training_state(place, name, how):
     checkpoint = place.run / "checkpoint-2"
-    _truncated(checkpoint / name)
+    how(checkpoint / name)
     recipe = place.recipe(output={"dir": str(place.run)})
     before = place.snapshot()
     refused(["train", recipe, "--resume"], name)

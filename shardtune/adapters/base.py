@@ -203,6 +203,8 @@ class AdapterMethod:
     name: ClassVar[str]
     Options: ClassVar[type[AdapterOptions]]
     summary: ClassVar[str] = ""
+    # Options that are ranks of the layers' updates: each must fit every target (largest_rank).
+    rank_options: ClassVar[tuple[str, ...]] = ("rank",)
 
     def check(self, options: AdapterOptions, targets: list[Target]) -> None:
         """Raise :class:`shardtune.errors.RecipeError` if the options cannot work on these targets."""

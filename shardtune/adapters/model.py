@@ -134,18 +134,18 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
 
 
 def check_rank(method, options: AdapterOptions, targets: list[Target]) -> None:
-    """``adapter.rank`` must fit every layer it adapts (:meth:`AdapterMethod.largest_rank`)."""
-    rank = getattr(options, "rank", None)
-    if rank is None:
-        return
+    """Every rank option of the method (``adapter.rank``, MoS's ``equivalent_rank``, …) must fit every
+    layer it adapts (:meth:`AdapterMethod.largest_rank`)."""
     tightest = min(targets, key=lambda t: method.largest_rank(options, t))
     fits = method.largest_rank(options, tightest)
-    if rank > fits:
-        raise RecipeError(
-            "adapter.rank",
-            f"{rank} is larger than the layers it adapts allow: {tightest.name} is "
-            f"{tightest.out_features}×{tightest.in_features}; the largest rank that fits every target is {fits}",
-        )
+    for key in method.rank_options:
+        rank = getattr(options, key, None)
+        if isinstance(rank, int) and rank > fits:
+            raise RecipeError(
+                f"adapter.{key}",
+                f"{rank} is larger than the layers it adapts allow: {tightest.name} is "
+                f"{tightest.out_features}×{tightest.in_features}; the largest rank that fits every target is {fits}",
+            )
 
 
 def adapter_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -178,6 +178,8 @@ class Mos(AdapterMethod):
     Options = MosOptions
     summary = "LoRA factors routed out of global shard pools per projection type (subset, dissociation, sharding, privatization)"
 
+    rank_options = ("rank", "equivalent_rank")
+
     def check(self, options: MosOptions, targets: list[Target]) -> None:
         r, big_r, p, per_vec = (
             options.rank,

@@ -89,9 +89,7 @@ def routing(
     """
     from shardtune import routing as routing_lib
 
-    report = routing_lib.routing_of(target, set_)
-    if plot is not None:
-        routing_lib.plot(report, plot)
+    report = routing_lib.routing_of(target, set_, plot_to=plot)
     if json_output:
         print_json(report)
         return
