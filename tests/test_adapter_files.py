@@ -137,3 +137,16 @@ def test_resume_ends_bit_for_bit_where_the_uninterrupted_run_ends(reference_run,
     for m in metrics:  # the schedule continues where it was: the same learning rate at the same step
         assert m["lr"] == pytest.approx(ref_lr[m["step"]], abs=1e-12)
     assert metrics[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine ends at 0 at step 10
+
+
+def test_checkpoints_are_ordered_by_step_and_latest_is_the_highest(tmp_path):
+    from shardtune.checkpoint import list_checkpoints, resolve_resume
+
+    for step in (2, 10, 9, 100):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "adapter.json").write_text("{}")
+    (tmp_path / "checkpoint-11").mkdir()  # incomplete: no adapter.json
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"checkpoint-{s}" for s in (2, 9, 10, 100)]
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-100"
+    assert resolve_resume(tmp_path, None) is None

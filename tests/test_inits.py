@@ -124,14 +124,14 @@ def test_lors_gradient_init_is_the_top_singular_subspace_of_the_dense_gradient()
     reference = pruned_llama()
     for p in reference.parameters():
         p.requires_grad_(True)
-    for ids in batches[:2]:  # init_samples 6 → two batches of 4
+    for ids in batches[:2]:  # init_samples 8 → exactly two batches of 4
         reference(input_ids=ids, labels=ids).loss.backward()
     modules = dict(reference.named_modules())
 
     gamma, r = 2.0, 4
     model = pruned_llama()
     opts = METHODS["lors"].Options(
-        method="lors", rank=r, targets=["q_proj", "down_proj"], init_gamma=gamma, init_samples=6
+        method="lors", rank=r, targets=["q_proj", "down_proj"], init_gamma=gamma, init_samples=8
     )
     inject_adapter(model, opts)
     assert gradient_init(model, [{"input_ids": b, "labels": b} for b in batches], opts) == 8

@@ -142,6 +142,8 @@ def mos_reference_delta(model: nn.Module, name: str, options) -> torch.Tensor:
         assert idx_a[:n_routed] == list(range(n_public))  # in pool order
     if not options.pair_dissociation:
         assert idx_a == idx_b
+    elif n_routed:
+        assert idx_a[:n_routed] != idx_b[:n_routed]  # dissociated: B's public shards are drawn apart from A's
     a = torch.stack(
         [torch.cat([pool_a[idx_a[j * per_vec + t]] for t in range(per_vec)]) for j in range(rank)]
     )

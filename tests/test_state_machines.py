@@ -167,6 +167,8 @@ def test_merge_run_twice_writes_the_same_model(tmp_path):
     merge_run(run, tmp_path / "m1", dtype="fp32")
     merge_run(run, tmp_path / "m2", dtype="fp32")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name in files} == files
+    stored = load_file(tmp_path / "m1" / "model.safetensors")
+    assert not [k for k in stored if "shardtune" in k or "adapter" in k or "base_layer" in k]
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "m1").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "m2").state_dict()
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

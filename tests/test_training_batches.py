@@ -70,6 +70,11 @@ def test_collated_batch_masks_prompt_bos_and_padding(bos):
     trained = batch["labels"] != IGNORE
     assert torch.equal(batch["labels"][trained], batch["input_ids"][trained])  # not shifted: HF shifts
     assert not (trained & (batch["attention_mask"] == 0)).any()
+    other_pad = Collator(7)(features)  # a tokenizer whose pad id is not 0
+    lengths = [len(f["input_ids"]) for f in features]
+    assert min(lengths) < max(lengths)
+    for row, n in enumerate(lengths):
+        assert other_pad["input_ids"][row, n:].tolist() == [7] * (max(lengths) - n)
 
 
 def test_bos_is_added_once_and_masked_in_prompts_and_chats():
@@ -229,3 +234,12 @@ def test_epoch_sampler_gives_a_fresh_permutation_per_epoch():
     sampler.set_epoch(1)
     assert list(sampler) == orders[1]  # a pure function of (seed, epoch): resume sees the same order
     assert list(EpochSampler(20, seed=6)) != orders[0]
+
+
+def test_plain_text_rows_train_every_token_and_eos_also_with_a_chat_template():
+    """``text`` rows have no prompt: never rendered as a chat, every token (after BOS) and EOS trained."""
+    for tok, head in ((byte_tokenizer(), []), (bos_tokenizer(), [BOS])):
+        for chat in (False, True):
+            feat, _ = encode(Example("", "just text"), tok, 64, chat=chat)
+            body = raw(tok, "just text") + [EOS]
+            assert feat == {"input_ids": head + body, "labels": [IGNORE] * len(head) + body}
