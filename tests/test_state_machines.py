@@ -117,6 +117,22 @@ def test_merged_layer_disabled_in_bf16_is_close_to_the_bf16_base():
     assert (off - base_out).abs().max() < 0.1 * effect
 
 
+def test_merge_into_a_bf16_base_is_computed_in_fp32_and_rounded_once():
+    """``W ← bf16(fp32(W) + s·B·A)``: ΔW is not rounded to bf16 before the add (a second rounding)."""
+    model = build_tiny_model("tiny-llama", torch.bfloat16)
+    inject_adapter(model, tiny_options("lora", rank=4, alpha=8, targets=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for _, p in adapter_named_parameters(model):
+            p.normal_(0, 0.05)
+    before = weights(model)
+    merge_adapter(model)
+    for name, layer in adapted_layers(model).items():
+        # fp32; s = 2 is a power of two, so s·(B·A) and (s·B)·A are the same bits
+        delta = 8 / 4 * layer.adapter.lora_B.detach() @ layer.adapter.lora_A.detach()
+        expected = (before[name].float() + delta).to(torch.bfloat16)
+        assert torch.equal(layer.base_layer.weight, expected), name
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_merge_save_merge(tmp_path, method):
     """Saving a merged model writes the adapter itself (not merged weights); loading it on a fresh base

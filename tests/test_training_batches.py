@@ -193,6 +193,8 @@ def test_pack_cuts_rows_of_exactly_max_length():
     assert [len(r["input_ids"]) for r in rows] == [8, 8]  # 21 tokens: the last 5 are dropped
     assert rows[0] == {"input_ids": [0] * 5 + [1] * 3, "labels": [IGNORE] * 4 + [0] + [IGNORE] * 3}
     assert pack(feats[:1], 8) == [feats[0]]  # the only row is kept even when short
+    exact = pack(feats[1:2] + feats[3:4] + feats[2:3], 8)  # 7 + 6 + 3 = 16 tokens: two full rows, both kept
+    assert [len(r["input_ids"]) for r in exact] == [8, 8]
 
 
 def test_truncation_keeps_the_start_and_drops_rows_with_nothing_to_learn():
@@ -200,6 +202,8 @@ def test_truncation_keeps_the_start_and_drops_rows_with_nothing_to_learn():
     ids, labels = expected_plain(tok, "abcdef", "ghij", bos=False)
     feat, truncated = encode(Example("abcdef", "ghij"), tok, 8)
     assert truncated and feat == {"input_ids": ids[:8], "labels": labels[:8]}
+    feat, truncated = encode(Example("abcdef", "ghij"), tok, len(ids))  # exactly max_length: not truncated
+    assert not truncated and feat == {"input_ids": ids, "labels": labels}
     features, n = encode_all([Example("abcdefgh", "ij"), Example("ab", "cd")], tok, 8)
     assert n == 1 and len(features) == 1  # the first lost its whole completion
     assert features[0]["input_ids"] == expected_plain(tok, "ab", "cd", bos=False)[0]
