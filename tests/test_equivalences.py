@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_options, tiny_recipe
+from conftest import copy_task, tiny_options, tiny_recipe
 from safetensors.torch import load_file
 
 from shardtune.adapters.model import adapted_layers, adapter_named_parameters, inject_adapter
@@ -24,21 +24,8 @@ IDS = torch.randint(4, 260, (2, 11), generator=torch.Generator().manual_seed(7))
 # Gradient accumulation: k micro-batches of b == one batch of k·b
 
 
-def copy_rows(tmp_path) -> str:
-    """64 examples of equal length, so every micro-batch's mean loss weighs its tokens as the batch's does."""
-    rows = [
-        {"prompt": f"copy {a}{b}{c} =", "completion": f" {a}{b}{c}"}
-        for a in "abcd"
-        for b in "abcd"
-        for c in "abcd"
-    ]
-    path = tmp_path / "copy.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
-
-
 def adapter_after(tmp_path, name, batch_size, grad_accum, method="lora"):
-    data = {"task": None, "path": copy_rows(tmp_path), "eval_samples": 0, "chat_template": False}
+    data = {"task": None, "path": str(copy_task(tmp_path)), "eval_samples": 0, "chat_template": False}
     adapter = {"method": method, "rank": 4, "targets": "all-linear"}
     train_cfg = {"max_steps": 4, "batch_size": batch_size, "grad_accum": grad_accum, "lr": 1e-2}
     raw = tiny_recipe(
@@ -61,7 +48,7 @@ def test_grad_accumulation_equals_the_large_batch(tmp_path, method):
 
 
 def test_epochs_count_optimizer_steps_not_micro_batches(tmp_path):
-    data = {"task": None, "path": copy_rows(tmp_path), "eval_samples": 0, "chat_template": False}
+    data = {"task": None, "path": str(copy_task(tmp_path)), "eval_samples": 0, "chat_template": False}
     train_cfg = {"max_steps": None, "epochs": 2, "batch_size": 4, "grad_accum": 2}
     result = train(recipe_from_dict(tiny_recipe(tmp_path, data=data, train=train_cfg)))
     assert result.steps == 64 // (4 * 2) * 2  # 8 optimizer steps of 8 examples per epoch, 2 epochs
