@@ -25,7 +25,7 @@ test: setup
 demo: setup
 	$(BIN)/shardtune train recipes/quickstart.yaml
 
-# Seeded bugs (benchmarks/mutants.py): not part of `make test`; ~20 min on 2 cores.
+# Seeded bugs (benchmarks/mutants.py): not part of `make test`; ~8 min on 2 cores.
 mutants: setup
 	$(BIN)/python benchmarks/mutants.py
 
