@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.shardtune-setup
 
-.PHONY: setup test demo lint docs clean
+.PHONY: setup test demo lint docs mutants clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ test: setup
 
 demo: setup
 	$(BIN)/shardtune train recipes/quickstart.yaml
+
+# Seeded bugs (benchmarks/mutants.py): not part of `make test`; ~8 min on 2 cores.
+mutants: setup
+	$(BIN)/python benchmarks/mutants.py
 
 docs: setup
 	$(BIN)/python -c "from shardtune.recipe import recipe_reference_markdown as r; print(r())" > docs/recipe-reference.md

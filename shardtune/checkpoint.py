@@ -54,7 +54,7 @@ def adapter_metadata(model: nn.Module, recipe: Recipe, step: int) -> dict:
         "shardtune_version": shardtune.__version__,
         "method": options.method,
         "options": options.model_dump(mode="json"),
-        "method_info": method.export_info(options),
+        "method_info": method.export_info(options, model),
         "targets": list(model.shardtune_targets),
         "base_model": recipe.model.model_dump(mode="json"),
         "step": step,

@@ -32,6 +32,22 @@ def tiny_options(method: str, **kw):
     return METHODS[method].Options(method=method, **{**TINY_OPTIONS[method], **kw})
 
 
+def copy_task(tmp_path):
+    """64 examples of equal length (a data file): every micro-batch's or process's mean loss weighs its
+    tokens as the mean over the whole batch does."""
+    import json
+
+    rows = [
+        {"prompt": f"copy {a}{b}{c} =", "completion": f" {a}{b}{c}"}
+        for a in "abcd"
+        for b in "abcd"
+        for c in "abcd"
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return data
+
+
 def tiny_recipe(tmp_path, **sections) -> dict:
     """A recipe dict for a seconds-long CPU run; pass sections to override (merged one level deep)."""
     raw = {

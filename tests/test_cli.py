@@ -129,6 +129,25 @@ def test_tiny_recipe_runs_from_cli(tmp_path):
     assert summary["final_loss"] < 0.3 * first
 
 
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Argmax decoding without ``generate``: the chat-rendered prompt, then one token at a time until EOS."""
+    import torch
+
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    new = []
+    model.eval()
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
 def test_generate_and_eval_commands(tmp_path):
     path = write_recipe(
         tmp_path,
@@ -157,9 +176,19 @@ def test_generate_and_eval_commands(tmp_path):
     assert result.exit_code == 0, result.output
     answers = json.loads(result.stdout)
     assert [a["prompt"] for a in answers] == ["twice xy =", "twice zz ="]
-    assert all(isinstance(a["answer"], str) for a in answers)
-    result = runner.invoke(app, ["generate", "--model", "tiny-llama", "hello", "--max-new-tokens", "3"])
+    from shardtune.checkpoint import load_adapted_model
+    from shardtune.models import load_model
+
+    tuned, tok, _ = load_adapted_model(tmp_path / "run")
+    for a in answers:  # greedy decoding of the chat-rendered prompt, one token at a time, written here
+        assert a["answer"] == greedy_answer(tuned, tok, a["prompt"], 128)
+    result = runner.invoke(
+        app, ["generate", "--model", "tiny-llama", "hello", "--max-new-tokens", "3", "--json"]
+    )
     assert result.exit_code == 0, result.output
+    base, tok = load_model("tiny-llama")
+    assert json.loads(result.stdout)[0]["answer"] == greedy_answer(base, tok, "hello", 3)
+    assert greedy_answer(base, tok, "twice xy =", 128) != answers[0]["answer"]  # the adapter was used
 
     result = runner.invoke(app, ["generate", "hello"])
     assert result.exit_code == 2 and "give --adapter" in result.stderr

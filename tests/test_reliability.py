@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
+from conftest import copy_task, tiny_recipe
 from safetensors.torch import load_file
 
 from shardtune.errors import Diverged
@@ -139,19 +139,6 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
     gc = {**base, "train": {"max_steps": 5, "gradient_checkpointing": True}}
     train(recipe_from_dict(tiny_recipe(tmp_path / "b", **gc)))
     same_adapter(tmp_path / "a" / "run", tmp_path / "b" / "run")
-
-
-def copy_task(tmp_path) -> Path:
-    """64 examples of equal length: every process's mean loss weighs its tokens as the global mean does."""
-    rows = [
-        {"prompt": f"copy {a}{b}{c} =", "completion": f" {a}{b}{c}"}
-        for a in "abcd"
-        for b in "abcd"
-        for c in "abcd"
-    ]
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
-    return data
 
 
 def two_processes(recipe: Path, *args) -> subprocess.CompletedProcess:

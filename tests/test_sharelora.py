@@ -99,11 +99,13 @@ def test_shared_gradient_is_sum_over_layers(share):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     untied = build_tiny_model("tiny-llama")
     inject_adapter(untied, tiny_options("lora", rank=4, targets=["q_proj", "down_proj"]))
-    with torch.no_grad():
+    with torch.no_grad():  # copy the raw tensors (shared or own), not the implementation's factors()
+        matrices = tied.shardtune_stores.matrices
         for name, layer in adapted_layers(untied).items():
-            a, b = adapted_layers(tied)[name].adapter.factors()
-            layer.adapter.lora_A.copy_(a)
-            layer.adapter.lora_B.copy_(b / layer.adapter.scale)
+            kind = name.rsplit(".", 1)[-1]
+            own = adapted_layers(tied)[name].adapter
+            layer.adapter.lora_A.copy_(matrices[f"A_{kind}"] if share == "a" else own.lora_A)
+            layer.adapter.lora_B.copy_(matrices[f"B_{kind}"] if share == "b" else own.lora_B)
     assert torch.allclose(tied(ids).logits, untied(ids).logits, atol=1e-5)
     tied(ids).logits.pow(2).mean().backward()
     untied(ids).logits.pow(2).mean().backward()

@@ -88,7 +88,24 @@ def test_checkpoints_every_n_steps_and_keep_last(tmp_path):
     assert (ckpts[-1] / "optimizer.safetensors").is_file() and (ckpts[-1] / "rng.safetensors").is_file()
     assert json.loads((ckpts[-1] / "adapter.json").read_text())["step"] == 9
     assert not list((tmp_path / "run").glob(".checkpoint-*"))  # no temporary directory left behind
-    load_adapted_model(ckpts[0])
+    from safetensors.torch import load_file
+
+    from shardtune.adapters.model import adapter_state_dict
+
+    model, _, meta = load_adapted_model(ckpts[0])  # loads what the checkpoint holds, at its step
+    saved = load_file(ckpts[0] / "adapter.safetensors")
+    loaded = adapter_state_dict(model)
+    assert meta["step"] == 6 and saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    final = load_file(tmp_path / "run" / "adapter.safetensors")
+    assert all(not torch.equal(saved[k], final[k]) for k in final if k.endswith("lora_B"))
+    # and it is the state at step 6: resumed from it, another run ends exactly where this one ended
+    train(
+        recipe_from_dict(tiny_recipe(tmp_path / "again", train={"max_steps": 12, "save_every": 3})),
+        resume=str(ckpts[0]),
+    )
+    again = load_file(tmp_path / "again" / "run" / "adapter.safetensors")
+    assert all(torch.equal(again[k], final[k]) for k in final)
 
 
 def test_bf16_and_grad_accum_and_schedules(tmp_path):

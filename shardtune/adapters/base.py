@@ -131,6 +131,10 @@ class AdaptedLinear(nn.Module):
 
     Works for ``nn.Linear`` and for GPT-2's ``Conv1D`` (weight stored transposed): the adapter is
     always expressed in the (out, in) orientation; only :meth:`merge` cares about the layout.
+
+    States: ``merged`` (ΔW folded into the base weight; merging twice is a no-op, unmerge subtracts it
+    again) and ``enabled``. A disabled layer always computes the base model's output, merged or not:
+    a merged one subtracts ``x·ΔWᵀ`` from the merged weight's output (in fp32).
     """
 
     def __init__(self, base_layer: nn.Module, adapter: LayerAdapter, fan_in_fan_out: bool):
@@ -142,10 +146,17 @@ class AdaptedLinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.enabled and not self.merged and self.adapter.replaces_base:
+        if self.merged:
+            out = self.base_layer(x, *args, **kwargs)
+            if not self.enabled:
+                # ΔW is folded into the weight; disabled means the base model's output, so take it out
+                # again (the weights are left as they are: disabling never changes the merge state).
+                out = out - F.linear(x.float(), self.adapter.delta_weight().float()).to(out.dtype)
+            return out
+        if self.enabled and self.adapter.replaces_base:
             return self.adapter.forward_full(x, self.base_layer)
         out = self.base_layer(x, *args, **kwargs)
-        if self.enabled and not self.merged:
+        if self.enabled:
             # Under autocast the matmuls pick their dtype themselves; otherwise run the adapter in its
             # own dtype (fp32 by default, also over a bf16 base) and return to the base's dtype.
             if not torch.is_autocast_enabled(x.device.type):
@@ -221,6 +232,6 @@ class AdapterMethod:
     def build_layer(self, options: AdapterOptions, target: Target, stores: nn.Module | None) -> LayerAdapter:
         raise NotImplementedError
 
-    def export_info(self, options: AdapterOptions) -> dict:
-        """Extra method facts written into adapter.json (e.g. the effective rank)."""
+    def export_info(self, options: AdapterOptions, model: nn.Module) -> dict:
+        """Extra method facts written into adapter.json: the rank and scale the layers of ``model`` use."""
         return {}

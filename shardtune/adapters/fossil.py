@@ -146,5 +146,5 @@ class Fossil(AdapterMethod):
         mini_r = options.mini_r if options.mode == "mini" else None
         return FossilAdapter(target.in_features, target.out_features, options.rank, mini_r, options.dropout)
 
-    def export_info(self, options: FossilOptions) -> dict:
+    def export_info(self, options: FossilOptions, model: nn.Module) -> dict:
         return {"rank": options.rank, "scale": 1.0}

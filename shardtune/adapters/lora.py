@@ -70,5 +70,5 @@ class Lora(AdapterMethod):
         scale = lora_scale(options.alpha, options.rank, options.rslora)
         return LoraAdapter(target.in_features, target.out_features, options.rank, scale, options.dropout)
 
-    def export_info(self, options: LoraOptions) -> dict:
+    def export_info(self, options: LoraOptions, model: nn.Module) -> dict:
         return {"rank": options.rank, "scale": lora_scale(options.alpha, options.rank, options.rslora)}

@@ -67,6 +67,11 @@ class LorsOptions(AdapterOptions):
     init_gamma: float = Field(1.0, gt=0, description="A = Vᵀ_r / γ for the gradient init.")
 
 
+def lors_scale(options: LorsOptions) -> float:
+    """``s = α/√r`` (LoRS), or LoRA's ``α/r`` with ``rslora: false``."""
+    return options.alpha / (math.sqrt(options.rank) if options.rslora else options.rank)
+
+
 class LorsLinearFunction(torch.autograd.Function):
     """``y = x·((W + s·B·A) ⊙ (W≠0))ᵀ + b`` saving only x, W, A, B. See the module docstring."""
 
@@ -126,7 +131,7 @@ class LorsAdapter(LayerAdapter):
                 "adapter.method", f"lors supports nn.Linear layers only; {target.name} is a Conv1D"
             )
         self.rank = options.rank
-        self.scale = options.alpha / (math.sqrt(options.rank) if options.rslora else options.rank)
+        self.scale = lors_scale(options)
         self.grad_mode = options.grad_mode
         self.chunk = options.exact_chunk
         self.lora_A = nn.Parameter(torch.empty(options.rank, target.in_features))
@@ -166,8 +171,8 @@ class Lors(AdapterMethod):
     def build_layer(self, options: LorsOptions, target: Target, stores: nn.Module | None) -> LorsAdapter:
         return LorsAdapter(target, options)
 
-    def export_info(self, options: LorsOptions) -> dict:
-        return {"rank": options.rank, "scale": options.alpha / math.sqrt(options.rank), "masked": True}
+    def export_info(self, options: LorsOptions, model: nn.Module) -> dict:
+        return {"rank": options.rank, "scale": lors_scale(options), "masked": True}
 
 
 @torch.no_grad()

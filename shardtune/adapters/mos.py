@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
+from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target, adapted_layers
 from shardtune.errors import RecipeError
 
 
@@ -261,5 +261,19 @@ class Mos(AdapterMethod):
             options.dropout,
         )
 
-    def export_info(self, options: MosOptions) -> dict:
-        return {"rank": options.rank, "scale": options.alpha / options.rank}
+    def export_info(self, options: MosOptions, model: nn.Module) -> dict:
+        """The per-layer rank and scale the layers use: ``r`` and ``α/r``, or without subset selection
+        ``(R−p)·L_t + p`` and ``α`` over that, which depends on the type's layer count ``L_t`` (one value
+        when every type agrees, else a mapping type → value)."""
+        used = {
+            layer.adapter.kind: (layer.adapter.rank, layer.adapter.scale)
+            for layer in adapted_layers(model).values()
+            if isinstance(layer.adapter, MosAdapter)
+        }
+        if len(set(used.values())) == 1:
+            rank, scale = next(iter(used.values()))
+            return {"rank": rank, "scale": scale}
+        return {
+            "rank": {kind: rank for kind, (rank, _) in sorted(used.items())},
+            "scale": {kind: scale for kind, (_, scale) in sorted(used.items())},
+        }

@@ -158,5 +158,5 @@ class ShareLora(AdapterMethod):
     ) -> ShareLoraAdapter:
         return ShareLoraAdapter(target, options, stores, self.groups(options, target))
 
-    def export_info(self, options: ShareLoraOptions) -> dict:
+    def export_info(self, options: ShareLoraOptions, model: nn.Module) -> dict:
         return {"rank": options.rank, "scale": lora_scale(options.alpha, options.rank, options.rslora)}

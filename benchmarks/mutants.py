@@ -1,0 +1,630 @@
+"""Seeded bugs: apply plausible one-line bugs to shardtune, one at a time, and check the tests catch them.
+
+Each mutant names a file, an exact snippet of it (unique in that file), its replacement and the test
+selection that should catch it. The script copies the repository into a temporary directory per worker
+(never touching the working tree), applies one mutant there, runs its tests with ``-x`` and a timeout,
+restores the file and records the outcome:
+
+* ``caught``   — the tests failed (or ran past the timeout) with the bug in place;
+* ``survived`` — they passed: a bug users could hit goes unnoticed;
+* ``stale``    — the snippet is no longer found exactly once in the file (the code moved on): the mutant
+  is not counted and should be updated;
+* ``invalid``  — its tests fail or collect nothing without the bug (baseline), so the run says nothing.
+
+Usage (from the repository root; ``make mutants`` runs the first line)::
+
+    .venv/bin/python benchmarks/mutants.py                  # all mutants, 2 workers
+    .venv/bin/python benchmarks/mutants.py -k mos -k lors   # only ids containing one of these
+    .venv/bin/python benchmarks/mutants.py --list           # the mutants and whether they still apply
+    .venv/bin/python benchmarks/mutants.py --no-baseline    # skip the un-mutated check of each selection
+
+Results: a table on stdout and ``benchmarks/results/mutants.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "mutants.json"
+IGNORED = (".venv", ".git", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "*.egg-info", "results")
+
+A = "shardtune/adapters/"
+GRID = "tests/test_option_grids.py"
+STATES = "tests/test_state_machines.py"
+BATCHES = "tests/test_training_batches.py"
+FILES = "tests/test_adapter_files.py"
+EQUIV = "tests/test_equivalences.py"
+INITS = "tests/test_inits.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One seeded bug: in ``file`` replace ``original`` (unique there) by ``replacement``; ``tests`` are
+    the pytest arguments (files, ``-k`` expressions) expected to catch it."""
+
+    id: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+    why: str = ""
+
+
+def m(id, file, original, replacement, *tests, why=""):
+    return Mutant(id, file, original, replacement, tuple(tests), why)
+
+
+# One mutant per entry, laid out as a table (the formatter would spread each over ten lines).
+# fmt: off
+MUTANTS: list[Mutant] = [
+    # --- the spine (adapters/base.py) -----------------------------------------------------------------
+    m("base-disable-ignored-by-replacing-layers", A + "base.py",
+      "if self.enabled and self.adapter.replaces_base:", "if self.adapter.replaces_base:",
+      STATES, "-k", "lors", why="a disabled LoRS layer still runs its masked merged weight"),
+    m("base-disabled-merged-adds-delta", A + "base.py",
+      "out = out - F.linear(x.float(), self.adapter.delta_weight().float()).to(out.dtype)",
+      "out = out + F.linear(x.float(), self.adapter.delta_weight().float()).to(out.dtype)",
+      STATES, "-k", "disabled", why="disabled while merged: ΔW added twice instead of taken out"),
+    m("base-disabled-merged-keeps-delta", A + "base.py",
+      "            if not self.enabled:\n                # ΔW is folded",
+      "            if False:\n                # ΔW is folded",
+      STATES, "-k", "disabled", why="the pre-fix behaviour: a merged layer ignores disable"),
+    m("base-input-gradient-detached", A + "base.py",
+      "out = out + self.adapter.delta(x).to(out.dtype)", "out = out + self.adapter.delta(x.detach()).to(out.dtype)",
+      GRID, "-k", "lora", why="no gradient to the input through the adapter path"),
+    m("base-merge-not-idempotent", A + "base.py",
+      "if not self.merged:\n            self._add_delta(+1.0)", "if True:\n            self._add_delta(+1.0)",
+      STATES, "-k", "merge_twice", why="merging twice adds ΔW twice"),
+    m("base-unmerge-adds", A + "base.py",
+      "self._add_delta(-1.0)", "self._add_delta(+1.0)",
+      STATES, "-k", "merge_twice", why="unmerge adds ΔW again"),
+    m("base-conv1d-merge-untransposed", A + "base.py",
+      "            delta = delta.T\n", "            delta = delta\n",
+      STATES, "-k", "gpt2", why="GPT-2 Conv1D weight (in, out) merged in the (out, in) orientation"),
+    m("base-enable-ignored", A + "base.py",
+      "        layer.enabled = enabled", "        layer.enabled = True",
+      "tests/test_adapters.py", "-k", "disable_and_merge", why="adapter_disabled does nothing"),
+    # --- LoRA ---------------------------------------------------------------------------------------
+    m("lora-rslora-ignored", A + "lora.py",
+      "return alpha / math.sqrt(rank) if rslora else alpha / rank", "return alpha / rank",
+      GRID, "-k", "lora and rslora", why="rsLoRA scale α/√r replaced by α/r"),
+    m("lora-dropout-skipped", A + "lora.py",
+      "return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale",
+      "return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale",
+      GRID, "-k", "lora and dropout", why="dropout never applied"),
+    m("lora-factors-unscaled", A + "lora.py",
+      "return self.lora_A, self.lora_B * self.scale", "return self.lora_A, self.lora_B",
+      STATES, "-k", "lora", why="merge/export forget the scale"),
+    m("lora-kaiming-a0", A + "lora.py",
+      "nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))", "nn.init.kaiming_uniform_(self.lora_A)",
+      INITS, "-k", "lora", why="A init bound √(6/fan_in) instead of 1/√fan_in"),
+    m("lora-info-rslora-ignored", A + "lora.py",
+      '"scale": lora_scale(options.alpha, options.rank, options.rslora)}',
+      '"scale": lora_scale(options.alpha, options.rank, False)}',
+      FILES, "-k", "method_info", why="adapter.json scale wrong with rslora"),
+    # --- FOSSIL -------------------------------------------------------------------------------------
+    m("fossil-pad-left", A + "fossil.py",
+      "x = F.pad(x, (0, pad))", "x = F.pad(x, (pad, 0))", GRID, "-k", "fossil",
+      why="zero padding on the wrong side when in % r ≠ 0"),
+    m("fossil-dropout-skipped", A + "fossil.py",
+      "s = self.block_sum(self.dropout(x))", "s = self.block_sum(x)", GRID, "-k", "fossil and dropout",
+      why="dropout never applied"),
+    m("fossil-mini-interleaved", A + "fossil.py",
+      "return y.repeat(*([1] * (y.dim() - 1)), self.out_features // self.mini_r)",
+      "return y.repeat_interleave(self.out_features // self.mini_r, dim=-1)",
+      GRID, "-k", "fossil and mini", why="mini shard tiled element-wise instead of block-wise"),
+    m("fossil-factor-p-interleaved", A + "fossil.py",
+      "p = eye.repeat(1, self.n_blocks)[:, : self.in_features]",
+      "p = eye.repeat_interleave(self.n_blocks, dim=1)[:, : self.in_features]",
+      "tests/test_export.py", "-k", "peft_loads and fossil", why="exported P is not the block-sum matrix"),
+    m("fossil-merge-slice-from-end", A + "fossil.py",
+      "return self.full_shard().T.repeat(1, self.n_blocks)[:, : self.in_features]",
+      "return self.full_shard().T.repeat(1, self.n_blocks)[:, -self.in_features :]",
+      "tests/test_adapters.py", "-k", "fossil", why="merged ΔW misaligned when in % r ≠ 0"),
+    m("fossil-merge-mini-interleaved", A + "fossil.py",
+      "return self.shard.repeat(1, self.out_features // self.mini_r)",
+      "return self.shard.repeat_interleave(self.out_features // self.mini_r, dim=1)",
+      "tests/test_adapters.py", "-k", "fossil_mini", why="merged mini shard tiled element-wise"),
+    m("fossil-blocks-floor", A + "fossil.py",
+      "return math.ceil(self.in_features / self.rank)", "return self.in_features // self.rank",
+      GRID, "-k", "fossil", why="the last partial block is dropped"),
+    # --- MoS ----------------------------------------------------------------------------------------
+    m("mos-scale-options-rank", A + "mos.py",
+      "            options.alpha / rank,\n", "            options.alpha / options.rank,\n",
+      GRID, "-k", "mos and subset", why="α/r with the option's r, not the layer's rank, without subset selection"),
+    m("mos-info-options-rank", A + "mos.py",
+      "rank, scale = next(iter(used.values()))", "rank, scale = options.rank, options.alpha / options.rank",
+      FILES, "-k", "method_info", why="the pre-fix adapter.json rank/scale"),
+    m("mos-pair-dissociation-ignored", A + "mos.py",
+      "                    else public_a\n",
+      "                    else _draw(n_public, n_routed, options.subset_selection, gen)\n",
+      GRID, "-k", "mos and pair", why="pair_dissociation: false still draws B independently"),
+    m("mos-private-block-overlap", A + "mos.py",
+      "n_public + k * p * per_vec, n_public + (k + 1) * p * per_vec,",
+      "n_public + k * p, n_public + k * p + p * per_vec,",
+      GRID, "-k", "mos", why="private blocks of neighbouring layers overlap"),
+    m("mos-b-assembly-transposed", A + "mos.py",
+      ".reshape(self.rank, self.out_features)", ".reshape(self.out_features, self.rank).T",
+      GRID, "-k", "mos", why="B's rank columns assembled from the wrong shards"),
+    m("mos-init-shard-fan-in", A + "mos.py",
+      "bound = 1 / math.sqrt(in_f)", "bound = 1 / math.sqrt(in_f // per_vec)",
+      INITS, "-k", "mos", why="A-pool init with the shard's fan-in"),
+    m("mos-dropout-skipped", A + "mos.py",
+      "return F.linear(F.linear(self.dropout(x), a), b) * self.scale",
+      "return F.linear(F.linear(x, a), b) * self.scale",
+      GRID, "-k", "mos and dropout", why="dropout never applied"),
+    m("mos-rank-without-private", A + "mos.py",
+      "return (options.equivalent_rank - options.private_rank) * n_layers + options.private_rank",
+      "return (options.equivalent_rank - options.private_rank) * n_layers",
+      GRID, "-k", "mos and subset", why="without subset selection some public shards are never used"),
+    # --- ShareLoRA ----------------------------------------------------------------------------------
+    m("sharelora-rslora-ignored", A + "sharelora.py",
+      "self.scale = lora_scale(options.alpha, options.rank, options.rslora)",
+      "self.scale = options.alpha / options.rank",
+      GRID, "-k", "sharelora and rslora", why="rsLoRA scale ignored"),
+    m("sharelora-dropout-dropped", A + "sharelora.py",
+      "super().__init__(target.in_features, target.out_features, options.dropout)",
+      "super().__init__(target.in_features, target.out_features)",
+      GRID, "-k", "sharelora and dropout", why="dropout option never reaches the layer"),
+    m("sharelora-init-option-ignored", A + "sharelora.py",
+      "nn.Parameter(_init_a(options.rank, t.in_features, options.init))",
+      'nn.Parameter(_init_a(options.rank, t.in_features, "kaiming"))',
+      INITS, "-k", "sharelora", why="init: normal ignored"),
+    m("sharelora-normal-std", A + "sharelora.py",
+      "return nn.init.normal_(a, std=1 / rank)", "return nn.init.normal_(a, std=1 / math.sqrt(rank))",
+      INITS, "-k", "sharelora", why="N(0, 1/r) drawn with σ = 1/√r"),
+    m("sharelora-factors-unscaled", A + "sharelora.py",
+      'return self._factor("A"), self._factor("B") * self.scale', 'return self._factor("A"), self._factor("B")',
+      STATES, "-k", "sharelora", why="merge/export forget the scale"),
+    m("sharelora-shape-scope-in-size", A + "sharelora.py",
+      'size = target.in_features if matrix == "A" else target.out_features', "size = target.in_features",
+      GRID, "-k", "sharelora and shape", why="scope: shape groups B by the input size"),
+    # --- LoRS ---------------------------------------------------------------------------------------
+    m("lors-rslora-ignored", A + "lors.py",
+      "return options.alpha / (math.sqrt(options.rank) if options.rslora else options.rank)",
+      "return options.alpha / math.sqrt(options.rank)",
+      GRID, "-k", "lors", why="rslora: false still scales by α/√r"),
+    m("lors-info-scale", A + "lors.py",
+      '"scale": lors_scale(options), "masked": True', '"scale": options.alpha / math.sqrt(options.rank), "masked": True',
+      FILES, "-k", "method_info", why="the pre-fix adapter.json scale"),
+    m("lors-db-unscaled", A + "lors.py",
+      "d_b = s * (dy2.T @ (x2 @ lora_a.T))", "d_b = dy2.T @ (x2 @ lora_a.T)",
+      GRID, "-k", "lors", why="the rearranged gradient of B misses s"),
+    m("lors-exact-unmasked", A + "lors.py",
+      "g *= weight[rows] != 0", "g = g", GRID, "-k", "lors and exact", why="exact gradient ignores the mask"),
+    m("lors-exact-chunks-overwrite", A + "lors.py",
+      "d_a += s * (lora_b[rows].T @ g)", "d_a = s * (lora_b[rows].T @ g)",
+      GRID, "-k", "lors and exact", why="dA keeps only the last chunk"),
+    m("lors-dx-ignores-adapter", A + "lors.py",
+      "dx = (dy.to(weight.dtype) @ merged).to(x.dtype)", "dx = (dy.to(weight.dtype) @ weight).to(x.dtype)",
+      GRID, "-k", "lors", why="input gradient through W only"),
+    m("lors-merge-unmasked", A + "lors.py",
+      "return (self.lora_B @ self.lora_A * self.scale) * self.mask()",
+      "return self.lora_B @ self.lora_A * self.scale",
+      STATES, "-k", "lors", why="merge fills the pruned zeros"),
+    m("lors-init-gamma-multiplies", A + "lors.py",
+      "top = v[:, : options.rank].T / options.init_gamma", "top = v[:, : options.rank].T * options.init_gamma",
+      INITS, "-k", "lors", why="A = γ·Vᵀ instead of Vᵀ/γ"),
+    m("lors-init-left-vectors", A + "lors.py",
+      "_, _, v = torch.svd_lowrank(grad.float(), q=q, niter=4)", "v, _, _ = torch.svd_lowrank(grad.float(), q=q, niter=4)",
+      INITS, "-k", "lors", why="left singular vectors"),
+    m("lors-forward-unmasked", A + "lors.py",
+      "return torch.where(weight != 0, weight + delta, torch.zeros((), dtype=weight.dtype, device=weight.device))",
+      "return weight + delta",
+      GRID, "-k", "lors", why="the forward is a dense LoRA"),
+    # --- data.py ------------------------------------------------------------------------------------
+    m("data-pad-labels-pad-id", "shardtune/data.py",
+      "labels = torch.full((len(features), width), IGNORE, dtype=torch.long)",
+      "labels = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)",
+      BATCHES, why="the loss is taken on padding"),
+    m("data-mask-covers-padding", "shardtune/data.py",
+      "mask[row, :n] = 1", "mask[row, :] = 1", BATCHES, why="attention to pad tokens"),
+    m("data-prompt-trained", "shardtune/data.py",
+      "labels += piece if trainable else [IGNORE] * len(piece)", "labels += piece",
+      BATCHES, why="no prompt masking"),
+    m("data-eos-untrained", "shardtune/data.py",
+      "labels.append(tokenizer.eos_token_id)", "labels.append(IGNORE)", BATCHES,
+      why="the model never learns to stop"),
+    m("data-bos-trained", "shardtune/data.py",
+      "[IGNORE] * len(_bos(tokenizer)))", "_bos(tokenizer))", BATCHES, "-k", "bos", why="loss on BOS"),
+    m("data-bos-never", "shardtune/data.py",
+      "return [tokenizer.bos_token_id] if ids and ids[0] == tokenizer.bos_token_id else []", "return []",
+      BATCHES, "-k", "bos", why="BOS dropped for tokenizers that add it"),
+    m("data-bos-in-chat", "shardtune/data.py",
+      "ids, labels = ([], []) if is_chat else", "ids, labels = ([], []) if False else",
+      BATCHES, "-k", "bos", why="a second BOS in front of the chat template's"),
+    m("data-prompt-ids-no-bos", "shardtune/data.py",
+      "return _bos(tokenizer) + tokenizer(example.prompt, add_special_tokens=False).input_ids",
+      "return tokenizer(example.prompt, add_special_tokens=False).input_ids",
+      BATCHES, "-k", "bos", why="generation prompts lack the BOS training had"),
+    m("data-pack-labels-from-ids", "shardtune/data.py",
+      'labels = [t for f in features for t in f["labels"]]', 'labels = [t for f in features for t in f["input_ids"]]',
+      BATCHES, "-k", "pack", why="packing loses the prompt masks"),
+    m("data-truncate-left", "shardtune/data.py",
+      'return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, truncated',
+      'return {"input_ids": ids[-max_length:], "labels": labels[-max_length:]}, truncated',
+      BATCHES, "-k", "truncation", why="truncation from the left"),
+    m("data-chat-user-trained", "shardtune/data.py",
+      "out += [(before[len(done) :], False),", "out += [(before[len(done) :], True),",
+      BATCHES, "-k", "chat", why="loss on user turns"),
+    m("data-heldout-leak", "shardtune/data.py",
+      "return examples[n_eval:], examples[:n_eval]", "return examples, examples[:n_eval]",
+      BATCHES, "-k", "heldout or loader", why="held-out examples are trained on"),
+    m("data-heldout-uncapped", "shardtune/data.py",
+      "n_eval = min(data.eval_samples, len(examples) // 5)", "n_eval = data.eval_samples",
+      BATCHES, "-k", "heldout", why="a large eval_samples eats the training set"),
+    m("data-keep-first-token-only-rows", "shardtune/data.py",
+      'if any(label != IGNORE for label in feat["labels"][1:]):', 'if any(label != IGNORE for label in feat["labels"]):',
+      BATCHES, "-k", "truncation", why="rows whose only target is unpredictable are kept"),
+    m("data-split-seed-ignored", "shardtune/data.py",
+      "random.Random(data.seed).shuffle(examples)", "random.Random(0).shuffle(examples)",
+      BATCHES, "-k", "heldout", why="data.seed does not change the split"),
+    # --- export.py ----------------------------------------------------------------------------------
+    m("export-short-names-always", "shardtune/export.py",
+      "return sorted(short) if selected == set(names) else sorted(names)", "return sorted(short)",
+      EQUIV, "-k", "full_paths", why="PEFT adapts layers the run never trained"),
+    m("export-alpha-not-r", "shardtune/export.py",
+      '"lora_alpha": rank,', '"lora_alpha": 16,', EQUIV, "-k", "export", why="PEFT rescales the folded B"),
+    m("export-fan-in-fan-out-false", "shardtune/export.py",
+      '"fan_in_fan_out": next(iter(fifo.values())),', '"fan_in_fan_out": False,',
+      EQUIV, "-k", "gpt2", why="GPT-2 export loads transposed"),
+    m("export-merge-skipped", "shardtune/export.py",
+      "    merge_adapter(model)\n    unwrap_merged(model)", "    unwrap_merged(model)",
+      STATES, "-k", "merge_run", why="`shardtune merge` writes the base model"),
+    # --- checkpoint.py + train.py (resume) ----------------------------------------------------------
+    m("resume-rng-not-restored", "shardtune/checkpoint.py",
+      'torch.set_rng_state(rng["torch_cpu"])', "pass", FILES, "-k", "resume",
+      why="dropout masks differ after resume"),
+    m("resume-optimizer-moments-dropped", "shardtune/checkpoint.py",
+      'optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})',
+      'optimizer.load_state_dict({"state": {}, "param_groups": meta["param_groups"]})',
+      FILES, "-k", "resume", why="AdamW restarts from zero moments"),
+    m("resume-checkpoints-keep-oldest", "shardtune/checkpoint.py",
+      "for old in list_checkpoints(run_dir)[:-keep]:", "for old in list_checkpoints(run_dir)[keep:]:",
+      "tests/test_train.py", "-k", "keep_last", why="the newest checkpoints are deleted"),
+    m("resume-scheduler-not-advanced", "shardtune/train.py",
+      "for _ in range(self.position.step):", "for _ in range(0):", FILES, "-k", "resume",
+      why="the learning-rate schedule restarts"),
+    m("resume-data-position-lost", "shardtune/train.py",
+      'Position(counters["step"], counters["epoch"], counters["batch_in_epoch"])',
+      'Position(counters["step"], counters["epoch"], 0)', FILES, "-k", "resume",
+      why="a resumed run sees the epoch's first batches again"),
+    m("resume-epoch-lost", "shardtune/train.py",
+      'Position(counters["step"], counters["epoch"], counters["batch_in_epoch"])',
+      'Position(counters["step"], 0, counters["batch_in_epoch"])', FILES, "-k", "resume",
+      why="a resumed run replays epoch 0's order"),
+    m("resume-batch-counter-off-by-one", "shardtune/train.py",
+      '"batch_in_epoch": batch_in_epoch}', '"batch_in_epoch": batch_in_epoch - 1}',
+      FILES, "-k", "resume", why="one batch trained twice after resume"),
+    m("resume-adapter-not-loaded", "shardtune/train.py",
+      "            attach_weights(self.model, self.resume_from)", "            pass",
+      FILES, "-k", "resume", why="a resumed run starts from a fresh adapter"),
+    m("train-grad-accum-ignored", "shardtune/train.py",
+      "gradient_accumulation_steps=cfg.grad_accum,", "gradient_accumulation_steps=1,",
+      EQUIV, "-k", "grad_accumulation", why="every micro-batch steps the optimizer"),
+    m("train-epoch-order-repeats", "shardtune/train.py",
+      "gen = torch.Generator().manual_seed(self.seed + self.epoch)", "gen = torch.Generator().manual_seed(self.seed)",
+      BATCHES, "-k", "epoch_sampler", why="every epoch sees the same order"),
+    # --- evaluation and what the data looks like to the model ---------------------------------------
+    m("eval-heldout-mean-of-batch-means", "shardtune/evaluate.py",
+      "total += torch.stack([model(**batch).loss.float() * n_tokens, n_tokens.float()])",
+      "total += torch.stack([model(**batch).loss.float(), torch.ones((), device=device)])",
+      EQUIV, "-k", "heldout", why="held-out loss weighs short batches like long ones"),
+    m("eval-generate-attends-padding", "shardtune/evaluate.py",
+      "mask[row, width - len(p) :] = 1", "mask[row, :] = 1",
+      EQUIV, "-k", "generation", why="batched answers depend on the other prompts' lengths"),
+    m("checkpoints-sorted-by-name", "shardtune/checkpoint.py",
+      "return [p for _, p in sorted(found)]", "return [p for _, p in sorted(found, key=lambda f: f[1].name)]",
+      FILES, "-k", "ordered", why="--resume picks checkpoint-9 over checkpoint-10"),
+    m("data-text-rows-as-chat", "shardtune/data.py",
+      "is_chat = bool(example.messages) or (chat and bool(example.prompt))",
+      "is_chat = bool(example.messages) or chat",
+      BATCHES, "-k", "plain_text", why="text rows lose BOS and EOS under a chat template"),
+    m("data-collate-pads-with-zero", "shardtune/data.py",
+      "ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)",
+      "ids = torch.full((len(features), width), 0, dtype=torch.long)",
+      BATCHES, "-k", "collated", why="padding with token 0 instead of the tokenizer's pad"),
+    m("data-task-heldout-same-seed", "shardtune/data.py",
+      "task.generate(data.eval_samples, data.seed + 1_000_003)", "task.generate(data.eval_samples, data.seed)",
+      "tests/test_data.py", "-k", "tasks", why="held-out task items are the first training items"),
+    # --- more of the spine (adapters/model.py), LoRS init, the loop ---------------------------------
+    m("model-exclude-ignored", A + "model.py",
+      "chosen = [n for n in chosen if not any(_matches(n, p) for p in exclude or [])]", "chosen = list(chosen)",
+      "tests/test_adapters.py", "-k", "target_resolution", why="adapter.exclude does nothing"),
+    m("model-head-adapted", A + "model.py",
+      "if isinstance(module, AdaptedLinear) or module is head:", "if isinstance(module, AdaptedLinear):",
+      "tests/test_adapters.py", "-k", "target_resolution", why="all-linear adapts the output head"),
+    m("model-base-not-frozen", A + "model.py",
+      "        p.requires_grad_(False)", "        pass", "tests/test_adapters.py", "-k", "inject_freezes",
+      why="the whole base model trains"),
+    m("lors-init-samples-boundary", A + "lors.py",
+      "if seen >= options.init_samples:", "if seen > options.init_samples:",
+      INITS, "-k", "lors", why="the init uses one batch more than init_samples"),
+    m("lors-init-leaves-base-trainable", A + "lors.py",
+      "            w.requires_grad_(False)", "            pass",
+      INITS, "-k", "lors", why="after the init the base weights train too"),
+    m("train-clip-every-micro-batch", "shardtune/train.py",
+      "if accelerator.sync_gradients and self.cfg.max_grad_norm > 0:", "if self.cfg.max_grad_norm > 0:",
+      EQUIV, "-k", "grad_accumulation", why="partial accumulated gradients are clipped"),
+    m("train-epochs-ignore-accumulation", "shardtune/train.py",
+      "len(loader) // accelerator.num_processes // cfg.grad_accum)", "len(loader) // accelerator.num_processes)",
+      EQUIV, "-k", "epochs", why="train.epochs runs grad_accum times too many steps"),
+    m("train-skip-kept-next-epoch", "shardtune/train.py",
+      "position.epoch, position.skip = position.epoch + 1, 0", "position.epoch = position.epoch + 1",
+      FILES, "-k", "resume", why="after a resume every epoch skips its first batches"),
+    m("resume-latest-is-oldest", "shardtune/checkpoint.py",
+      "return found[-1] if found else None", "return found[0] if found else None",
+      FILES, "-k", "ordered", why="--resume continues from the oldest checkpoint"),
+    m("export-merge-keeps-stores", "shardtune/export.py",
+      "        delattr(model, STORES_ATTR)", "        pass",
+      STATES, "-k", "merge_run", why="the merged model directory carries the MoS pools"),
+    m("mos-no-dissociation-without-subsets", A + "mos.py",
+      'public_b = public_b[torch.randperm(n_public, generator=gen, device="cpu")]', "pass",
+      GRID, "-k", "mos and subset", why="without subset selection A and B stay paired"),
+    m("data-truncation-counted-at-max-length", "shardtune/data.py",
+      "truncated = len(ids) > max_length", "truncated = len(ids) >= max_length",
+      BATCHES, "-k", "truncation", why="rows of exactly max_length reported as truncated"),
+    m("data-pack-drops-a-full-last-row", "shardtune/data.py",
+      'if len(rows) > 1 and len(rows[-1]["input_ids"]) < max_length:',
+      'if len(rows) > 1 and len(rows[-1]["input_ids"]) <= max_length:',
+      BATCHES, "-k", "pack", why="packing drops the last row even when it is full"),
+    # Precision-only changes, kept to show what tolerance-based tests cannot see (expected to survive):
+    m("base-merge-in-base-dtype", A + "base.py",
+      "weight.copy_((weight.float() + sign * delta).to(weight.dtype))",
+      "weight.copy_(weight + (sign * delta).to(weight.dtype))",
+      STATES, why="a bf16 base merged in bf16 (ΔW rounded before the add): one extra rounding"),
+    m("lors-forward-under-autocast", A + "lors.py",
+      "with torch.autocast(device_type=x.device.type, enabled=False):",
+      "with torch.autocast(device_type=x.device.type, enabled=torch.is_autocast_enabled(x.device.type)):",
+      EQUIV, "-k", "lors", why="under bf16 autocast the masked merged weight is applied in bf16"),
+    m("export-lors-as-lora", "shardtune/export.py",
+      'LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora")',
+      'LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "lors")',
+      "tests/test_export.py", "-k", "refuses_lors", why="a LoRS adapter exported as a dense LoRA"),
+]
+# fmt: on
+
+
+@dataclass
+class Outcome:
+    id: str
+    file: str
+    why: str
+    tests: list[str]
+    status: str  # caught | survived | stale | invalid
+    seconds: float = 0.0
+    detail: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def copy_repo(dest: Path) -> Path:
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(*IGNORED))
+    return dest
+
+
+def environment(repo: Path) -> dict[str, str]:
+    """Import shardtune from the copy (ahead of the editable install), one thread per worker, offline."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(repo),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONDONTWRITEBYTECODE="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    return env
+
+
+def run_tests(repo: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
+    """Run ``pytest -x`` on ``tests`` inside ``repo``: ("passed" | "failed" | "timeout" | "empty", seconds, tail)."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    command += ["--basetemp", str(repo / ".pytest-tmp"), *tests]
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        command,
+        cwd=repo,
+        env=environment(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return "timeout", time.perf_counter() - started, f"ran past {timeout:.0f} s"
+    seconds = time.perf_counter() - started
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    tail = lines[-1] if lines else ""
+    if proc.returncode == 0:
+        return "passed", seconds, tail
+    if proc.returncode == 5:
+        return "empty", seconds, "no tests collected"
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return "failed", seconds, (failed[0] if failed else tail)[:200]
+
+
+def baseline_groups(selections: set[tuple[str, ...]]) -> dict[tuple[str, ...], list[tuple[str, ...]]]:
+    """One un-mutated run per set of test files: their ``-k`` expressions joined with ``or`` (no ``-k``
+    when any selection of those files has none). Maps each run's arguments to the selections it covers."""
+    by_files: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for tests in sorted(selections):
+        files = tuple(t for i, t in enumerate(tests) if t != "-k" and (i == 0 or tests[i - 1] != "-k"))
+        by_files.setdefault(files, []).append(tests)
+    groups = {}
+    for files, members in by_files.items():
+        expressions = [t[t.index("-k") + 1] for t in members if "-k" in t]
+        union = (
+            files
+            if len(expressions) < len(members)
+            else (*files, "-k", " or ".join(f"({e})" for e in expressions))
+        )
+        groups[union] = members
+    return groups
+
+
+def applies(mutant: Mutant) -> bool:
+    path = ROOT / mutant.file
+    return path.is_file() and path.read_text(encoding="utf-8").count(mutant.original) == 1
+
+
+class Workers:
+    """A pool of repository copies, one per worker; each mutant borrows one, edits one file, restores it."""
+
+    def __init__(self, n: int, base: Path):
+        self.copies: queue.Queue[Path] = queue.Queue()
+        for i in range(n):
+            self.copies.put(copy_repo(base / f"worker-{i}"))
+        self.lock = threading.Lock()
+
+    def check_imports(self) -> None:
+        repo = self.copies.queue[0]
+        found = subprocess.run(
+            [sys.executable, "-c", "import shardtune; print(shardtune.__file__)"],
+            cwd=repo,
+            env=environment(repo),
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if not found.startswith(str(repo)):
+            raise SystemExit(f"the copy's shardtune is not the one imported ({found}); cannot seed bugs")
+
+    def baseline(self, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
+        repo = self.copies.get()
+        try:
+            return run_tests(repo, tests, timeout)
+        finally:
+            self.copies.put(repo)
+
+    def mutate(self, mutant: Mutant, timeout: float) -> Outcome:
+        outcome = Outcome(mutant.id, mutant.file, mutant.why, list(mutant.tests), "stale")
+        repo = self.copies.get()
+        path = repo / mutant.file
+        try:
+            source = path.read_text(encoding="utf-8")
+            count = source.count(mutant.original)
+            if count != 1:
+                outcome.detail = f"snippet found {count} times in {mutant.file}"
+                return outcome
+            path.write_text(source.replace(mutant.original, mutant.replacement), encoding="utf-8")
+            result, outcome.seconds, outcome.detail = run_tests(repo, mutant.tests, timeout)
+            outcome.status = {"passed": "survived", "empty": "invalid"}.get(result, "caught")
+            if result == "timeout":
+                outcome.detail = "caught by the timeout: " + outcome.detail
+            return outcome
+        finally:
+            path.write_text(source, encoding="utf-8")
+            self.copies.put(repo)
+
+
+def print_table(outcomes: list[Outcome]) -> None:
+    width = max(len(o.id) for o in outcomes)
+    print(f"\n{'mutant':<{width}}  {'status':<8}  {'s':>5}  detail")
+    for o in outcomes:
+        print(f"{o.id:<{width}}  {o.status:<8}  {o.seconds:5.0f}  {o.detail if o.status != 'caught' else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", action="append", default=[], help="only mutants whose id contains this")
+    parser.add_argument("--workers", type=int, default=2, help="parallel test runs (at most 2 on 2 cores)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per test run")
+    parser.add_argument("--no-baseline", action="store_true", help="skip running each selection un-mutated")
+    parser.add_argument("--list", action="store_true", help="list the mutants and whether they still apply")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON results")
+    args = parser.parse_args(argv)
+
+    ids = [mu.id for mu in MUTANTS]
+    assert len(ids) == len(set(ids)), "mutant ids must be unique"
+    chosen = [mu for mu in MUTANTS if not args.k or any(k in mu.id for k in args.k)]
+    if args.list:
+        for mu in chosen:
+            print(f"{mu.id:<40} {'ok   ' if applies(mu) else 'STALE'} {mu.file:<32} {' '.join(mu.tests)}")
+        return 0
+
+    started = time.perf_counter()
+    outcomes: dict[str, Outcome] = {}
+    with tempfile.TemporaryDirectory(prefix="shardtune-mutants-") as tmp:
+        workers = Workers(max(1, min(args.workers, 2)), Path(tmp))
+        workers.check_imports()
+        live = [mu for mu in chosen if applies(mu)]
+        for mu in chosen:
+            if mu not in live:
+                outcomes[mu.id] = Outcome(
+                    mu.id, mu.file, mu.why, list(mu.tests), "stale", detail="snippet not found once"
+                )
+        broken: dict[tuple[str, ...], str] = {}
+        with ThreadPoolExecutor(max_workers=workers.copies.qsize()) as pool:
+            if not args.no_baseline:
+                groups = baseline_groups({mu.tests for mu in live})
+                print(f"baseline: {len(groups)} test runs without a bug …", flush=True)
+                for (union, members), (result, _, detail) in zip(
+                    groups.items(),
+                    pool.map(lambda t: workers.baseline(t, args.timeout), list(groups)),
+                    strict=True,
+                ):
+                    if result != "passed":
+                        print(f"  {' '.join(union)}: {result} ({detail})", flush=True)
+                        for tests in members:
+                            broken[tests] = f"baseline {result}: {detail}"
+            runnable = [mu for mu in live if mu.tests not in broken]
+            for mu in live:
+                if mu.tests in broken:
+                    outcomes[mu.id] = Outcome(
+                        mu.id, mu.file, mu.why, list(mu.tests), "invalid", detail=broken[mu.tests]
+                    )
+            print(f"mutants: {len(runnable)} to run on {workers.copies.qsize()} workers …", flush=True)
+            for outcome in pool.map(lambda mu: workers.mutate(mu, args.timeout), runnable):
+                outcomes[outcome.id] = outcome
+                print(f"  {outcome.status:<8} {outcome.id} ({outcome.seconds:.0f} s)", flush=True)
+    ordered = [outcomes[mu.id] for mu in chosen]
+    wall = time.perf_counter() - started
+    counted = [o for o in ordered if o.status in ("caught", "survived")]
+    caught = sum(o.status == "caught" for o in counted)
+    share = caught / len(counted) if counted else 0.0
+    print_table(ordered)
+    stale = sum(o.status == "stale" for o in ordered)
+    invalid = sum(o.status == "invalid" for o in ordered)
+    print(
+        f"\ncaught {caught}/{len(counted)} = {100 * share:.1f} %  (stale {stale}, invalid {invalid}; "
+        f"{wall / 60:.1f} min on {args.workers} workers)"
+    )
+    for o in ordered:
+        if o.status == "survived":
+            print(f"  survived: {o.id} — {o.why}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "caught": caught,
+        "counted": len(counted),
+        "share_caught": share,
+        "stale": stale,
+        "invalid": invalid,
+        "wall_seconds": round(wall, 1),
+        "workers": args.workers,
+        "mutants": [asdict(o) for o in ordered],
+    }
+    args.out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
