@@ -49,6 +49,7 @@ BATCHES = "tests/test_training_batches.py"
 FILES = "tests/test_adapter_files.py"
 EQUIV = "tests/test_equivalences.py"
 INITS = "tests/test_inits.py"
+SAFETY = "tests/test_safety.py"
 
 
 @dataclass(frozen=True)
@@ -265,8 +266,8 @@ MUTANTS: list[Mutant] = [
       "return examples[n_eval:], examples[:n_eval]", "return examples, examples[:n_eval]",
       BATCHES, "-k", "heldout or loader", why="held-out examples are trained on"),
     m("data-heldout-uncapped", "shardtune/data.py",
-      "n_eval = min(data.eval_samples, len(examples) // 5)", "n_eval = data.eval_samples",
-      BATCHES, "-k", "heldout", why="a large eval_samples eats the training set"),
+      "n_eval = min(DEFAULT_EVAL_SAMPLES, len(examples) // 5)", "n_eval = DEFAULT_EVAL_SAMPLES",
+      BATCHES, "-k", "heldout", why="by default a small data file is mostly held out"),
     m("data-keep-first-token-only-rows", "shardtune/data.py",
       'if any(label != IGNORE for label in feat["labels"][1:]):', 'if any(label != IGNORE for label in feat["labels"]):',
       BATCHES, "-k", "truncation", why="rows whose only target is unpredictable are kept"),
@@ -297,8 +298,8 @@ MUTANTS: list[Mutant] = [
       "for old in list_checkpoints(run_dir)[:-keep]:", "for old in list_checkpoints(run_dir)[keep:]:",
       "tests/test_train.py", "-k", "keep_last", why="the newest checkpoints are deleted"),
     m("resume-scheduler-not-advanced", "shardtune/train.py",
-      "for _ in range(self.position.step):", "for _ in range(0):", FILES, "-k", "resume",
-      why="the learning-rate schedule restarts"),
+      "lr_factor(self.position.step, cfg.warmup_steps", "lr_factor(self.position.step % 4, cfg.warmup_steps",
+      FILES, "-k", "resume", why="the learning-rate schedule restarts at each checkpoint interval"),
     m("resume-data-position-lost", "shardtune/train.py",
       'Position(counters["step"], counters["epoch"], counters["batch_in_epoch"])',
       'Position(counters["step"], counters["epoch"], 0)', FILES, "-k", "resume",
@@ -339,7 +340,7 @@ MUTANTS: list[Mutant] = [
       "ids = torch.full((len(features), width), 0, dtype=torch.long)",
       BATCHES, "-k", "collated", why="padding with token 0 instead of the tokenizer's pad"),
     m("data-task-heldout-same-seed", "shardtune/data.py",
-      "task.generate(data.eval_samples, data.seed + 1_000_003)", "task.generate(data.eval_samples, data.seed)",
+      "task.generate(n_eval, data.seed + 1_000_003)", "task.generate(n_eval, data.seed)",
       "tests/test_data.py", "-k", "tasks", why="held-out task items are the first training items"),
     # --- more of the spine (adapters/model.py), LoRS init, the loop ---------------------------------
     m("model-exclude-ignored", A + "model.py",
@@ -358,7 +359,8 @@ MUTANTS: list[Mutant] = [
       "            w.requires_grad_(False)", "            pass",
       INITS, "-k", "lors", why="after the init the base weights train too"),
     m("train-clip-every-micro-batch", "shardtune/train.py",
-      "if accelerator.sync_gradients and self.cfg.max_grad_norm > 0:", "if self.cfg.max_grad_norm > 0:",
+      "            if accelerator.sync_gradients:\n                if self.cfg.max_grad_norm > 0:",
+      "            if self.cfg.max_grad_norm > 0:\n                if True:",
       EQUIV, "-k", "grad_accumulation", why="partial accumulated gradients are clipped"),
     m("train-epochs-ignore-accumulation", "shardtune/train.py",
       "len(loader) // accelerator.num_processes // cfg.grad_accum)", "len(loader) // accelerator.num_processes)",
@@ -367,7 +369,7 @@ MUTANTS: list[Mutant] = [
       "position.epoch, position.skip = position.epoch + 1, 0", "position.epoch = position.epoch + 1",
       FILES, "-k", "resume", why="after a resume every epoch skips its first batches"),
     m("resume-latest-is-oldest", "shardtune/checkpoint.py",
-      "return found[-1] if found else None", "return found[0] if found else None",
+      "        path = found[-1]", "        path = found[0]",
       FILES, "-k", "ordered", why="--resume continues from the oldest checkpoint"),
     m("export-merge-keeps-stores", "shardtune/export.py",
       "        delattr(model, STORES_ATTR)", "        pass",
@@ -395,6 +397,39 @@ MUTANTS: list[Mutant] = [
       'LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora")',
       'LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "lors")',
       "tests/test_export.py", "-k", "refuses_lors", why="a LoRS adapter exported as a dense LoRA"),
+    # --- safety at the edges (issue 14): where shardtune writes, strict recipes, resume ------------
+    m("safety-cwd-allowed", "shardtune/fileio.py",
+      "if where == cwd or where in cwd.parents:", "if False:",
+      SAFETY, "-k", "current or parent", why="export --out . wipes the working directory"),
+    m("safety-foreign-entries-replaced", "shardtune/fileio.py",
+      "    if foreign:\n", "    if False:\n",
+      SAFETY, "-k", "users_file", why="a user's file inside an earlier output is deleted by --overwrite"),
+    m("safety-input-allowed", "shardtune/fileio.py",
+      "if where == src or src in where.parents:", "if False:",
+      SAFETY, "-k", "input and export", why="export --out RUN replaces the run it reads"),
+    m("safety-umask-ignored", "shardtune/fileio.py",
+      "        os.chmod(tmp, 0o666 & ~umask())", "        pass",
+      SAFETY, "-k", "umask", why="adapters are written 0600: a cluster group cannot read them"),
+    m("safety-metrics-not-trimmed", "shardtune/rundir.py",
+      'if json.loads(line).get("step", 0) <= step:', "if True:",
+      SAFETY, "-k", "metrics_once", why="after a resume the metrics hold steps twice"),
+    m("safety-lax-recipes", "shardtune/recipe.py",
+      'model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)',
+      'model_config = ConfigDict(extra="forbid")',
+      SAFETY, "-k", "strict", why="rank: true trains rank 1; lr: .inf diverges"),
+    m("safety-duplicate-keys-allowed", "shardtune/recipe.py",
+      "                raise DuplicateKey(key, line, seen[key])", "                pass",
+      SAFETY, "-k", "twice", why="the later of two keys silently wins"),
+    m("safety-rank-unbounded", A + "model.py",
+      "if isinstance(rank, int) and rank > fits:", "if False:",
+      SAFETY, "-k", "largest", why="FOSSIL rank 100000 trains 970× the base's parameters"),
+    m("safety-warmup-starts-at-zero", "shardtune/train.py",
+      "return (done + 1) / warmup", "return done / warmup",
+      SAFETY, "-k", "first_optimizer_step", why="the first optimizer step is wasted at lr 0"),
+    m("safety-resume-checkpoint-unchecked", "shardtune/train.py",
+      "self.resumed_step = check_checkpoint(self.resume_from, self.recipe.adapter)",
+      "self.resumed_step = check_checkpoint(self.resume_from)",
+      SAFETY, "-k", "another_adapter", why="a resume with another rank or alpha than the checkpoint's"),
 ]
 # fmt: on
 

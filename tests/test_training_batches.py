@@ -223,8 +223,10 @@ def test_heldout_split_is_disjoint_seeded_and_complete(tmp_path):
     assert again == train and held_again == held
     _, other = load_examples(DataSection(path=path, eval_samples=8, seed=4))
     assert other != held
-    _, capped = load_examples(DataSection(path=path, eval_samples=30, seed=3))
-    assert len(capped) == 10  # at most a fifth of the data is held out
+    _, asked = load_examples(DataSection(path=path, eval_samples=30, seed=3))
+    assert len(asked) == 30  # set: exactly as many as asked
+    _, unset = load_examples(DataSection(path=path, seed=3))
+    assert len(unset) == 10  # unset: a fifth of the data (at most 64)
 
 
 def test_epoch_sampler_gives_a_fresh_permutation_per_epoch():
