@@ -16,8 +16,8 @@ VeRA's form; ``VBUA`` trains everything.
 Initialisation: a frozen u or v is 1 (it then has no tensor); a frozen A or B is a fixed random
 matrix (Kaiming-uniform, a = √5, as LoRA's A), saved with the adapter. Among the trained pieces the
 one nearest the output in ``v, B, u, A`` starts at zero — B for the B-trained configurations, as
-LoRA; v for VeRA's — so ΔW = 0 at step 0 while every trained piece gets a gradient; the other trained
-A/B start Kaiming-uniform and a trained u/v at 1.
+LoRA; v for VeRA's — so ΔW = 0 at step 0, the zero piece gets a gradient at once and the others from
+the first step on (as LoRA's A); the other trained A/B start Kaiming-uniform and a trained u/v at 1.
 
 Tied matrices live once at the model root (``shardtune_stores``; frozen ones as buffers). In spine
 terms ``A_l = Λ_{u_l}·A_t``, ``B_l = s·Λ_{v_l}·B_t``: a rank-r LoRA, exported as one. Trainable
