@@ -233,6 +233,13 @@ def test_params_cli_compare_and_70b(tmp_path):
     )
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in json.loads(result.stdout)["methods"]}
+    from shardtune.adapters import METHODS
+
+    assert rows.keys() == set(METHODS)  # every method, each with the options it understands
+    assert all(r["trainable"] for r in rows.values()), rows
+    assert all(
+        rows[m]["trainable"] < rows["lora"]["trainable"] for m in ("vera", "vblora", "tiedlora", "prolora")
+    )
     assert rows["lora"]["base"] > 68e9 and rows["lora"]["vs_lora"] == 1.0
     assert rows["fossil"]["trainable"] < rows["lora"]["trainable"]
     result = runner.invoke(
