@@ -218,8 +218,12 @@ def calibration_statistics(
                 x = args[0].detach().reshape(-1, args[0].shape[-1])
                 if state["tokens"] is not None and state["tokens"].numel() == x.shape[0]:
                     x = x[state["tokens"]]
-                x = x.double()
-                stats[name] = stats[name] + (x.T @ x if method == "sparsegpt" else (x * x).sum(0))
+                if method == "sparsegpt":  # fp32 products, as SparseGPT's code; the solve is in fp64
+                    x = x.float()
+                    stats[name] = stats[name] + (x.T @ x).double()
+                else:
+                    x = x.double()
+                    stats[name] = stats[name] + (x * x).sum(0)
 
             hooks.append(modules[name].register_forward_hook(hook))
         try:
@@ -333,26 +337,31 @@ def prune_to_directory(
 ) -> dict:
     """Load ``model``, prune it (Wanda and SparseGPT calibrate on the first ``samples`` examples of
     ``recipe``'s data) and write it to ``out``; return :func:`prune_model`'s report with ``out``."""
-    from torch.utils.data import DataLoader
-
-    from shardtune.data import Collator, encode_all, load_examples, uses_chat
     from shardtune.models import load_model
-    from shardtune.recipe import load_recipe
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise BadInput(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     lm, tokenizer = load_model(model, dtype)
-    calibration = None
-    if recipe is not None:
-        data = load_recipe(recipe).data
-        examples, _ = load_examples(data)
-        features, _ = encode_all(
-            examples[:samples], tokenizer, data.max_length, uses_chat(tokenizer, data.chat_template)
-        )
-        calibration = DataLoader(features, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
+    calibration = calibration_batches(recipe, tokenizer, samples) if recipe is not None else None
     report = prune_model(lm, method, sparsity, pattern, calibration)
     save_model_dir(lm, tokenizer, out, overwrite)
     return {**report, "out": str(out)}
+
+
+def calibration_batches(recipe: Path, tokenizer, samples: int):
+    """Batches of 8 of the first ``samples`` training examples of the recipe's data, tokenized as for
+    training (prompt and completion alike; padding is masked)."""
+    from torch.utils.data import DataLoader
+
+    from shardtune.data import Collator, encode_all, load_examples, uses_chat
+    from shardtune.recipe import load_recipe
+
+    data = load_recipe(recipe).data
+    examples, _ = load_examples(data)
+    features, _ = encode_all(
+        examples[:samples], tokenizer, data.max_length, uses_chat(tokenizer, data.chat_template)
+    )
+    return DataLoader(features, batch_size=8, collate_fn=Collator(tokenizer.pad_token_id))
 
 
 def save_model_dir(model: nn.Module, tokenizer, out: Path, overwrite: bool = False) -> None:

@@ -39,7 +39,18 @@ def test_version_and_listings():
     from shardtune.adapters import METHODS
 
     listed = json.loads(runner.invoke(app, ["methods", "--json"]).output)
-    assert listed.keys() == METHODS.keys() == {"lora", "fossil", "mos", "sharelora", "lors"}
+    assert listed.keys() == METHODS.keys()
+    assert set(METHODS) == {
+        "lora",
+        "fossil",
+        "mos",
+        "sharelora",
+        "lors",
+        "vera",
+        "vblora",
+        "tiedlora",
+        "prolora",
+    }
     assert "tiny-llama" in json.loads(runner.invoke(app, ["models", "--json"]).output)
     assert "reverse" in json.loads(runner.invoke(app, ["tasks", "--json"]).output)
 

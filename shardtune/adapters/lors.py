@@ -133,6 +133,7 @@ class LorsAdapter(LayerAdapter):
     """Own A (r×in) and B (out×r); replaces the base forward by :class:`LorsLinearFunction`."""
 
     replaces_base = True
+    not_low_rank = "its update (B·A) ⊙ M is masked, not low-rank"
 
     def __init__(self, target: Target, options: LorsOptions):
         super().__init__(target.in_features, target.out_features)
