@@ -350,3 +350,20 @@ def test_fossil_bat_checks_block_sizes_and_routing():
     report = routing_report(bat_model(rank=8, targets=["v_proj"]))
     b = report["layers"][0]["matrices"]["B"]
     assert len(b["shards"]) == 4 and "shared by the 8 input blocks" in b["note"]
+
+
+def test_fossil_bat_with_dropout_takes_the_additive_path(input_ids):
+    """dropout > 0: W·x + ΔW·dropout(x) — in eval mode the same logits as the merged-weight forward."""
+    merged_path = bat_model(scale=0.05)
+    additive = build_tiny_model("tiny-llama")
+    inject_adapter(
+        additive,
+        options("fossil", rank=8, mode="bat", dropout=0.3, targets=["q_proj", "v_proj", "down_proj"]),
+    )
+    with torch.no_grad():
+        for name, layer in adapted_layers(additive).items():
+            layer.adapter.shard.copy_(adapted_layers(merged_path)[name].adapter.shard)
+    torch.testing.assert_close(logits(additive, input_ids), logits(merged_path, input_ids), atol=2e-5, rtol=0)
+    additive.train()
+    a, b = additive(input_ids).logits, additive(input_ids).logits
+    assert not torch.equal(a, b)  # dropout acts in training

@@ -34,9 +34,10 @@ Trainable parameters ``(out/r)·r·r = r·out``, as the default mode. ΔW is gen
 (up to min(out, in)), so a bat adapter is *not* a LoRA: it has no factors (A, B); merge is
 ``W ← W + (W + I)·D`` blockwise in fp32, unmerge ``W = (W' − D_b)·(I + D_b)⁻¹`` (exact up to the
 rounding of the solve), and `export --format peft` refuses it. The forward materialises ΔW
-(``out·in·r`` multiply-adds per step, as PEFT does); PEFT's bat ignores ``miss_dropout``, ours
-applies ``dropout`` to the adapter's input as in the other modes (0 by default). The MiSS README's
-"Bat-Col" orientation is not in PEFT and not implemented here.
+(``out·in·r`` multiply-adds per step, as PEFT does) and, without dropout, multiplies by the merged
+weight ``W + ΔW`` — PEFT's computation, so a merged model gives the same logits. PEFT's bat ignores
+``miss_dropout``; ours, when set, applies it to the adapter's input (``W·x + ΔW·dropout(x)``). The
+MiSS README's "Bat-Col" orientation is not in PEFT and not implemented here.
 
 Numerically identical to PEFT's ``MissConfig`` (``init_weights=True`` / ``"mini"`` / ``"bat"``;
 tensor ``miss_block``), which is the test reference.
@@ -145,6 +146,7 @@ class BatAdapter(LayerAdapter):
     """FOSSIL ``bat``: one r×r block ``D_b`` per output block; ``ΔW_bc = (W_bc + I)·D_b``."""
 
     not_low_rank = "its update (W + I)·D depends on the base weight and is not low-rank"
+    replaces_base = True  # the forward uses the merged weight W + ΔW (see forward_full)
 
     def __init__(self, target: Target, rank: int, dropout: float = 0.0):
         super().__init__(target.in_features, target.out_features, dropout)
@@ -178,6 +180,20 @@ class BatAdapter(LayerAdapter):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.dropout(x), self.delta_weight())
+
+    def forward_full(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """Without dropout: ``x·(W + ΔW)ᵀ + b`` with the merged weight, as PEFT (and as a merged model)
+        computes it; with dropout: ``base(x) + dropout(x)·ΔWᵀ``. In the adapter's dtype (fp32 over a
+        bf16 base) unless autocast is on; the output comes back in the base's dtype."""
+        if not isinstance(self.dropout, nn.Identity):
+            out = base(x)
+            x = x if torch.is_autocast_enabled(x.device.type) else x.to(self.dtype)
+            return out + self.delta(x).to(out.dtype)
+        w = self.base_weight()
+        merged = w + self.bat_delta(w)
+        bias = base.bias.to(merged.dtype) if base.bias is not None else None
+        y = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(merged.dtype), merged, bias)
+        return y.to(base.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else y
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"a bat adapter has no low-rank factors: {self.not_low_rank}")
