@@ -29,7 +29,7 @@ from shardtune.errors import BadInput
 from shardtune.fileio import check_output_dir, write_output_dir
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora")
+LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "vera", "vblora", "tiedlora", "prolora")
 
 
 def _inputs(run_dir: Path) -> list[Path | None]:
@@ -117,6 +117,13 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         raise BadInput(
             f"export: a {method} adapter cannot be written as a PEFT LoRA: its update (B·A) ⊙ M is masked, not "
             "low-rank, and a LoRA runtime would make the model dense; use `shardtune merge` instead"
+        )
+    reason = next(
+        (lay.adapter.not_low_rank for lay in adapted_layers(model).values() if lay.adapter.not_low_rank), None
+    )
+    if reason:  # e.g. FOSSIL mode bat
+        raise BadInput(
+            f"export: this {method} adapter cannot be written as a PEFT LoRA: {reason}; use `shardtune merge` instead"
         )
     tensors, rank, fifo = peft_tensors(model)
     if len(set(fifo.values())) > 1:

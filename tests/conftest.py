@@ -22,8 +22,57 @@ TINY_OPTIONS = {
     "mos": {"rank": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2},
     "sharelora": {"rank": 4, "share": "a"},
     "lors": {"rank": 4, "alpha": 4, "init": "kaiming"},  # on a dense model the mask keeps everything
+    "vera": {"rank": 4},
+    "vblora": {"rank": 4, "num_vectors": 32, "vector_length": 16},  # 16 divides 32, 64, 176 (and GPT-2's)
+    "tiedlora": {"rank": 4},
+    "prolora": {"rank": 4, "unshared_rank": 1, "share_a": 2, "share_b": 2},
 }
+# Training overrides for the 40-step loss test: VeRA trains only scaling vectors and needs the higher
+# learning rates its paper uses; VB-LoRA mixes a bank that starts at ±0.02.
+TINY_TRAIN = {"vera": {"lr": 5e-2}, "vblora": {"lr": 2e-2}}
 CONV1D_UNSUPPORTED = {"lors"}  # methods that need nn.Linear (GPT-2 uses Conv1D)
+NONZERO_INIT = {"vblora"}  # ΔW ≠ 0 at step 0 by design (PEFT's and the authors' VB-LoRA init)
+
+
+def paper_count(options, targets) -> int:
+    """Trainable parameters from the papers' formulas (not from the modules): r, sizes, layers per type."""
+    from math import ceil
+
+    m, r = options.method, getattr(options, "rank", None)
+    kinds: dict[str, list] = {}
+    for t in targets:
+        kinds.setdefault(t.kind, []).append(t)
+    if m in ("lora", "lors"):
+        return sum(r * (t.in_features + t.out_features) for t in targets)
+    if m == "mos":  # exactly LoRA at rank R
+        return sum(options.equivalent_rank * (t.in_features + t.out_features) for t in targets)
+    if m == "fossil":
+        return sum(r * (options.mini_r if options.mode == "mini" else t.out_features) for t in targets)
+    if m == "vera":  # L·Σ_t (r + d_out)
+        return sum(r + t.out_features for t in targets)
+    if m == "vblora":  # the bank h·b + logits r·h·(in + out)/b per layer
+        h, b = options.num_vectors, options.vector_length
+        return h * b + sum(r * h * (t.in_features + t.out_features) // b for t in targets)
+    if m == "prolora":  # (r−u)(⌈in/m⌉ + ⌈out/n⌉) + u(in + out) per layer
+        u = options.unshared_rank
+        return sum(
+            (r - u) * (ceil(t.in_features / options.share_a) + ceil(t.out_features / options.share_b))
+            + u * (t.in_features + t.out_features)
+            for t in targets
+        )
+    if m == "tiedlora":  # [A]·r·d_in + [B]·r·d_out + L·([u]·r + [v]·d_out) per type
+        v, b, u, a = (c.isupper() for c in options.trainable)
+        return sum(
+            a * r * g[0].in_features + b * r * g[0].out_features + len(g) * (u * r + v * g[0].out_features)
+            for g in kinds.values()
+        )
+    if m == "sharelora":
+        return sum(
+            r * g[0].in_features * (1 if "a" in options.share else len(g))
+            + r * g[0].out_features * (1 if "b" in options.share else len(g))
+            for g in kinds.values()
+        )
+    raise KeyError(m)
 
 
 def tiny_options(method: str, **kw):

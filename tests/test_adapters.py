@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONV1D_UNSUPPORTED, TINY, tiny_options
+from conftest import CONV1D_UNSUPPORTED, NONZERO_INIT, TINY, paper_count, tiny_options
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import (
@@ -171,11 +171,15 @@ def test_lora_delta_is_scaled_product():
 
 
 def test_initial_update_is_zero_and_init_follows_paper(input_ids):
-    """LoRA: Kaiming-uniform A, zero B; FOSSIL: zero shard → the model is unchanged at step 0."""
+    """LoRA: Kaiming-uniform A, zero B; FOSSIL: zero shard → the model is unchanged at step 0
+    (VB-LoRA's B is a mixture of a random bank: small but not zero, as in PEFT)."""
     base = logits(build_tiny_model("tiny-llama"), input_ids)
     for method in METHODS:
         model = build_tiny_model("tiny-llama")
         inject_adapter(model, tiny_options(method, targets="all-linear"))
+        if method in NONZERO_INIT:
+            assert 0 < (logits(model, input_ids) - base).abs().max() < 0.5
+            continue
         torch.testing.assert_close(logits(model, input_ids), base)
     model = build_tiny_model("tiny-llama")
     inject_adapter(model, options("lora", rank=8, targets=["q_proj"]))
@@ -201,14 +205,7 @@ def test_inject_freezes_base_and_counts(alias, method, input_ids):
     adapter = {n for n, _ in adapter_named_parameters(model)}
     assert trainable == adapter and adapter
     n_adapter, _ = count_parameters(model)
-    if method in ("lora", "mos", "lors"):  # MoS: exactly LoRA of rank equivalent_rank (4 here)
-        assert n_adapter == sum(4 * (t.in_features + t.out_features) for t in targets)
-    elif method == "sharelora":  # ShareA: one A per type, B per layer
-        assert n_adapter == sum(4 * t.out_features for t in targets) + sum(
-            4 * t.in_features for t in targets if t.name.startswith("model.layers.0.") or ".h.0." in t.name
-        )
-    else:
-        assert n_adapter == sum(4 * t.out_features for t in targets)
+    assert n_adapter == paper_count(tiny_options(method), targets)
     randomize_adapter(model)
     out = model(input_ids).logits
     out.sum().backward()
@@ -270,3 +267,103 @@ def test_fossil_mini_checks_divisibility():
         RecipeError, match=r"adapter.mini_r: must divide .*k_proj has out_features 32, got 64"
     ):
         inject_adapter(model, options("fossil", rank=4, mode="mini", mini_r=64, targets=["q_proj", "k_proj"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# FOSSIL bat: ΔW_bc = (W_bc + I)·D_b, which depends on W
+
+
+def bat_model(rank=8, targets=("q_proj", "v_proj", "down_proj"), scale=0.02, seed=0):
+    model = build_tiny_model("tiny-llama")
+    inject_adapter(model, options("fossil", rank=rank, mode="bat", targets=list(targets)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            layer.adapter.shard.copy_(torch.randn(layer.adapter.shard.shape, generator=g) * scale)
+    return model
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_fossil_bat_matches_peft(rank, input_ids):
+    targets = ["q_proj", "v_proj", "down_proj"]  # 64×64, 32×64, 64×176: 176 = 11·16
+    ours = bat_model(rank, targets)
+    ref = peft.get_peft_model(
+        build_tiny_model("tiny-llama"), peft.MissConfig(r=rank, target_modules=targets, init_weights="bat")
+    )
+    state = {
+        f"base_model.model.{name}.miss_block.default": layer.adapter.shard.detach()
+        for name, layer in adapted_layers(ours).items()
+    }
+    assert all(
+        s.shape == (layer.adapter.out_features // rank, rank, rank)
+        for s, layer in zip(state.values(), adapted_layers(ours).values(), strict=True)
+    )
+    assert not ref.load_state_dict(state, strict=False).unexpected_keys
+    ours_out = logits(ours, input_ids)
+    assert (ours_out - logits(build_tiny_model("tiny-llama"), input_ids)).abs().max() > 1e-2
+    err = (ours_out - logits(ref, input_ids)).abs().max().item()
+    assert err <= 1e-5, err
+
+
+def test_fossil_bat_delta_is_the_block_formula():
+    """Direct formula, block by block; depends on W; not low-rank."""
+    model = bat_model(rank=4, targets=["k_proj"], scale=0.3)
+    layer = adapted_layers(model)["model.layers.0.self_attn.k_proj"]
+    w, d = layer.base_layer.weight.detach(), layer.adapter.shard.detach()
+    dense = torch.empty_like(w)
+    for b in range(w.shape[0] // 4):
+        for c in range(w.shape[1] // 4):
+            block = w[4 * b : 4 * b + 4, 4 * c : 4 * c + 4]
+            dense[4 * b : 4 * b + 4, 4 * c : 4 * c + 4] = (block + torch.eye(4)) @ d[b]
+    torch.testing.assert_close(layer.adapter.delta_weight(), dense)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer.adapter.delta(x), x @ dense.T, atol=1e-5, rtol=1e-5)
+    assert torch.linalg.matrix_rank(dense) > 4  # rank well above r: not a LoRA
+    assert count_parameters(model)[0] == 2 * 32 * 4  # (out/r)·r·r = out·r per layer
+    with pytest.raises(NotImplementedError, match="not low-rank"):
+        layer.adapter.factors()
+
+
+def test_fossil_bat_merge_is_exact_and_unmerge_restores_w(input_ids):
+    model = bat_model(scale=0.05)
+    before = {n: layer.base_layer.weight.detach().clone() for n, layer in adapted_layers(model).items()}
+    adapted = logits(model, input_ids)
+    merge_adapter(model)
+    for name, layer in adapted_layers(model).items():  # W' = W + (W + I)·D: the formula on the unmerged W
+        torch.testing.assert_close(
+            layer.base_layer.weight, before[name] + layer.adapter.bat_delta(before[name])
+        )
+    torch.testing.assert_close(logits(model, input_ids), adapted, atol=5e-5, rtol=1e-5)
+    unmerge_adapter(model)
+    for name, layer in adapted_layers(model).items():  # W = (W' − D)·(I + D)⁻¹, not W' − ΔW(W')
+        torch.testing.assert_close(layer.base_layer.weight, before[name], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), adapted, atol=5e-5, rtol=1e-5)
+
+
+def test_fossil_bat_checks_block_sizes_and_routing():
+    with pytest.raises(RecipeError, match=r"adapter.rank: mode bat .* 64×176, got 32"):
+        inject_adapter(
+            build_tiny_model("tiny-llama"), options("fossil", rank=32, mode="bat", targets=["down_proj"])
+        )
+    from shardtune.routing import routing_report
+
+    report = routing_report(bat_model(rank=8, targets=["v_proj"]))
+    b = report["layers"][0]["matrices"]["B"]
+    assert len(b["shards"]) == 4 and "shared by the 8 input blocks" in b["note"]
+
+
+def test_fossil_bat_with_dropout_takes_the_additive_path(input_ids):
+    """dropout > 0: W·x + ΔW·dropout(x) — in eval mode the same logits as the merged-weight forward."""
+    merged_path = bat_model(scale=0.05)
+    additive = build_tiny_model("tiny-llama")
+    inject_adapter(
+        additive,
+        options("fossil", rank=8, mode="bat", dropout=0.3, targets=["q_proj", "v_proj", "down_proj"]),
+    )
+    with torch.no_grad():
+        for name, layer in adapted_layers(additive).items():
+            layer.adapter.shard.copy_(adapted_layers(merged_path)[name].adapter.shard)
+    torch.testing.assert_close(logits(additive, input_ids), logits(merged_path, input_ids), atol=2e-5, rtol=0)
+    additive.train()
+    a, b = additive(input_ids).logits, additive(input_ids).logits
+    assert not torch.equal(a, b)  # dropout acts in training

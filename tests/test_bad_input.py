@@ -139,6 +139,33 @@ CASES = {
         ],
         "adapter.mini_r: must divide",
     ),
+    "fossil bat blocks": (
+        lambda t, r: ["train", recipe_file(t, adapter={"method": "fossil", "mode": "bat", "rank": 32})],
+        "adapter.rank: mode bat cuts every weight into r×r blocks, so r must divide its sizes",
+    ),
+    "vblora vector length": (
+        lambda t, r: ["train", recipe_file(t, adapter={"method": "vblora", "vector_length": 48})],
+        "adapter.vector_length: must divide the input and output size of every target",
+    ),
+    "tiedlora notation": (
+        lambda t, r: ["train", recipe_file(t, adapter={"method": "tiedlora", "trainable": "vbua"})],
+        "adapter.trainable: nothing would be trained",
+    ),
+    "prolora unshared rank": (
+        lambda t, r: ["train", recipe_file(t, adapter={"method": "prolora", "rank": 2, "unshared_rank": 3})],
+        "adapter.unshared_rank: must be at most adapter.rank (2), got 3",
+    ),
+    "sharelora qkv b under gqa": (
+        lambda t, r: [
+            "train",
+            recipe_file(t, adapter={"method": "sharelora", "share": "b", "scope": "attention"}),
+        ],
+        "adapter.scope: layers sharing B_qkv have different sizes [32, 64]; use share: a",
+    ),
+    "prune sparsegpt without data": (
+        lambda t, r: ["prune", "tiny-llama", "--out", str(t / "s"), "--method", "sparsegpt"],
+        "--method sparsegpt needs calibration samples",
+    ),
     "mos pool too small": (
         lambda t, r: ["train", recipe_file(t, adapter={"method": "mos", "rank": 16, "equivalent_rank": 2})],
         "adapter.rank: too large for the pool",

@@ -39,7 +39,18 @@ def test_version_and_listings():
     from shardtune.adapters import METHODS
 
     listed = json.loads(runner.invoke(app, ["methods", "--json"]).output)
-    assert listed.keys() == METHODS.keys() == {"lora", "fossil", "mos", "sharelora", "lors"}
+    assert listed.keys() == METHODS.keys()
+    assert set(METHODS) == {
+        "lora",
+        "fossil",
+        "mos",
+        "sharelora",
+        "lors",
+        "vera",
+        "vblora",
+        "tiedlora",
+        "prolora",
+    }
     assert "tiny-llama" in json.loads(runner.invoke(app, ["models", "--json"]).output)
     assert "reverse" in json.loads(runner.invoke(app, ["tasks", "--json"]).output)
 
@@ -234,6 +245,25 @@ def test_compare_methods_side_by_side(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     result = runner.invoke(app, ["compare", str(path), "--methods", "lora,dora"])
     assert result.exit_code == 2 and "unknown method 'dora'" in result.stderr
+    result = runner.invoke(app, ["compare", str(path), "--methods", "lora,vblora"])  # b = 256 ∤ 64
+    assert result.exit_code == 2
+    assert "--methods: vblora does not fit this model: adapter.vector_length: must divide" in result.stderr
+
+
+@pytest.mark.slow
+def test_compare_defaults_to_every_method_that_fits(tmp_path):
+    from shardtune.adapters import METHODS
+
+    path = write_recipe(
+        tmp_path, data={"task": "repeat", "num_samples": 32, "eval_samples": 4}, train={"max_steps": 2}
+    )
+    result = runner.invoke(app, ["compare", str(path), "--set", "adapter.rank=2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["method"] for r in json.loads(result.stdout.strip().splitlines()[-1])}
+    assert rows == set(METHODS) - {"vblora"}  # VB-LoRA's default vector length 256 does not divide 64
+    saved = json.loads((tmp_path / "run" / "compare" / "compare.json").read_text())
+    assert "adapter.vector_length" in saved["skipped"]["vblora"]
+    assert "vblora — left out: adapter.vector_length" in result.stderr
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])

@@ -51,6 +51,12 @@ def ours_logits(run_dir):
         ("fossil", "tiny-qwen2", {"mode": "mini", "mini_r": 16, "targets": ["q_proj", "v_proj", "up_proj"]}),
         ("mos", "tiny-llama", {}),
         ("sharelora", "tiny-mistral", {"share": "ab"}),
+        ("sharelora", "tiny-llama", {"scope": "attention"}),
+        ("vera", "tiny-llama", {}),
+        ("vera", "tiny-gpt2", {"targets": ["c_attn", "c_fc"]}),
+        ("vblora", "tiny-qwen2", {}),
+        ("tiedlora", "tiny-mistral", {"trainable": "VBUA"}),
+        ("prolora", "tiny-llama", {}),
     ],
 )
 def test_export_peft_loads_in_peft_with_equal_logits(tmp_path, method, model, adapter):
@@ -83,10 +89,17 @@ def test_export_refuses_lors_and_unknown_formats(tmp_path):
     torch.testing.assert_close(ours_logits(tmp_path / "copy"), ours_logits(run_dir))
 
 
-@pytest.mark.parametrize("method", ["lora", "fossil", "mos", "sharelora"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_merge_gives_a_plain_transformers_model(tmp_path, method, dtype):
-    run_dir = trained_run(tmp_path, method)
+@pytest.mark.parametrize(
+    "method, dtype, adapter",
+    [
+        *((m, d, {}) for m in ("lora", "fossil", "mos", "sharelora") for d in ("fp32", "bf16")),
+        *((m, "fp32", {}) for m in ("vera", "vblora", "tiedlora", "prolora")),
+        ("fossil", "fp32", {"mode": "bat"}),
+        ("fossil", "bf16", {"mode": "bat"}),
+    ],
+)
+def test_merge_gives_a_plain_transformers_model(tmp_path, method, dtype, adapter):
+    run_dir = trained_run(tmp_path, method, **adapter)
     ours = ours_logits(run_dir)
     result = runner.invoke(app, ["merge", str(run_dir), "--out", str(tmp_path / "merged"), "--dtype", dtype])
     assert result.exit_code == 0, result.output
@@ -109,6 +122,17 @@ def test_merge_gives_a_plain_transformers_model(tmp_path, method, dtype):
             )
             assert err <= 2 * base_err, (err, base_err)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_export_refuses_fossil_bat(tmp_path):
+    run_dir = trained_run(tmp_path, "fossil", mode="bat")
+    result = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: export: this fossil adapter cannot be written as a PEFT LoRA: its update (W + I)·D depends on "
+        "the base weight and is not low-rank; use `shardtune merge` instead"
+    ]
+    assert not (tmp_path / "x").exists()
 
 
 def test_merge_lors_keeps_sparsity(tmp_path):
@@ -209,6 +233,14 @@ def test_params_cli_compare_and_70b(tmp_path):
     )
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in json.loads(result.stdout)["methods"]}
+    from shardtune.adapters import METHODS
+
+    assert rows.keys() == set(METHODS)  # every method, each with the options it understands
+    assert all(r["trainable"] for r in rows.values()), rows
+    assert all(rows[m]["trainable"] < rows["lora"]["trainable"] for m in ("vera", "tiedlora", "prolora"))
+    # VB-LoRA trains h logits per sub-vector of length b: with PEFT's h = b = 256 that is LoRA's count
+    # plus the bank (its saving is in what is stored: k indices and k − 1 weights per sub-vector)
+    assert rows["vblora"]["trainable"] == rows["lora"]["trainable"] + 256 * 256
     assert rows["lora"]["base"] > 68e9 and rows["lora"]["vs_lora"] == 1.0
     assert rows["fossil"]["trainable"] < rows["lora"]["trainable"]
     result = runner.invoke(

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.lors import LorsLinearFunction
-from shardtune.adapters.model import adapted_layers, inject_adapter, merge_adapter
+from shardtune.adapters.model import adapted_layers, find_targets, inject_adapter, merge_adapter
 from shardtune.cli import app
 from shardtune.models import build_tiny_model
 from shardtune.prune import prune_model, sparsity_of
@@ -34,7 +34,7 @@ def factors(out_f=24, in_f=16, r=4, dtype=torch.float64, seed=1):
     return a, b
 
 
-@pytest.mark.parametrize("mode", ["lors", "exact"])
+@pytest.mark.parametrize("mode", ["lors", "exact", "authors"])
 def test_forward_and_gradients_against_dense_reference(mode):
     w, keep = sparse_weight()
     bias = torch.randn(24, dtype=torch.float64)
@@ -55,10 +55,11 @@ def test_forward_and_gradients_against_dense_reference(mode):
     if mode == "exact":
         torch.testing.assert_close(got[1], a_ref.grad)
         torch.testing.assert_close(got[2], b_ref.grad)
-    else:  # the paper's rearranged gradient: the mask passes straight through
+    else:  # the paper's rearranged gradient: the mask passes straight through (authors: without s)
         x2, dy2 = x.detach().reshape(-1, 16), dy.reshape(-1, 24)
-        torch.testing.assert_close(got[2], s * dy2.T @ (x2 @ a_ref.detach().T))
-        torch.testing.assert_close(got[1], s * (dy2 @ b_ref.detach()).T @ x2)
+        g = s if mode == "lors" else 1.0
+        torch.testing.assert_close(got[2], g * dy2.T @ (x2 @ a_ref.detach().T))
+        torch.testing.assert_close(got[1], g * (dy2 @ b_ref.detach()).T @ x2)
         assert not torch.allclose(got[1], a_ref.grad)  # and it is not the exact one
 
 
@@ -166,9 +167,185 @@ def test_gradient_init_gives_orthonormal_a_and_zero_b():
 
 
 def test_prune_errors():
-    result = runner.invoke(app, ["prune", "tiny-llama", "--out", "/tmp/x", "--method", "wanda"])
-    assert result.exit_code == 2 and "needs calibration samples" in result.stderr
+    for method in ("wanda", "sparsegpt"):
+        result = runner.invoke(app, ["prune", "tiny-llama", "--out", "/tmp/x", "--method", method])
+        assert result.exit_code == 2 and f"--method {method} needs calibration samples" in result.stderr
+    result = runner.invoke(app, ["prune", "tiny-llama", "--out", "/tmp/x", "--method", "obs"])
+    assert result.exit_code == 2 and "--method: expected one of magnitude, wanda, sparsegpt" in result.stderr
     result = runner.invoke(app, ["prune", "tiny-llama", "--out", "/tmp/x", "--pattern", "4:2"])
     assert result.exit_code == 2 and "--pattern: need 0 < N < M" in result.stderr
     result = runner.invoke(app, ["prune", "tiny-gpt2", "--out", "/tmp/x"])
     assert result.exit_code == 2 and "Conv1D" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRS: the authors' gradient, α = r
+
+
+def test_authors_grad_mode_is_the_released_backward():
+    """hyx1999/LoRS LorsFn.backward, restated with their names (their lora_A is our B, out×r; their
+    lora_B our A, r×in): grad_A = dyᵀ·(x·lora_Bᵀ), grad_B = (dy·lora_A)ᵀ·x — no scale s."""
+    w, keep = sparse_weight()
+    a, b = factors()
+    s = 1.7
+    x = torch.randn(4, 3, 16, dtype=torch.float64, requires_grad=True)
+    y = LorsLinearFunction.apply(x, w, None, a, b, s, "authors", 8)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    their_a, their_b = b.detach(), a.detach()
+    x2, dy2 = x.detach().reshape(-1, 16), dy.reshape(-1, 24)
+    torch.testing.assert_close(b.grad, dy2.T @ (x2 @ their_b.T))  # their grad_A
+    torch.testing.assert_close(a.grad, (dy2 @ their_a).T @ x2)  # their grad_B
+    merged = (w + s * their_a @ their_b) * (w != 0)  # their forward: weight.addmm(A, B, alpha=s).mul_(W≠0)
+    torch.testing.assert_close(y, x.detach() @ merged.T)
+    torch.testing.assert_close(x.grad, (dy @ merged))
+    # and ours (grad_mode lors) is exactly s times theirs
+    a2, b2 = factors()
+    LorsLinearFunction.apply(x.detach(), w, None, a2, b2, s, "lors", 8).backward(dy)
+    torch.testing.assert_close(a2.grad, s * a.grad)
+    torch.testing.assert_close(b2.grad, s * b.grad)
+
+
+def test_alpha_defaults_to_rank():
+    opts = METHODS["lors"].Options(method="lors", rank=16)
+    assert opts.alpha == 16.0
+    model = pruned_tiny()
+    inject_adapter(model, METHODS["lors"].Options(method="lors", rank=9, init="kaiming", targets=["q_proj"]))
+    layer = next(iter(adapted_layers(model).values())).adapter
+    assert layer.scale == pytest.approx(3.0)  # α/√r = 9/3 = √r
+    assert METHODS["lors"].Options(method="lors", rank=16, alpha=4).alpha == 4.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# SparseGPT
+
+
+def obs_reference(w, h, sparsity, nm, blocksize, percdamp=0.01):
+    """SparseGPT written the slow, direct way: explicit inverses of the Hessian of the columns not yet
+    processed (no Cholesky, no lazy block updates). Float64 throughout."""
+    w, h = w.double().clone(), h.double().clone()
+    n = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += percdamp * torch.diag(h).mean() * torch.eye(n, dtype=torch.float64)
+    inv_rest = [torch.linalg.inv(h[j:, j:]) for j in range(n)]  # H_F⁻¹ for F = {j, …, n−1}
+    d2 = torch.tensor([inv_rest[j][0, 0] for j in range(n)])  # = U_jj²
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for j in range(n):
+        if nm is None and j % blocksize == 0:  # choose the block's mask on the current weights
+            cols = slice(j, min(j + blocksize, n))
+            sal = (w[:, cols] ** 2 / d2[cols]).flatten()
+            k = int(sal.numel() * sparsity)
+            order = sal.argsort()[:k]
+            block = torch.zeros_like(sal, dtype=torch.bool)
+            block[order] = True
+            pruned[:, cols] = block.reshape(w.shape[0], -1)
+        if nm is not None and j % nm[1] == 0:
+            sal = w[:, j : j + nm[1]] ** 2 / d2[j : j + nm[1]]
+            for row in range(w.shape[0]):
+                for c in sal[row].argsort()[: nm[1] - nm[0]]:
+                    pruned[row, j + c] = True
+        for row in torch.nonzero(pruned[:, j]).flatten():  # OBS: remove w[row, j], fix the rest of the row
+            w[row, j:] -= w[row, j] / inv_rest[j][0, 0] * inv_rest[j][0, :]
+            w[row, j] = 0
+    return w
+
+
+@pytest.mark.parametrize(
+    "sparsity, nm, blocksize", [(0.5, None, 8), (0.3, None, 128), (None, (2, 4), 8), (None, (1, 4), 16)]
+)
+def test_sparsegpt_equals_the_direct_obs_formula(sparsity, nm, blocksize):
+    from shardtune.prune import sparsegpt_prune
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 24, generator=g) @ torch.randn(24, 24, generator=g)  # correlated inputs
+    x[:, 5] = 0  # a dead input
+    h = (x.T @ x).double()
+    w = torch.randn(10, 24, generator=g)
+    ours = sparsegpt_prune(w, h, sparsity, nm, blocksize=blocksize)
+    ref = obs_reference(w, h, sparsity, nm, blocksize)
+    assert torch.equal(ours == 0, ref == 0)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
+    if nm:
+        assert ((ours != 0).reshape(10, -1, nm[1]).sum(-1) <= nm[0]).all()
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
+    from shardtune.prune import prune_mask, sparsegpt_prune
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 64, generator=g) @ torch.randn(64, 64, generator=g) + 0.5
+    w = torch.randn(32, 64, generator=g)
+    err = {}
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        if name == "sparsegpt":
+            pruned = sparsegpt_prune(w, x.T @ x, None, (2, 4))
+        else:
+            score = w.abs() * (x.norm(dim=0) if name == "wanda" else 1)
+            pruned = w * prune_mask(score, None, (2, 4), per_row=True)
+        err[name] = ((x @ (w - pruned).T) ** 2).sum().item()
+    assert err["sparsegpt"] < 0.7 * err["wanda"] < 0.7 * err["magnitude"], err
+
+
+def test_sequential_calibration_feeds_each_block_the_pruned_outputs():
+    """The captured block inputs replay the model; each block's statistics come from the outputs of
+    the blocks before it *after* they were pruned."""
+    from shardtune.prune import _block_inputs, _run_block, calibration_statistics, decoder_blocks
+
+    model = build_tiny_model("tiny-llama")
+    model.eval()
+    ids = torch.randint(4, 200, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # padding: excluded from the statistics
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    modules = {t.name: t.module for t in find_targets(model, "all-linear")}
+    _, blocks = decoder_blocks(model, modules)
+    items = _block_inputs(model, list(blocks), batches)
+    hidden = items[0]["hidden"]
+    for i, block in enumerate(blocks):
+        items[0]["hidden"] = _run_block(block, i, items[0])
+    replayed = model.lm_head(model.model.norm(items[0]["hidden"]))
+    torch.testing.assert_close(replayed, model(input_ids=ids, attention_mask=mask).logits)
+    seen = {}
+
+    def record(name, statistic):
+        seen[name] = statistic
+        modules[name].weight.mul_(0.5)  # "prune": changes what the next blocks see
+
+    calibration_statistics(model, modules, batches, "wanda", record)
+    q1 = "model.layers.1.self_attn.q_proj"
+    # recompute layer 1's q_proj input by hand: layer 0 already halved, padding dropped
+    x = model.model.layers[0](hidden, *items[0]["calls"][0][0], **items[0]["calls"][0][1])
+    x = x[0] if isinstance(x, tuple) else x
+    x = model.model.layers[1].input_layernorm(x).reshape(-1, 64)[mask.reshape(-1).bool()].double()
+    torch.testing.assert_close(seen[q1], (x * x).sum(0))
+
+
+@pytest.mark.parametrize("pattern", [["--pattern", "2:4"], ["--sparsity", "0.5"]])
+def test_prune_sparsegpt_from_the_cli_then_train_lors(tmp_path, pattern):
+    raw = tiny_recipe(tmp_path, data={"num_samples": 32})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    args = ["prune", "tiny-llama", "--out", str(tmp_path / "sparse"), "--method", "sparsegpt"]
+    args += ["--recipe", str(tmp_path / "r.yaml"), "--samples", "16", "--json", *pattern]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "sparsegpt" and report["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    from transformers import AutoModelForCausalLM
+
+    sparse = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    dense = build_tiny_model("tiny-llama")
+    q, q0 = sparse.model.layers[1].self_attn.q_proj.weight, dense.model.layers[1].self_attn.q_proj.weight
+    kept = q != 0
+    assert not torch.equal(q[kept], q0[kept])  # SparseGPT also updates the weights it keeps
+    if pattern[0] == "--pattern":
+        assert ((q != 0).reshape(q.shape[0], -1, 4).sum(-1) <= 2).all()
+    raw = tiny_recipe(
+        tmp_path,
+        model={"name": str(tmp_path / "sparse")},
+        adapter={"method": "lors", "rank": 4, "init": "kaiming", "grad_mode": "authors"},
+        train={"max_steps": 4},
+    )
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["train", str(tmp_path / "t.yaml"), "-q"]).exit_code == 0

@@ -157,6 +157,8 @@ def two_processes(recipe: Path, *args) -> subprocess.CompletedProcess:
         ("mos", "fsdp"),
         ("sharelora", "fsdp"),
         ("lors", "fsdp"),
+        ("vblora", "fsdp"),  # the one bank at the root, sharded
+        ("vera", "fsdp"),  # frozen projections at the root: buffers, replicated, not sharded
     ],
 )
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, strategy):
@@ -183,9 +185,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, st
         stores = sum(
             k.startswith("shardtune_stores.") for k in load_file(tmp_path / "two" / "adapter.safetensors")
         )
-        assert stores == {"mos": 14, "sharelora": 7, "lors": 0}[method]
+        assert stores == {"mos": 14, "sharelora": 7, "lors": 0, "vblora": 1, "vera": 2}[method]
+        sharded = {"vera": 0}.get(method, stores)
         assert (
-            f"FSDP over 2 processes: 2 units (LlamaDecoderLayer) + the root, which holds the shared adapter stores ({stores} tensors)"
+            f"FSDP over 2 processes: 2 units (LlamaDecoderLayer) + the root, which holds the shared adapter stores ({sharded} tensors)"
             in log
         )
         held = float(re.search(r"each process holds ([\d.]+)% of the parameters", log).group(1))

@@ -151,3 +151,76 @@ def test_routing_shows_shared_factor():
     assert first["matrices"]["B"]["pool"].endswith(":B")  # own B
     assert report["overlap"]["q_proj"]["A"][0][1] == 4 and report["overlap"]["q_proj"]["B"][0][1] == 0
     assert report["pools"]["A_q_proj"]["max_reuse"] == 2
+
+
+def mha_llama():
+    """A tiny LLaMA without grouped-query attention: q, k and v all 64 → 64."""
+    from shardtune.models import TINY_CONFIGS
+
+    config = TINY_CONFIGS["tiny-llama"]()
+    config.num_key_value_heads = 4
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_scope_attention_shares_one_factor_for_q_k_v():
+    model = build_tiny_model("tiny-llama")
+    targets = inject_adapter(
+        model, tiny_options("sharelora", rank=4, share="a", scope="attention", targets="all-linear")
+    )
+    keys = set(model.shardtune_stores.matrices.keys())
+    assert keys == {"A_qkv", "A_o_proj", "A_gate_proj", "A_up_proj", "A_down_proj"}
+    qkv = [
+        x.adapter
+        for n, x in adapted_layers(model).items()
+        if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")
+    ]
+    assert len(qkv) == 6 and all(a.factors()[0] is qkv[0].factors()[0] for a in qkv)
+    # count: one A for the 6 attention layers, one per other type; B per layer
+    expected = 4 * 64 + sum(4 * t.out_features for t in targets)
+    expected += sum(
+        4 * t.in_features
+        for t in targets
+        if t.kind in ("o_proj", "gate_proj", "up_proj", "down_proj") and ".0." in t.name
+    )
+    assert count_parameters(model)[0] == expected
+
+
+@pytest.mark.parametrize("share", ["a", "ab"])
+def test_scope_attention_gradient_is_the_sum_over_q_k_v_and_layers(share):
+    ids = torch.randint(4, 200, (2, 9))
+    tied = mha_llama()
+    inject_adapter(
+        tied,
+        tiny_options("sharelora", share=share, scope="attention", targets=["q_proj", "k_proj", "v_proj"]),
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in adapter_named_parameters(tied):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    untied = mha_llama()
+    inject_adapter(untied, tiny_options("lora", rank=4, targets=["q_proj", "k_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, layer in adapted_layers(untied).items():
+            a, b = adapted_layers(tied)[name].adapter.factors()
+            layer.adapter.lora_A.copy_(a)
+            layer.adapter.lora_B.copy_(b / layer.adapter.scale)
+    torch.testing.assert_close(tied(ids).logits, untied(ids).logits, atol=1e-5, rtol=0)
+    tied(ids).logits.pow(2).mean().backward()
+    untied(ids).logits.pow(2).mean().backward()
+    for matrix in share.upper():
+        shared = tied.shardtune_stores.matrices[f"{matrix}_qkv"].grad
+        per_layer = [getattr(x.adapter, f"lora_{matrix}").grad for x in adapted_layers(untied).values()]
+        assert len(per_layer) == 6
+        torch.testing.assert_close(shared, sum(per_layer), atol=1e-6, rtol=1e-4)
+
+
+def test_scope_attention_refuses_shared_b_under_gqa():
+    with pytest.raises(
+        RecipeError,
+        match=r"adapter.scope: layers sharing B_qkv have different sizes \[32, 64\]; use share: a",
+    ):
+        inject_adapter(
+            build_tiny_model("tiny-llama"),
+            tiny_options("sharelora", share="b", scope="attention", targets=["q_proj", "k_proj"]),
+        )

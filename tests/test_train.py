@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import CONV1D_UNSUPPORTED, TINY_OPTIONS, tiny_recipe
+from conftest import CONV1D_UNSUPPORTED, TINY_OPTIONS, TINY_TRAIN, tiny_recipe
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import adapter_named_parameters, inject_adapter
@@ -30,7 +30,7 @@ def test_loss_falls_and_only_adapter_changes(tmp_path, method, alias):
         tmp_path,
         model={"name": alias},
         adapter={"method": method, **TINY_OPTIONS[method]},
-        train={"max_steps": 40},
+        train={"max_steps": 40, **TINY_TRAIN.get(method, {})},
         logging={"every": 1},
     )
     losses = [

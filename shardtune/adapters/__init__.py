@@ -7,9 +7,15 @@ from shardtune.adapters.fossil import Fossil
 from shardtune.adapters.lora import Lora
 from shardtune.adapters.lors import Lors
 from shardtune.adapters.mos import Mos
+from shardtune.adapters.prolora import ProLora
 from shardtune.adapters.sharelora import ShareLora
+from shardtune.adapters.tiedlora import TiedLora
+from shardtune.adapters.vblora import Vblora
+from shardtune.adapters.vera import Vera
 
-METHODS: dict[str, AdapterMethod] = {m.name: m for m in (Lora(), Fossil(), Mos(), ShareLora(), Lors())}
+METHODS: dict[str, AdapterMethod] = {
+    m.name: m for m in (Lora(), Fossil(), Mos(), ShareLora(), Lors(), Vera(), Vblora(), TiedLora(), ProLora())
+}
 
 
 def get_method(name: str) -> AdapterMethod:

@@ -83,6 +83,9 @@ class LayerAdapter(nn.Module):
     """
 
     replaces_base = False
+    # Why this adapter's update is not a fixed low-rank ``B·A`` (so `shardtune export --format peft`
+    # refuses it with this reason); ``None`` for every low-rank method.
+    not_low_rank: str | None = None
 
     def __init__(self, in_features: int, out_features: int, dropout: float = 0.0):
         super().__init__()
@@ -108,6 +111,12 @@ class LayerAdapter(nn.Module):
         """Dense ``ΔW = B · A`` (out, in). Used by merge; never in the training forward."""
         a, b = self.factors()
         return b @ a
+
+    def merged_weight(self, weight: torch.Tensor, unmerge: bool = False) -> torch.Tensor:
+        """The fp32 base weight ``W`` (out, in) with the update folded in (``W + ΔW``), or taken out of a
+        merged one (``unmerge``). Additive by default; a method whose ΔW depends on W overrides it."""
+        delta = self.delta_weight().float()
+        return weight - delta if unmerge else weight + delta
 
     def forward_full(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """The whole layer's output, for methods with ``replaces_base``."""
@@ -167,10 +176,9 @@ class AdaptedLinear(nn.Module):
     @torch.no_grad()
     def _add_delta(self, sign: float) -> None:
         weight = self.base_layer.weight
-        delta = self.adapter.delta_weight().float()
-        if self.fan_in_fan_out:
-            delta = delta.T
-        weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+        w = weight.float().T if self.fan_in_fan_out else weight.float()
+        w = self.adapter.merged_weight(w, unmerge=sign < 0)
+        weight.copy_((w.T if self.fan_in_fan_out else w).to(weight.dtype))
 
     def merge(self) -> None:
         """Fold ``ΔW`` into the base weight (computed in fp32, stored in the base dtype)."""

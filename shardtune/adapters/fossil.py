@@ -22,8 +22,25 @@ merge and export-as-LoRA use. The padding makes this exact when ``in mod r ≠ 0
 axis (``D = [D_mini | D_mini | …]``, needs ``out mod mini_r = 0``); ``mini_r = out`` is the default
 mode. Trainable parameters per layer: default ``r·out``, mini ``r·mini_r`` (LoRA: ``r·(in+out)``).
 
-Numerically identical to PEFT's ``MissConfig`` (``init_weights=True`` / ``"mini"``; tensor
-``miss_block``), which is the test reference.
+``bat`` mode (Block Affine Transformation; PEFT's ``init_weights="bat"``, the first "Bone") cuts W
+into r×r blocks ``W_bc`` (b: output block, c: input block; needs ``r | in`` and ``r | out``) and
+trains one r×r matrix ``D_b`` per output block (zeros at init), shared by every input block of that
+row:
+
+    ΔW_bc = W_bc·D_b + D_b = (W_bc + I_r)·D_b              ("weight-guided": ΔW depends on W)
+    y = W·x + ΔW·dropout(x)
+
+Trainable parameters ``(out/r)·r·r = r·out``, as the default mode. ΔW is generally of full rank
+(up to min(out, in)), so a bat adapter is *not* a LoRA: it has no factors (A, B); merge is
+``W ← W + (W + I)·D`` blockwise in fp32, unmerge ``W = (W' − D_b)·(I + D_b)⁻¹`` (exact up to the
+rounding of the solve), and `export --format peft` refuses it. The forward materialises ΔW
+(``out·in·r`` multiply-adds per step, as PEFT does) and, without dropout, multiplies by the merged
+weight ``W + ΔW`` — PEFT's computation, so a merged model gives the same logits. PEFT's bat ignores
+``miss_dropout``; ours, when set, applies it to the adapter's input (``W·x + ΔW·dropout(x)``). The
+MiSS README's "Bat-Col" orientation is not in PEFT and not implemented here.
+
+Numerically identical to PEFT's ``MissConfig`` (``init_weights=True`` / ``"mini"`` / ``"bat"``;
+tensor ``miss_block``), which is the test reference.
 """
 
 from __future__ import annotations
@@ -43,8 +60,10 @@ from shardtune.errors import RecipeError
 class FossilOptions(AdapterOptions):
     method: Literal["fossil"] = "fossil"
     rank: PositiveInt = Field(64, description="r: the shard has r rows; the input is summed in blocks of r.")
-    mode: Literal["default", "mini"] = Field(
-        "default", description="`default`: shard r×out per layer; `mini`: shard r×mini_r tiled along out."
+    mode: Literal["default", "mini", "bat"] = Field(
+        "default",
+        description="`default`: shard r×out per layer; `mini`: shard r×mini_r tiled along out; `bat`: one "
+        "r×r block D_b per output block, ΔW_bc = (W_bc + I)·D_b (needs r | in and r | out; not low-rank).",
     )
     mini_r: PositiveInt = Field(
         1, description="Width of the mini shard (mode: mini); must divide out_features."
@@ -123,12 +142,104 @@ class FossilAdapter(LayerAdapter):
         }
 
 
+class BatAdapter(LayerAdapter):
+    """FOSSIL ``bat``: one r×r block ``D_b`` per output block; ``ΔW_bc = (W_bc + I)·D_b``."""
+
+    not_low_rank = "its update (W + I)·D depends on the base weight and is not low-rank"
+    replaces_base = True  # the forward uses the merged weight W + ΔW (see forward_full)
+
+    def __init__(self, target: Target, rank: int, dropout: float = 0.0):
+        super().__init__(target.in_features, target.out_features, dropout)
+        self.rank = rank
+        self.fan_in_fan_out = target.fan_in_fan_out
+        self.shard = nn.Parameter(torch.zeros(target.out_features // rank, rank, rank))
+        object.__setattr__(self, "_base", target.module)  # the frozen layer whose weight ΔW multiplies
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shard.dtype
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen W in the (out, in) orientation and the adapter's dtype."""
+        w = self._base.weight
+        return (w.T if self.fan_in_fan_out else w).to(self.shard.dtype)
+
+    def blocks(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (out, in) as a (out/r, r, in/r, r) grid: ``[b, i, c, j] = W[b·r + i, c·r + j]``."""
+        r = self.rank
+        return weight.reshape(self.out_features // r, r, self.in_features // r, r)
+
+    def bat_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """``ΔW`` for base weight ``weight``: block (b, c) is ``W_bc·D_b + D_b``."""
+        d = self.shard.to(weight.dtype)
+        delta = torch.einsum("bicj,bjk->bick", self.blocks(weight), d) + d.unsqueeze(2)
+        return delta.reshape(self.out_features, self.in_features)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.bat_delta(self.base_weight())
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.dropout(x), self.delta_weight())
+
+    def forward_full(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """Without dropout: ``x·(W + ΔW)ᵀ + b`` with the merged weight, as PEFT (and as a merged model)
+        computes it; with dropout: ``base(x) + dropout(x)·ΔWᵀ``. In the adapter's dtype (fp32 over a
+        bf16 base) unless autocast is on; the output comes back in the base's dtype."""
+        if not isinstance(self.dropout, nn.Identity):
+            out = base(x)
+            x = x if torch.is_autocast_enabled(x.device.type) else x.to(self.dtype)
+            return out + self.delta(x).to(out.dtype)
+        w = self.base_weight()
+        merged = w + self.bat_delta(w)
+        bias = base.bias.to(merged.dtype) if base.bias is not None else None
+        y = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(merged.dtype), merged, bias)
+        return y.to(base.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else y
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"a bat adapter has no low-rank factors: {self.not_low_rank}")
+
+    def merged_weight(self, weight: torch.Tensor, unmerge: bool = False) -> torch.Tensor:
+        """``W' = W + (W + I)·D`` blockwise; unmerge solves ``W·(I + D_b) = W' − D_b`` for W."""
+        if not unmerge:
+            return weight + self.bat_delta(weight)
+        d = self.shard.detach().to(weight.dtype)  # (nb, r, r)
+        eye = torch.eye(self.rank, dtype=weight.dtype, device=weight.device)
+        rhs = (self.blocks(weight) - d.unsqueeze(2)).permute(0, 2, 1, 3)  # (nb, nc, r, r): W'_bc − D_b
+        w = torch.linalg.solve((eye + d).unsqueeze(1), rhs, left=False)  # X·(I + D_b) = rhs
+        return w.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
+
+    def routing(self) -> dict:
+        n_out, n_in = self.out_features // self.rank, self.in_features // self.rank
+        return {
+            "A": {
+                "pool": "fixed",
+                "shards": [],
+                "private": [],
+                "note": "none: the base weight's blocks W_bc + I",
+            },
+            "B": {
+                "pool": "own",
+                "shards": list(range(n_out)),
+                "private": [True] * n_out,
+                "note": f"{n_out} r×r blocks D_b, each shared by the {n_in} input blocks of its row",
+            },
+        }
+
+
 class Fossil(AdapterMethod):
     name = "fossil"
     Options = FossilOptions
     summary = "one shard D (r×out) per layer replicated across the input; ΔW[o,i] = D[i mod r, o]"
 
     def check(self, options: FossilOptions, targets: list[Target]) -> None:
+        if options.mode == "bat":
+            for t in targets:
+                if t.in_features % options.rank or t.out_features % options.rank:
+                    raise RecipeError(
+                        "adapter.rank",
+                        f"mode bat cuts every weight into r×r blocks, so r must divide its sizes; {t.name} "
+                        f"is {t.out_features}×{t.in_features}, got {options.rank}",
+                    )
         if options.mode == "mini":
             for t in targets:
                 if t.out_features % options.mini_r:
@@ -139,10 +250,14 @@ class Fossil(AdapterMethod):
                     )
 
     def largest_rank(self, options: FossilOptions, target: Target) -> int:
+        if options.mode == "bat":
+            return min(target.in_features, target.out_features)  # r×r blocks of W
         # r = in gives every input its own row of D (a full ΔW); beyond it the blocks are padding.
         return target.in_features
 
-    def build_layer(self, options: FossilOptions, target: Target, stores: nn.Module | None) -> FossilAdapter:
+    def build_layer(self, options: FossilOptions, target: Target, stores: nn.Module | None) -> LayerAdapter:
+        if options.mode == "bat":
+            return BatAdapter(target, options.rank, options.dropout)
         mini_r = options.mini_r if options.mode == "mini" else None
         return FossilAdapter(target.in_features, target.out_features, options.rank, mini_r, options.dropout)
 

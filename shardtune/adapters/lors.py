@@ -4,6 +4,8 @@ A pruned weight ``W ∈ R^{out×in}`` with mask ``M = (W ≠ 0)`` is tuned throu
 
     W̃ = (W + s·B·A) ⊙ M,        y = x·W̃ᵀ + b,        s = α/√r  (LoRS; ``rslora: false`` gives α/r)
 
+with ``α = r`` unless set (the authors' scripts; so ``s = √r``).
+
 so the merged weight has exactly W's zeros (the mask is recomputed as ``W ≠ 0``, never stored). The
 update is no longer low-rank (``(B·A) ⊙ M``), so this layer replaces the base layer's forward with a
 custom autograd function that keeps memory lean:
@@ -16,6 +18,9 @@ custom autograd function that keeps memory lean:
     gradient is never formed and the mask is passed straight through:
     ``dB = s·dyᵀ·(x·Aᵀ)``, ``dA = s·(dy·B)ᵀ·x``  (LoRS omits s; we keep it so clipping and SGD see
     the true scale);
+  - ``authors`` — the released code exactly (``hyx1999/LoRS`` ``pefts/lors/lors_autograd.py``): the
+    same rearranged gradient *without* s, ``dB = dyᵀ·(x·Aᵀ)``, ``dA = (dy·B)ᵀ·x``, although the forward
+    uses ``s·B·A`` (with Adam, which is scale-invariant, only ε and weight decay see the difference);
   - ``exact`` — the true gradient of the masked update, ``G = (dyᵀ·x) ⊙ M``,
     ``dB = s·G·Aᵀ``, ``dA = s·Bᵀ·G``, formed in chunks of ``exact_chunk`` output rows so only a
     chunk×in slice of G exists at a time.
@@ -36,7 +41,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from shardtune.adapters.base import (
@@ -52,11 +57,16 @@ from shardtune.adapters.base import (
 class LorsOptions(AdapterOptions):
     method: Literal["lors"] = "lors"
     rank: PositiveInt = Field(16, description="r: rank of B·A before masking.")
-    alpha: float = Field(16.0, gt=0, description="α: the update is scaled by α/√r (α/r with rslora: false).")
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        description="α: the update is scaled by α/√r (α/r with rslora: false); unset: α = r, the authors' default.",
+    )
     rslora: bool = Field(True, description="LoRS scales by α/√r; false gives LoRA's α/r.")
-    grad_mode: Literal["lors", "exact"] = Field(
+    grad_mode: Literal["lors", "exact", "authors"] = Field(
         "lors",
-        description="`lors`: the paper's cheap rearranged gradient; `exact`: the masked gradient (chunked).",
+        description="`lors`: the paper's cheap rearranged gradient, scaled by s; `authors`: the same without s, "
+        "as the released code; `exact`: the masked gradient (chunked).",
     )
     exact_chunk: PositiveInt = Field(1024, description="Output rows per chunk of the exact masked gradient.")
     init: Literal["gradient", "kaiming"] = Field(
@@ -65,6 +75,12 @@ class LorsOptions(AdapterOptions):
     )
     init_samples: PositiveInt = Field(128, description="Training examples whose gradient initialises A.")
     init_gamma: float = Field(1.0, gt=0, description="A = Vᵀ_r / γ for the gradient init.")
+
+    @model_validator(mode="after")
+    def _alpha_is_rank(self) -> LorsOptions:
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        return self
 
 
 def lors_scale(options: LorsOptions) -> float:
@@ -95,9 +111,10 @@ class LorsLinearFunction(torch.autograd.Function):
             del merged
         x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(lora_a.dtype)
-        if ctx.grad_mode == "lors":
-            d_b = s * (dy2.T @ (x2 @ lora_a.T))  # (out×N)(N×r): no out×in product
-            d_a = s * ((dy2 @ lora_b).T @ x2)  # (r×N)(N×in)
+        if ctx.grad_mode in ("lors", "authors"):
+            g = s if ctx.grad_mode == "lors" else 1.0  # the released code does not scale by s
+            d_b = g * (dy2.T @ (x2 @ lora_a.T))  # (out×N)(N×r): no out×in product
+            d_a = g * ((dy2 @ lora_b).T @ x2)  # (r×N)(N×in)
         else:
             d_a = torch.zeros_like(lora_a)
             d_b = torch.empty_like(lora_b)
@@ -121,6 +138,7 @@ class LorsAdapter(LayerAdapter):
     """Own A (r×in) and B (out×r); replaces the base forward by :class:`LorsLinearFunction`."""
 
     replaces_base = True
+    not_low_rank = "its update (B·A) ⊙ M is masked, not low-rank"
 
     def __init__(self, target: Target, options: LorsOptions):
         super().__init__(target.in_features, target.out_features)

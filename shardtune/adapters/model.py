@@ -161,12 +161,13 @@ def adapter_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
     """Parameters and persistent buffers (e.g. MoS routing indices): everything an adapter file holds."""
     yield from adapter_named_parameters(model)
     stores = getattr(model, STORES_ATTR, None)
-    if stores is not None:
-        yield from stores.named_buffers(prefix=STORES_ATTR)
-    for name, layer in adapted_layers(model).items():
-        prefix = f"{name}.adapter"
-        persistent = {n for n, _ in layer.adapter.state_dict(keep_vars=True).items()}
-        for bname, buf in layer.adapter.named_buffers():
+    modules = [(STORES_ATTR, stores)] if stores is not None else []
+    modules += [(f"{name}.adapter", layer.adapter) for name, layer in adapted_layers(model).items()]
+    for prefix, module in modules:
+        # Only persistent buffers: a non-persistent one (VeRA's projections with save_projection:
+        # false) is rebuilt from the options, not stored.
+        persistent = set(module.state_dict(keep_vars=True))
+        for bname, buf in module.named_buffers():
             if bname in persistent:
                 yield f"{prefix}.{bname}", buf
 

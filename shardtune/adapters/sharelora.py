@@ -1,7 +1,8 @@
 """ShareLoRA (Song et al., arXiv 2406.10785): LoRA whose A, B or both are shared across layers.
 
-Per projection type ``t`` with ``L_t`` adapted layers (scope ``type``, the paper's; or all layers
-whose shared matrix has the same shape, scope ``shape``):
+Per projection type ``t`` with ``L_t`` adapted layers (scope ``type``, the paper's; ``attention``, the
+paper's self-attention sharing: one matrix for q_proj, k_proj and v_proj of every layer together,
+the other types per type; or all layers whose shared matrix has the same shape, scope ``shape``):
 
     ShareA :  ΔW_l = s · B_l · A_t         A_t ∈ R^{r×d_in} shared,   B_l ∈ R^{d_out×r} per layer
     ShareB :  ΔW_l = s · B_t · A_l         B_t shared,                A_l per layer
@@ -17,7 +18,9 @@ The shared matrices are one parameter each, registered once at the model root
 is the sum of the gradients of every layer that uses them.
 
 Trainable parameters per type: LoRA ``L·r·(d_in+d_out)``; ShareA ``r·d_in + L·r·d_out``;
-ShareB ``L·r·d_in + r·d_out``; ShareAB ``r·(d_in+d_out)``.
+ShareB ``L·r·d_in + r·d_out``; ShareAB ``r·(d_in+d_out)``. Scope ``attention`` counts q, k and v as one
+group of ``3·L`` layers: ShareA ``r·d + L·r·(d_q + d_k + d_v)``. Sharing B across q, k and v needs
+their output sizes equal (not with grouped-query attention, where k and v are narrower than q).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from torch import nn
 from shardtune.adapters.base import AdapterMethod, LayerAdapter, Target
 from shardtune.adapters.lora import LoraOptions, lora_scale
 
+ATTENTION_KINDS = {"q_proj", "k_proj", "v_proj", "query", "key", "value"}  # what `scope: attention` groups
+
 
 class ShareLoraOptions(LoraOptions):
     """LoRA's keys (rank, alpha, dropout, rslora) plus what is shared and how."""
@@ -41,10 +46,11 @@ class ShareLoraOptions(LoraOptions):
     share: Literal["a", "b", "ab"] = Field(
         "a", description="Which factor is shared across layers (the paper: a)."
     )
-    scope: Literal["type", "shape"] = Field(
+    scope: Literal["type", "attention", "shape"] = Field(
         "type",
-        description="`type`: one shared matrix per projection type (q_proj, v_proj, …); `shape`: one per shape "
-        "of the shared matrix, across types.",
+        description="`type`: one shared matrix per projection type (q_proj, v_proj, …); `attention`: one for "
+        "q_proj, k_proj and v_proj together (self-attention sharing), the other types per type; `shape`: one "
+        "per shape of the shared matrix, across types.",
     )
     init: Literal["kaiming", "normal"] = Field(
         "kaiming",
@@ -120,7 +126,9 @@ class ShareLora(AdapterMethod):
         out = {}
         for matrix in ("A", "B"):
             if matrix.lower() in options.share:
-                if options.scope == "type":
+                if options.scope == "attention" and target.name.rsplit(".", 1)[-1] in ATTENTION_KINDS:
+                    out[matrix] = f"{matrix}_qkv"
+                elif options.scope in ("type", "attention"):
                     out[matrix] = f"{matrix}_{target.kind}"
                 else:
                     size = target.in_features if matrix == "A" else target.out_features
@@ -136,9 +144,10 @@ class ShareLora(AdapterMethod):
                 sizes.setdefault(key, set()).add(t.in_features if matrix == "A" else t.out_features)
         for key, found in sizes.items():
             if len(found) > 1:
+                hint = "share: a (q, k and v read the same input)" if key == "B_qkv" else "scope: shape"
                 raise RecipeError(
                     "adapter.scope",
-                    f"layers sharing {key} have different sizes {sorted(found)}; use scope: shape",
+                    f"layers sharing {key} have different sizes {sorted(found)}; use {hint}",
                 )
 
     def build_stores(self, options: ShareLoraOptions, targets: list[Target]) -> SharedFactors:

@@ -68,22 +68,22 @@ def export(
 def prune(
     model: Annotated[str, typer.Argument(help="Model: builtin alias, local directory or cached hub id.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output HF model directory.")],
-    method: Annotated[str, typer.Option(help="magnitude or wanda.")] = "magnitude",
+    method: Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt.")] = "magnitude",
     sparsity: Annotated[float, typer.Option(help="Unstructured ratio of weights set to zero.")] = 0.5,
     pattern: Annotated[
         str | None, typer.Option(help="N:M semi-structured pattern, e.g. 2:4 (overrides --sparsity).")
     ] = None,
     recipe: Annotated[
-        Path | None, typer.Option(help="Recipe whose data gives the calibration samples (wanda).")
+        Path | None, typer.Option(help="Recipe whose data gives the calibration samples (wanda, sparsegpt).")
     ] = None,
-    samples: Annotated[int, typer.Option(min=1, help="Calibration examples (wanda).")] = 128,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration examples (wanda, sparsegpt).")] = 128,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")
     ] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Prune a model's linear layers (magnitude or Wanda; ratio or N:M) into a new model directory for LoRS."""
+    """Prune a model's linear layers (magnitude, Wanda or SparseGPT; ratio or N:M) into a new model directory for LoRS."""
     from rich.table import Table
 
     from shardtune.prune import prune_to_directory

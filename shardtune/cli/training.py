@@ -86,7 +86,9 @@ def compare(
     recipe: Annotated[
         Path, typer.Argument(help="Recipe YAML file (its adapter keys are shared where they apply).")
     ],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "lora,fossil,mos,sharelora",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods, or all (every method that fits the model).")
+    ] = "all",
     set_: SetOption = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Loss curves PNG (needs matplotlib).")] = None,
     json_output: JsonOption = False,
