@@ -1,12 +1,24 @@
-"""`shardtune train --nproc N`: re-run the command under `accelerate launch` with N processes.
+"""`shardtune train --nproc N`: N processes on this machine under `accelerate launch`, one launcher
+per machine (``--launch-args "--num_machines M --machine_rank R ..."`` for several).
 
-:func:`launch` builds that command; `python -m shardtune.launcher ARGS` (what it runs) is
-`accelerate launch ARGS`.
+:func:`launch` builds that command and becomes it (``exec``: the `shardtune` process is replaced, so
+a signal sent to the command reaches the launcher itself). `python -m shardtune.launcher ARGS`
+(what it runs) is `accelerate launch ARGS` — torch's elastic agent starting and watching this
+machine's processes — with three differences:
 
-The difference is how a failed run ends. Plain `accelerate launch` answers a failed process with the
-launcher's own traceback and exit code 1; here each process has already printed its one-line error, so
-the launcher stays quiet and exits with the code of the first process that failed (2 for bad input,
-3 for a diverged run, ...), or with 128 + the signal number when a process was killed.
+* how a failed run ends: each process has already printed its one-line error, so the launcher stays
+  quiet and exits with the code of the first process that failed (2 bad input, 3 diverged, 4 a lost
+  process, 143 SIGTERM, ...), or with 128 + the signal number when a process was killed;
+* SIGTERM (a cluster's pre-emption notice) is handed on to the processes, which finish their step,
+  write one checkpoint and exit with 143; the launcher waits for them, however long that takes, and
+  exits with 143 too (torch's agent would kill them 30 s later and end in a traceback);
+* a successful run over several machines ends quietly on every machine. torch's exit barrier makes
+  every machine's launcher wait for all the others through the store that the launcher of machine 0
+  keeps: once the last one checks in, machine 0's launcher leaves and its store closes, while the
+  last one may still be asking the store whether everybody has arrived — and prints a C++ traceback
+  ("Failed to recv ... Did the remote server shutdown or crash?"). Here (:func:`_exit_barrier`) the
+  other launchers only check in, and machine 0's waits until all have: the store outlives every
+  launcher that uses it.
 """
 
 from __future__ import annotations
@@ -17,46 +29,202 @@ import shlex
 import signal
 import subprocess
 import sys
+from datetime import timedelta
+
+from shardtune.errors import BadInput
+
+# torchelastic's keys of the exit barrier below (its own use another prefix)
+FINISHED = "shardtune/launcher/finished"
+ALL_FINISHED = "shardtune/launcher/all-finished"
 
 
-def launch(nproc: int, train_args: list[str], launch_args: str | None, cpu: bool) -> int:
-    """Re-run `shardtune train TRAIN_ARGS` under `accelerate launch` (through :func:`main`, which
-    turns a failed process into its exit code instead of a traceback) with NPROC processes; the
-    user's ``launch_args`` come last, so they win. Returns the exit code."""
+def launch_command(
+    nproc: int, train_args: list[str], launch_args: str | None, cpu: bool
+) -> tuple[list[str], dict[str, str]]:
+    """The command (and its environment) that runs `shardtune train TRAIN_ARGS` in NPROC processes on
+    this machine, on each of the machines that ``launch_args`` name; the user's flags come last, so
+    they win."""
     import torch
 
+    flags = shlex.split(launch_args or "")
+    machines = _machines(flags)
     env = dict(os.environ)
-    command = [sys.executable, "-m", "shardtune.launcher", "--num_processes", str(nproc)]
+    command = [sys.executable, "-m", "shardtune.launcher", "--num_processes", str(nproc * machines)]
     command += ["--multi_gpu", "--main_process_port", "0", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # the recipe sets precision itself
     if cpu or not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # gloo; `accelerate launch --cpu` would start one process only
-    command += shlex.split(launch_args or "")
+    # torch's C++ side warns on stderr, in blocks of stack frames, about every request that meets a
+    # connection its peer closed: when a machine is lost, shardtune names it in one line instead.
+    # Its errors still show; TORCH_CPP_LOG_LEVEL=WARNING brings the warnings back.
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    command += flags
     command += ["-m", "shardtune", "train", *train_args]
+    return command, env
+
+
+def launch(nproc: int, train_args: list[str], launch_args: str | None, cpu: bool) -> int:
+    """Become the launcher of :func:`launch_command` (on POSIX this does not return); elsewhere run
+    it and return its exit code."""
+    command, env = launch_command(nproc, train_args, launch_args, cpu)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        os.execve(command[0], command, env)
     return subprocess.call(command, env=env)
 
 
+def _machines(flags: list[str]) -> int:
+    """``--num_machines`` of the user's launch flags (1 when absent); a multi-machine launch must
+    also say where this machine stands and where they meet."""
+    values = _flag_values(flags)
+    raw = values.get("--num_machines", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise BadInput(f"--launch-args: --num_machines must be a positive whole number, got {raw!r}")
+    machines = int(raw)
+    missing = [f for f in ("--machine_rank", "--main_process_ip", "--main_process_port") if f not in values]
+    if machines > 1 and missing:
+        raise BadInput(
+            f"--launch-args: --num_machines {machines} needs {', '.join(missing)} too (the machine's place "
+            "0..N-1, and the address and port of machine 0, the same on every machine)"
+        )
+    return machines
+
+
+def _flag_values(flags: list[str]) -> dict[str, str]:
+    """``--flag value`` and ``--flag=value`` pairs (the last one of a flag wins, as with argparse)."""
+    values = {}
+    for i, flag in enumerate(flags):
+        if flag.startswith("--") and "=" in flag:
+            name, value = flag.split("=", 1)
+            values[name] = value
+        elif flag.startswith("--") and i + 1 < len(flags):
+            values[flag] = flags[i + 1]
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
+# python -m shardtune.launcher
+
+
 def main(argv: list[str]) -> int:
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    """`accelerate launch ARGV`, ending in an exit code (module docstring)."""
+    from accelerate.commands.launch import launch_command as accelerate_launch
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
     # torch's elastic agent logs each failed process at ERROR; the processes said why themselves.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # SIGTERM is ours once the processes run (before, it ends the launcher as usual); the agent
+    # handles the other signals (it forwards them and stops the processes).
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    _adapt_the_agent()
     try:
-        launch_command(args)
+        accelerate_launch(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode >= 0:
             return failure.exitcode
-        number = -failure.exitcode
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"signal {number}"
-        sys.stderr.write(f"error: process {rank} was killed by {name}\n")
-        return 128 + number
+        return _killed(rank, -failure.exitcode)
+    except SignalException as e:  # SIGINT, SIGHUP, SIGQUIT: the agent stopped the processes
+        return 128 + int(e.sigval)
     return 0
+
+
+def _killed(rank: int, number: int) -> int:
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    sys.stderr.write(f"error: process {rank} was killed by {name}\n")
+    return 128 + number
+
+
+def _forward_to_processes(signum, _frame) -> None:
+    """SIGTERM to the launcher: hand it to this machine's processes and keep waiting for them (when
+    none is left, stop here)."""
+    workers = _workers()
+    if not workers:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+    for pid in workers:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _workers() -> list[int]:
+    """The processes this launcher started: its children that lead their own session (torch's agent
+    starts each in a new one). Read from /proc; none where there is no /proc."""
+    me, found = os.getpid(), []
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parent, session = int(fields[1]), int(fields[3])
+        if parent == me and session == int(entry):
+            found.append(int(entry))
+    return found
+
+
+def _adapt_the_agent() -> None:
+    """In torch's elastic agent (of this launcher process only): :func:`_exit_barrier` for its own,
+    and SIGTERM handed on to the processes from the moment they are started."""
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    if getattr(SimpleElasticAgent._exit_barrier, "__name__", "") != "_exit_barrier_of_shardtune":
+        torch_barrier = SimpleElasticAgent._exit_barrier
+
+        def _exit_barrier_of_shardtune(agent) -> None:
+            _exit_barrier(agent, torch_barrier)
+
+        SimpleElasticAgent._exit_barrier = _exit_barrier_of_shardtune
+    if getattr(LocalElasticAgent._start_workers, "__name__", "") != "_start_workers_of_shardtune":
+        start_workers = LocalElasticAgent._start_workers
+
+        def _start_workers_of_shardtune(agent, worker_group):
+            started = start_workers(agent, worker_group)
+            signal.signal(signal.SIGTERM, _forward_to_processes)
+            return started
+
+        LocalElasticAgent._start_workers = _start_workers_of_shardtune
+
+
+def _exit_barrier(agent, torch_barrier) -> None:
+    """Run by each machine's launcher once its processes succeeded (module docstring): every launcher
+    checks in; the one that keeps the store (machine 0's, under the static rendezvous that
+    `accelerate launch` uses) leaves only when all have, the others at once. With another rendezvous
+    (whose store may live elsewhere), torch's own barrier."""
+    from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
+
+    group = agent._worker_group
+    if not isinstance(group.spec.rdzv_handler, StaticTCPRendezvous):
+        torch_barrier(agent)
+        return
+    store, machines = agent._store, group.group_world_size
+    previous = store.timeout
+    store.set_timeout(timedelta(seconds=agent._exit_barrier_timeout))
+    try:
+        if store.add(FINISHED, 1) == machines:
+            store.set(ALL_FINISHED, "1")
+        if group.group_rank == 0:
+            store.wait([ALL_FINISHED])
+    except Exception as e:  # the run succeeded; a machine whose launcher vanished afterwards is no error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.stderr.write(f"warning: not every machine's launcher checked out: {first}\n")
+    finally:
+        store.set_timeout(previous)
 
 
 if __name__ == "__main__":

@@ -300,13 +300,20 @@ def test_torchrun_on_cpus_trains_like_nproc(tmp_path):
 def test_nproc_hands_multi_node_flags_to_accelerate_launch(monkeypatch):
     from shardtune import launcher
 
-    calls = []
-    monkeypatch.setattr(launcher.subprocess, "call", lambda command, env: calls.append((command, env)) or 7)
+    execs = []
+
+    def execve(path, command, env):  # the launcher would run in this process's place, and exit
+        execs.append((path, command, env))
+        raise SystemExit(7)
+
+    monkeypatch.setattr(launcher.os, "execve", execve)
     flags = "--num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1 --main_process_port 29500"
-    assert launcher.launch(8, ["r.yaml", "--set", "train.lr=1e-3"], flags, cpu=False) == 7  # its exit code
-    command, env = calls[0]
+    with pytest.raises(SystemExit):
+        launcher.launch(8, ["r.yaml", "--set", "train.lr=1e-3"], flags, cpu=False)
+    path, command, env = execs[0]
+    assert path == command[0] == sys.executable
     launch_at = command.index("shardtune.launcher")  # accelerate launch, ending in an exit code
-    assert command[launch_at + 1 : launch_at + 3] == ["--num_processes", "8"]
+    assert command[launch_at + 1 : launch_at + 3] == ["--num_processes", "16"]  # 8 on each of 2 machines
     joined = " ".join(command)
     assert flags in joined and joined.index(flags) > joined.index("--main_process_port 0")  # the user's win
     assert command[-6:] == ["-m", "shardtune", "train", "r.yaml", "--set", "train.lr=1e-3"]

@@ -33,7 +33,10 @@ def train(
     nproc: Annotated[
         int,
         typer.Option(
-            "--nproc", min=1, help="Processes to launch through Accelerate (GPUs, or gloo on CPUs)."
+            "--nproc",
+            min=1,
+            help="Processes to launch on this machine through Accelerate (GPUs, or gloo on CPUs); "
+            "with --launch-args over several machines, on each of them.",
         ),
     ] = 1,
     launch_args: Annotated[
