@@ -7,6 +7,8 @@ Exit codes (stable, documented in docs/cli.md):
   traceback is in the run's log file)
 * 2 — bad input: recipe, command-line option, data or model file, adapter directory
 * 3 — training diverged (NaN/inf loss)
+* 4 — a process of a run over several processes was lost (its machine died, hangs or was cut off);
+  the others stopped (continue from the last checkpoint with ``--resume``)
 * 130 — interrupted (Ctrl-C)
 * 143 — stopped by SIGTERM after writing a checkpoint (resume with ``--resume``)
 """
@@ -17,6 +19,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_LOST = 4
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -25,6 +28,9 @@ class ShardtuneError(Exception):
     """Base class: an error with a one-line message meant for the user."""
 
     exit_code = EXIT_FAILURE
+    # Met by every process of a run at once (they agreed on it): the first process of each machine
+    # says it, so that every machine's log ends with the one line, not with one line per process.
+    once_per_machine = False
 
 
 class BadInput(ShardtuneError):
@@ -43,8 +49,21 @@ class RecipeError(BadInput):
 
 
 class Diverged(ShardtuneError):
+    """A non-finite loss on any process (every process learns it at the same step)."""
+
     exit_code = EXIT_DIVERGED
+    once_per_machine = True
 
 
 class Terminated(ShardtuneError):
+    """Stopped by SIGTERM (every process at the same step) after writing a checkpoint."""
+
     exit_code = EXIT_TERMINATED
+    once_per_machine = True
+
+
+class ProcessLost(ShardtuneError):
+    """Another process of the run stopped answering (:mod:`shardtune.peers`); the message names it."""
+
+    exit_code = EXIT_LOST
+    once_per_machine = True

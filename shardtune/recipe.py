@@ -171,6 +171,15 @@ class TrainSection(Section):
     fsdp: FsdpSection = Field(
         default_factory=FsdpSection, description="Options of `strategy: fsdp` (table `train.fsdp` below)."
     )
+    timeout_s: float = Field(
+        600,
+        ge=1,
+        description="With several processes: seconds one waits for the others. A process silent this long "
+        "(its machine died, hangs or is cut off) is lost: the others stop, naming it (exit code 4; a "
+        "process that dies is noticed within seconds). A collective still waiting a little later fails. "
+        "Keep it above the longest time one process works alone (scoring on the main one, a slow "
+        "start). See docs/distributed.md.",
+    )
 
     @field_validator("betas", mode="before")
     @classmethod

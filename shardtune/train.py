@@ -2,7 +2,8 @@
 
     train(recipe)
       connect_processes         Accelerate: one process, or the launched ones (DDP; FSDP shards over them)
-      Trainer.run_directory     output.dir checked and locked (shardtune.rundir), SIGTERM → checkpoint + exit
+      Trainer.run_directory     output.dir checked and locked (shardtune.rundir), SIGTERM → checkpoint + exit,
+                                heartbeats (shardtune.peers): a lost process stops the others, naming it
       Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights)
       Trainer.setup_data        examples → token rows → loaders
       Trainer.start_run         the run directory is written: replaced or created, recipe.yaml, train.log
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
 from shardtune.adapters.model import adapter_disabled, adapter_state_dict, count_parameters, inject_adapter
@@ -52,11 +53,12 @@ from shardtune.checkpoint import (
     take_snapshot,
 )
 from shardtune.data import Collator, Example, encode_all, load_examples, pack, uses_chat
-from shardtune.errors import BadInput, Diverged, RecipeError, ShardtuneError, Terminated
+from shardtune.errors import BadInput, Diverged, ProcessLost, RecipeError, ShardtuneError, Terminated
 from shardtune.evaluate import heldout_loss, score_task
 from shardtune.fileio import atomic_write_text
 from shardtune.fsdp import block_classes, full_tensor, shard_model
 from shardtune.models import load_model
+from shardtune.peers import PeerWatch, collective_timeout, who
 from shardtune.progress import Reporter
 from shardtune.recipe import Recipe, TrainSection
 from shardtune.rundir import METRICS_FILE, RESULT_FILE, RunDirectory
@@ -124,6 +126,9 @@ def _accelerator(cfg: TrainSection) -> Accelerator:
             mixed_precision="bf16" if cfg.precision == "bf16" else "no",
             cpu=cfg.cpu or cpu_only,
             gradient_accumulation_steps=cfg.grad_accum,
+            # How long a collective may wait for the other processes (gloo and NCCL alike): longer
+            # than the heartbeats take to name a lost machine (shardtune.peers), so that they do.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout(cfg.timeout_s))],
         )
     except (ValueError, RuntimeError) as e:
         # Half-built: leave the state and environment as they were, so a later run starts afresh.
@@ -166,6 +171,17 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 def accelerator_sum(accelerator: Accelerator):
     return lambda t: accelerator.reduce(t, reduction="sum")
+
+
+def _collective_failed(error: BaseException) -> bool:
+    """A collective (or the store behind it) failed: a peer may be gone. gloo reports a closed
+    connection or a timeout as a RuntimeError naming itself; NCCL and the store raise DistError."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and ("gloo" in text or "nccl" in text)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -368,7 +384,7 @@ class Trainer:
         self.run_dir = self.directory.path
         self.directory.claim(agree=lambda failed: _any_process(self.accelerator, failed))
         try:
-            with StopFlag() as self.stop:
+            with StopFlag() as self.stop, self._heartbeats():
                 yield
         except ShardtuneError as e:
             log.error("error: %s", e)
@@ -380,6 +396,29 @@ class Trainer:
         finally:
             self.reporter.stop()
             self.directory.close()
+
+    @contextmanager
+    def _heartbeats(self) -> Iterator[None]:
+        """With several processes, a :class:`PeerWatch` for as long as the run goes on; a collective
+        that fails because a process was lost becomes :class:`ProcessLost`, naming it."""
+        peers = PeerWatch.for_launch(self.cfg.timeout_s) if self.accelerator.num_processes > 1 else None
+        if peers is None:
+            yield
+            return
+        peers.describe = lambda lost, silent_s: (
+            f"lost {who(peers, lost)}: silent for {silent_s:.0f} s; last checkpoint: "
+            f"{_last_checkpoint(self.run_dir)}; continue with: {self.resume_command()}"
+        )
+        try:
+            yield
+        except Exception as e:
+            verdict = peers.explain() if _collective_failed(e) else None
+            if verdict is None:
+                raise
+            log.info("a collective failed: %s", str(e).strip().splitlines()[0] if str(e).strip() else e)
+            raise ProcessLost(verdict) from None
+        finally:
+            peers.close()
 
     def setup_model(self) -> None:
         """Load the frozen base model and inject the adapter (resumed: the checkpoint's adapter weights)."""
@@ -573,16 +612,30 @@ class Trainer:
                 {"epoch": self.position.epoch, "batch_in_epoch": batch_in_epoch}
             )
         if stopping:
+            written = checkpoint or self.run_dir / f"checkpoint-{step}"  # (the main process wrote it)
             raise Terminated(
-                f"stopped by SIGTERM at step {step}; checkpoint written to {checkpoint or self.run_dir}; "
+                f"stopped by SIGTERM at step {step}; checkpoint written to {written}; "
                 f"continue with: {self.resume_command()}"
             )
 
     def resume_command(self) -> str:
-        """The command that continues this run exactly: its resolved recipe (overrides included)."""
+        """The command that continues this run exactly on this machine: its resolved recipe (overrides
+        included), the processes per machine and, over several machines, this one's place among them."""
         command = f"shardtune train {shlex.quote(str(self.run_dir / RECIPE_FILE))} --resume"
         processes = self.accelerator.num_processes
-        return command + (f" --nproc {processes}" if processes > 1 else "")
+        if processes == 1:
+            return command
+        env = os.environ
+        per_machine = int(env.get("LOCAL_WORLD_SIZE", processes))
+        machines = processes // per_machine
+        command += f" --nproc {per_machine}"
+        if machines > 1:
+            flags = (
+                f"--num_machines {machines} --machine_rank {env.get('GROUP_RANK', '0')} "
+                f"--main_process_ip {env.get('MASTER_ADDR', 'HOST')} --main_process_port {env.get('MASTER_PORT', 'PORT')}"
+            )
+            command += f" --launch-args {shlex.quote(flags)}"
+        return command
 
     def _stop_requested(self, at_sync_point: bool) -> bool:
         """SIGTERM seen. With several processes it must be seen by all at the same step: one

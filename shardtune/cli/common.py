@@ -53,6 +53,16 @@ def process_rank() -> int:
         return 0
 
 
+def local_rank() -> int:
+    """This process's rank on its machine (LOCAL_RANK of a launch); 0 outside a launch."""
+    if launched_processes() == 1:
+        return 0
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def debugging() -> bool:
     """SHARDTUNE_DEBUG set to a true value (1, true, yes, on): tracebacks instead of one line."""
     return os.environ.get("SHARDTUNE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -72,11 +82,17 @@ def warnings_to_log() -> None:
     warnings.showwarning = to_log
 
 
-def fail(message: str, code: int, same_on_every_process: bool = False) -> None:
+def fail(
+    message: str, code: int, same_on_every_process: bool = False, once_per_machine: bool = False
+) -> None:
     """Print `error: MESSAGE` and exit with CODE. Of several launched processes, the main one speaks for
-    errors every process meets alike (a bad recipe or data file); others name their rank."""
+    errors every process meets alike (a bad recipe or data file), the first process of each machine for
+    those every machine should report (SIGTERM, a lost process); others name their rank."""
     rank = process_rank()
-    if rank == 0 or not same_on_every_process:
+    if once_per_machine:
+        if local_rank() == 0:
+            err_console.print(f"error: {message}", markup=False, soft_wrap=True)
+    elif rank == 0 or not same_on_every_process:
         prefix = f"[process {rank}] " if rank else ""
         err_console.print(f"error: {prefix}{message}", markup=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -90,7 +106,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ShardtuneError as e:
-            fail(str(e), e.exit_code, same_on_every_process=isinstance(e, BadInput))
+            fail(str(e), e.exit_code, isinstance(e, BadInput), e.once_per_machine)
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
         except typer.Exit:
