@@ -74,6 +74,12 @@ def launch(nproc: int, train_args: list[str], launch_args: str | None, cpu: bool
     return subprocess.call(command, env=env)
 
 
+def machine_count(launch_args: str | None) -> int:
+    """How many machines ``launch_args`` (the user's ``--launch-args``) spread the run over: with more
+    than one, even a single process per machine is launched."""
+    return _machines(shlex.split(launch_args or ""))
+
+
 def _machines(flags: list[str]) -> int:
     """``--num_machines`` of the user's launch flags (1 when absent); a multi-machine launch must
     also say where this machine stands and where they meet."""

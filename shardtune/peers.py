@@ -17,7 +17,10 @@ How a loss ends the run, bounded by ``train.timeout_s`` (T):
   one line naming them, exit code 4 (the collective would only end at its own timeout, and under
   NCCL in the watchdog's abort). Collectives time out later, at T + 4 × interval (:func:`collective_timeout`),
   so a lost machine is always named; a process that hangs while still beating (a deadlock) ends there.
-* the store itself gone (node 0's launcher died) counts as node 0 lost, after the same delays.
+* the store itself gone (node 0's launcher died) counts as node 0 lost, after the same delays. So
+  that a loss elsewhere is not mistaken for that, machine 0's processes, once they have named the
+  lost ones, wait (a few heartbeats at most) until every process left has too (:meth:`PeerWatch._settle`):
+  their launcher, and its store, leave only after them.
 
 The thread has its own connection to the store and never touches the training's collectives.
 """
@@ -63,9 +66,9 @@ class PeerWatch:
         self.address = address
         self.interval = heartbeat_interval(timeout_s)
         self.describe: Callable[[list[int] | None, float], str] = default_description(self)
-        self._keys = [
-            f"{PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{r}" for r in range(world)
-        ]
+        attempt = f"{PREFIX}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self._keys = [f"{attempt}/{r}" for r in range(world)]
+        self._settled_key = f"{attempt}/settled"  # how many processes have named the lost ones
         self._store = self._probe = None
         self._all_beating = False
         now = time.monotonic()
@@ -120,6 +123,7 @@ class PeerWatch:
             lost = self._silent(4 * self.interval if self._asked.is_set() else self.timeout_s)
             if lost is not None and not self._closed.is_set():
                 self._verdict = self.describe(*lost)
+                self._settle(lost[0])
                 if self._asked.is_set():
                     self._answered.set()  # the training loop stops with it
                     return
@@ -185,14 +189,44 @@ class PeerWatch:
     def _silent(self, threshold: float) -> tuple[list[int] | None, float] | None:
         """The ranks silent for ``threshold`` seconds (None: the store is gone) and for how long."""
         now = time.monotonic()
-        if self._store_lost_since is not None:
-            return (None, now - self._store_lost_since) if now - self._store_lost_since >= threshold else None
         silence = [now - changed for changed in self._changed]
+        if self._store_lost_since is not None:
+            # processes already silent for 4 heartbeats while the store still answered were lost before
+            # it: they are named (machine 0's processes wait for that, see _settle), not machine 0
+            gone = self._store_lost_since
+            before = [
+                r
+                for r in range(self.world)
+                if r != self.rank and gone - self._changed[r] >= 4 * self.interval
+            ]
+            if before and max(silence[r] for r in before) >= threshold:
+                return before, max(silence[r] for r in before)
+            return (None, now - gone) if now - gone >= threshold else None
         if not any(silence[r] >= threshold for r in range(self.world) if r != self.rank):
             return None
         # the others lost with it fell silent at about the same moment, up to one heartbeat later
         lost = [r for r in range(self.world) if r != self.rank and silence[r] >= threshold - self.interval]
         return lost, max(silence[r] for r in lost)
+
+    def _settle(self, lost: list[int] | None) -> None:
+        """This process has named the lost ones: say so in the store. On machine 0, whose launcher keeps
+        the store, also wait (8 heartbeats at most) until every process left has done the same: were the
+        store to close first (machine 0's processes exit, then its launcher), a process still making up
+        its mind would find the store gone and blame machine 0."""
+        if lost is None or self._store is None:
+            return
+        try:
+            self._store.add(self._settled_key, 1)
+            if self.node_of(self.rank) != 0:
+                return
+            deadline = time.monotonic() + 8 * self.interval
+            while self._store.add(self._settled_key, 0) < self.world - len(lost):
+                if time.monotonic() > deadline:
+                    return
+                self._store.add(self._keys[self.rank], 1)  # still here: not to be named in turn
+                time.sleep(self.interval / 2)
+        except Exception:  # the store went away meanwhile: nothing left to wait for
+            return
 
     def _stop_this_process(self) -> None:
         """The training loop is stuck in a collective with the lost processes: end this process here,

@@ -252,7 +252,7 @@ def test_two_machines_train_what_one_machine_and_one_process_train(tmp_path, met
 # gradients across processes in another order than the uninterrupted one (~1e-6 apart); FSDP does not.
 LONG = {
     "adapter": {"method": "lora", "rank": 4},
-    "train": {"max_steps": 60, "batch_size": 4, "save_every": 2, "timeout_s": TIMEOUT_S, "strategy": "fsdp"},
+    "train": {"max_steps": 30, "batch_size": 4, "save_every": 2, "timeout_s": TIMEOUT_S, "strategy": "fsdp"},
     "logging": {"every": 2},
 }
 
@@ -282,29 +282,60 @@ def newest_whole_checkpoint(run: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_lost_machine_stops_the_other_which_names_it_and_two_machines_resume(tmp_path, uninterrupted):
-    """SIGKILL to every process of machine 1: machine 0 stops within seconds, exit 4, one line naming
-    processes 2 and 3, the last checkpoint whole; resumed on 2 machines, the run ends as if never
-    interrupted."""
+@pytest.mark.parametrize("lost", [1, 0])
+def test_a_lost_machine_stops_the_other_which_names_it_and_the_run_resumes(tmp_path, uninterrupted, lost):
+    """SIGKILL to every process of one machine: the other stops within seconds, exit 4, one line naming
+    the lost processes (machine 0 lost: its launcher's store with them), the last checkpoint whole.
+    Resumed on 2 machines, or on 1 machine with 2 processes × batch 8 (the same global batch), the run
+    ends as if never interrupted."""
     recipe, machines = interrupted(tmp_path)
-    machines[1].signal_all(signal.SIGKILL)
+    machines[lost].signal_all(signal.SIGKILL)
     killed = time.monotonic()
-    code, err = machines[0].finish()
+    code, err = machines[1 - lost].finish()
     stopped_after = time.monotonic() - killed
     assert code == 4, err
+    named = (
+        r"processes 2, 3 \(node 1\)"
+        if lost
+        else r"node 0 \(processes 0, 1: the rendezvous store at 127.0.0.1:\d+, kept by its launcher, is gone\)"
+    )
     assert re.fullmatch(
-        r"error: lost processes 2, 3 \(node 1\): silent for \d+ s; last checkpoint: \S+/checkpoint-\d+; "
-        r"continue with: shardtune train \S+/recipe.yaml --resume --nproc 2 --launch-args '--num_machines 2 "
-        r"--machine_rank 0 --main_process_ip 127.0.0.1 --main_process_port \d+'\n",
+        rf"error: lost {named}: silent for \d+ s; last checkpoint: \S+/checkpoint-\d+; continue with: "
+        rf"shardtune train \S+/recipe.yaml --resume --nproc 2 --launch-args '--num_machines 2 "
+        rf"--machine_rank {1 - lost} --main_process_ip 127.0.0.1 --main_process_port \d+'\n",
         err,
     ), err
     assert stopped_after < 10, stopped_after  # ~4 heartbeats (2 s) after the collective failed, not T
-    assert machines[1].finish()[0] == -signal.SIGKILL
+    assert machines[lost].finish()[0] == -signal.SIGKILL
     newest = newest_whole_checkpoint(tmp_path / "run")
     assert f"last checkpoint: {newest};" in err
 
-    quietly_done(start(recipe, "--resume"))
-    same_adapter(uninterrupted, tmp_path / "run", atol=1e-6)
+    if lost:
+        quietly_done(start(recipe, "--resume"))
+        same_adapter(uninterrupted, tmp_path / "run", atol=1e-6)
+    else:
+        one_machine(recipe, "--resume", "--set", "train.batch_size=8", nproc=2)
+        same_adapter(uninterrupted, tmp_path / "run", atol=1e-4)
+
+
+@pytest.mark.slow
+def test_every_machine_left_names_the_lost_one(tmp_path):
+    """3 machines × 1 process, machine 1 killed: machines 0 and 2 both exit 4 with the one line."""
+    one = {**LONG, "train": {**LONG["train"], "strategy": "ddp"}}
+    recipe = write(tmp_path, "run", data={**DATA, "path": str(copy_task(tmp_path))}, **one)
+    port = free_port()
+    machines = [Machine(recipe, rank, 3, port, nproc=1) for rank in range(3)]
+    wait_for(tmp_path / "run" / "checkpoint-4", machines)
+    machines[1].signal_all(signal.SIGKILL)
+    for rank in (0, 2):
+        code, err = machines[rank].finish(timeout=60)
+        assert code == 4, err
+        assert re.fullmatch(
+            rf"error: lost process 1 \(node 1\): silent for \d+ s; last checkpoint: .* --machine_rank {rank} .*\n",
+            err,
+        ), err
+    assert machines[1].finish()[0] == -signal.SIGKILL
+    newest_whole_checkpoint(tmp_path / "run")
 
 
 @pytest.mark.slow

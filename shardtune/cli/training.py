@@ -54,12 +54,13 @@ def train(
 ) -> None:
     """Train an adapter as the RECIPE says; the run directory gets the adapter, metrics and log.
 
-    Exit codes: 0 done, 1 internal error, 2 bad recipe/data/model, 3 diverged (NaN loss), 130 interrupted,
-    143 stopped by SIGTERM (a checkpoint was written; continue with --resume).
+    Exit codes: 0 done, 1 internal error, 2 bad recipe/data/model, 3 diverged (NaN loss), 4 a process
+    of a run over several was lost (the others stopped), 130 interrupted, 143 stopped by SIGTERM (a
+    checkpoint was written; continue with --resume).
     """
     from dataclasses import asdict
 
-    from shardtune.launcher import launch
+    from shardtune.launcher import launch, machine_count
     from shardtune.progress import Reporter
     from shardtune.recipe import load_recipe, recipe_to_yaml
 
@@ -70,7 +71,7 @@ def train(
         else:
             out_console.print(recipe_to_yaml(resolved), markup=False, end="")
         return
-    if nproc > 1 and launched_processes() == 1:
+    if (nproc > 1 or machine_count(launch_args) > 1) and launched_processes() == 1:
         forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
         forwarded += ["--resume"] if resume else []
         forwarded += ["--resume-from", str(resume_from)] if resume_from else []
