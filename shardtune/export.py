@@ -32,13 +32,16 @@ MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "vera", "vblora", "tiedlora", "prolora")
 
 
-def _inputs(run_dir: Path) -> list[Path | None]:
-    """What merge/export read: the run (or checkpoint) and, when it is a local directory, its base model."""
-    from shardtune.checkpoint import read_adapter_config
+def _inputs(run_dir: Path, base_model: str | None = None) -> list[Path | None]:
+    """What merge/export read: the run (or checkpoint, or PEFT adapter) and, when it is a local
+    directory, its base model."""
+    from shardtune.checkpoint import adapter_source
 
-    name = read_adapter_config(run_dir)["base_model"]["name"]
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir}: no such run or adapter directory")
+    name = base_model or adapter_source(run_dir)[0]["base_model"].get("name") or ""
     base = Path(name).expanduser()
-    return [run_dir, base if base.is_dir() else None]
+    return [run_dir, base if name and base.is_dir() else None]
 
 
 def unwrap_merged(model: nn.Module) -> nn.Module:
@@ -54,13 +57,20 @@ def unwrap_merged(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False) -> dict:
-    """Merge the run's adapter into its base model and write a plain HF model directory."""
+def merge_run(
+    run_dir: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    base_model: str | None = None,
+) -> dict:
+    """Merge the run's adapter into its base model (``base_model``: another copy of it) and write a
+    plain HF model directory."""
     if dtype not in MERGE_DTYPES:
         raise BadInput(f"--dtype: expected one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
-    inputs = _inputs(Path(run_dir))
+    inputs = _inputs(Path(run_dir), base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything
-    model, tokenizer, meta = load_adapted_model(run_dir, dtype="float32")
+    model, tokenizer, meta = load_adapted_model(run_dir, base_model=base_model, dtype="float32")
     merge_adapter(model)
     unwrap_merged(model)
     model.to(MERGE_DTYPES[dtype])
@@ -75,7 +85,7 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwri
         "out": str(out),
         "method": meta["method"],
         "dtype": dtype,
-        "base_model": meta["base_model"]["name"],
+        "base_model": base_model or meta["base_model"]["name"],
     }
 
 
@@ -97,6 +107,21 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
     return tensors, rank, fifo
 
 
+def peft_base_model(record: dict) -> dict:
+    """``base_model_name_or_path`` (and ``revision``) for PEFT: the hub id of an embedded or hub model,
+    the absolute path of a local one, and for a tiny builtin the directory it is saved to once."""
+    from shardtune.catalog import EMBEDDED
+
+    name = record["name"]
+    if record.get("source") == "builtin":
+        if name in EMBEDDED:
+            return {"base_model_name_or_path": EMBEDDED[name][2], "revision": None}
+        from shardtune.models import saved_builtin
+
+        return {"base_model_name_or_path": str(saved_builtin(name)), "revision": None}
+    return {"base_model_name_or_path": name, "revision": record.get("revision")}
+
+
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """Short names (``q_proj``) when PEFT's suffix matching selects exactly the adapted layers, else full paths."""
     from shardtune.adapters.model import linear_layers
@@ -107,11 +132,13 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(short) if selected == set(names) else sorted(names)
 
 
-def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def export_peft(
+    run_dir: str | Path, out: str | Path, overwrite: bool = False, base_model: str | None = None
+) -> dict:
     """The run's adapter as a standard PEFT LoRA adapter directory (see the module docstring)."""
-    inputs = _inputs(Path(run_dir))
+    inputs = _inputs(Path(run_dir), base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)
-    model, _, meta = load_adapted_model(run_dir)
+    model, _, meta = load_adapted_model(run_dir, base_model=base_model)
     method = meta["method"]
     if method not in LOW_RANK_METHODS:
         raise BadInput(
@@ -132,7 +159,8 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": meta["base_model"]["name"],
+        # what PEFT/transformers load the base from: a hub id or an absolute path, never an alias
+        **peft_base_model(model.shardtune_base),
         "r": rank,
         "lora_alpha": rank,  # the scale is folded into lora_B: α/r = 1
         "target_modules": _target_modules(model, names),
@@ -162,12 +190,16 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     }
 
 
-def export_native(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def export_native(
+    run_dir: str | Path, out: str | Path, overwrite: bool = False, base_model: str | None = None
+) -> dict:
     """A copy of the run's adapter files (adapter.safetensors, adapter.json, recipe.yaml)."""
     run_dir = Path(run_dir)
-    inputs = _inputs(run_dir)
+    inputs = _inputs(run_dir, base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)
-    load_adapted_model(run_dir)  # validate before copying
+    if not (run_dir / ADAPTER_CONFIG).is_file():
+        raise BadInput(f"{run_dir}: not a shardtune adapter directory (no {ADAPTER_CONFIG})")
+    load_adapted_model(run_dir, base_model=base_model)  # validate before copying
 
     def write(tmp: Path) -> None:
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE):

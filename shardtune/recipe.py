@@ -39,7 +39,9 @@ class ModelSection(Section):
         ...,
         description=(
             "Base model: a builtin alias (`shardtune models` lists them, e.g. `tiny-llama`), a local "
-            "Hugging Face model directory, or a hub id already in the local cache (nothing is downloaded)."
+            "Hugging Face model directory, or a hub id (`org/name`: downloaded on first use into the Hugging "
+            "Face cache, then read from there; HF_TOKEN for private or gated models; offline with "
+            "HF_HUB_OFFLINE=1 or --offline)."
         ),
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -48,7 +50,10 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model directory. Off unless set."
     )
-    revision: str | None = Field(None, description="Hub revision (for hub ids in the local cache).")
+    revision: str | None = Field(
+        None,
+        description="Hub revision of a hub id: a branch, tag or commit (unset: main). Runs record the commit.",
+    )
 
 
 AdapterSection = Annotated[
@@ -71,7 +76,12 @@ class DataSection(Section):
         description="A local .jsonl/.json/.csv/.parquet/.txt file or a `datasets` save_to_disk directory.",
     )
     hub: str | None = Field(
-        None, description="A hub dataset id already in the local cache (never downloaded)."
+        None,
+        description="A hub dataset id (`org/name`): downloaded on first use into the Hugging Face cache, as "
+        "`datasets.load_dataset` does; offline with HF_HUB_OFFLINE=1 or --offline.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision of `hub`: a branch, tag or commit (unset: main)."
     )
     split: str = Field("train", description="Split to train on (hub datasets and save_to_disk directories).")
     eval_split: str | None = Field(
@@ -118,6 +128,15 @@ class DataSection(Section):
         if sum(x is not None for x in (self.task, self.path, self.hub)) != 1:
             raise ValueError("set exactly one of data.task, data.path or data.hub")
         return self
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str | None) -> str | None:
+        from shardtune.tasks import TASKS
+
+        if value is not None and value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; available: {', '.join(TASKS)}")
+        return value
 
 
 class FsdpSection(Section):

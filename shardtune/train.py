@@ -3,6 +3,7 @@
     train(recipe)
       connect_processes         Accelerate: one process, or the launched ones (DDP; FSDP shards over them)
       Trainer.run_directory     output.dir checked and locked (shardtune.rundir), SIGTERM → checkpoint + exit
+      Trainer.read_data         the training and held-out examples, read and checked before any model loads
       Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights)
       Trainer.setup_data        examples → token rows → loaders
       Trainer.start_run         the run directory is written: replaced or created, recipe.yaml, train.log
@@ -86,6 +87,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
     with connect_processes(recipe.train) as accelerator:
         trainer = Trainer(recipe, accelerator, reporter or Reporter(quiet=True))
         with trainer.run_directory(resume):
+            trainer.read_data()
             trainer.setup_model()
             trainer.setup_data()
             trainer.start_run()
@@ -245,11 +247,18 @@ class TrainingData:
     eval_loader: DataLoader
 
 
-def build_data(recipe: Recipe, tokenizer, num_processes: int, reporter: Reporter) -> TrainingData:
-    """Examples → token rows with loss masks (truncated, optionally packed) → shuffled batches."""
+def build_data(
+    recipe: Recipe,
+    examples: tuple[list[Example], list[Example]],
+    tokenizer,
+    num_processes: int,
+    reporter: Reporter,
+) -> TrainingData:
+    """(training, held-out) examples → token rows with loss masks (truncated, optionally packed) →
+    shuffled batches."""
     cfg = recipe.train
     chat = uses_chat(tokenizer, recipe.data.chat_template)
-    train_examples, eval_examples = load_examples(recipe.data)
+    train_examples, eval_examples = examples
     train_rows, truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat)
     eval_rows, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat)
     if not train_rows:
@@ -381,6 +390,10 @@ class Trainer:
             self.reporter.stop()
             self.directory.close()
 
+    def read_data(self) -> None:
+        """Read and check the training and held-out examples (a bad data file fails before a model loads)."""
+        self.examples = load_examples(self.recipe.data)
+
     def setup_model(self) -> None:
         """Load the frozen base model and inject the adapter (resumed: the checkpoint's adapter weights)."""
         recipe, cfg = self.recipe, self.cfg
@@ -389,6 +402,7 @@ class Trainer:
             recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
         )
         targets = inject_adapter(self.model, recipe.adapter)
+        self._check_fits_model()
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
@@ -399,15 +413,15 @@ class Trainer:
         )
         if self.resume_from is not None:
             attach_weights(self.model, self.resume_from)
-        if cfg.strategy == "fsdp":
-            block_classes(self.model, cfg.fsdp.wrap)  # a wrong train.fsdp.wrap fails here, on one process too
-            if not self.fsdp:
-                self.reporter.warn(
-                    "train.strategy: fsdp with one process: nothing to shard, training unsharded"
-                )
+        if cfg.strategy == "fsdp" and not self.fsdp:
+            self.reporter.warn("train.strategy: fsdp with one process: nothing to shard, training unsharded")
 
-    def setup_data(self) -> None:
-        """Token rows and loaders of the training and held-out examples."""
+    def _check_fits_model(self) -> None:
+        """Recipe keys that only the loaded model can check: the FSDP block classes, the context length."""
+        if self.cfg.strategy == "fsdp":
+            block_classes(
+                self.model, self.cfg.fsdp.wrap
+            )  # a wrong train.fsdp.wrap fails here, on one process too
         context = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(context, int) and self.recipe.data.max_length > context:
             raise RecipeError(
@@ -415,7 +429,12 @@ class Trainer:
                 f"{self.recipe.data.max_length} is longer than the model's context of {context} tokens "
                 "(max_position_embeddings)",
             )
-        self.data = build_data(self.recipe, self.tokenizer, self.accelerator.num_processes, self.reporter)
+
+    def setup_data(self) -> None:
+        """Token rows and loaders of the training and held-out examples."""
+        self.data = build_data(
+            self.recipe, self.examples, self.tokenizer, self.accelerator.num_processes, self.reporter
+        )
 
     def start_run(self) -> None:
         """From here on the run directory is written: an earlier run it replaces is set aside, the

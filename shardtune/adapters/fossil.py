@@ -229,7 +229,6 @@ class BatAdapter(LayerAdapter):
 class Fossil(AdapterMethod):
     name = "fossil"
     Options = FossilOptions
-    summary = "one shard D (r×out) per layer replicated across the input; ΔW[o,i] = D[i mod r, o]"
 
     def check(self, options: FossilOptions, targets: list[Target]) -> None:
         if options.mode == "bat":

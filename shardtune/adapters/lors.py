@@ -184,7 +184,6 @@ class LorsAdapter(LayerAdapter):
 class Lors(AdapterMethod):
     name = "lors"
     Options = LorsOptions
-    summary = "LoRA that keeps a pruned model exactly sparse: (W + s·B·A) ⊙ M, memory-lean custom autograd"
 
     def build_layer(self, options: LorsOptions, target: Target, stores: nn.Module | None) -> LorsAdapter:
         return LorsAdapter(target, options)

@@ -176,7 +176,6 @@ def layer_rank(options: MosOptions, n_layers: int) -> int:
 class Mos(AdapterMethod):
     name = "mos"
     Options = MosOptions
-    summary = "LoRA factors routed out of global shard pools per projection type (subset, dissociation, sharding, privatization)"
 
     rank_options = ("rank", "equivalent_rank")
 

@@ -13,8 +13,19 @@ from rich.console import Console
 
 from shardtune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, ShardtuneError
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# Not a terminal (a pipe, a file): nothing is wrapped or truncated — a width no line reaches.
+UNBOUNDED = 1 << 20
+
+
+def console(stderr: bool) -> Console:
+    """A rich console on stdout (results) or stderr (everything else); unbounded when not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, highlight=False, width=None if terminal else UNBOUNDED)
+
+
+err_console = console(stderr=True)
+out_console = console(stderr=False)
 
 SetOption = Annotated[
     list[str] | None,

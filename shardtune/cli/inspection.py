@@ -155,7 +155,7 @@ def params(
 
 def models(json_output: JsonOption = False) -> None:
     """List the builtin model aliases usable as model.name."""
-    from shardtune.models import builtin_models
+    from shardtune.catalog import builtin_models
 
     found = builtin_models()
     if json_output:
@@ -178,10 +178,10 @@ def tasks(json_output: JsonOption = False) -> None:
 
 def methods(json_output: JsonOption = False) -> None:
     """List the adapter methods usable as adapter.method."""
-    from shardtune.adapters import METHODS
+    from shardtune.catalog import METHODS
 
     if json_output:
-        print_json({n: m.summary for n, m in METHODS.items()})
+        print_json(METHODS)
         return
-    for name, method in METHODS.items():
-        out_console.print(f"{name:12} {method.summary}", markup=False)
+    for name, summary in METHODS.items():
+        out_console.print(f"{name:12} {summary}", markup=False)

@@ -56,6 +56,7 @@ def train(
     """
     from dataclasses import asdict
 
+    from shardtune.hub import check_recipe_sources
     from shardtune.launcher import launch
     from shardtune.progress import Reporter
     from shardtune.recipe import load_recipe, recipe_to_yaml
@@ -63,10 +64,11 @@ def train(
     resolved = load_recipe(recipe, set_)
     if dry_run:
         if json_output:
-            out_console.print_json(data=resolved.model_dump(mode="json"))
+            print_json(resolved.model_dump(mode="json"))
         else:
             out_console.print(recipe_to_yaml(resolved), markup=False, end="")
         return
+    check_recipe_sources(resolved)  # offline and not cached: said now, before torch loads
     if nproc > 1 and launched_processes() == 1:
         forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
         forwarded += ["--resume"] if resume else []
@@ -77,7 +79,7 @@ def train(
     from shardtune.train import train as run_training
 
     which = str(resume_from) if resume_from else ("latest" if resume else None)
-    result = run_training(resolved, Reporter.for_cli(json_output, quiet), resume=which)
+    result = run_training(resolved, Reporter.for_cli(quiet), resume=which)
     if json_output and process_rank() == 0:  # one summary, from the main process
         print_json(asdict(result))
 
@@ -97,14 +99,18 @@ def compare(
     """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
     from rich.table import Table
 
-    from shardtune.compare import compare as run_compare
+    from shardtune.hub import check_recipe_sources
     from shardtune.progress import Reporter
     from shardtune.recipe import load_recipe
 
+    resolved = load_recipe(recipe, set_)
+    check_recipe_sources(resolved)
+    from shardtune.compare import compare as run_compare
+
     report = run_compare(
-        load_recipe(recipe, set_),
+        resolved,
         [m.strip() for m in methods.split(",") if m.strip()],
-        Reporter.for_cli(json_output, quiet),
+        Reporter.for_cli(quiet),
         plot,
     )
     if json_output:
