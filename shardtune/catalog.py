@@ -42,3 +42,24 @@ def builtin_models() -> dict[str, str]:
     found = {name: desc for name, (_, _, _, desc) in EMBEDDED.items()}
     found.update({name: "tiny random model for tests and smoke runs (built in code)" for name in TINY_MODELS})
     return found
+
+
+# One dtype vocabulary everywhere (recipes, --dtype options): short names, long torch names as synonyms.
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+DTYPE_SYNONYMS = {
+    "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+    "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
+}  # fmt: skip
+
+
+def canonical_dtype(value: object, key: str, allowed: tuple[str, ...] = DTYPE_NAMES) -> str:
+    """``value`` as one of ``allowed`` (short names; long torch names accepted), or a one-line error."""
+    from shardtune.errors import BadInput
+
+    name = DTYPE_SYNONYMS.get(value.strip().lower(), value) if isinstance(value, str) else value
+    if name not in allowed:
+        raise BadInput(
+            f"{key}: expected one of {', '.join(allowed)} (or float32, bfloat16, float16), got {value!r}"
+        )
+    return name

@@ -226,6 +226,34 @@ def attach_adapter(model: nn.Module, directory: Path) -> dict:
     return meta
 
 
+def init_adapter_from(model: nn.Module, directory: Path) -> None:
+    """``adapter.init_from``: the weights of another adapter directory (shardtune's or PEFT's) into the
+    adapter ``model`` carries; its method and the options that shape the update must be the same."""
+    key = "adapter.init_from"
+    if not directory.is_dir():
+        raise BadInput(f"{key}: {directory} is not a directory")
+    meta, source = adapter_source(directory)
+    ours: AdapterOptions = model.shardtune_options
+    if source.method != ours.method:
+        raise BadInput(f"{key}: {directory} holds a {source.method} adapter; adapter.method is {ours.method}")
+    for name, value in source.model_dump().items():
+        if name in ("init_from", "dropout", "dtype", "targets", "exclude", "init"):
+            continue  # free to differ: they do not change what the weights mean
+        if getattr(ours, name, value) != value:
+            raise BadInput(
+                f"{key}: {directory} has {name} = {value!r} but adapter.{name} is {getattr(ours, name)!r}"
+            )
+    saved = meta.get("targets")
+    if saved and sorted(saved) != sorted(model.shardtune_targets):
+        raise BadInput(f"{key}: {directory} adapts other layers than adapter.targets selects")
+    if meta["format"] == "peft":
+        load_adapter_state_dict(model, read_peft_weights(directory), str(directory / PEFT_WEIGHTS))
+    else:
+        load_adapter_state_dict(
+            model, read_adapter_weights(directory / ADAPTER_WEIGHTS), str(directory / ADAPTER_WEIGHTS)
+        )
+
+
 def attach_weights(model: nn.Module, directory: Path) -> None:
     """Load a checkpoint's adapter tensors into a model that already carries the same adapter."""
     state = read_adapter_weights(directory / ADAPTER_WEIGHTS)

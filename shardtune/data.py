@@ -361,11 +361,43 @@ def segments(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -
 
 
 def prompt_ids(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
-    """Token ids of the prompt as the model sees it before generating the completion."""
+    """Token ids of the prompt as the model sees it before generating the completion (a chat: every
+    turn before its last assistant turn)."""
+    if example.messages:
+        last = max(k for k, (role, _) in enumerate(example.messages) if role == "assistant")
+        text = _render(tokenizer, example.messages[:last], add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
     if chat:
         text = _render(tokenizer, (("user", example.prompt),), add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False).input_ids
     return _bos(tokenizer) + tokenizer(example.prompt, add_special_tokens=False).input_ids
+
+
+def prompt_text(example: Example) -> str:
+    """The prompt as a person reads it (a chat: its last user turn before the answer)."""
+    if example.messages:
+        return next((c for role, c in reversed(example.messages[:-1]) if role == "user"), "")
+    return example.prompt
+
+
+def expected_answer(example: Example) -> str:
+    """What a scored answer is compared with: the completion, or a chat's last assistant turn."""
+    if example.messages:
+        return next(content for role, content in reversed(example.messages) if role == "assistant")
+    return example.completion
+
+
+def all_examples(data: DataSection) -> list[Example]:
+    """Every record of ``data.path`` / ``data.hub`` as an example (no split): for evaluating on a file."""
+    records = read_records(data)
+    if not records:
+        raise BadInput(f"data: {data.path or data.hub} holds no examples")
+    fmt = detect_format(records[0]) if data.format == "auto" else data.format
+    source = data.path or data.hub
+    return [
+        record_to_example(r, fmt, f"data: {source} record {i + 1}", data.text_field)
+        for i, r in enumerate(records)
+    ]
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:

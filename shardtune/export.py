@@ -23,7 +23,8 @@ from torch import nn
 
 from shardtune.adapters import METHODS, AdapterOptions
 from shardtune.adapters.base import STORES_ATTR
-from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter, merge_adapter
+from shardtune.adapters.model import adapted_layers, inject_adapter, merge_adapter, trainable_share
+from shardtune.catalog import canonical_dtype
 from shardtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, load_adapted_model
 from shardtune.errors import BadInput
 from shardtune.fileio import check_output_dir, write_output_dir
@@ -66,11 +67,10 @@ def merge_run(
 ) -> dict:
     """Merge the run's adapter into its base model (``base_model``: another copy of it) and write a
     plain HF model directory."""
-    if dtype not in MERGE_DTYPES:
-        raise BadInput(f"--dtype: expected one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
+    dtype = canonical_dtype(dtype, "--dtype")
     inputs = _inputs(Path(run_dir), base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything
-    model, tokenizer, meta = load_adapted_model(run_dir, base_model=base_model, dtype="float32")
+    model, tokenizer, meta = load_adapted_model(run_dir, base_model=base_model, dtype="fp32")
     merge_adapter(model)
     unwrap_merged(model)
     model.to(MERGE_DTYPES[dtype])
@@ -217,14 +217,45 @@ def count_trainable(config, options: AdapterOptions) -> tuple[int, int]:
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    base = sum(p.numel() for p in model.parameters())
+    model.tie_weights()  # a tied output head is the embedding: counted once, as a loaded model counts it
     with torch.device("meta"):
         inject_adapter(model, options)
-    return count_parameters(model)[0], base
+    trainable, base, _ = trainable_share(model)
+    return trainable, base
+
+
+def parameter_options(
+    model: str | None,
+    method: str | None,
+    rank: int | None,
+    targets: str | None,
+    overrides: list[str] | None,
+    recipe: Path | None,
+) -> tuple[str | None, str, dict]:
+    """(model, method, adapter options) for `params`: the recipe's adapter (when given) with the command
+    line's options on top; ``--set KEY=VALUE`` values are read as YAML, as recipes are."""
+    from shardtune.recipe import load_recipe, parse_yaml
+
+    options: dict = {}
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        model = model or loaded.model.name
+        options = {k: v for k, v in loaded.adapter.model_dump(mode="json").items() if k != "method"}
+        method = method or loaded.adapter.method
+    if rank is not None:
+        options["rank"] = rank
+    if targets is not None:
+        options["targets"] = targets if targets == "all-linear" else targets.split(",")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BadInput(f"--set {item}: expected KEY=VALUE")
+        options[key.strip().removeprefix("adapter.")] = parse_yaml(value)
+    return model, method or "lora", options
 
 
 def parameter_report(
-    model: str,
+    model: str | None,
     method: str = "lora",
     options: dict | None = None,
     compare: bool = False,
@@ -232,9 +263,14 @@ def parameter_report(
 ) -> dict:
     """Trainable parameters of ``method`` (or, ``compare``, of every method with the options it
     understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA."""
+    from shardtune.catalog import DEFAULT_MODEL
     from shardtune.errors import ShardtuneError
     from shardtune.models import load_config
 
+    note = None
+    if model is None:
+        model = DEFAULT_MODEL
+        note = f"counting on the embedded default model {model} (give --model or --recipe for another)"
     config = load_config(model, trust_remote_code)
     options = options or {}
     rows = []
@@ -252,7 +288,7 @@ def parameter_report(
     for r in rows:
         r["vs_lora"] = r["trainable"] / lora if lora and r["trainable"] is not None else None
         r["percent_of_base"] = 100 * r["trainable"] / r["base"] if r["trainable"] is not None else None
-    return {"model": model, "options": options, "methods": rows}
+    return {"model": model, "options": options, "methods": rows, **({"note": note} if note else {})}
 
 
 def method_options(method: str, **kw) -> AdapterOptions:

@@ -211,7 +211,7 @@ def saved_builtin(alias: str) -> Path:
 
 
 def load_model(
-    name: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None
+    name: str, dtype: str = "fp32", trust_remote_code: bool = False, revision: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Resolve ``model.name`` to a model and its tokenizer: a builtin alias, a local directory, or a hub
     id (downloaded on first use, then read from the cache; :mod:`shardtune.hub`). The model carries

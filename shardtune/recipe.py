@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PositiveInt,
@@ -26,6 +27,7 @@ from pydantic import (
 )
 
 from shardtune.adapters import METHODS
+from shardtune.adapters.base import dtype_synonyms
 from shardtune.errors import BadInput, RecipeError
 
 
@@ -44,8 +46,9 @@ class ModelSection(Section):
             "HF_HUB_OFFLINE=1 or --offline)."
         ),
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the frozen base weights are loaded in."
+    dtype: Annotated[Literal["fp32", "bf16", "fp16"], BeforeValidator(dtype_synonyms)] = Field(
+        "fp32",
+        description="dtype the frozen base weights are loaded in (float32, bfloat16, float16 also read).",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model directory. Off unless set."
@@ -172,7 +175,9 @@ class TrainSection(Section):
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 disables.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast mixed precision.")
+    precision: Annotated[Literal["fp32", "bf16"], BeforeValidator(dtype_synonyms)] = Field(
+        "fp32", description="`bf16`: autocast mixed precision (float32, bfloat16 also read)."
+    )
     save_every: int = Field(
         0, ge=0, description="Write checkpoint-N every N steps (0: only the final adapter)."
     )

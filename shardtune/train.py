@@ -40,11 +40,12 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from shardtune.adapters.model import adapter_disabled, adapter_state_dict, count_parameters, inject_adapter
+from shardtune.adapters.model import adapter_disabled, adapter_state_dict, inject_adapter, trainable_share
 from shardtune.checkpoint import (
     RECIPE_FILE,
     attach_weights,
     check_checkpoint,
+    init_adapter_from,
     list_checkpoints,
     load_training_state,
     resolve_resume,
@@ -406,13 +407,17 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
-        self.trainable, self.total = count_parameters(self.model)
+        self.trainable, base, share = trainable_share(self.model)
+        self.total = self.trainable + base
         self.reporter.info(
             f"{recipe.adapter.method} on {recipe.model.name}: {len(targets)} layers adapted, "
-            f"{self.trainable:,} trainable parameters ({100 * self.trainable / self.total:.3f}% of {self.total:,})"
+            f"{self.trainable:,} trainable parameters ({share:.3f}% of the base model's {base:,})"
         )
         if self.resume_from is not None:
             attach_weights(self.model, self.resume_from)
+        elif recipe.adapter.init_from is not None:
+            init_adapter_from(self.model, Path(recipe.adapter.init_from).expanduser())
+            self.reporter.info(f"adapter weights from {recipe.adapter.init_from} (adapter.init_from)")
         if cfg.strategy == "fsdp" and not self.fsdp:
             self.reporter.warn("train.strategy: fsdp with one process: nothing to shard, training unsharded")
 
@@ -444,7 +449,8 @@ class Trainer:
     def setup_optimizer(self) -> None:
         """LoRS gradient init (a fresh run), FSDP sharding, AdamW, Accelerate's prepare."""
         cfg, accelerator = self.cfg, self.accelerator
-        if getattr(self.recipe.adapter, "init", None) == "gradient" and self.resume_from is None:
+        fresh = self.resume_from is None and self.recipe.adapter.init_from is None
+        if getattr(self.recipe.adapter, "init", None) == "gradient" and fresh:
             # Before sharding: LoRS init needs whole dense gradients, computed on every process alike.
             self.model.to(accelerator.device)
             self._gradient_init()

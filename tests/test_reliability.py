@@ -85,7 +85,7 @@ def test_resume_from_a_named_checkpoint(tmp_path):
     )
     assert shardtune(recipe, "-q").wait(timeout=300) == 0
     first = load_file(tmp_path / "run" / "adapter.safetensors")
-    proc = shardtune(recipe, "--resume", tmp_path / "run" / "checkpoint-8", "-q")
+    proc = shardtune(recipe, "--resume-from", tmp_path / "run" / "checkpoint-8", "-q")
     assert proc.wait(timeout=300) == 0
     again = load_file(tmp_path / "run" / "adapter.safetensors")
     for k in first:

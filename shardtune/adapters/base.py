@@ -24,17 +24,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
 STORES_ATTR = "shardtune_stores"
 
-DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTypeName = Literal["fp32", "bf16", "fp16", "auto"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES.update({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})  # synonyms
+
+
+def dtype_synonyms(value):
+    """Long torch names (``float32``, ``bfloat16``, ``float16``) as synonyms of fp32, bf16, fp16."""
+    from shardtune.catalog import DTYPE_SYNONYMS
+
+    return DTYPE_SYNONYMS.get(value.strip().lower(), value) if isinstance(value, str) else value
 
 
 class AdapterOptions(BaseModel):
@@ -56,8 +64,14 @@ class AdapterOptions(BaseModel):
     exclude: list[str] = Field(
         default_factory=list, description="Module names (same matching as a `targets` list) to leave out."
     )
-    dtype: DTypeName = Field(
-        "float32",
+    init_from: str | None = Field(
+        None,
+        description="Start from the adapter weights in this directory instead of the method's init: a "
+        "shardtune run or checkpoint of the same method and options, or (method `lora`) a PEFT LoRA adapter "
+        "(adapter_config.json + adapter_model.safetensors) of the same rank, alpha and layers.",
+    )
+    dtype: Annotated[DTypeName, BeforeValidator(dtype_synonyms)] = Field(
+        "fp32",
         description="dtype of the adapter parameters; `auto` uses the base model's dtype. fp32 is the safe default.",
     )
 

@@ -179,6 +179,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return adapter, total
 
 
+def trainable_share(model: nn.Module) -> tuple[int, int, float]:
+    """(trainable adapter parameters, base model parameters, trainable as % of the base): the one
+    definition `train` and `params` print (each tensor once: a tied output head is the embedding)."""
+    adapter, total = count_parameters(model)
+    base = total - adapter
+    return adapter, base, 100 * adapter / base
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached, contiguous copies of the whole adapter tensors (safetensors refuses aliased tensors).
 

@@ -7,26 +7,35 @@ from typing import Annotated
 
 import typer
 
-from shardtune.cli.common import JsonOption, out_console, print_json
+from shardtune.cli.common import JsonOption, out_console, print_json, print_table
 from shardtune.errors import BadInput
 
 # A string, not a Path: `--out ""` must reach the check as empty, not as "." (the current directory).
 OutOption = Annotated[str, typer.Option("--out", "-o", help="Output directory (written atomically).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")]
-RunArgument = Annotated[Path, typer.Argument(help="Run or checkpoint directory.", show_default=False)]
+RunArgument = Annotated[
+    Path, typer.Argument(help="Run or checkpoint directory, or a PEFT LoRA adapter.", show_default=False)
+]
+BaseModelOption = Annotated[
+    str | None,
+    typer.Option("--base-model", help="The run's base model, moved or re-downloaded (name or directory)."),
+]
 
 
 def merge(
     run_dir: RunArgument,
     out: OutOption,
-    dtype: Annotated[str, typer.Option(help="dtype of the written weights: bf16, fp16 or fp32.")] = "bf16",
+    dtype: Annotated[
+        str, typer.Option(help="dtype of the written weights: bf16, fp16 or fp32 (long names also read).")
+    ] = "bf16",
     overwrite: OverwriteOption = False,
+    base_model: BaseModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Merge the adapter into its base model (in fp32) → a plain transformers model directory."""
     from shardtune.export import merge_run
 
-    result = merge_run(run_dir, out, dtype, overwrite)
+    result = merge_run(run_dir, out, dtype, overwrite, base_model)
     if json_output:
         print_json(result)
     else:
@@ -42,15 +51,16 @@ def export(
         str, typer.Option("--format", "-f", help="peft (a standard LoRA adapter) or shardtune.")
     ] = "peft",
     overwrite: OverwriteOption = False,
+    base_model: BaseModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Write the adapter in another format: `peft` (PEFT/vLLM/transformers-loadable LoRA) or `shardtune`."""
     from shardtune.export import export_native, export_peft
 
     if format == "peft":
-        result = export_peft(run_dir, out, overwrite)
+        result = export_peft(run_dir, out, overwrite, base_model)
     elif format == "shardtune":
-        result = export_native(run_dir, out, overwrite)
+        result = export_native(run_dir, out, overwrite, base_model)
     else:
         raise BadInput(f"--format: unknown format {format!r}; available: peft, shardtune")
     if json_output:
@@ -77,7 +87,9 @@ def prune(
         Path | None, typer.Option(help="Recipe whose data gives the calibration samples (wanda, sparsegpt).")
     ] = None,
     samples: Annotated[int, typer.Option(min=1, help="Calibration examples (wanda, sparsegpt).")] = 128,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="fp32, bf16 or fp16 (float32, bfloat16, float16 also read).")
+    ] = "fp32",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")
     ] = False,
@@ -92,12 +104,13 @@ def prune(
     if json_output:
         print_json(report)
         return
-    table = Table(title=f"{method} pruning, {report['pattern']} → {out}")
+    title = f"{method} pruning, {report['pattern']} → {out}"
+    table = Table()
     for col in ("layer", "zeros", "of", "sparsity"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for row in report["layers"]:
         table.add_row(row["layer"], f"{row['zeros']:,}", f"{row['total']:,}", f"{100 * row['sparsity']:.1f}%")
-    out_console.print(table)
+    print_table(title, table)
     out_console.print(
         f"overall sparsity of the pruned layers: {100 * report['overall_sparsity']:.2f}%", markup=False
     )

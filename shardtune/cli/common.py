@@ -40,6 +40,12 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
 
+def print_table(title: str, table) -> None:
+    """A title line, then the table, on stdout (a table's own title would wrap to the table's width)."""
+    out_console.print(title, markup=False, soft_wrap=True)
+    out_console.print(table)
+
+
 def print_json(data: object) -> None:
     """One JSON document on one line of stdout."""
     sys.stdout.write(json.dumps(data) + "\n")

@@ -14,6 +14,7 @@ from shardtune.cli.common import (
     launched_processes,
     out_console,
     print_json,
+    print_table,
     process_rank,
 )
 
@@ -24,7 +25,7 @@ def train(
     resume: Annotated[
         bool,
         typer.Option(
-            "--resume", help="Continue from the run's newest checkpoint (or: --resume CHECKPOINT_DIR)."
+            "--resume", help="Continue from the run's newest checkpoint (a given one: --resume-from DIR)."
         ),
     ] = False,
     resume_from: Annotated[
@@ -116,7 +117,8 @@ def compare(
     if json_output:
         print_json(report["rows"])
         return
-    table = Table(title=f"compare on {report['recipe_model']}")
+    title = f"compare on {report['recipe_model']}"
+    table = Table()
     for col in ("method", "eval loss", "task score", "trainable", "s/step"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in report["rows"]:
@@ -125,4 +127,4 @@ def compare(
         table.add_row(
             r["method"], eval_loss, score, f"{r['trainable_parameters']:,}", f"{r['seconds_per_step']:.3f}"
         )
-    out_console.print(table)
+    print_table(title, table)
