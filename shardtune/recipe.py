@@ -245,9 +245,25 @@ class OutputSection(Section):
         return value
 
 
+TrackerName = Literal[
+    "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
+]
+
+
 class LoggingSection(Section):
     every: PositiveInt = Field(10, description="Log a metrics line every N optimizer steps.")
     level: Literal["debug", "info", "warning"] = Field("info", description="Level of the run's log file.")
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="Experiment trackers (Accelerate's) that receive the resolved recipe and every metric of "
+        "metrics.jsonl, e.g. `[tensorboard]` (event files in the run's logs/), `[wandb, mlflow]`; each needs its "
+        "package (`pip install 'shardtune[tensorboard]'`).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
 
 
 class Recipe(Section):

@@ -60,6 +60,7 @@ RUN_ENTRIES = [
     RESULT_FILE,
     "checkpoint-*",
     "compare",
+    "logs",  # experiment trackers' files (TensorBoard event files)
 ]
 REPLACES = "replaces"  # marker key: the earlier run set aside, deleted when this one finishes
 

@@ -362,6 +362,7 @@ class Trainer:
         self.final_loss, self.eval_loss, self.grad_norm = float("nan"), None, None
         self.lr = self.cfg.lr
         self.train_seconds = 0.0
+        self.trackers = None  # logging.report_to, on the main process
 
     @contextmanager
     def run_directory(self, resume: str | None) -> Iterator[None]:
@@ -389,6 +390,8 @@ class Trainer:
             raise
         finally:
             self.reporter.stop()
+            if self.trackers is not None:
+                self.trackers.finish()
             self.directory.close()
 
     def read_data(self) -> None:
@@ -443,8 +446,15 @@ class Trainer:
 
     def start_run(self) -> None:
         """From here on the run directory is written: an earlier run it replaces is set aside, the
-        metrics start (or are cut back to the checkpoint's step), recipe.yaml holds the resolved recipe."""
+        metrics start (or are cut back to the checkpoint's step), recipe.yaml holds the resolved recipe;
+        experiment trackers (``logging.report_to``) start with the recipe as hyper-parameters."""
         self.directory.start(self.resumed_step)
+        if self.main and self.recipe.logging.report_to:
+            from shardtune.tracking import Trackers
+
+            self.trackers = Trackers(
+                self.recipe.logging.report_to, self.run_dir, self.recipe.model_dump(mode="json")
+            )
 
     def setup_optimizer(self) -> None:
         """LoRS gradient init (a fresh run), FSDP sharding, AdamW, Accelerate's prepare."""
@@ -645,6 +655,8 @@ class Trainer:
         if self.main:
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(metrics, step)
         self.reporter.step(step, {k: v for k, v in metrics.items() if v is not None}, log_line=True)
 
     def save_checkpoint(self, counters: dict) -> Path | None:

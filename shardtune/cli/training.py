@@ -61,6 +61,7 @@ def train(
     from shardtune.launcher import launch
     from shardtune.progress import Reporter
     from shardtune.recipe import load_recipe, recipe_to_yaml
+    from shardtune.tracking import check_trackers
 
     resolved = load_recipe(recipe, set_)
     if dry_run:
@@ -70,6 +71,7 @@ def train(
             out_console.print(recipe_to_yaml(resolved), markup=False, end="")
         return
     check_recipe_sources(resolved)  # offline and not cached: said now, before torch loads
+    check_trackers(resolved.logging.report_to)
     if nproc > 1 and launched_processes() == 1:
         forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
         forwarded += ["--resume"] if resume else []
