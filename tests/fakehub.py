@@ -53,6 +53,7 @@ class FakeHub:
     def __init__(self):
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.authorizations: list[str] = []  # the Authorization header of every request that had one
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -102,6 +103,8 @@ class FakeHub:
     def _serve(self, h, head: bool) -> None:
         path = urlparse(h.path).path
         self.requests.append((h.command, h.path))
+        if h.headers.get("Authorization"):
+            self.authorizations.append(h.headers["Authorization"])
         try:
             status, headers, body = self._route(h, path)
         except Exception as e:  # a bug here should show in the test, not hang it
