@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
-    for name, command in COMMANDS.items():  # warm the caches (and convert the embedded model once)
+    for command in COMMANDS.values():  # warm the caches (and convert the embedded model once)
         subprocess.run(command, cwd=ROOT, env=env, capture_output=True)
     for _ in range(args.rounds):
         for name, command in COMMANDS.items():
@@ -56,7 +56,10 @@ def main() -> None:
         median = statistics.median(values)
         rows.append({"command": name, "median_s": median, "over_python_s": median - base, "runs": values})
         print(f"{name:40} {median:9.3f} {median - base:9.3f}")
-    out = args.json or ROOT / "benchmarks" / "results" / f"startup-{platform.machine()}-{os.cpu_count()}cpu.json"
+    out = (
+        args.json
+        or ROOT / "benchmarks" / "results" / f"startup-{platform.machine()}-{os.cpu_count()}cpu.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "rounds": args.rounds}
     out.write_text(json.dumps({"machine": meta, "rows": rows}, indent=2) + "\n")
