@@ -399,9 +399,15 @@ def check_checkpoint(directory: Path, options: AdapterOptions | None = None) -> 
     the file, and nothing is written."""
     meta = read_adapter_config(directory)
     saved = adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
-    if options is not None and saved != options:
-        ours, theirs = options.model_dump(), saved.model_dump()
-        key = next(k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k))
+    ours = options.model_dump() if options is not None else {}
+    theirs = saved.model_dump()
+    differing = [
+        k
+        for k in sorted(ours.keys() | theirs.keys())
+        if ours.get(k) is not None and ours.get(k) != theirs.get(k)
+    ]
+    if options is not None and differing:  # (an unset option is chosen at run time: the checkpoint's stands)
+        key = differing[0]
         raise BadInput(
             f"{directory / ADAPTER_CONFIG}: the checkpoint's adapter has {key} = {theirs.get(key)!r} but the "
             f"recipe says adapter.{key} = {ours.get(key)!r}; resume with the recipe it was trained with"

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -267,6 +268,7 @@ class LoggingSection(Section):
 
 
 class Recipe(Section):
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what overrides changed besides their key
     model: ModelSection
     adapter: AdapterSection
     data: DataSection
@@ -376,16 +378,31 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
+    """Validate ``raw`` after the ``--set`` overrides; what an override changed beyond its own key
+    (another method's adapter keys dropped) is in :func:`override_notes`."""
+    notes: list[str] = []
     for item in overrides or []:
-        apply_override(raw, item)
+        note = apply_override(raw, item)
+        if note:
+            notes.append(note)
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise first_recipe_error(e, raw) from None
+    recipe._notes = notes
+    return recipe
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML: numbers, booleans, lists) to the nested dict."""
+def override_notes(recipe: Recipe) -> list[str]:
+    """What the ``--set`` overrides changed besides their own keys (say it on stderr)."""
+    return list(recipe._notes)
+
+
+def apply_override(raw: dict, item: str) -> str | None:
+    """Apply ``a.b.c=value`` (value parsed as YAML: numbers, booleans, lists) to the nested dict.
+
+    ``adapter.method=OTHER`` switches methods: the adapter keys the new method does not know (the old
+    method's) are dropped; returns a note that says which."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -403,7 +420,18 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(nxt, dict):
             raise RecipeError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
         node = nxt
+    note = None
+    if parts == ["adapter", "method"] and value in METHODS and node.get("method") != value:
+        known = METHODS[value].Options.model_fields
+        dropped = sorted(k for k in node if k not in known)
+        for k in dropped:
+            del node[k]
+        if dropped:
+            old = node.get("method")
+            keys = ", ".join(f"adapter.{k}" for k in dropped)
+            note = f"adapter.method={value}: dropped {keys} (options of {old} that {value} does not have)"
     node[parts[-1]] = value
+    return note
 
 
 def _model_at(loc: tuple, raw: dict) -> type[BaseModel] | None:

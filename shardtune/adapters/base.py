@@ -239,6 +239,9 @@ class AdapterMethod:
     # Options that are ranks of the layers' updates: each must fit every target (largest_rank).
     rank_options: ClassVar[tuple[str, ...]] = ("rank",)
 
+    def resolve(self, options: AdapterOptions, targets: list[Target]) -> None:
+        """Fill options left unset to be chosen from the targets (in place: the run records them)."""
+
     def check(self, options: AdapterOptions, targets: list[Target]) -> None:
         """Raise :class:`shardtune.errors.RecipeError` if the options cannot work on these targets."""
 

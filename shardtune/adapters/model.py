@@ -108,6 +108,7 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
         raise BadInput("this model already carries a shardtune adapter")
     method = get_method(options.method)
     targets = find_targets(model, options.targets, options.exclude)
+    method.resolve(options, targets)
     check_rank(method, options, targets)
     method.check(options, targets)
     base_dtype = next(model.parameters()).dtype

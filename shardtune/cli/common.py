@@ -46,6 +46,15 @@ def print_table(title: str, table) -> None:
     out_console.print(table)
 
 
+def say_notes(recipe, quiet: bool = False) -> None:
+    """What the --set overrides changed besides their keys (e.g. a method switch), on stderr."""
+    from shardtune.recipe import override_notes
+
+    if not quiet:
+        for note in override_notes(recipe):
+            err_console.print(f"note: {note}", markup=False, soft_wrap=True)
+
+
 def print_json(data: object) -> None:
     """One JSON document on one line of stdout."""
     sys.stdout.write(json.dumps(data) + "\n")

@@ -16,6 +16,7 @@ from shardtune.cli.common import (
     print_json,
     print_table,
     process_rank,
+    say_notes,
 )
 
 
@@ -64,6 +65,7 @@ def train(
     from shardtune.tracking import check_trackers
 
     resolved = load_recipe(recipe, set_)
+    say_notes(resolved, quiet)
     if dry_run:
         if json_output:
             print_json(resolved.model_dump(mode="json"))
@@ -107,6 +109,7 @@ def compare(
     from shardtune.recipe import load_recipe
 
     resolved = load_recipe(recipe, set_)
+    say_notes(resolved, quiet)
     check_recipe_sources(resolved)
     from shardtune.compare import compare as run_compare
 
