@@ -21,12 +21,20 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from shardtune import quant
 from shardtune.adapters import METHODS, AdapterOptions
 from shardtune.adapters.base import STORES_ATTR
 from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter, merge_adapter
-from shardtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, load_adapted_model
+from shardtune.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    RECIPE_FILE,
+    attach_adapter,
+    load_adapted_model,
+)
 from shardtune.errors import BadInput
 from shardtune.fileio import check_output_dir, write_output_dir
+from shardtune.models import load_model
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "vera", "vblora", "tiedlora", "prolora")
@@ -54,13 +62,30 @@ def unwrap_merged(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False) -> dict:
-    """Merge the run's adapter into its base model and write a plain HF model directory."""
+MERGE_BASES = ("auto", "original", "dequantized")
+
+
+def merge_run(
+    run_dir: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    base_weights: str = "auto",
+) -> dict:
+    """Merge the run's adapter into its base model and write a plain HF model directory.
+
+    A run on a quantized base (``model.quantize``) is merged into a plain model: ``base_weights``
+    ``original`` loads the base's unquantized weights (``W + ΔW``: the usual QLoRA merge), ``dequantized``
+    the quantized base dequantized (``Q(W) + ΔW``: exactly the function that was trained), ``auto`` the
+    original weights when the base has them (a model directory saved quantized has not).
+    """
     if dtype not in MERGE_DTYPES:
         raise BadInput(f"--dtype: expected one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
+    if base_weights not in MERGE_BASES:
+        raise BadInput(f"--base-weights: expected one of {', '.join(MERGE_BASES)}, got {base_weights!r}")
     inputs = _inputs(Path(run_dir))
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything
-    model, tokenizer, meta = load_adapted_model(run_dir, dtype="float32")
+    model, tokenizer, meta, source = _base_for_merge(Path(run_dir), base_weights)
     merge_adapter(model)
     unwrap_merged(model)
     model.to(MERGE_DTYPES[dtype])
@@ -76,7 +101,44 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwri
         "method": meta["method"],
         "dtype": dtype,
         "base_model": meta["base_model"]["name"],
+        "quantize": meta["base_model"].get("quantize"),
+        "base_weights": source,
     }
+
+
+def _base_for_merge(run_dir: Path, base_weights: str) -> tuple[nn.Module, object, dict, str]:
+    """The run's base in fp32 with its adapter attached, and where the base's weights came from:
+    ``original`` (as stored, unquantized) or ``dequantized`` (the quantized base, dequantized)."""
+    from shardtune.checkpoint import read_adapter_config
+    from shardtune.models import load_config
+    from shardtune.recipe import ModelSection
+
+    meta = read_adapter_config(run_dir)
+    section = ModelSection.model_validate(meta["base_model"])
+    quantization = quant.quantization_of(section)
+    try:
+        stored_quantized = quant.is_prequantized(load_config(section.name, section.trust_remote_code))
+    except BadInput:  # no config to read: loading the base says what is wrong, in its own words
+        stored_quantized = False
+    if stored_quantized and base_weights == "original":
+        raise BadInput(
+            f"--base-weights original: {section.name} holds quantized weights only; use dequantized (or auto)"
+        )
+    trained_quantized = quantization is not None or stored_quantized
+    if not trained_quantized:
+        model, tokenizer, meta = load_adapted_model(run_dir, dtype="float32")
+        return model, tokenizer, meta, "original"
+    source = "dequantized" if base_weights == "dequantized" or stored_quantized else "original"
+    if source == "original":
+        model, tokenizer = load_model(section.name, "float32", section.trust_remote_code, section.revision)
+    else:  # quantized as it was trained (same dtype, so the same codes), then Q(W) in fp32, on the CPU
+        model, tokenizer = load_model(
+            section.name, section.dtype, section.trust_remote_code, section.revision, quantization, "cpu"
+        )
+        model = quant.dequantize_model(model, torch.float32)
+    attach_adapter(model, run_dir)
+    model.eval()
+    return model, tokenizer, meta, source
 
 
 def peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
@@ -197,12 +259,18 @@ def parameter_report(
     options: dict | None = None,
     compare: bool = False,
     trust_remote_code: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
 ) -> dict:
     """Trainable parameters of ``method`` (or, ``compare``, of every method with the options it
-    understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA."""
+    understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA;
+    and the base's weight memory (:func:`shardtune.quant.estimate_base_memory`) in the config's dtype,
+    quantized as ``quantize`` (nf4 | fp4 | int8) when given."""
     from shardtune.errors import ShardtuneError
     from shardtune.models import load_config
 
+    if quantize is not None and quantize not in quant.QUANT_TYPES:
+        raise BadInput(f"--quantize: expected one of {', '.join(quant.QUANT_TYPES)}, got {quantize!r}")
     config = load_config(model, trust_remote_code)
     options = options or {}
     rows = []
@@ -220,7 +288,10 @@ def parameter_report(
     for r in rows:
         r["vs_lora"] = r["trainable"] / lora if lora and r["trainable"] is not None else None
         r["percent_of_base"] = 100 * r["trainable"] / r["base"] if r["trainable"] is not None else None
-    return {"model": model, "options": options, "methods": rows}
+    quantization = quant.Quantization(quantize, double_quant and quantize != "int8") if quantize else None
+    memory = quant.estimate_base_memory(config, quantization, quant.config_dtype(config))
+    base_memory = {**memory.as_dict(), "summary": memory.describe()}
+    return {"model": model, "options": options, "methods": rows, "base_memory": base_memory}
 
 
 def method_options(method: str, **kw) -> AdapterOptions:

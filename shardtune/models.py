@@ -29,8 +29,10 @@ from transformers import (
     Qwen2Config,
 )
 
+from shardtune import quant
 from shardtune.adapters.base import DTYPES
 from shardtune.errors import BadInput
+from shardtune.quant import Quantization
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -205,12 +207,24 @@ def build_tiny_model(alias: str, dtype: torch.dtype = torch.float32, seed: int =
 
 
 def load_model(
-    name: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None
+    name: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    quantization: Quantization | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve ``model.name`` (alias, directory, cached hub id) to a model and its tokenizer."""
+    """Resolve ``model.name`` (alias, directory, cached hub id) to a model and its tokenizer.
+
+    ``quantization`` (``model.quantize``): the linear layers loaded quantized by bitsandbytes, on
+    ``device`` (default: the GPU if there is one), see :mod:`shardtune.quant`.
+    """
     torch_dtype = DTYPES[dtype]
     if name in TINY_CONFIGS:
-        return build_tiny_model(name, torch_dtype), byte_tokenizer()
+        model = build_tiny_model(name, torch_dtype)
+        if quantization is not None:
+            model = quant.quantize_built_model(model, quantization, device)
+        return model, byte_tokenizer()
     path = embedded_model_dir(name) if name in EMBEDDED else Path(name).expanduser()
     if name in EMBEDDED or path.exists() or name.startswith((".", "/", "~")):
         if not path.is_dir():
@@ -220,6 +234,8 @@ def load_model(
         source, extra = str(path), {}
     else:
         source, extra = name, {"local_files_only": True, "revision": revision}
+    if quantization is not None:
+        extra.update(quant.load_kwargs(quantization, device))
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
@@ -235,7 +251,7 @@ def load_model(
         raise BadInput(f"model.name: cannot load {name}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return quant.prepare_loaded(model), tokenizer
 
 
 def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:

@@ -20,19 +20,31 @@ def merge(
     run_dir: RunArgument,
     out: OutOption,
     dtype: Annotated[str, typer.Option(help="dtype of the written weights: bf16, fp16 or fp32.")] = "bf16",
+    base_weights: Annotated[
+        str,
+        typer.Option(
+            help="A run on a quantized base: merge into the original unquantized weights (original), into "
+            "the quantized base dequantized (dequantized: exactly what was trained), or auto (original when "
+            "the base has them)."
+        ),
+    ] = "auto",
     overwrite: OverwriteOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Merge the adapter into its base model (in fp32) → a plain transformers model directory."""
     from shardtune.export import merge_run
 
-    result = merge_run(run_dir, out, dtype, overwrite)
+    result = merge_run(run_dir, out, dtype, overwrite, base_weights)
     if json_output:
         print_json(result)
-    else:
-        out_console.print(
-            f"merged {result['method']} adapter into {result['base_model']} → {out} ({dtype})", markup=False
-        )
+        return
+    base = result["base_model"]
+    if result["quantize"]:
+        which = "original unquantized" if result["base_weights"] == "original" else "dequantized"
+        base += f" ({which} weights; trained on {result['quantize']})"
+    out_console.print(
+        f"merged {result['method']} adapter into {base} → {out} ({dtype})", markup=False, soft_wrap=True
+    )
 
 
 def export(

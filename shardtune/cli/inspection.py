@@ -114,10 +114,15 @@ def params(
     compare: Annotated[
         bool, typer.Option("--compare", help="Every method side by side, with the ratio to LoRA.")
     ] = False,
+    quantize: Annotated[
+        str | None, typer.Option(help="Base weight memory quantized as model.quantize: nf4, fp4 or int8.")
+    ] = None,
+    double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant")] = True,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Trainable parameters of a method on a model, from its config alone (meta device; no weights loaded)."""
+    """Trainable parameters of a method on a model, and the base's weight memory, from its config alone
+    (meta device; no weights loaded)."""
     import yaml
     from rich.table import Table
 
@@ -133,7 +138,7 @@ def params(
         if not sep:
             raise BadInput(f"--set {item}: expected KEY=VALUE")
         options[key.removeprefix("adapter.")] = yaml.safe_load(value)
-    report = parameter_report(model, method, options, compare, trust_remote_code)
+    report = parameter_report(model, method, options, compare, trust_remote_code, quantize, double_quant)
     if json_output:
         print_json(report)
         return
@@ -151,6 +156,7 @@ def params(
             f"{r['vs_lora']:.3f}" if r["vs_lora"] else "-",
         )
     out_console.print(table)
+    out_console.print(report["base_memory"]["summary"], markup=False, soft_wrap=True)
 
 
 def models(json_output: JsonOption = False) -> None:
