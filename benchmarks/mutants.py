@@ -50,6 +50,7 @@ FILES = "tests/test_adapter_files.py"
 EQUIV = "tests/test_equivalences.py"
 INITS = "tests/test_inits.py"
 SAFETY = "tests/test_safety.py"
+QUANT = "tests/test_quant.py"
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ MUTANTS: list[Mutant] = [
       "top = v[:, : options.rank].T / options.init_gamma", "top = v[:, : options.rank].T * options.init_gamma",
       INITS, "-k", "lors", why="A = γ·Vᵀ instead of Vᵀ/γ"),
     m("lors-init-left-vectors", A + "lors.py",
-      "_, _, v = torch.svd_lowrank(grad.float(), q=q, niter=4)", "v, _, _ = torch.svd_lowrank(grad.float(), q=q, niter=4)",
+      "_, _, v = torch.svd_lowrank(grad, q=q, niter=4)", "v, _, _ = torch.svd_lowrank(grad, q=q, niter=4)",
       INITS, "-k", "lors", why="left singular vectors"),
     m("lors-forward-unmasked", A + "lors.py",
       "return torch.where(weight != 0, weight + delta, torch.zeros((), dtype=weight.dtype, device=weight.device))",
@@ -355,9 +356,9 @@ MUTANTS: list[Mutant] = [
     m("lors-init-samples-boundary", A + "lors.py",
       "if seen >= options.init_samples:", "if seen > options.init_samples:",
       INITS, "-k", "lors", why="the init uses one batch more than init_samples"),
-    m("lors-init-leaves-base-trainable", A + "lors.py",
-      "            w.requires_grad_(False)", "            pass",
-      INITS, "-k", "lors", why="after the init the base weights train too"),
+    m("lors-init-leaves-hooks", A + "lors.py",
+      "            handle.remove()", "            pass",
+      INITS, "-k", "lors", why="after the init every forward still holds inputs for a dense gradient"),
     m("train-clip-every-micro-batch", "shardtune/train.py",
       "            if accelerator.sync_gradients:\n                if self.cfg.max_grad_norm > 0:",
       "            if self.cfg.max_grad_norm > 0:\n                if True:",
@@ -430,6 +431,40 @@ MUTANTS: list[Mutant] = [
       "self.resumed_step = check_checkpoint(self.resume_from, self.recipe.adapter)",
       "self.resumed_step = check_checkpoint(self.resume_from)",
       SAFETY, "-k", "another_adapter", why="a resume with another rank or alpha than the checkpoint's"),
+    # --- a quantized base (shardtune/quant.py and its call sites) ------------------------------------
+    m("quant-cpu-fast-path-left-on", "shardtune/quant.py",
+      "module.support_avx512bf16_for_cpu = False", "module.support_avx512bf16_for_cpu = True",
+      QUANT, "-k", "logits_and_gradients and lora", why="bitsandbytes' CPU fast path: bf16, repacked, fails on 176"),
+    m("quant-double-quant-ignored", "shardtune/quant.py",
+      "bnb_4bit_use_double_quant=quantization.double_quant,", "bnb_4bit_use_double_quant=True,",
+      QUANT, "-k", "double_quant or base_bytes", why="double_quant: false still double-quantizes"),
+    m("quant-compute-dtype-ignored", "shardtune/quant.py",
+      "        bnb_4bit_compute_dtype=quantization.compute_dtype,\n", "",
+      QUANT, "-k", "compute_dtype", why="model.compute_dtype never reaches the layers"),
+    m("quant-double-quant-formula", "shardtune/quant.py",
+      "return codes + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 256 * 4 + 4",
+      "return codes + blocks + 256 * 4 + 4",
+      QUANT, "-k", "base_bytes", why="params reports less memory than the base holds"),
+    m("quant-bat-shard-gradient-drops-identity", A + "fossil.py",
+      "adapter.blocks(w), g_blocks) + g_blocks.sum(2)", "adapter.blocks(w), g_blocks)",
+      QUANT, "-k", "logits_and_gradients and bat", why="dD_b = Σ_c W_bcᵀ·G_bc without the I of (W + I)"),
+    m("quant-bat-input-gradient-without-w", A + "fossil.py",
+      "weight = adapter.bat_delta(w, shard) + (w if ctx.include_base else 0)",
+      "weight = adapter.bat_delta(w, shard)",
+      QUANT, "-k", "logits_and_gradients and bat", why="dx = dy·ΔW, the base's W·x left out of backward"),
+    m("quant-lors-backward-without-w", A + "lors.py",
+      "            weight = dense_weight(ctx.quantized)  # recomputed", "            pass  # recomputed",
+      QUANT, "-k", "logits_and_gradients and lors", why="LoRS backward over NF4 has no W to recompute from"),
+    m("quant-lors-init-one-batch", A + "lors.py",
+      "grads[name] = grads[name] + g if name in grads else g", "grads[name] = g",
+      INITS, "-k", "lors_gradient_init", why="LoRS init from the last batch's gradient only"),
+    m("quant-loaded-unquantized", "shardtune/checkpoint.py",
+      "quantization=quantization_of(section),", "quantization=None,",
+      QUANT, "-k", "save_load", why="eval/generate of an NF4 run on the unquantized base"),
+    m("quant-merge-always-dequantized", "shardtune/export.py",
+      'source = "dequantized" if base_weights == "dequantized" or stored_quantized else "original"',
+      'source = "dequantized"',
+      QUANT, "-k", "which_base_weights and lora", why="merge --base-weights auto ignores the original weights"),
 ]
 # fmt: on
 

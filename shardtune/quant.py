@@ -31,7 +31,13 @@ Methods whose forward needs the dense weight (LoRS: ``(W + s·B·A) ⊙ M``; FOS
 ``ΔW = (W + I)·D``) call :func:`dense_weight` inside their autograd function, once in forward and once
 in backward, and keep only the codes: one layer's dense ``Q(W)`` exists at a time.
 
-CPU note: bitsandbytes' CPU fast path for inference (on processors with AVX512-BF16) repacks a 4-bit
+CPU notes. bitsandbytes 0.50's CPU dequantization kernel (what a 4-bit layer computes with on the CPU)
+takes block ``k``'s scale for entry ``(o, i)`` as ``k = o·⌊in/64⌋ + ⌊i/64⌋`` instead of
+``⌊(o·in + i)/64⌋``: when ``in`` is not a multiple of 64 the blocks that straddle two rows get a
+neighbour's scale. ``Q(W)`` is then further from W than the format allows, but forward, backward,
+:func:`dense_weight` and merge all use that same kernel, so the adapted model and "dequantized base +
+adapter" still agree exactly; :func:`prepare_loaded` logs which layers are affected (real models'
+sizes are multiples of 64; the tiny test models' 176-wide MLP is not). bitsandbytes' CPU fast path for inference (on processors with AVX512-BF16) repacks a 4-bit
 weight in place, computes in bf16 whatever ``compute_dtype`` says, fails on layers whose ``out`` is not a
 multiple of 32, and has no backward; :func:`prepare_loaded` turns it off, so a layer computes
 ``x·Q(W)ᵀ`` in ``compute_dtype`` in training and in evaluation alike.
@@ -42,6 +48,7 @@ line, ``pip install shardtune[quant]``.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -91,7 +98,11 @@ def quantization_of(section) -> Quantization | None:
 
 
 def require_bitsandbytes(kind: str = "a quantized base"):
-    """``import bitsandbytes``, or one line that names the extra to install."""
+    """``import bitsandbytes``, or one line that names the extra to install. (Its CPU backend logs, on
+    import, that an optional faster kernel package is missing: that line is held back.)"""
+    optional_kernel_notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = optional_kernel_notice.level
+    optional_kernel_notice.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:
@@ -101,6 +112,8 @@ def require_bitsandbytes(kind: str = "a quantized base"):
     except (OSError, RuntimeError) as e:  # installed, but its native library does not load here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError("model.quantize", f"{kind}: bitsandbytes cannot be loaded ({first})") from None
+    finally:
+        optional_kernel_notice.setLevel(level)
     return bitsandbytes
 
 
@@ -150,9 +163,25 @@ def quantize_built_model(
 def prepare_loaded(model: nn.Module) -> nn.Module:
     """Settle a freshly loaded model's quantized layers: bitsandbytes' CPU inference fast path off
     (module docstring). A model without quantized layers is returned as it is."""
-    for module in quantized_layers(model).values():
+    straddling = []
+    for name, module in quantized_layers(model).items():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+        if (
+            layer_format(module) != "int8"
+            and module.weight.device.type == "cpu"
+            and module.in_features % BLOCK
+        ):
+            straddling.append(name)
+    if straddling:
+        logging.getLogger("shardtune").warning(
+            "%d quantized layers (e.g. %s) have in_features not a multiple of %d: bitsandbytes' CPU kernel "
+            "dequantizes their blocks that straddle two rows with a neighbouring block's scale (training and "
+            "merge agree with it; the GPU kernels do not do this)",
+            len(straddling),
+            straddling[0],
+            BLOCK,
+        )
     return model
 
 
