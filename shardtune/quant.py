@@ -218,6 +218,13 @@ def layer_format(module: nn.Module) -> str | None:
     return state.quant_type if state is not None else "int8"
 
 
+def logical_numel(parameter: torch.Tensor) -> int:
+    """Entries of the weight a parameter stands for: ``out·in`` for a 4-bit one (which holds two codes a
+    byte), ``numel`` for any other."""
+    state = getattr(parameter, "quant_state", None)
+    return math.prod(state.shape) if state is not None else parameter.numel()
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """``W`` (out, in) of a linear layer: the weight itself for ``nn.Linear``; for a quantized layer its
     dequantized ``Q(W)``, a new tensor (4-bit: in the dtype it was quantized from; int8: fp32)."""

@@ -36,6 +36,7 @@ from shardtune.adapters.model import (
     adapted_layers,
     adapter_named_parameters,
     adapter_state_dict,
+    count_parameters,
     inject_adapter,
     load_adapter_state_dict,
 )
@@ -450,6 +451,7 @@ def test_measured_base_bytes_equal_the_formula(name, quantization):
     assert measured == computed
     plain = build_tiny_model(name)
     assert measured.unquantized_bytes == sum(p.numel() * 4 for p in plain.parameters())
+    assert count_parameters(model)[1] == sum(p.numel() for p in plain.parameters())  # out·in, not bytes
 
 
 def test_params_and_the_train_summary_report_base_memory(tmp_path):
