@@ -93,6 +93,7 @@ def run_variant(args) -> dict:
     cuda = args.device.startswith("cuda")
     quant.require_bitsandbytes()  # every variant imports the same libraries before the baseline
     import transformers.quantizers.auto  # noqa: F401
+
     release_freed_memory()
     before = torch.cuda.memory_allocated() if cuda else resident_bytes("VmRSS")
     spec = BASES[args.base]
