@@ -32,6 +32,7 @@ from shardtune.fileio import atomic_directory, atomic_write, atomic_write_text, 
 from shardtune.fsdp import full_tensor, like_parameter
 from shardtune.models import load_model
 from shardtune.peftio import PEFT_WEIGHTS, is_peft_adapter, peft_meta, read_peft_weights
+from shardtune.quant import quantization_of
 from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -289,6 +290,7 @@ def load_adapted_model(
         dtype or section.dtype,
         trust_remote_code=trust_remote_code,
         revision=section.revision,
+        quantization=quantization_of(section),  # the base as it was trained: quantized the same way
     )
     attach_adapter(model, directory)
     model.eval()

@@ -30,10 +30,11 @@ from transformers import (
     Qwen2Config,
 )
 
-from shardtune import hub
+from shardtune import hub, quant
 from shardtune.adapters.base import DTYPES
 from shardtune.catalog import EMBEDDED, builtin_models
 from shardtune.errors import BadInput
+from shardtune.quant import Quantization
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -211,22 +212,37 @@ def saved_builtin(alias: str) -> Path:
 
 
 def load_model(
-    name: str, dtype: str = "fp32", trust_remote_code: bool = False, revision: str | None = None
+    name: str,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    quantization: Quantization | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Resolve ``model.name`` to a model and its tokenizer: a builtin alias, a local directory, or a hub
     id (downloaded on first use, then read from the cache; :mod:`shardtune.hub`). The model carries
-    ``shardtune_base``: how a run records it (:func:`shardtune.hub.base_model_record`)."""
+    ``shardtune_base``: how a run records it (:func:`shardtune.hub.base_model_record`).
+
+    ``quantization`` (``model.quantize``): the linear layers loaded quantized by bitsandbytes, on
+    ``device`` (default: the GPU if there is one), see :mod:`shardtune.quant`.
+    """
     quiet_libraries()
     torch_dtype = DTYPES[dtype]
     if name in TINY_CONFIGS:
         model, tokenizer = build_tiny_model(name, torch_dtype), byte_tokenizer()
+        if quantization is not None:
+            model = quant.quantize_built_model(model, quantization, device)
     else:
         source, extra = _source(name, revision)
+        if quantization is not None:
+            extra = {**extra, **quant.load_kwargs(quantization, device)}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
             )
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=trust_remote_code, revision=extra.get("revision")
+            )
         except (OSError, ValueError) as e:
             if hub.is_hub_id(name):
                 raise hub.describe_failure("model.name", name, revision, e) from None
@@ -234,6 +250,7 @@ def load_model(
             raise BadInput(f"model.name: cannot load {name}: {first}") from None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        model = quant.prepare_loaded(model)
     model.shardtune_base = hub.base_model_record(name, revision)
     return model, tokenizer
 

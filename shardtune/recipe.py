@@ -58,6 +58,34 @@ class ModelSection(Section):
         None,
         description="Hub revision of a hub id: a branch, tag or commit (unset: main). Runs record the commit.",
     )
+    quantize: Literal["nf4", "fp4", "int8"] | None = Field(
+        None,
+        description="Load the frozen base quantized by bitsandbytes (QLoRA-style): `nf4` (4-bit NormalFloat, "
+        "QLoRA's), `fp4` or `int8` (LLM.int8()); every linear layer but the output head. The adapter keeps "
+        "`adapter.dtype`. Needs `pip install shardtune[quant]`; see docs/quantization.md.",
+    )
+    double_quant: bool = Field(
+        True,
+        description="nf4/fp4: quantize the per-block scales too (QLoRA's double quantization, ~0.37 bit per "
+        "weight less).",
+    )
+    compute_dtype: Annotated[Literal["auto", "fp32", "bf16", "fp16"], BeforeValidator(dtype_synonyms)] = (
+        Field(
+            "auto",
+            description="nf4/fp4: the dtype a quantized layer dequantizes into and multiplies in; `auto`: `dtype` "
+            "(float32, bfloat16, float16 also read).",
+        )
+    )
+
+    @field_validator("double_quant", "compute_dtype")
+    @classmethod
+    def _four_bit_options_need_four_bits(cls, value, info):
+        # (a resolved recipe spells out the defaults: only values that differ from them count)
+        default = cls.model_fields[info.field_name].default
+        if value != default and info.data.get("quantize") not in ("nf4", "fp4"):
+            quantize = info.data.get("quantize") or "unset"
+            raise ValueError(f"applies to model.quantize nf4 or fp4 only (quantize is {quantize})")
+        return value
 
 
 AdapterSection = Annotated[

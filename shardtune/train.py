@@ -40,7 +40,15 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 
-from shardtune.adapters.model import adapter_disabled, adapter_state_dict, inject_adapter, trainable_share
+from shardtune import quant
+from shardtune.adapters.base import DTYPES
+from shardtune.adapters.model import (
+    adapter_disabled,
+    adapter_named_parameters,
+    adapter_state_dict,
+    inject_adapter,
+    trainable_share,
+)
 from shardtune.checkpoint import (
     RECIPE_FILE,
     attach_weights,
@@ -80,6 +88,8 @@ class TrainResult:
     task_score_base: float | None = None
     task_score: float | None = None
     train_seconds: float = 0.0  # the optimizer-step loop alone (no loading, evaluation or scoring)
+    base_bytes: int = 0  # the frozen base's parameters as held (quantized layers as codes + scales)
+    base_bytes_unquantized: int = 0  # the same in model.dtype, unquantized
 
 
 def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None = None) -> TrainResult:
@@ -402,8 +412,15 @@ class Trainer:
         """Load the frozen base model and inject the adapter (resumed: the checkpoint's adapter weights)."""
         recipe, cfg = self.recipe, self.cfg
         set_seed(cfg.seed)
+        quantization = quant.quantization_of(recipe.model)
+        quant.check_strategy(quantization is not None, sharded=self.fsdp)
         self.model, self.tokenizer = load_model(
-            recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
+            recipe.model.name,
+            recipe.model.dtype,
+            recipe.model.trust_remote_code,
+            recipe.model.revision,
+            quantization=quantization,
+            device=self.accelerator.device,
         )
         targets = inject_adapter(self.model, recipe.adapter)
         self._check_fits_model()
@@ -416,6 +433,9 @@ class Trainer:
             f"{recipe.adapter.method} on {recipe.model.name}: {len(targets)} layers adapted, "
             f"{self.trainable:,} trainable parameters ({share:.3f}% of the base model's {base:,})"
         )
+        adapter = [p for _, p in adapter_named_parameters(self.model)]
+        self.base_memory = quant.base_memory(self.model, DTYPES[recipe.model.dtype], leave_out=adapter)
+        self.reporter.info(self.base_memory.describe())
         if self.resume_from is not None:
             attach_weights(self.model, self.resume_from)
         elif recipe.adapter.init_from is not None:
@@ -703,6 +723,8 @@ class Trainer:
             truncated_examples=self.data.truncated,
             seconds=time.perf_counter() - started,
             train_seconds=self.train_seconds,
+            base_bytes=self.base_memory.stored_bytes,
+            base_bytes_unquantized=self.base_memory.unquantized_bytes,
             **self.scores,
         )
         if main:

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
+from shardtune.errors import BadInput
+from shardtune.quant import is_quantized_linear
+
 STORES_ATTR = "shardtune_stores"
 
 DTypeName = Literal["fp32", "bf16", "fp16", "auto"]
@@ -152,8 +155,10 @@ class LayerAdapter(nn.Module):
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus its adapter: ``y = base(x) + Δ(x)``.
 
-    Works for ``nn.Linear`` and for GPT-2's ``Conv1D`` (weight stored transposed): the adapter is
-    always expressed in the (out, in) orientation; only :meth:`merge` cares about the layout.
+    Works for ``nn.Linear``, for GPT-2's ``Conv1D`` (weight stored transposed) and for bitsandbytes'
+    quantized ``Linear4bit`` / ``Linear8bitLt`` (``model.quantize``; see :mod:`shardtune.quant`): the
+    adapter is always expressed in the (out, in) orientation; only :meth:`merge` cares about the layout
+    (and refuses a quantized layer: merge dequantizes the base first).
 
     States: ``merged`` (ΔW folded into the base weight; merging twice is a no-op, unmerge subtracts it
     again) and ``enabled``. A disabled layer always computes the base model's output, merged or not:
@@ -189,6 +194,11 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def _add_delta(self, sign: float) -> None:
+        if is_quantized_linear(self.base_layer):
+            raise BadInput(
+                "merge: ΔW cannot be folded into a quantized layer (its codes would be quantized again); "
+                "`shardtune merge` dequantizes the base first"
+            )
         weight = self.base_layer.weight
         w = weight.float().T if self.fan_in_fan_out else weight.float()
         w = self.adapter.merged_weight(w, unmerge=sign < 0)

@@ -26,6 +26,7 @@ from shardtune.adapters.base import (  # noqa: F401  (adapted_layers & co. are u
 )
 from shardtune.errors import BadInput, RecipeError
 from shardtune.fsdp import full_tensor, like_parameter
+from shardtune.quant import logical_numel
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
@@ -176,7 +177,7 @@ def adapter_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(adapter parameters, all parameters), each shared tensor counted once."""
     adapter = sum(p.numel() for _, p in adapter_named_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())  # a 4-bit weight: out·in, not its bytes
     return adapter, total
 
 

@@ -28,6 +28,14 @@ def merge(
     dtype: Annotated[
         str, typer.Option(help="dtype of the written weights: bf16, fp16 or fp32 (long names also read).")
     ] = "bf16",
+    base_weights: Annotated[
+        str,
+        typer.Option(
+            help="A run on a quantized base: merge into the original unquantized weights (original), into "
+            "the quantized base dequantized (dequantized: exactly what was trained), or auto (original when "
+            "the base has them)."
+        ),
+    ] = "auto",
     overwrite: OverwriteOption = False,
     base_model: BaseModelOption = None,
     json_output: JsonOption = False,
@@ -35,13 +43,17 @@ def merge(
     """Merge the adapter into its base model (in fp32) → a plain transformers model directory."""
     from shardtune.export import merge_run
 
-    result = merge_run(run_dir, out, dtype, overwrite, base_model)
+    result = merge_run(run_dir, out, dtype, overwrite, base_model, base_weights)
     if json_output:
         print_json(result)
-    else:
-        out_console.print(
-            f"merged {result['method']} adapter into {result['base_model']} → {out} ({dtype})", markup=False
-        )
+        return
+    base = result["base_model"]
+    if result["quantize"]:
+        which = "original unquantized" if result["base_weights"] == "original" else "dequantized"
+        base += f" ({which} weights; trained on {result['quantize']})"
+    out_console.print(
+        f"merged {result['method']} adapter into {base} → {out} ({dtype})", markup=False, soft_wrap=True
+    )
 
 
 def export(
@@ -67,10 +79,12 @@ def export(
         print_json(result)
     elif format == "peft":
         out_console.print(
-            f"{result['method']} adapter written as a PEFT LoRA (r={result['r']}, {result['layers']} layers) to {out}; "
-            f"serve with e.g. vLLM --enable-lora --max-lora-rank {max(8, 1 << (result['r'] - 1).bit_length())}",
+            f"{result['method']} adapter written as a PEFT LoRA (r={result['r']}, {result['layers']} layers) "
+            f"to {out}; base: {result['base_model_name_or_path']}",
             markup=False,
+            soft_wrap=True,
         )
+        out_console.print(f"serve with: {result['serve']}", markup=False, soft_wrap=True)
     else:
         out_console.print(f"adapter copied to {out}", markup=False)
 

@@ -158,16 +158,21 @@ def params(
     compare: Annotated[
         bool, typer.Option("--compare", help="Every method side by side, with the ratio to LoRA.")
     ] = False,
+    quantize: Annotated[
+        str | None, typer.Option(help="Base weight memory quantized as model.quantize: nf4, fp4 or int8.")
+    ] = None,
+    double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant")] = True,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Trainable parameters of a method on a model, from its config alone (meta device; no weights loaded)."""
+    """Trainable parameters of a method on a model, and the base's weight memory, from its config alone
+    (meta device; no weights loaded)."""
     from rich.table import Table
 
     from shardtune.export import parameter_options, parameter_report
 
-    model, method, options = parameter_options(model, method, rank, targets, set_, recipe)
-    report = parameter_report(model, method, options, compare, trust_remote_code)
+    model, method, options, quantize = parameter_options(model, method, rank, targets, set_, recipe, quantize)
+    report = parameter_report(model, method, options, compare, trust_remote_code, quantize, double_quant)
     if report.get("note"):
         err_console.print(report["note"], markup=False, soft_wrap=True)
     if json_output:
@@ -190,6 +195,7 @@ def params(
         ]
         table.add_row(r["method"], *cells, *([""] if errors else []))
     print_table(title, table)
+    out_console.print(report["base_memory"]["summary"], markup=False, soft_wrap=True)
 
 
 def models(json_output: JsonOption = False) -> None:
