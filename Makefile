@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest -q
 
+# DEMO_ARGS: more options for the quickstart run, e.g. DEMO_ARGS="--set train.max_steps=10".
+DEMO_ARGS ?=
 demo: setup
-	$(BIN)/shardtune train recipes/quickstart.yaml
+	$(BIN)/shardtune train recipes/quickstart.yaml $(DEMO_ARGS)
 
 # Seeded bugs (benchmarks/mutants.py): not part of `make test`; ~8 min on 2 cores.
 mutants: setup
@@ -36,5 +38,6 @@ lint: setup
 	$(BIN)/ruff check shardtune tests benchmarks
 	$(BIN)/ruff format --check shardtune tests benchmarks
 
+# (runs/ holds your runs: never removed here)
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -29,9 +28,11 @@ from shardtune.adapters.model import (
     load_adapter_state_dict,
 )
 from shardtune.errors import BadInput
-from shardtune.fileio import atomic_directory, atomic_write, atomic_write_text
+from shardtune.fileio import atomic_directory, atomic_write, atomic_write_text, read_safetensors
 from shardtune.fsdp import full_tensor, like_parameter
 from shardtune.models import load_model
+from shardtune.peftio import PEFT_WEIGHTS, is_peft_adapter, peft_meta, read_peft_weights
+from shardtune.quant import quantization_of
 from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -56,7 +57,8 @@ def adapter_metadata(model: nn.Module, recipe: Recipe, step: int) -> dict:
         "options": options.model_dump(mode="json"),
         "method_info": method.export_info(options, model),
         "targets": list(model.shardtune_targets),
-        "base_model": recipe.model.model_dump(mode="json"),
+        # where the base model really is (absolute path, hub commit): the run works from anywhere
+        "base_model": {**recipe.model.model_dump(mode="json"), **getattr(model, "shardtune_base", {})},
         "step": step,
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -194,21 +196,22 @@ def adapter_options_from_config(meta: dict, source: str) -> AdapterOptions:
 
 def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file of a run or checkpoint; missing, empty, cut short or corrupt: one line."""
-    if not path.is_file():
-        raise BadInput(f"{path}: file not found; the run is incomplete")
-    if path.stat().st_size == 0:
-        raise BadInput(f"{path}: empty file; the run is incomplete or the file was cut short")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"{path}: corrupt or truncated safetensors file ({first})") from None
+    return read_safetensors(path)
+
+
+def adapter_source(directory: Path) -> tuple[dict, AdapterOptions]:
+    """(metadata, options) of an adapter directory: a shardtune run or checkpoint (adapter.json), or a
+    PEFT LoRA adapter (adapter_config.json, read by :mod:`shardtune.peftio`)."""
+    if is_peft_adapter(directory):
+        meta = peft_meta(directory)
+        return meta, METHODS["lora"].Options.model_validate(meta["options"])
+    meta = read_adapter_config(directory)
+    return meta, adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
 
 
 def attach_adapter(model: nn.Module, directory: Path) -> dict:
-    """Inject the adapter described in ``directory`` into ``model`` and load its weights."""
-    meta = read_adapter_config(directory)
-    options = adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
+    """Inject the adapter described in ``directory`` (shardtune's or PEFT's) into ``model`` and load its weights."""
+    meta, options = adapter_source(directory)
     targets = inject_adapter(model, options)
     saved = meta.get("targets")
     if saved and sorted(saved) != sorted(model.shardtune_targets):
@@ -216,9 +219,40 @@ def attach_adapter(model: nn.Module, directory: Path) -> dict:
             f"{directory}: the adapter was trained on other layers than this model has "
             f"({len(saved)} saved, {len(targets)} found); is it the right base model?"
         )
-    state = read_adapter_weights(directory / ADAPTER_WEIGHTS)
-    load_adapter_state_dict(model, state, str(directory / ADAPTER_WEIGHTS))
+    if meta["format"] == "peft":
+        load_adapter_state_dict(model, read_peft_weights(directory), str(directory / PEFT_WEIGHTS))
+    else:
+        state = read_adapter_weights(directory / ADAPTER_WEIGHTS)
+        load_adapter_state_dict(model, state, str(directory / ADAPTER_WEIGHTS))
     return meta
+
+
+def init_adapter_from(model: nn.Module, directory: Path) -> None:
+    """``adapter.init_from``: the weights of another adapter directory (shardtune's or PEFT's) into the
+    adapter ``model`` carries; its method and the options that shape the update must be the same."""
+    key = "adapter.init_from"
+    if not directory.is_dir():
+        raise BadInput(f"{key}: {directory} is not a directory")
+    meta, source = adapter_source(directory)
+    ours: AdapterOptions = model.shardtune_options
+    if source.method != ours.method:
+        raise BadInput(f"{key}: {directory} holds a {source.method} adapter; adapter.method is {ours.method}")
+    for name, value in source.model_dump().items():
+        if name in ("init_from", "dropout", "dtype", "targets", "exclude", "init"):
+            continue  # free to differ: they do not change what the weights mean
+        if getattr(ours, name, value) != value:
+            raise BadInput(
+                f"{key}: {directory} has {name} = {value!r} but adapter.{name} is {getattr(ours, name)!r}"
+            )
+    saved = meta.get("targets")
+    if saved and sorted(saved) != sorted(model.shardtune_targets):
+        raise BadInput(f"{key}: {directory} adapts other layers than adapter.targets selects")
+    if meta["format"] == "peft":
+        load_adapter_state_dict(model, read_peft_weights(directory), str(directory / PEFT_WEIGHTS))
+    else:
+        load_adapter_state_dict(
+            model, read_adapter_weights(directory / ADAPTER_WEIGHTS), str(directory / ADAPTER_WEIGHTS)
+        )
 
 
 def attach_weights(model: nn.Module, directory: Path) -> None:
@@ -233,18 +267,30 @@ def load_adapted_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    """Base model (as recorded in adapter.json, or ``base_model``) with the adapter attached, in eval mode.
+    """Base model (as recorded in adapter.json or PEFT's adapter_config.json, or ``base_model``) with
+    the adapter attached, in eval mode.
 
     ``trust_remote_code`` is never taken from the adapter directory: the caller must ask for it.
     """
     directory = Path(directory)
-    meta = read_adapter_config(directory)
-    section = ModelSection.model_validate(meta["base_model"])
+    if not directory.is_dir():
+        raise BadInput(f"{directory}: no such run or adapter directory")
+    meta, _ = adapter_source(directory)
+    recorded = {k: v for k, v in meta["base_model"].items() if k in ModelSection.model_fields}
+    if base_model is not None:
+        recorded = {**recorded, "name": base_model, "revision": None}
+    if not recorded.get("name"):
+        raise BadInput(f"{directory}: the adapter names no base model; give it with --base-model")
+    try:
+        section = ModelSection.model_validate(recorded)
+    except ValidationError as e:
+        raise BadInput(f"{directory / ADAPTER_CONFIG}: invalid base_model ({e.errors()[0]['msg']})") from None
     model, tokenizer = load_model(
-        base_model or section.name,
+        section.name,
         dtype or section.dtype,
         trust_remote_code=trust_remote_code,
         revision=section.revision,
+        quantization=quantization_of(section),  # the base as it was trained: quantized the same way
     )
     attach_adapter(model, directory)
     model.eval()
@@ -355,9 +401,15 @@ def check_checkpoint(directory: Path, options: AdapterOptions | None = None) -> 
     the file, and nothing is written."""
     meta = read_adapter_config(directory)
     saved = adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
-    if options is not None and saved != options:
-        ours, theirs = options.model_dump(), saved.model_dump()
-        key = next(k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k))
+    ours = options.model_dump() if options is not None else {}
+    theirs = saved.model_dump()
+    differing = [
+        k
+        for k in sorted(ours.keys() | theirs.keys())
+        if ours.get(k) is not None and ours.get(k) != theirs.get(k)
+    ]
+    if options is not None and differing:  # (an unset option is chosen at run time: the checkpoint's stands)
+        key = differing[0]
         raise BadInput(
             f"{directory / ADAPTER_CONFIG}: the checkpoint's adapter has {key} = {theirs.get(key)!r} but the "
             f"recipe says adapter.{key} = {ours.get(key)!r}; resume with the recipe it was trained with"

@@ -77,7 +77,7 @@ def _read_json_file(path: Path) -> list:
     return records
 
 
-def _load_with_datasets(kind: str, source: str, split: str, key: str) -> list:
+def _load_with_datasets(kind: str, source: str, split: str, key: str, revision: str | None = None) -> list:
     """csv / parquet / text files, ``save_to_disk`` directories and cached hub datasets."""
     import datasets
 
@@ -93,7 +93,7 @@ def _load_with_datasets(kind: str, source: str, split: str, key: str) -> list:
                     raise BadInput(f"data.split: {source} has no split {split!r}; it has {', '.join(ds)}")
                 ds = ds[split]
         elif kind == "hub":
-            ds = _load_cached_hub_dataset(source, split)
+            ds = _load_hub_dataset(source, split, revision)
         else:
             ds = datasets.load_dataset(kind, data_files=source, split="train")
     except BadInput:
@@ -102,37 +102,42 @@ def _load_with_datasets(kind: str, source: str, split: str, key: str) -> list:
         raise BadInput(f"{key}: {source} is not UTF-8 text (byte {e.start})") from None
     except Exception as e:  # datasets/pyarrow raise many types for unreadable input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if kind == "hub":
-            first = (
-                "not in the local cache (shardtune never downloads at run time)"
-                if "offline" in first.lower() or "couldn't" in first.lower() or "not found" in first.lower()
-                else first
-            )
         raise BadInput(f"{key}: cannot read {source}: {first}") from None
     return [dict(row) for row in ds]
 
 
-def _load_cached_hub_dataset(repo_id: str, split: str):
-    """A hub dataset offline: from the datasets cache, else from its snapshot in the hub cache."""
+def _load_hub_dataset(repo_id: str, split: str, revision: str | None):
+    """A hub dataset as ``datasets.load_dataset`` gets it (download once, then the cache); offline:
+    from the datasets cache, else from its snapshot in the hub cache."""
     import datasets
-    from huggingface_hub import snapshot_download
 
+    from shardtune import hub
+
+    if not hub.offline():
+        try:
+            return datasets.load_dataset(repo_id, split=split, revision=revision)
+        except ValueError as e:
+            if "split" in str(e).lower():
+                raise BadInput(
+                    f"data.split: {repo_id} has no split {split!r} ({str(e).splitlines()[0]})"
+                ) from None
+            raise
+        except Exception as e:
+            raise hub.describe_failure("data.hub", repo_id, revision, e) from None
     try:
-        return datasets.load_dataset(repo_id, split=split)
+        return datasets.load_dataset(repo_id, split=split, revision=revision)
     except (ConnectionError, OSError, ValueError):
         pass
-    try:
-        local = snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
-    except Exception:
-        raise BadInput(
-            f"data.hub: {repo_id} is not in the local cache (shardtune never downloads at run time)"
-        ) from None
+    hub.check_available("data.hub", repo_id, revision, repo_type="dataset")
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True)
     return datasets.load_dataset(local, split=split)
 
 
 def read_records(data: DataSection) -> list:
     if data.hub is not None:
-        return _load_with_datasets("hub", data.hub, data.split, "data.hub")
+        return _load_with_datasets("hub", data.hub, data.split, "data.hub", data.revision)
     path = Path(data.path).expanduser()
     if path.is_dir():
         return _load_with_datasets("disk", str(path), data.split, "data.path")
@@ -356,11 +361,43 @@ def segments(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -
 
 
 def prompt_ids(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[int]:
-    """Token ids of the prompt as the model sees it before generating the completion."""
+    """Token ids of the prompt as the model sees it before generating the completion (a chat: every
+    turn before its last assistant turn)."""
+    if example.messages:
+        last = max(k for k, (role, _) in enumerate(example.messages) if role == "assistant")
+        text = _render(tokenizer, example.messages[:last], add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
     if chat:
         text = _render(tokenizer, (("user", example.prompt),), add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False).input_ids
     return _bos(tokenizer) + tokenizer(example.prompt, add_special_tokens=False).input_ids
+
+
+def prompt_text(example: Example) -> str:
+    """The prompt as a person reads it (a chat: its last user turn before the answer)."""
+    if example.messages:
+        return next((c for role, c in reversed(example.messages[:-1]) if role == "user"), "")
+    return example.prompt
+
+
+def expected_answer(example: Example) -> str:
+    """What a scored answer is compared with: the completion, or a chat's last assistant turn."""
+    if example.messages:
+        return next(content for role, content in reversed(example.messages) if role == "assistant")
+    return example.completion
+
+
+def all_examples(data: DataSection) -> list[Example]:
+    """Every record of ``data.path`` / ``data.hub`` as an example (no split): for evaluating on a file."""
+    records = read_records(data)
+    if not records:
+        raise BadInput(f"data: {data.path or data.hub} holds no examples")
+    fmt = detect_format(records[0]) if data.format == "auto" else data.format
+    source = data.path or data.hub
+    return [
+        record_to_example(r, fmt, f"data: {source} record {i + 1}", data.text_field)
+        for i, r in enumerate(records)
+    ]
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -10,9 +10,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from shardtune.adapters.model import adapter_disabled
-from shardtune.data import Collator, Example, encode_all, load_examples, prompt_ids, uses_chat
+from shardtune.data import (
+    Collator,
+    Example,
+    all_examples,
+    encode_all,
+    expected_answer,
+    load_examples,
+    prompt_ids,
+    prompt_text,
+    uses_chat,
+)
 from shardtune.errors import BadInput
-from shardtune.tasks import exact_match
+from shardtune.tasks import METRICS
 
 
 @torch.no_grad()
@@ -79,16 +89,19 @@ def score_task(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     synced: bool = False,
+    metric: str = "exact",
 ) -> TaskScore:
-    """Exact match (first line of the greedy answer) against each example's completion."""
+    """Greedy answers scored against each example's completion (a chat: its last assistant turn):
+    ``exact`` — the answer's first line equals it; ``contains`` — the answer holds it."""
     prompts = [prompt_ids(e, tokenizer, chat) for e in examples]
     answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size, synced=synced)
+    scorer = METRICS[metric]
     samples = [
         {
-            "prompt": e.prompt,
-            "expected": e.completion.strip(),
+            "prompt": prompt_text(e),
+            "expected": expected_answer(e).strip(),
             "answer": a.strip(),
-            "correct": exact_match(a, e.completion),
+            "correct": scorer(a, expected_answer(e)),
         }
         for e, a in zip(examples, answers, strict=True)
     ]
@@ -137,44 +150,119 @@ def answer_prompts(
     return [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
 
 
-def evaluate_run(run_dir: str | Path, base: bool = False, samples: int | None = None) -> dict:
-    """Held-out loss, perplexity and (for builtin tasks) exact-match score of a trained run."""
-    from shardtune.checkpoint import RECIPE_FILE, load_adapted_model, read_adapter_config
+def evaluate(
+    run_dir: str | Path | None = None,
+    model: str | None = None,
+    base_model: str | None = None,
+    data: str | Path | None = None,
+    data_format: str = "auto",
+    metric: str = "exact",
+    samples: int | None = None,
+    base: bool = False,
+) -> dict:
+    """Held-out loss, perplexity and an answer score of a run's adapter (``run_dir``: a shardtune run or
+    checkpoint, or a PEFT LoRA adapter; ``base_model`` overrides its base) or of a plain or merged
+    model (``model``). The examples: ``data`` (every record of a file; scored with ``metric`` when
+    records have a completion), else the run's held-out examples (a builtin task scores exact match).
+    ``base``: the base model too, adapter off."""
+    from shardtune.checkpoint import load_adapted_model
+    from shardtune.models import load_model
+
+    if metric not in METRICS:
+        raise BadInput(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    if (run_dir is None) == (model is None):
+        raise BadInput("eval: give a run or adapter directory, or --model NAME|DIR (not both)")
+    if run_dir is None and data is None:
+        raise BadInput("eval --model: give the examples with --data FILE")
+    recipe = _run_recipe(Path(run_dir) if run_dir is not None else None, data)
+    held, scored, settings = _examples(recipe, data, data_format, metric, samples)
+    if run_dir is not None:
+        lm, tokenizer, meta = load_adapted_model(run_dir, base_model=base_model)
+        result = {"run_dir": str(run_dir), "method": meta["method"], "step": meta["step"]}
+    else:
+        lm, tokenizer = load_model(model)
+        result = {"model": model}
+    chat = uses_chat(tokenizer, recipe.data.chat_template if recipe else "auto")
+    features, _ = encode_all(held, tokenizer, settings["max_length"], chat)
+    result.update({"data": settings["source"], "metric": settings["metric"]})
+
+    def measure() -> dict:
+        loader = DataLoader(
+            features, batch_size=settings["batch_size"], collate_fn=Collator(tokenizer.pad_token_id)
+        )
+        loss = heldout_loss(lm, loader) if features else float("nan")
+        out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "examples": len(features)}
+        if scored:
+            score = score_task(
+                lm, tokenizer, held, chat, settings["max_new_tokens"], settings["batch_size"], metric=metric
+            )
+            out.update({"task_score": score.accuracy, "task_correct": score.correct, "scored": score.total})
+            if settings["task"]:
+                out["task"] = settings["task"]
+        return out
+
+    result["adapter" if run_dir is not None else "model_scores"] = measure()
+    if base and run_dir is not None:
+        with adapter_disabled(lm):
+            result["base"] = measure()
+    return result
+
+
+def _run_recipe(run_dir: Path | None, data):
+    """The recipe of a shardtune run (its held-out data and settings); None for a PEFT adapter or a plain model."""
+    from shardtune.checkpoint import RECIPE_FILE, read_adapter_config
+    from shardtune.peftio import is_peft_adapter
     from shardtune.recipe import load_recipe
 
-    run_dir = Path(run_dir)
+    if run_dir is None:
+        return None
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir}: no such run or adapter directory")
+    if is_peft_adapter(run_dir):
+        if data is None:
+            raise BadInput(
+                f"{run_dir}: a PEFT adapter holds no held-out data; give the examples with --data FILE"
+            )
+        return None
     read_adapter_config(run_dir)  # a run at all, before its recipe
-    recipe_path = run_dir / RECIPE_FILE
-    if not recipe_path.is_file():
-        raise BadInput(f"{run_dir}: no {RECIPE_FILE}; cannot tell which data to evaluate on")
-    recipe = load_recipe(recipe_path)
-    model, tokenizer, meta = load_adapted_model(run_dir)
+    if not (run_dir / RECIPE_FILE).is_file():
+        if data is None:
+            raise BadInput(
+                f"{run_dir}: no {RECIPE_FILE}; cannot tell which data to evaluate on (give --data FILE)"
+            )
+        return None
+    return load_recipe(run_dir / RECIPE_FILE)
+
+
+def _examples(recipe, data, data_format: str, metric: str, samples: int | None):
+    """(examples, whether to score them, settings) for :func:`evaluate`."""
+    from shardtune.recipe import DataSection, EvalSection
+
+    if data is not None:
+        try:
+            section = DataSection(path=str(data), format=data_format)
+        except ValueError as e:
+            raise BadInput(f"--format: {str(e).splitlines()[0]}") from None
+        held = all_examples(section)[:samples]
+        scored = all(e.completion or e.messages for e in held) and any(e.prompt or e.messages for e in held)
+        defaults = EvalSection()
+        settings = {"source": str(data), "task": None, "max_length": 1024, "batch_size": defaults.batch_size}
+        settings.update(max_new_tokens=defaults.max_new_tokens * 4, metric=metric if scored else None)
+        return held, scored, settings
     if samples is not None and recipe.data.task is not None:
         recipe.data.eval_samples = samples  # generated items: as many as asked, never trained on
     _, held = load_examples(recipe.data)
     held = held[:samples]  # split-off data: never more than the run held out (the rest was trained on)
     if not held:
-        raise BadInput(f"{run_dir}: the recipe holds out no examples (data.eval_samples is 0)")
-    chat = uses_chat(tokenizer, recipe.data.chat_template)
-    features, _ = encode_all(held, tokenizer, recipe.data.max_length, chat)
-
-    def measure() -> dict:
-        loader = DataLoader(
-            features, batch_size=recipe.eval.batch_size, collate_fn=Collator(tokenizer.pad_token_id)
+        raise BadInput(
+            "eval: the run's recipe holds out no examples (data.eval_samples is 0); give --data FILE"
         )
-        loss = heldout_loss(model, loader)
-        out = {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "examples": len(features)}
-        if recipe.data.task is not None:
-            score = score_task(
-                model, tokenizer, held, chat, recipe.eval.max_new_tokens, recipe.eval.batch_size
-            )
-            out.update(
-                {"task": recipe.data.task, "task_score": score.accuracy, "task_correct": score.correct}
-            )
-        return out
-
-    result = {"run_dir": str(run_dir), "method": meta["method"], "step": meta["step"], "adapter": measure()}
-    if base:
-        with adapter_disabled(model):
-            result["base"] = measure()
-    return result
+    settings = {
+        "source": recipe.data.task or recipe.data.path or recipe.data.hub,
+        "task": recipe.data.task,
+        "max_length": recipe.data.max_length,
+        "batch_size": recipe.eval.batch_size,
+        "max_new_tokens": recipe.eval.max_new_tokens,
+        "metric": "exact" if recipe.data.task else None,
+    }
+    return held, recipe.data.task is not None, settings

@@ -21,24 +21,36 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from shardtune import quant
 from shardtune.adapters import METHODS, AdapterOptions
 from shardtune.adapters.base import STORES_ATTR
-from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter, merge_adapter
-from shardtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, load_adapted_model
+from shardtune.adapters.model import adapted_layers, inject_adapter, merge_adapter, trainable_share
+from shardtune.catalog import canonical_dtype
+from shardtune.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    RECIPE_FILE,
+    attach_adapter,
+    load_adapted_model,
+)
 from shardtune.errors import BadInput
 from shardtune.fileio import check_output_dir, write_output_dir
+from shardtune.models import load_model
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "vera", "vblora", "tiedlora", "prolora")
 
 
-def _inputs(run_dir: Path) -> list[Path | None]:
-    """What merge/export read: the run (or checkpoint) and, when it is a local directory, its base model."""
-    from shardtune.checkpoint import read_adapter_config
+def _inputs(run_dir: Path, base_model: str | None = None) -> list[Path | None]:
+    """What merge/export read: the run (or checkpoint, or PEFT adapter) and, when it is a local
+    directory, its base model."""
+    from shardtune.checkpoint import adapter_source
 
-    name = read_adapter_config(run_dir)["base_model"]["name"]
+    if not run_dir.is_dir():
+        raise BadInput(f"{run_dir}: no such run or adapter directory")
+    name = base_model or adapter_source(run_dir)[0]["base_model"].get("name") or ""
     base = Path(name).expanduser()
-    return [run_dir, base if base.is_dir() else None]
+    return [run_dir, base if name and base.is_dir() else None]
 
 
 def unwrap_merged(model: nn.Module) -> nn.Module:
@@ -54,13 +66,31 @@ def unwrap_merged(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwrite: bool = False) -> dict:
-    """Merge the run's adapter into its base model and write a plain HF model directory."""
-    if dtype not in MERGE_DTYPES:
-        raise BadInput(f"--dtype: expected one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
-    inputs = _inputs(Path(run_dir))
+MERGE_BASES = ("auto", "original", "dequantized")
+
+
+def merge_run(
+    run_dir: str | Path,
+    out: str | Path,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    base_model: str | None = None,
+    base_weights: str = "auto",
+) -> dict:
+    """Merge the run's adapter into its base model (``base_model``: another copy of it) and write a
+    plain HF model directory.
+
+    A run on a quantized base (``model.quantize``) is merged into a plain model: ``base_weights``
+    ``original`` loads the base's unquantized weights (``W + ΔW``: the usual QLoRA merge), ``dequantized``
+    the quantized base dequantized (``Q(W) + ΔW``: exactly the function that was trained), ``auto`` the
+    original weights when the base has them (a model directory saved quantized has not).
+    """
+    dtype = canonical_dtype(dtype, "--dtype")
+    if base_weights not in MERGE_BASES:
+        raise BadInput(f"--base-weights: expected one of {', '.join(MERGE_BASES)}, got {base_weights!r}")
+    inputs = _inputs(Path(run_dir), base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything
-    model, tokenizer, meta = load_adapted_model(run_dir, dtype="float32")
+    model, tokenizer, meta, source = _base_for_merge(Path(run_dir), base_weights, base_model)
     merge_adapter(model)
     unwrap_merged(model)
     model.to(MERGE_DTYPES[dtype])
@@ -75,8 +105,53 @@ def merge_run(run_dir: str | Path, out: str | Path, dtype: str = "bf16", overwri
         "out": str(out),
         "method": meta["method"],
         "dtype": dtype,
-        "base_model": meta["base_model"]["name"],
+        "base_model": base_model or meta["base_model"]["name"],
+        "quantize": meta["base_model"].get("quantize"),
+        "base_weights": source,
     }
+
+
+def _base_for_merge(
+    run_dir: Path, base_weights: str, base_model: str | None
+) -> tuple[nn.Module, object, dict, str]:
+    """The run's base (``base_model``: another copy of it) in fp32 with its adapter attached, and where
+    the base's weights came from: ``original`` (as stored, unquantized) or ``dequantized`` (the
+    quantized base, dequantized)."""
+    from shardtune.checkpoint import adapter_source
+    from shardtune.models import load_config
+    from shardtune.recipe import ModelSection
+
+    meta, _ = adapter_source(run_dir)
+    recorded = {k: v for k, v in meta["base_model"].items() if k in ModelSection.model_fields}
+    if base_model is not None:
+        recorded = {**recorded, "name": base_model, "revision": None}
+    if not recorded.get("name"):
+        raise BadInput(f"{run_dir}: the adapter names no base model; give it with --base-model")
+    section = ModelSection.model_validate(recorded)
+    quantization = quant.quantization_of(section)
+    try:
+        stored_quantized = quant.is_prequantized(load_config(section.name, section.trust_remote_code))
+    except BadInput:  # no config to read: loading the base says what is wrong, in its own words
+        stored_quantized = False
+    if stored_quantized and base_weights == "original":
+        raise BadInput(
+            f"--base-weights original: {section.name} holds quantized weights only; use dequantized (or auto)"
+        )
+    trained_quantized = quantization is not None or stored_quantized
+    if not trained_quantized:
+        model, tokenizer, meta = load_adapted_model(run_dir, base_model=base_model, dtype="fp32")
+        return model, tokenizer, meta, "original"
+    source = "dequantized" if base_weights == "dequantized" or stored_quantized else "original"
+    if source == "original":
+        model, tokenizer = load_model(section.name, "fp32", section.trust_remote_code, section.revision)
+    else:  # quantized as it was trained (same dtype, so the same codes), then Q(W) in fp32, on the CPU
+        model, tokenizer = load_model(
+            section.name, section.dtype, section.trust_remote_code, section.revision, quantization, "cpu"
+        )
+        model = quant.dequantize_model(model, torch.float32)
+    attach_adapter(model, run_dir)
+    model.eval()
+    return model, tokenizer, meta, source
 
 
 def peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
@@ -97,6 +172,21 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
     return tensors, rank, fifo
 
 
+def peft_base_model(record: dict) -> dict:
+    """``base_model_name_or_path`` (and ``revision``) for PEFT: the hub id of an embedded or hub model,
+    the absolute path of a local one, and for a tiny builtin the directory it is saved to once."""
+    from shardtune.catalog import EMBEDDED
+
+    name = record["name"]
+    if record.get("source") == "builtin":
+        if name in EMBEDDED:
+            return {"base_model_name_or_path": EMBEDDED[name][2], "revision": None}
+        from shardtune.models import saved_builtin
+
+        return {"base_model_name_or_path": str(saved_builtin(name)), "revision": None}
+    return {"base_model_name_or_path": name, "revision": record.get("revision")}
+
+
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """Short names (``q_proj``) when PEFT's suffix matching selects exactly the adapted layers, else full paths."""
     from shardtune.adapters.model import linear_layers
@@ -107,11 +197,13 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(short) if selected == set(names) else sorted(names)
 
 
-def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def export_peft(
+    run_dir: str | Path, out: str | Path, overwrite: bool = False, base_model: str | None = None
+) -> dict:
     """The run's adapter as a standard PEFT LoRA adapter directory (see the module docstring)."""
-    inputs = _inputs(Path(run_dir))
+    inputs = _inputs(Path(run_dir), base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)
-    model, _, meta = load_adapted_model(run_dir)
+    model, _, meta = load_adapted_model(run_dir, base_model=base_model)
     method = meta["method"]
     if method not in LOW_RANK_METHODS:
         raise BadInput(
@@ -132,7 +224,8 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": meta["base_model"]["name"],
+        # what PEFT/transformers load the base from: a hub id or an absolute path, never an alias
+        **peft_base_model(model.shardtune_base),
         "r": rank,
         "lora_alpha": rank,  # the scale is folded into lora_B: α/r = 1
         "target_modules": _target_modules(model, names),
@@ -159,15 +252,38 @@ def export_peft(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
         "r": rank,
         "layers": len(names),
         "stored_parameters": stored,
+        "base_model_name_or_path": config["base_model_name_or_path"],
+        "serve": vllm_command(config["base_model_name_or_path"], Path(out), rank),
     }
 
 
-def export_native(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts (8, 16, 32, 64, …) that holds ``rank``."""
+    return max(8, 1 << (rank - 1).bit_length())
+
+
+def vllm_command(base: str, adapter: Path, rank: int) -> str:
+    """A ``vllm serve`` command line that serves the base with this PEFT LoRA adapter (named after its
+    directory), with the rank it needs."""
+    import shlex
+
+    name = adapter.resolve().name or "adapter"
+    return (
+        f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules "
+        f"{shlex.quote(f'{name}={adapter.resolve()}')} --max-lora-rank {vllm_max_lora_rank(rank)}"
+    )
+
+
+def export_native(
+    run_dir: str | Path, out: str | Path, overwrite: bool = False, base_model: str | None = None
+) -> dict:
     """A copy of the run's adapter files (adapter.safetensors, adapter.json, recipe.yaml)."""
     run_dir = Path(run_dir)
-    inputs = _inputs(run_dir)
+    inputs = _inputs(run_dir, base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)
-    load_adapted_model(run_dir)  # validate before copying
+    if not (run_dir / ADAPTER_CONFIG).is_file():
+        raise BadInput(f"{run_dir}: not a shardtune adapter directory (no {ADAPTER_CONFIG})")
+    load_adapted_model(run_dir, base_model=base_model)  # validate before copying
 
     def write(tmp: Path) -> None:
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE):
@@ -185,24 +301,69 @@ def count_trainable(config, options: AdapterOptions) -> tuple[int, int]:
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    base = sum(p.numel() for p in model.parameters())
+    model.tie_weights()  # a tied output head is the embedding: counted once, as a loaded model counts it
     with torch.device("meta"):
         inject_adapter(model, options)
-    return count_parameters(model)[0], base
+    trainable, base, _ = trainable_share(model)
+    return trainable, base
+
+
+def parameter_options(
+    model: str | None,
+    method: str | None,
+    rank: int | None,
+    targets: str | None,
+    overrides: list[str] | None,
+    recipe: Path | None,
+    quantize: str | None = None,
+) -> tuple[str | None, str, dict, str | None]:
+    """(model, method, adapter options, quantize) for `params`: the recipe's model, adapter and
+    ``model.quantize`` (when given) with the command line's options on top; ``--set KEY=VALUE`` values
+    are read as YAML, as recipes are."""
+    from shardtune.recipe import load_recipe, parse_yaml
+
+    options: dict = {}
+    if recipe is not None:
+        loaded = load_recipe(recipe)
+        model = model or loaded.model.name
+        options = {k: v for k, v in loaded.adapter.model_dump(mode="json").items() if k != "method"}
+        method = method or loaded.adapter.method
+        quantize = quantize or loaded.model.quantize
+    if rank is not None:
+        options["rank"] = rank
+    if targets is not None:
+        options["targets"] = targets if targets == "all-linear" else targets.split(",")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BadInput(f"--set {item}: expected KEY=VALUE")
+        options[key.strip().removeprefix("adapter.")] = parse_yaml(value)
+    return model, method or "lora", options, quantize
 
 
 def parameter_report(
-    model: str,
+    model: str | None,
     method: str = "lora",
     options: dict | None = None,
     compare: bool = False,
     trust_remote_code: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
 ) -> dict:
     """Trainable parameters of ``method`` (or, ``compare``, of every method with the options it
-    understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA."""
+    understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA;
+    and the base's weight memory (:func:`shardtune.quant.estimate_base_memory`) in the config's dtype,
+    quantized as ``quantize`` (nf4 | fp4 | int8) when given."""
+    from shardtune.catalog import DEFAULT_MODEL
     from shardtune.errors import ShardtuneError
     from shardtune.models import load_config
 
+    if quantize is not None and quantize not in quant.QUANT_TYPES:
+        raise BadInput(f"--quantize: expected one of {', '.join(quant.QUANT_TYPES)}, got {quantize!r}")
+    note = None
+    if model is None:
+        model = DEFAULT_MODEL
+        note = f"counting on the embedded default model {model} (give --model or --recipe for another)"
     config = load_config(model, trust_remote_code)
     options = options or {}
     rows = []
@@ -220,7 +381,11 @@ def parameter_report(
     for r in rows:
         r["vs_lora"] = r["trainable"] / lora if lora and r["trainable"] is not None else None
         r["percent_of_base"] = 100 * r["trainable"] / r["base"] if r["trainable"] is not None else None
-    return {"model": model, "options": options, "methods": rows}
+    quantization = quant.Quantization(quantize, double_quant and quantize != "int8") if quantize else None
+    memory = quant.estimate_base_memory(config, quantization, quant.config_dtype(config))
+    base_memory = {**memory.as_dict(), "summary": memory.describe()}
+    report = {"model": model, "options": options, "methods": rows, "base_memory": base_memory}
+    return {**report, **({"note": note} if note else {})}
 
 
 def method_options(method: str, **kw) -> AdapterOptions:

@@ -54,6 +54,22 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def read_safetensors(path: Path) -> dict:
+    """The tensors of a safetensors file (never pickle); missing, empty, cut short or corrupt: one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BadInput(f"{path}: file not found; the run is incomplete")
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path}: empty file; the run is incomplete or the file was cut short")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{path}: corrupt or truncated safetensors file ({first})") from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 

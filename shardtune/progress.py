@@ -1,7 +1,6 @@
-"""How a run talks to people: a rich progress bar on a terminal, plain periodic lines otherwise.
-
-Pipelines use ``--json`` (one JSON object on stdout at the end); then everything here goes to
-stderr, and ``--quiet`` silences it.
+"""How a run talks to people: on stderr always (stdout carries results only), a rich progress bar
+on a terminal, plain periodic lines otherwise; ``--quiet`` silences it. Pipelines read stdout:
+``--json`` prints one JSON object there at the end.
 """
 
 from __future__ import annotations
@@ -24,14 +23,16 @@ log = logging.getLogger("shardtune")
 
 class Reporter:
     def __init__(self, console: Console | None = None, quiet: bool = False):
-        self.console = console or Console(stderr=False)
+        self.console = console or Console(stderr=True)
         self.quiet = quiet
         self._progress: Progress | None = None
         self._task = None
 
     @classmethod
-    def for_cli(cls, json_output: bool, quiet: bool) -> Reporter:
-        return cls(Console(stderr=json_output, highlight=False), quiet=quiet)
+    def for_cli(cls, quiet: bool) -> Reporter:
+        """Talk on stderr, unwrapped when it is not a terminal."""
+        terminal = sys.stderr.isatty()
+        return cls(Console(stderr=True, highlight=False, width=None if terminal else 1 << 20), quiet=quiet)
 
     @property
     def interactive(self) -> bool:
@@ -69,7 +70,7 @@ class Reporter:
             self._progress.update(self._task, completed=step, metrics=text)
         elif log_line and not self.quiet:
             self.console.print(f"step {step}  {text}", markup=False, soft_wrap=True)
-            sys.stdout.flush()
+            self.console.file.flush()
 
     def stop(self) -> None:
         if self._progress is not None:

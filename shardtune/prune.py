@@ -332,16 +332,16 @@ def prune_to_directory(
     pattern: str | None = None,
     recipe: Path | None = None,
     samples: int = 128,
-    dtype: str = "float32",
+    dtype: str = "fp32",
     overwrite: bool = False,
 ) -> dict:
     """Load ``model``, prune it (Wanda and SparseGPT calibrate on the first ``samples`` examples of
     ``recipe``'s data) and write it to ``out``; return :func:`prune_model`'s report with ``out``."""
+    from shardtune.catalog import canonical_dtype
     from shardtune.fileio import check_output_dir
     from shardtune.models import load_model
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise BadInput(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    dtype = canonical_dtype(dtype, "--dtype")
     local = Path(model).expanduser()
     inputs = [local if local.exists() else None, recipe]
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything

@@ -17,15 +17,18 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from shardtune.adapters import METHODS
+from shardtune.adapters.base import dtype_synonyms
 from shardtune.errors import BadInput, RecipeError
 
 
@@ -39,16 +42,50 @@ class ModelSection(Section):
         ...,
         description=(
             "Base model: a builtin alias (`shardtune models` lists them, e.g. `tiny-llama`), a local "
-            "Hugging Face model directory, or a hub id already in the local cache (nothing is downloaded)."
+            "Hugging Face model directory, or a hub id (`org/name`: downloaded on first use into the Hugging "
+            "Face cache, then read from there; HF_TOKEN for private or gated models; offline with "
+            "HF_HUB_OFFLINE=1 or --offline)."
         ),
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype the frozen base weights are loaded in."
+    dtype: Annotated[Literal["fp32", "bf16", "fp16"], BeforeValidator(dtype_synonyms)] = Field(
+        "fp32",
+        description="dtype the frozen base weights are loaded in (float32, bfloat16, float16 also read).",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model directory. Off unless set."
     )
-    revision: str | None = Field(None, description="Hub revision (for hub ids in the local cache).")
+    revision: str | None = Field(
+        None,
+        description="Hub revision of a hub id: a branch, tag or commit (unset: main). Runs record the commit.",
+    )
+    quantize: Literal["nf4", "fp4", "int8"] | None = Field(
+        None,
+        description="Load the frozen base quantized by bitsandbytes (QLoRA-style): `nf4` (4-bit NormalFloat, "
+        "QLoRA's), `fp4` or `int8` (LLM.int8()); every linear layer but the output head. The adapter keeps "
+        "`adapter.dtype`. Needs `pip install shardtune[quant]`; see docs/quantization.md.",
+    )
+    double_quant: bool = Field(
+        True,
+        description="nf4/fp4: quantize the per-block scales too (QLoRA's double quantization, ~0.37 bit per "
+        "weight less).",
+    )
+    compute_dtype: Annotated[Literal["auto", "fp32", "bf16", "fp16"], BeforeValidator(dtype_synonyms)] = (
+        Field(
+            "auto",
+            description="nf4/fp4: the dtype a quantized layer dequantizes into and multiplies in; `auto`: `dtype` "
+            "(float32, bfloat16, float16 also read).",
+        )
+    )
+
+    @field_validator("double_quant", "compute_dtype")
+    @classmethod
+    def _four_bit_options_need_four_bits(cls, value, info):
+        # (a resolved recipe spells out the defaults: only values that differ from them count)
+        default = cls.model_fields[info.field_name].default
+        if value != default and info.data.get("quantize") not in ("nf4", "fp4"):
+            quantize = info.data.get("quantize") or "unset"
+            raise ValueError(f"applies to model.quantize nf4 or fp4 only (quantize is {quantize})")
+        return value
 
 
 AdapterSection = Annotated[
@@ -71,7 +108,12 @@ class DataSection(Section):
         description="A local .jsonl/.json/.csv/.parquet/.txt file or a `datasets` save_to_disk directory.",
     )
     hub: str | None = Field(
-        None, description="A hub dataset id already in the local cache (never downloaded)."
+        None,
+        description="A hub dataset id (`org/name`): downloaded on first use into the Hugging Face cache, as "
+        "`datasets.load_dataset` does; offline with HF_HUB_OFFLINE=1 or --offline.",
+    )
+    revision: str | None = Field(
+        None, description="Hub revision of `hub`: a branch, tag or commit (unset: main)."
     )
     split: str = Field("train", description="Split to train on (hub datasets and save_to_disk directories).")
     eval_split: str | None = Field(
@@ -119,6 +161,15 @@ class DataSection(Section):
             raise ValueError("set exactly one of data.task, data.path or data.hub")
         return self
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str | None) -> str | None:
+        from shardtune.tasks import TASKS
+
+        if value is not None and value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; available: {', '.join(TASKS)}")
+        return value
+
 
 class FsdpSection(Section):
     """How ``train.strategy: fsdp`` shards the model (PyTorch FSDP2, ``torch.distributed.fsdp.fully_shard``)."""
@@ -153,7 +204,9 @@ class TrainSection(Section):
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 disables.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: autocast mixed precision.")
+    precision: Annotated[Literal["fp32", "bf16"], BeforeValidator(dtype_synonyms)] = Field(
+        "fp32", description="`bf16`: autocast mixed precision (float32, bfloat16 also read)."
+    )
     save_every: int = Field(
         0, ge=0, description="Write checkpoint-N every N steps (0: only the final adapter)."
     )
@@ -230,12 +283,29 @@ class OutputSection(Section):
         return value
 
 
+TrackerName = Literal[
+    "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"
+]
+
+
 class LoggingSection(Section):
     every: PositiveInt = Field(10, description="Log a metrics line every N optimizer steps.")
     level: Literal["debug", "info", "warning"] = Field("info", description="Level of the run's log file.")
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="Experiment trackers (Accelerate's) that receive the resolved recipe and every metric of "
+        "metrics.jsonl, e.g. `[tensorboard]` (event files in the run's logs/), `[wandb, mlflow]`; each needs its "
+        "package (`pip install 'shardtune[tensorboard]'`).",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
 
 
 class Recipe(Section):
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what overrides changed besides their key
     model: ModelSection
     adapter: AdapterSection
     data: DataSection
@@ -345,16 +415,31 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
+    """Validate ``raw`` after the ``--set`` overrides; what an override changed beyond its own key
+    (another method's adapter keys dropped) is in :func:`override_notes`."""
+    notes: list[str] = []
     for item in overrides or []:
-        apply_override(raw, item)
+        note = apply_override(raw, item)
+        if note:
+            notes.append(note)
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise first_recipe_error(e, raw) from None
+    recipe._notes = notes
+    return recipe
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML: numbers, booleans, lists) to the nested dict."""
+def override_notes(recipe: Recipe) -> list[str]:
+    """What the ``--set`` overrides changed besides their own keys (say it on stderr)."""
+    return list(recipe._notes)
+
+
+def apply_override(raw: dict, item: str) -> str | None:
+    """Apply ``a.b.c=value`` (value parsed as YAML: numbers, booleans, lists) to the nested dict.
+
+    ``adapter.method=OTHER`` switches methods: the adapter keys the new method does not know (the old
+    method's) are dropped; returns a note that says which."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -372,7 +457,18 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(nxt, dict):
             raise RecipeError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
         node = nxt
+    note = None
+    if parts == ["adapter", "method"] and value in METHODS and node.get("method") != value:
+        known = METHODS[value].Options.model_fields
+        dropped = sorted(k for k in node if k not in known)
+        for k in dropped:
+            del node[k]
+        if dropped:
+            old = node.get("method")
+            keys = ", ".join(f"adapter.{k}" for k in dropped)
+            note = f"adapter.method={value}: dropped {keys} (options of {old} that {value} does not have)"
     node[parts[-1]] = value
+    return note
 
 
 def _model_at(loc: tuple, raw: dict) -> type[BaseModel] | None:

@@ -125,22 +125,32 @@ def _pool_label(pool: str) -> str:
     return "own" if ":" in pool else pool
 
 
+# The summary table's columns, one per value of summary_rows (the --json view holds the same).
+SUMMARY_COLUMNS = (
+    "type",
+    "layers",
+    "A from",
+    "A shards",
+    "A private",
+    "A mean overlap",
+    "B from",
+    "B shards",
+    "B private",
+    "B mean overlap",
+)
+
+
 def render(report: dict, console, max_layers: int = 8) -> None:
     from rich.table import Table
 
-    table = Table(
-        title=f"routing summary ({report['method']}): shards per layer, private ones, mean shards shared by a layer pair"
+    # (titles are printed as lines of their own: a table title wraps to the table's width)
+    console.print(
+        f"routing summary ({report['method']}): shards per layer, private ones, mean shards shared by a layer pair",
+        markup=False,
+        soft_wrap=True,
     )
-    for col in (
-        "type",
-        "layers",
-        "A from",
-        "A shards (private)",
-        "A mean overlap",
-        "B from",
-        "B shards (private)",
-        "B mean overlap",
-    ):
+    table = Table()
+    for col in SUMMARY_COLUMNS:
         table.add_column(col, justify="left" if col in ("type", "A from", "B from") else "right")
     notes = set()
     for row in summary_rows(report):
@@ -161,7 +171,7 @@ def render(report: dict, console, max_layers: int = 8) -> None:
     for note in sorted(notes):
         console.print(f"  note: {note}", markup=False)
 
-    pools = Table(title="pool reuse (how many layers use each shard)")
+    pools = Table()
     for col in ("pool", "shards", "unused", "used by 1", "used by 2+", "max reuse"):
         pools.add_column(col, justify="left" if col == "pool" else "right")
     shared = {k: v for k, v in report["pools"].items() if ":" not in k}
@@ -177,11 +187,15 @@ def render(report: dict, console, max_layers: int = 8) -> None:
             str(info["max_reuse"]),
         )
     if shared:
+        console.print("pool reuse (how many layers use each shard)", markup=False, soft_wrap=True)
         console.print(pools)
     else:
         console.print("no store is shared between layers (every layer owns its parameters)")
 
-    layers = Table(title=f"per-layer shards (first {max_layers} layers; private marked *)")
+    console.print(
+        f"per-layer shards (first {max_layers} layers; private marked *)", markup=False, soft_wrap=True
+    )
+    layers = Table()
     for col in ("layer", "A", "B"):
         layers.add_column(col)
     for entry in report["layers"][:max_layers]:

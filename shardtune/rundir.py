@@ -60,6 +60,7 @@ RUN_ENTRIES = [
     RESULT_FILE,
     "checkpoint-*",
     "compare",
+    "logs",  # experiment trackers' files (TensorBoard event files)
 ]
 REPLACES = "replaces"  # marker key: the earlier run set aside, deleted when this one finishes
 
@@ -128,7 +129,11 @@ class RunDirectory:
             replace_hint="choose another directory, --set output.overwrite=true to replace it, "
             "or --resume to continue it",
             # (a model directory without config.json fails to load with its own message)
-            inputs=[model if (model / "config.json").is_file() else None, self.recipe.data.path],
+            inputs=[
+                model if (model / "config.json").is_file() else None,
+                self.recipe.data.path,
+                self.recipe.adapter.init_from,
+            ],
             legacy=legacy_run_entries,
         )
 

@@ -29,6 +29,14 @@ def exact_match(prediction: str, completion: str) -> bool:
     return first == completion.strip()
 
 
+def contains(prediction: str, completion: str) -> bool:
+    """The answer holds the expected completion anywhere (case and surrounding spaces kept)."""
+    return completion.strip() in prediction
+
+
+METRICS = {"exact": exact_match, "contains": contains}
+
+
 def _reverse(rng: random.Random) -> tuple[str, str]:
     word = "".join(rng.choice("abcdef") for _ in range(rng.randint(3, 6)))
     return f"reverse {word} =", f" {word[::-1]}"

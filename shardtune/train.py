@@ -4,6 +4,7 @@
       connect_processes         Accelerate: one process, or the launched ones (DDP; FSDP shards over them)
       Trainer.run_directory     output.dir checked and locked (shardtune.rundir), SIGTERM → checkpoint + exit,
                                 heartbeats (shardtune.peers): a lost process stops the others, naming it
+      Trainer.read_data         the training and held-out examples, read and checked before any model loads
       Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights)
       Trainer.setup_data        examples → token rows → loaders
       Trainer.start_run         the run directory is written: replaced or created, recipe.yaml, train.log
@@ -40,11 +41,20 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
-from shardtune.adapters.model import adapter_disabled, adapter_state_dict, count_parameters, inject_adapter
+from shardtune import quant
+from shardtune.adapters.base import DTYPES
+from shardtune.adapters.model import (
+    adapter_disabled,
+    adapter_named_parameters,
+    adapter_state_dict,
+    inject_adapter,
+    trainable_share,
+)
 from shardtune.checkpoint import (
     RECIPE_FILE,
     attach_weights,
     check_checkpoint,
+    init_adapter_from,
     list_checkpoints,
     load_training_state,
     resolve_resume,
@@ -80,6 +90,8 @@ class TrainResult:
     task_score_base: float | None = None
     task_score: float | None = None
     train_seconds: float = 0.0  # the optimizer-step loop alone (no loading, evaluation or scoring)
+    base_bytes: int = 0  # the frozen base's parameters as held (quantized layers as codes + scales)
+    base_bytes_unquantized: int = 0  # the same in model.dtype, unquantized
 
 
 def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None = None) -> TrainResult:
@@ -88,6 +100,7 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None =
     with connect_processes(recipe.train) as accelerator:
         trainer = Trainer(recipe, accelerator, reporter or Reporter(quiet=True))
         with trainer.run_directory(resume):
+            trainer.read_data()
             trainer.setup_model()
             trainer.setup_data()
             trainer.start_run()
@@ -261,11 +274,18 @@ class TrainingData:
     eval_loader: DataLoader
 
 
-def build_data(recipe: Recipe, tokenizer, num_processes: int, reporter: Reporter) -> TrainingData:
-    """Examples → token rows with loss masks (truncated, optionally packed) → shuffled batches."""
+def build_data(
+    recipe: Recipe,
+    examples: tuple[list[Example], list[Example]],
+    tokenizer,
+    num_processes: int,
+    reporter: Reporter,
+) -> TrainingData:
+    """(training, held-out) examples → token rows with loss masks (truncated, optionally packed) →
+    shuffled batches."""
     cfg = recipe.train
     chat = uses_chat(tokenizer, recipe.data.chat_template)
-    train_examples, eval_examples = load_examples(recipe.data)
+    train_examples, eval_examples = examples
     train_rows, truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat)
     eval_rows, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat)
     if not train_rows:
@@ -368,6 +388,7 @@ class Trainer:
         self.final_loss, self.eval_loss, self.grad_norm = float("nan"), None, None
         self.lr = self.cfg.lr
         self.train_seconds = 0.0
+        self.trackers = None  # logging.report_to, on the main process
 
     @contextmanager
     def run_directory(self, resume: str | None) -> Iterator[None]:
@@ -395,6 +416,8 @@ class Trainer:
             raise
         finally:
             self.reporter.stop()
+            if self.trackers is not None:
+                self.trackers.finish()
             self.directory.close()
 
     @contextmanager
@@ -420,33 +443,52 @@ class Trainer:
         finally:
             peers.close()
 
+    def read_data(self) -> None:
+        """Read and check the training and held-out examples (a bad data file fails before a model loads)."""
+        self.examples = load_examples(self.recipe.data)
+
     def setup_model(self) -> None:
         """Load the frozen base model and inject the adapter (resumed: the checkpoint's adapter weights)."""
         recipe, cfg = self.recipe, self.cfg
         set_seed(cfg.seed)
+        quantization = quant.quantization_of(recipe.model)
+        quant.check_strategy(quantization is not None, sharded=self.fsdp)
         self.model, self.tokenizer = load_model(
-            recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision
+            recipe.model.name,
+            recipe.model.dtype,
+            recipe.model.trust_remote_code,
+            recipe.model.revision,
+            quantization=quantization,
+            device=self.accelerator.device,
         )
         targets = inject_adapter(self.model, recipe.adapter)
+        self._check_fits_model()
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
-        self.trainable, self.total = count_parameters(self.model)
+        self.trainable, base, share = trainable_share(self.model)
+        self.total = self.trainable + base
         self.reporter.info(
             f"{recipe.adapter.method} on {recipe.model.name}: {len(targets)} layers adapted, "
-            f"{self.trainable:,} trainable parameters ({100 * self.trainable / self.total:.3f}% of {self.total:,})"
+            f"{self.trainable:,} trainable parameters ({share:.3f}% of the base model's {base:,})"
         )
+        adapter = [p for _, p in adapter_named_parameters(self.model)]
+        self.base_memory = quant.base_memory(self.model, DTYPES[recipe.model.dtype], leave_out=adapter)
+        self.reporter.info(self.base_memory.describe())
         if self.resume_from is not None:
             attach_weights(self.model, self.resume_from)
-        if cfg.strategy == "fsdp":
-            block_classes(self.model, cfg.fsdp.wrap)  # a wrong train.fsdp.wrap fails here, on one process too
-            if not self.fsdp:
-                self.reporter.warn(
-                    "train.strategy: fsdp with one process: nothing to shard, training unsharded"
-                )
+        elif recipe.adapter.init_from is not None:
+            init_adapter_from(self.model, Path(recipe.adapter.init_from).expanduser())
+            self.reporter.info(f"adapter weights from {recipe.adapter.init_from} (adapter.init_from)")
+        if cfg.strategy == "fsdp" and not self.fsdp:
+            self.reporter.warn("train.strategy: fsdp with one process: nothing to shard, training unsharded")
 
-    def setup_data(self) -> None:
-        """Token rows and loaders of the training and held-out examples."""
+    def _check_fits_model(self) -> None:
+        """Recipe keys that only the loaded model can check: the FSDP block classes, the context length."""
+        if self.cfg.strategy == "fsdp":
+            block_classes(
+                self.model, self.cfg.fsdp.wrap
+            )  # a wrong train.fsdp.wrap fails here, on one process too
         context = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(context, int) and self.recipe.data.max_length > context:
             raise RecipeError(
@@ -454,17 +496,30 @@ class Trainer:
                 f"{self.recipe.data.max_length} is longer than the model's context of {context} tokens "
                 "(max_position_embeddings)",
             )
-        self.data = build_data(self.recipe, self.tokenizer, self.accelerator.num_processes, self.reporter)
+
+    def setup_data(self) -> None:
+        """Token rows and loaders of the training and held-out examples."""
+        self.data = build_data(
+            self.recipe, self.examples, self.tokenizer, self.accelerator.num_processes, self.reporter
+        )
 
     def start_run(self) -> None:
         """From here on the run directory is written: an earlier run it replaces is set aside, the
-        metrics start (or are cut back to the checkpoint's step), recipe.yaml holds the resolved recipe."""
+        metrics start (or are cut back to the checkpoint's step), recipe.yaml holds the resolved recipe;
+        experiment trackers (``logging.report_to``) start with the recipe as hyper-parameters."""
         self.directory.start(self.resumed_step)
+        if self.main and self.recipe.logging.report_to:
+            from shardtune.tracking import Trackers
+
+            self.trackers = Trackers(
+                self.recipe.logging.report_to, self.run_dir, self.recipe.model_dump(mode="json")
+            )
 
     def setup_optimizer(self) -> None:
         """LoRS gradient init (a fresh run), FSDP sharding, AdamW, Accelerate's prepare."""
         cfg, accelerator = self.cfg, self.accelerator
-        if getattr(self.recipe.adapter, "init", None) == "gradient" and self.resume_from is None:
+        fresh = self.resume_from is None and self.recipe.adapter.init_from is None
+        if getattr(self.recipe.adapter, "init", None) == "gradient" and fresh:
             # Before sharding: LoRS init needs whole dense gradients, computed on every process alike.
             self.model.to(accelerator.device)
             self._gradient_init()
@@ -673,6 +728,8 @@ class Trainer:
         if self.main:
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(metrics, step)
         self.reporter.step(step, {k: v for k, v in metrics.items() if v is not None}, log_line=True)
 
     def save_checkpoint(self, counters: dict) -> Path | None:
@@ -719,6 +776,8 @@ class Trainer:
             truncated_examples=self.data.truncated,
             seconds=time.perf_counter() - started,
             train_seconds=self.train_seconds,
+            base_bytes=self.base_memory.stored_bytes,
+            base_bytes_unquantized=self.base_memory.unquantized_bytes,
             **self.scores,
         )
         if main:

@@ -150,5 +150,7 @@ def test_offline_cached_hub_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     train, held = load_examples(section(hub="acme/tiny-ds"))
     assert len(train) + len(held) == 20 and train[0].completion.startswith("c")
-    with pytest.raises(BadInput, match="data.hub: acme/missing is not in the local cache"):
+    with pytest.raises(
+        BadInput, match=r"data.hub: .acme/missing. is not a hub dataset in the Hugging Face cache"
+    ):
         load_examples(section(hub="acme/missing"))

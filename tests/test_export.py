@@ -261,4 +261,4 @@ def test_params_cli_compare_and_70b(tmp_path):
     )
     assert result.exit_code == 0 and "mos" in result.output
     result = runner.invoke(app, ["params", "--model", "nope/none", "--method", "lora"])
-    assert result.exit_code == 2 and "cannot read a config" in result.stderr
+    assert result.exit_code == 2 and "--model: 'nope/none' is not a builtin alias" in result.stderr

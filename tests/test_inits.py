@@ -145,3 +145,4 @@ def test_lors_gradient_init_is_the_top_singular_subspace_of_the_dense_gradient()
         assert not layer.adapter.lora_B.any()
     assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
     assert all(p.grad is None for n, p in model.named_parameters() if "base_layer" in n)
+    assert not any(m._forward_hooks for m in model.modules())  # the gradient's hooks are gone

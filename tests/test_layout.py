@@ -127,6 +127,7 @@ def test_train_reads_as_named_phases_with_docstrings():
     ]
     phases = [
         "run_directory",
+        "read_data",
         "setup_model",
         "setup_data",
         "start_run",

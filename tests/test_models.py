@@ -21,10 +21,13 @@ def test_local_directory_and_errors(tmp_path):
 
     with pytest.raises(BadInput, match="has no config.json"):
         load_model(str(tmp_path))
+    # (the tests run with HF_HUB_OFFLINE=1: a hub id that is not cached is one line naming the cache)
     with pytest.raises(
-        BadInput, match=r"model.name: 'org/not-cached' is not a builtin alias .* never downloads"
+        BadInput, match=r"model.name: 'org/not-cached' is not a builtin alias .* cache \(.*\)"
     ):
         load_model("org/not-cached")
+    with pytest.raises(BadInput, match=r"model.name: 'no such/model!' is not a builtin alias"):
+        load_model("no such/model!")
 
 
 def test_tiny_aliases_are_deterministic():

@@ -138,7 +138,8 @@ def test_training_loader_batches_are_masked_and_padded(tmp_path):
         train={"batch_size": 8},
     )
     tok = byte_tokenizer()
-    data = build_data(recipe_from_dict(raw_recipe), tok, 1, Reporter(quiet=True))
+    recipe = recipe_from_dict(raw_recipe)
+    data = build_data(recipe, load_examples(recipe.data), tok, 1, Reporter(quiet=True))
     by_prompt = {r["prompt"]: r["completion"] for r in rows}
     seen = []
     for batch in data.loader:
@@ -169,7 +170,8 @@ def test_packing_keeps_prompt_masks(tmp_path):
         train={"batch_size": 4},
     )
     tok = byte_tokenizer()
-    data = build_data(recipe_from_dict(raw_recipe), tok, 1, Reporter(quiet=True))
+    recipe = recipe_from_dict(raw_recipe)
+    data = build_data(recipe, load_examples(recipe.data), tok, 1, Reporter(quiet=True))
     examples, _ = load_examples(recipe_from_dict(raw_recipe).data)
     stream_ids, stream_labels = [], []
     for e in examples:  # in the order load_examples gives them (shuffled by data.seed)

@@ -12,10 +12,13 @@ from shardtune.adapters.sharelora import ShareLora
 from shardtune.adapters.tiedlora import TiedLora
 from shardtune.adapters.vblora import Vblora
 from shardtune.adapters.vera import Vera
+from shardtune.catalog import METHODS as SUMMARIES
 
 METHODS: dict[str, AdapterMethod] = {
     m.name: m for m in (Lora(), Fossil(), Mos(), ShareLora(), Lors(), Vera(), Vblora(), TiedLora(), ProLora())
 }
+for _name, _method in METHODS.items():
+    _method.summary = SUMMARIES[_name]  # one source: the catalog, which lists them without torch
 
 
 def get_method(name: str) -> AdapterMethod:

@@ -24,17 +24,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
+
+from shardtune.errors import BadInput
+from shardtune.quant import is_quantized_linear
 
 STORES_ATTR = "shardtune_stores"
 
-DTypeName = Literal["float32", "bfloat16", "float16", "auto"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTypeName = Literal["fp32", "bf16", "fp16", "auto"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES.update({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})  # synonyms
+
+
+def dtype_synonyms(value):
+    """Long torch names (``float32``, ``bfloat16``, ``float16``) as synonyms of fp32, bf16, fp16."""
+    from shardtune.catalog import DTYPE_SYNONYMS
+
+    return DTYPE_SYNONYMS.get(value.strip().lower(), value) if isinstance(value, str) else value
 
 
 class AdapterOptions(BaseModel):
@@ -56,8 +67,14 @@ class AdapterOptions(BaseModel):
     exclude: list[str] = Field(
         default_factory=list, description="Module names (same matching as a `targets` list) to leave out."
     )
-    dtype: DTypeName = Field(
-        "float32",
+    init_from: str | None = Field(
+        None,
+        description="Start from the adapter weights in this directory instead of the method's init: a "
+        "shardtune run or checkpoint of the same method and options, or (method `lora`) a PEFT LoRA adapter "
+        "(adapter_config.json + adapter_model.safetensors) of the same rank, alpha and layers.",
+    )
+    dtype: Annotated[DTypeName, BeforeValidator(dtype_synonyms)] = Field(
+        "fp32",
         description="dtype of the adapter parameters; `auto` uses the base model's dtype. fp32 is the safe default.",
     )
 
@@ -138,8 +155,10 @@ class LayerAdapter(nn.Module):
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus its adapter: ``y = base(x) + Δ(x)``.
 
-    Works for ``nn.Linear`` and for GPT-2's ``Conv1D`` (weight stored transposed): the adapter is
-    always expressed in the (out, in) orientation; only :meth:`merge` cares about the layout.
+    Works for ``nn.Linear``, for GPT-2's ``Conv1D`` (weight stored transposed) and for bitsandbytes'
+    quantized ``Linear4bit`` / ``Linear8bitLt`` (``model.quantize``; see :mod:`shardtune.quant`): the
+    adapter is always expressed in the (out, in) orientation; only :meth:`merge` cares about the layout
+    (and refuses a quantized layer: merge dequantizes the base first).
 
     States: ``merged`` (ΔW folded into the base weight; merging twice is a no-op, unmerge subtracts it
     again) and ``enabled``. A disabled layer always computes the base model's output, merged or not:
@@ -175,6 +194,11 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def _add_delta(self, sign: float) -> None:
+        if is_quantized_linear(self.base_layer):
+            raise BadInput(
+                "merge: ΔW cannot be folded into a quantized layer (its codes would be quantized again); "
+                "`shardtune merge` dequantizes the base first"
+            )
         weight = self.base_layer.weight
         w = weight.float().T if self.fan_in_fan_out else weight.float()
         w = self.adapter.merged_weight(w, unmerge=sign < 0)
@@ -224,6 +248,9 @@ class AdapterMethod:
     summary: ClassVar[str] = ""
     # Options that are ranks of the layers' updates: each must fit every target (largest_rank).
     rank_options: ClassVar[tuple[str, ...]] = ("rank",)
+
+    def resolve(self, options: AdapterOptions, targets: list[Target]) -> None:
+        """Fill options left unset to be chosen from the targets (in place: the run records them)."""
 
     def check(self, options: AdapterOptions, targets: list[Target]) -> None:
         """Raise :class:`shardtune.errors.RecipeError` if the options cannot work on these targets."""

@@ -55,6 +55,7 @@ from torch import nn
 
 from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
 from shardtune.errors import RecipeError
+from shardtune.quant import dense_weight, is_quantized_linear
 
 
 class FossilOptions(AdapterOptions):
@@ -160,8 +161,9 @@ class BatAdapter(LayerAdapter):
         return self.shard.dtype
 
     def base_weight(self) -> torch.Tensor:
-        """The frozen W in the (out, in) orientation and the adapter's dtype."""
-        w = self._base.weight
+        """The frozen W in the (out, in) orientation and the adapter's dtype (a quantized base: ``Q(W)``,
+        dequantized; always (out, in))."""
+        w = dense_weight(self._base)
         return (w.T if self.fan_in_fan_out else w).to(self.shard.dtype)
 
     def blocks(self, weight: torch.Tensor) -> torch.Tensor:
@@ -169,9 +171,10 @@ class BatAdapter(LayerAdapter):
         r = self.rank
         return weight.reshape(self.out_features // r, r, self.in_features // r, r)
 
-    def bat_delta(self, weight: torch.Tensor) -> torch.Tensor:
-        """``ΔW`` for base weight ``weight``: block (b, c) is ``W_bc·D_b + D_b``."""
-        d = self.shard.to(weight.dtype)
+    def bat_delta(self, weight: torch.Tensor, shard: torch.Tensor | None = None) -> torch.Tensor:
+        """``ΔW`` for base weight ``weight``: block (b, c) is ``W_bc·D_b + D_b`` (``shard``: D, default the
+        parameter)."""
+        d = (self.shard if shard is None else shard).to(weight.dtype)
         delta = torch.einsum("bicj,bjk->bick", self.blocks(weight), d) + d.unsqueeze(2)
         return delta.reshape(self.out_features, self.in_features)
 
@@ -184,7 +187,10 @@ class BatAdapter(LayerAdapter):
     def forward_full(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """Without dropout: ``x·(W + ΔW)ᵀ + b`` with the merged weight, as PEFT (and as a merged model)
         computes it; with dropout: ``base(x) + dropout(x)·ΔWᵀ``. In the adapter's dtype (fp32 over a
-        bf16 base) unless autocast is on; the output comes back in the base's dtype."""
+        bf16 base) unless autocast is on; the output comes back in the base's dtype. Over a quantized
+        base: :class:`BatQuantizedFunction`, in the adapter's dtype."""
+        if is_quantized_linear(base):
+            return self._forward_quantized(x, base)
         if not isinstance(self.dropout, nn.Identity):
             out = base(x)
             x = x if torch.is_autocast_enabled(x.device.type) else x.to(self.dtype)
@@ -194,6 +200,16 @@ class BatAdapter(LayerAdapter):
         bias = base.bias.to(merged.dtype) if base.bias is not None else None
         y = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(merged.dtype), merged, bias)
         return y.to(base.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else y
+
+    def _forward_quantized(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if isinstance(self.dropout, nn.Identity):  # x·(Q(W) + ΔW)ᵀ + b
+                y = BatQuantizedFunction.apply(x, self.shard, self, base, True)
+                return (y if base.bias is None else y + base.bias.to(y.dtype)).to(x.dtype)
+        out = base(x)  # Q(W)·x + b from the quantized layer, then dropout(x)·ΔWᵀ
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            delta = BatQuantizedFunction.apply(self.dropout(x), self.shard, self, base, False)
+        return out + delta.to(out.dtype)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(f"a bat adapter has no low-rank factors: {self.not_low_rank}")
@@ -226,10 +242,49 @@ class BatAdapter(LayerAdapter):
         }
 
 
+class BatQuantizedFunction(torch.autograd.Function):
+    """``y = x·(c·W + ΔW)ᵀ`` with ``ΔW_bc = (W_bc + I)·D_b`` over a quantized base, ``c ∈ {0, 1}``
+    (``include_base``). W is the layer's dequantized ``Q(W)``, made in forward and again in backward and
+    never saved: only x and D are kept, so one layer's dense W exists at a time (autograd through
+    :meth:`BatAdapter.bat_delta` would keep every layer's W until backward). Backward, with
+    ``G = dyᵀ·x`` (out×in) cut into the same r×r blocks ``G_bc``:
+
+        dx   = dy·(c·W + ΔW)
+        dD_b = Σ_c (W_bc + I)ᵀ·G_bc       i.e.  dD[b,j,k] = Σ_{i,c} W[b,i,c,j]·G[b,i,c,k] + Σ_c G[b,j,c,k]
+    """
+
+    @staticmethod
+    def forward(ctx, x, shard, adapter: BatAdapter, layer: nn.Module, include_base: bool):
+        w = adapter.base_weight()
+        weight = adapter.bat_delta(w, shard)
+        if include_base:
+            weight = weight + w
+        del w
+        ctx.save_for_backward(x, shard)
+        ctx.adapter, ctx.include_base = adapter, include_base
+        return F.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, shard = ctx.saved_tensors
+        adapter = ctx.adapter
+        w = adapter.base_weight()  # recomputed from the codes
+        dx = d_shard = None
+        if ctx.needs_input_grad[0]:
+            weight = adapter.bat_delta(w, shard) + (w if ctx.include_base else 0)
+            dx = (dy.to(weight.dtype) @ weight).to(x.dtype)
+            del weight
+        if ctx.needs_input_grad[1]:
+            g = dy.reshape(-1, dy.shape[-1]).T.to(w.dtype) @ x.reshape(-1, x.shape[-1]).to(w.dtype)
+            g_blocks = adapter.blocks(g)
+            d_shard = torch.einsum("bicj,bick->bjk", adapter.blocks(w), g_blocks) + g_blocks.sum(2)
+            d_shard = d_shard.to(shard.dtype)
+        return dx, d_shard, None, None, None
+
+
 class Fossil(AdapterMethod):
     name = "fossil"
     Options = FossilOptions
-    summary = "one shard D (r×out) per layer replicated across the input; ΔW[o,i] = D[i mod r, o]"
 
     def check(self, options: FossilOptions, targets: list[Target]) -> None:
         if options.mode == "bat":

@@ -64,7 +64,6 @@ class LoraAdapter(LayerAdapter):
 class Lora(AdapterMethod):
     name = "lora"
     Options = LoraOptions
-    summary = "own A (r×in) and B (out×r) per layer; ΔW = (α/r)·B·A"
 
     def build_layer(self, options: LoraOptions, target: Target, stores: nn.Module | None) -> LoraAdapter:
         scale = lora_scale(options.alpha, options.rank, options.rslora)

@@ -52,6 +52,7 @@ from shardtune.adapters.base import (
     adapted_layers,
     adapter_disabled,
 )
+from shardtune.quant import dense_weight, is_quantized_linear
 
 
 class LorsOptions(AdapterOptions):
@@ -89,20 +90,29 @@ def lors_scale(options: LorsOptions) -> float:
 
 
 class LorsLinearFunction(torch.autograd.Function):
-    """``y = x·((W + s·B·A) ⊙ (W≠0))ᵀ + b`` saving only x, W, A, B. See the module docstring."""
+    """``y = x·((W + s·B·A) ⊙ (W≠0))ᵀ + b`` saving only x, W, A, B. See the module docstring.
+
+    ``quantized``: a bitsandbytes layer (``model.quantize``); ``weight`` is then None and W is its
+    dequantized ``Q(W)``, made here and again in backward and never saved (only the codes stay).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, grad_mode: str, chunk: int):
-        merged = masked_merged_weight(weight, lora_a, lora_b, scale)
-        y = F.linear(x.to(weight.dtype), merged, bias)
+    def forward(
+        ctx, x, weight, bias, lora_a, lora_b, scale: float, grad_mode: str, chunk: int, quantized=None
+    ):
+        w = weight if quantized is None else dense_weight(quantized)
+        merged = masked_merged_weight(w, lora_a, lora_b, scale)
+        y = F.linear(x.to(w.dtype), merged, bias.to(w.dtype) if bias is not None else None)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
-        ctx.scale, ctx.grad_mode, ctx.chunk = scale, grad_mode, chunk
+        ctx.scale, ctx.grad_mode, ctx.chunk, ctx.quantized = scale, grad_mode, chunk, quantized
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_a, lora_b = ctx.saved_tensors
+        if ctx.quantized is not None:
+            weight = dense_weight(ctx.quantized)  # recomputed from the codes, as the merged weight is
         s = ctx.scale
         dx = None
         if ctx.needs_input_grad[0]:
@@ -125,7 +135,7 @@ class LorsLinearFunction(torch.autograd.Function):
                 d_b[rows] = s * (g @ lora_a.T)
                 d_a += s * (lora_b[rows].T @ g)
         d_bias = dy2.sum(0).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, None, d_bias, d_a, d_b, None, None, None
+        return dx, None, d_bias, d_a, d_b, None, None, None, None
 
 
 def masked_merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float):
@@ -165,7 +175,9 @@ class LorsAdapter(LayerAdapter):
         return self.lora_A, self.lora_B * self.scale
 
     def mask(self) -> torch.Tensor:
-        return self._base.weight != 0
+        """``M = (W ≠ 0)``; over a quantized base ``Q(W) ≠ 0``, which keeps every zero of a pruned W (the
+        4-bit and 8-bit formats have an exact 0) and adds the entries that quantize to 0."""
+        return dense_weight(self._base) != 0
 
     def delta_weight(self) -> torch.Tensor:
         """The masked update ``s·(B·A) ⊙ M`` (not low-rank): merge keeps every zero of W."""
@@ -175,16 +187,26 @@ class LorsAdapter(LayerAdapter):
         return F.linear(x, self.delta_weight())
 
     def forward_full(self, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
+        quantized = base if is_quantized_linear(base) else None
+        weight = base.weight if quantized is None else None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return LorsLinearFunction.apply(
-                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scale, self.grad_mode, self.chunk
+            y = LorsLinearFunction.apply(
+                x,
+                weight,
+                base.bias,
+                self.lora_A,
+                self.lora_B,
+                self.scale,
+                self.grad_mode,
+                self.chunk,
+                quantized,
             )
+        return y if quantized is None else y.to(x.dtype)  # Q(W) may be fp32 (int8) over a bf16 model
 
 
 class Lors(AdapterMethod):
     name = "lors"
     Options = LorsOptions
-    summary = "LoRA that keeps a pruned model exactly sparse: (W + s·B·A) ⊙ M, memory-lean custom autograd"
 
     def build_layer(self, options: LorsOptions, target: Target, stores: nn.Module | None) -> LorsAdapter:
         return LorsAdapter(target, options)
@@ -197,13 +219,30 @@ class Lors(AdapterMethod):
 def gradient_init(model: nn.Module, batches, options: LorsOptions) -> int:
     """LoRS init: A := top-r right singular vectors of the mean dense gradient of each target weight.
 
-    ``batches`` yields model inputs with labels; returns the number of examples used.
+    ``batches`` yields model inputs with labels; returns the number of examples used. The dense
+    gradient ``G = Σ dyᵀ·x`` (summed over the batches: what autograd would accumulate in ``W.grad``) is
+    gathered by hooks on each target layer's input ``x`` and output gradient ``dy``, so the frozen W never
+    needs a gradient of its own (a quantized W, bitsandbytes' integer codes, cannot have one).
     """
     layers = {n: m for n, m in adapted_layers(model).items() if isinstance(m.adapter, LorsAdapter)}
-    weights = [m.base_layer.weight for m in layers.values()]
-    for w in weights:
-        w.requires_grad_(True)
-        w.grad = None
+    grads: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(module, args, out):
+            x = args[0].detach()
+
+            def add_gradient(dy: torch.Tensor) -> None:
+                g = dy.reshape(-1, dy.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()
+                grads[name] = grads[name] + g if name in grads else g
+
+            if not out.requires_grad:  # the first target: nothing before it needs a gradient
+                out.requires_grad_(True)
+            out.register_hook(add_gradient)
+            return out
+
+        return hook
+
+    handles = [layer.base_layer.register_forward_hook(capture(n)) for n, layer in layers.items()]
     seen = 0
     try:
         with torch.enable_grad(), adapter_disabled(model):
@@ -213,19 +252,18 @@ def gradient_init(model: nn.Module, batches, options: LorsOptions) -> int:
                 seen += batch["input_ids"].shape[0]
                 if seen >= options.init_samples:
                     break
-        for layer in layers.values():
-            grad = layer.base_layer.weight.grad
-            if grad is None:
-                continue
-            q = min(4 * options.rank, *grad.shape)
-            _, _, v = torch.svd_lowrank(grad.float(), q=q, niter=4)
-            a = layer.adapter.lora_A
-            top = v[:, : options.rank].T / options.init_gamma
-            a.zero_()
-            a[: top.shape[0]].copy_(top.to(a.dtype))
-            layer.adapter.lora_B.zero_()
     finally:
-        for w in weights:
-            w.requires_grad_(False)
-            w.grad = None
+        for handle in handles:
+            handle.remove()
+    for name, layer in layers.items():
+        grad = grads.get(name)
+        if grad is None:
+            continue
+        q = min(4 * options.rank, *grad.shape)
+        _, _, v = torch.svd_lowrank(grad, q=q, niter=4)
+        a = layer.adapter.lora_A
+        top = v[:, : options.rank].T / options.init_gamma
+        a.zero_()
+        a[: top.shape[0]].copy_(top.to(a.dtype))
+        layer.adapter.lora_B.zero_()
     return seen

@@ -26,6 +26,7 @@ from shardtune.adapters.base import (  # noqa: F401  (adapted_layers & co. are u
 )
 from shardtune.errors import BadInput, RecipeError
 from shardtune.fsdp import full_tensor, like_parameter
+from shardtune.quant import logical_numel
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
@@ -108,6 +109,7 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
         raise BadInput("this model already carries a shardtune adapter")
     method = get_method(options.method)
     targets = find_targets(model, options.targets, options.exclude)
+    method.resolve(options, targets)
     check_rank(method, options, targets)
     method.check(options, targets)
     base_dtype = next(model.parameters()).dtype
@@ -175,8 +177,16 @@ def adapter_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(adapter parameters, all parameters), each shared tensor counted once."""
     adapter = sum(p.numel() for _, p in adapter_named_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())  # a 4-bit weight: out·in, not its bytes
     return adapter, total
+
+
+def trainable_share(model: nn.Module) -> tuple[int, int, float]:
+    """(trainable adapter parameters, base model parameters, trainable as % of the base): the one
+    definition `train` and `params` print (each tensor once: a tied output head is the embedding)."""
+    adapter, total = count_parameters(model)
+    base = total - adapter
+    return adapter, base, 100 * adapter / base
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -55,9 +55,11 @@ from shardtune.errors import RecipeError
 class MosOptions(AdapterOptions):
     method: Literal["mos"] = "mos"
     rank: PositiveInt = Field(8, description="r: rank of each layer's assembled ΔW = B·A.")
-    equivalent_rank: PositiveInt = Field(
-        2,
-        description="R: trainable parameters equal those of LoRA with this rank (pool size R·L·l shards).",
+    equivalent_rank: PositiveInt | None = Field(
+        None,
+        description="R: trainable parameters equal those of LoRA with this rank (pool size R·L·l shards). "
+        "Unset: 2 (the paper's budget), or the least R whose pools hold rank r on a shallow model "
+        "(R = p + ⌈(r−p)/L⌉); the run records the value used.",
     )
     private_rank: int = Field(
         1, ge=0, description="p: rank vectors per layer built from its own private shards."
@@ -176,9 +178,16 @@ def layer_rank(options: MosOptions, n_layers: int) -> int:
 class Mos(AdapterMethod):
     name = "mos"
     Options = MosOptions
-    summary = "LoRA factors routed out of global shard pools per projection type (subset, dissociation, sharding, privatization)"
 
     rank_options = ("rank", "equivalent_rank")
+
+    def resolve(self, options: MosOptions, targets: list[Target]) -> None:
+        """An unset ``equivalent_rank``: 2, or the least budget whose pools hold rank r (shallow models)."""
+        if options.equivalent_rank is None:
+            fewest = min(len(group) for group in _groups(targets).values())
+            p, r = options.private_rank, options.rank
+            needed = p + math.ceil(max(r - p, 0) / fewest) if options.subset_selection else 2
+            options.equivalent_rank = max(2, p, needed)
 
     def check(self, options: MosOptions, targets: list[Target]) -> None:
         r, big_r, p, per_vec = (

@@ -129,7 +129,6 @@ class ProLoraAdapter(LayerAdapter):
 class ProLora(AdapterMethod):
     name = "prolora"
     Options = ProLoraOptions
-    summary = "A, B from rotated broadcasts of small chunks plus a few unshared ranks (intra-layer sharing)"
 
     def check(self, options: ProLoraOptions, targets: list[Target]) -> None:
         if options.unshared_rank > options.rank:

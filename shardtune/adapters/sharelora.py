@@ -118,7 +118,6 @@ class ShareLoraAdapter(LayerAdapter):
 class ShareLora(AdapterMethod):
     name = "sharelora"
     Options = ShareLoraOptions
-    summary = "LoRA with A (ShareA), B (ShareB) or both shared across layers, per projection type"
 
     @staticmethod
     def groups(options: ShareLoraOptions, target: Target) -> dict[str, str]:

@@ -160,7 +160,6 @@ class TiedLoraAdapter(LayerAdapter):
 class TiedLora(AdapterMethod):
     name = "tiedlora"
     Options = TiedLoraOptions
-    summary = "A and B tied across the layers of each projection type, per-layer scaling vectors u, v"
 
     def check(self, options: TiedLoraOptions, targets: list[Target]) -> None:
         from shardtune.errors import RecipeError

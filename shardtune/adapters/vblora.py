@@ -101,7 +101,6 @@ class VbloraAdapter(LayerAdapter):
 class Vblora(AdapterMethod):
     name = "vblora"
     Options = VbloraOptions
-    summary = "A and B sub-vectors mixed top-k from one vector bank shared by every layer"
 
     def check(self, options: VbloraOptions, targets: list[Target]) -> None:
         if options.topk > options.num_vectors:

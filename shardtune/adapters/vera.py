@@ -119,7 +119,6 @@ class VeraAdapter(LayerAdapter):
 class Vera(AdapterMethod):
     name = "vera"
     Options = VeraOptions
-    summary = "frozen random A, B shared by all layers; per layer trainable vectors d (r), b (out)"
 
     def build_stores(self, options: VeraOptions, targets: list[Target]) -> VeraProjections:
         in_max = max(t.in_features for t in targets)

@@ -12,18 +12,55 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
+
+try:  # typer ≥ 0.20 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 import shardtune
 from shardtune.cli import artifacts, inspection, training
-from shardtune.cli.common import handle_errors, launched_processes, out_console, warnings_to_log
+from shardtune.cli.common import err_console, handle_errors, launched_processes, out_console, warnings_to_log
+from shardtune.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+
+
+class Commands(typer.core.TyperGroup):
+    """The command group; a usage error (unknown command or option, a missing or bad value) is one
+    line ``error: …`` with a hint and exit code 2, like every other bad input."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.NoArgsIsHelpError as e:
+            out_console.print(e.ctx.get_help(), markup=False)
+            code = 0
+        except click_exceptions.UsageError as e:
+            command = e.ctx.command_path if e.ctx is not None else "shardtune"
+            message = e.format_message().strip().splitlines()[0].rstrip(".")
+            hint = f"see '{command} --help'"
+            if "unexpected extra argument" in message and "--resume" in (kwargs.get("args") or sys.argv):
+                hint = "--resume takes no value; to continue from a given checkpoint: --resume-from DIR"
+            err_console.print(f"error: {message} ({hint})", markup=False, soft_wrap=True)
+            code = EXIT_BAD_INPUT
+        except click_exceptions.ClickException as e:
+            err_console.print(f"error: {e.format_message()}", markup=False, soft_wrap=True)
+            code = e.exit_code
+        except typer.Abort:
+            code = EXIT_INTERRUPTED
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="shardtune",
-    help="Fine-tune language models with shard-sharing low-rank adapters (LoRA, FOSSIL/MiSS, MoS, ShareLoRA, LoRS).",
+    help="Fine-tune language models with shard-sharing low-rank adapters (LoRA, FOSSIL/MiSS, MoS, ShareLoRA, "
+    "LoRS, VeRA, VB-LoRA, Tied-LoRA, PRoLoRA).",
+    cls=Commands,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -59,23 +96,26 @@ def root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="No network at all: models and data sets only from the local caches (as HF_HUB_OFFLINE=1).",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune language models with shard-sharing low-rank adapters.
 
     Start with [bold]shardtune train recipes/tiny.yaml[/bold]; see docs/ for recipes and methods.
     """
-    from shardtune.models import offline_and_quiet
-
     warnings_to_log()
-    offline_and_quiet()
+    if offline:  # before anything imports huggingface_hub, which reads it once
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 def main() -> None:
-    # `--resume CHECKPOINT_DIR` is accepted as a spelling of `--resume-from CHECKPOINT_DIR`.
     argv = sys.argv[1:]
-    for i, arg in enumerate(argv[:-1]):
-        if arg == "--resume" and Path(argv[i + 1]).is_dir():
-            argv[i] = "--resume-from"
     if launched_processes() == 1:
         app(args=argv, prog_name="shardtune")
         return

@@ -7,32 +7,53 @@ from typing import Annotated
 
 import typer
 
-from shardtune.cli.common import JsonOption, out_console, print_json
+from shardtune.cli.common import JsonOption, out_console, print_json, print_table
 from shardtune.errors import BadInput
 
 # A string, not a Path: `--out ""` must reach the check as empty, not as "." (the current directory).
 OutOption = Annotated[str, typer.Option("--out", "-o", help="Output directory (written atomically).")]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")]
-RunArgument = Annotated[Path, typer.Argument(help="Run or checkpoint directory.", show_default=False)]
+RunArgument = Annotated[
+    Path, typer.Argument(help="Run or checkpoint directory, or a PEFT LoRA adapter.", show_default=False)
+]
+BaseModelOption = Annotated[
+    str | None,
+    typer.Option("--base-model", help="The run's base model, moved or re-downloaded (name or directory)."),
+]
 
 
 def merge(
     run_dir: RunArgument,
     out: OutOption,
-    dtype: Annotated[str, typer.Option(help="dtype of the written weights: bf16, fp16 or fp32.")] = "bf16",
+    dtype: Annotated[
+        str, typer.Option(help="dtype of the written weights: bf16, fp16 or fp32 (long names also read).")
+    ] = "bf16",
+    base_weights: Annotated[
+        str,
+        typer.Option(
+            help="A run on a quantized base: merge into the original unquantized weights (original), into "
+            "the quantized base dequantized (dequantized: exactly what was trained), or auto (original when "
+            "the base has them)."
+        ),
+    ] = "auto",
     overwrite: OverwriteOption = False,
+    base_model: BaseModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Merge the adapter into its base model (in fp32) → a plain transformers model directory."""
     from shardtune.export import merge_run
 
-    result = merge_run(run_dir, out, dtype, overwrite)
+    result = merge_run(run_dir, out, dtype, overwrite, base_model, base_weights)
     if json_output:
         print_json(result)
-    else:
-        out_console.print(
-            f"merged {result['method']} adapter into {result['base_model']} → {out} ({dtype})", markup=False
-        )
+        return
+    base = result["base_model"]
+    if result["quantize"]:
+        which = "original unquantized" if result["base_weights"] == "original" else "dequantized"
+        base += f" ({which} weights; trained on {result['quantize']})"
+    out_console.print(
+        f"merged {result['method']} adapter into {base} → {out} ({dtype})", markup=False, soft_wrap=True
+    )
 
 
 def export(
@@ -42,25 +63,28 @@ def export(
         str, typer.Option("--format", "-f", help="peft (a standard LoRA adapter) or shardtune.")
     ] = "peft",
     overwrite: OverwriteOption = False,
+    base_model: BaseModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Write the adapter in another format: `peft` (PEFT/vLLM/transformers-loadable LoRA) or `shardtune`."""
     from shardtune.export import export_native, export_peft
 
     if format == "peft":
-        result = export_peft(run_dir, out, overwrite)
+        result = export_peft(run_dir, out, overwrite, base_model)
     elif format == "shardtune":
-        result = export_native(run_dir, out, overwrite)
+        result = export_native(run_dir, out, overwrite, base_model)
     else:
         raise BadInput(f"--format: unknown format {format!r}; available: peft, shardtune")
     if json_output:
         print_json(result)
     elif format == "peft":
         out_console.print(
-            f"{result['method']} adapter written as a PEFT LoRA (r={result['r']}, {result['layers']} layers) to {out}; "
-            f"serve with e.g. vLLM --enable-lora --max-lora-rank {max(8, 1 << (result['r'] - 1).bit_length())}",
+            f"{result['method']} adapter written as a PEFT LoRA (r={result['r']}, {result['layers']} layers) "
+            f"to {out}; base: {result['base_model_name_or_path']}",
             markup=False,
+            soft_wrap=True,
         )
+        out_console.print(f"serve with: {result['serve']}", markup=False, soft_wrap=True)
     else:
         out_console.print(f"adapter copied to {out}", markup=False)
 
@@ -77,7 +101,9 @@ def prune(
         Path | None, typer.Option(help="Recipe whose data gives the calibration samples (wanda, sparsegpt).")
     ] = None,
     samples: Annotated[int, typer.Option(min=1, help="Calibration examples (wanda, sparsegpt).")] = 128,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="fp32, bf16 or fp16 (float32, bfloat16, float16 also read).")
+    ] = "fp32",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")
     ] = False,
@@ -92,12 +118,13 @@ def prune(
     if json_output:
         print_json(report)
         return
-    table = Table(title=f"{method} pruning, {report['pattern']} → {out}")
+    title = f"{method} pruning, {report['pattern']} → {out}"
+    table = Table()
     for col in ("layer", "zeros", "of", "sparsity"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for row in report["layers"]:
         table.add_row(row["layer"], f"{row['zeros']:,}", f"{row['total']:,}", f"{100 * row['sparsity']:.1f}%")
-    out_console.print(table)
+    print_table(title, table)
     out_console.print(
         f"overall sparsity of the pruned layers: {100 * report['overall_sparsity']:.2f}%", markup=False
     )

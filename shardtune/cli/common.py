@@ -13,8 +13,19 @@ from rich.console import Console
 
 from shardtune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, ShardtuneError
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# Not a terminal (a pipe, a file): nothing is wrapped or truncated — a width no line reaches.
+UNBOUNDED = 1 << 20
+
+
+def console(stderr: bool) -> Console:
+    """A rich console on stdout (results) or stderr (everything else); unbounded when not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, highlight=False, width=None if terminal else UNBOUNDED)
+
+
+err_console = console(stderr=True)
+out_console = console(stderr=False)
 
 SetOption = Annotated[
     list[str] | None,
@@ -27,6 +38,21 @@ SetOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def print_table(title: str, table) -> None:
+    """A title line, then the table, on stdout (a table's own title would wrap to the table's width)."""
+    out_console.print(title, markup=False, soft_wrap=True)
+    out_console.print(table)
+
+
+def say_notes(recipe, quiet: bool = False) -> None:
+    """What the --set overrides changed besides their keys (e.g. a method switch), on stderr."""
+    from shardtune.recipe import override_notes
+
+    if not quiet:
+        for note in override_notes(recipe):
+            err_console.print(f"note: {note}", markup=False, soft_wrap=True)
 
 
 def print_json(data: object) -> None:

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from shardtune.cli.common import JsonOption, SetOption, out_console, print_json
-from shardtune.errors import BadInput
+from shardtune.cli.common import JsonOption, SetOption, err_console, out_console, print_json, print_table
 
 
 def generate(
@@ -19,7 +18,13 @@ def generate(
         Path | None, typer.Option("--adapter", "-a", help="Run or checkpoint directory with the adapter.")
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Base model (default: the adapter's base model).")
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            "--base-model",
+            help="Base model (with -a: instead of the one the adapter records).",
+        ),
     ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     temperature: Annotated[float, typer.Option(help="0 (default) is greedy decoding.", min=0.0)] = 0.0,
@@ -43,33 +48,60 @@ def generate(
 
 
 def eval_command(
-    run_dir: Annotated[Path, typer.Argument(help="Run or checkpoint directory.", show_default=False)],
+    run_dir: Annotated[
+        Path | None,
+        typer.Argument(help="Run or checkpoint directory, or a PEFT LoRA adapter.", show_default=False),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Evaluate a plain or merged model instead of a run.")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="The run's base model, moved or re-downloaded.")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="Examples to evaluate on (.jsonl/.json/.csv/...); default: the run's held-out set."
+        ),
+    ] = None,
+    data_format: Annotated[
+        str, typer.Option("--format", help="auto, text, prompt_completion, alpaca or messages (--data).")
+    ] = "auto",
+    metric: Annotated[
+        str, typer.Option("--metric", help="exact (first line equals the completion) or contains.")
+    ] = "exact",
     base: Annotated[bool, typer.Option("--base", help="Also evaluate the base model (adapter off).")] = False,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Held-out examples to use.")] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Held-out loss, perplexity and (builtin tasks) exact-match score of a trained adapter."""
+    """Held-out loss, perplexity and answer score of a run, a PEFT adapter or a plain model.
+
+    The run's held-out examples by default (builtin tasks score exact match); --data FILE scores your own
+    prompt/completion, alpaca or messages records (--metric exact or contains).
+    """
     from rich.table import Table
 
-    from shardtune.evaluate import evaluate_run
+    from shardtune.evaluate import evaluate
 
-    result = evaluate_run(run_dir, base=base, samples=samples)
+    result = evaluate(run_dir, model, base_model, data, data_format, metric, samples, base)
     if json_output:
         print_json(result)
         return
-    table = Table(title=f"{result['run_dir']} ({result['method']}, step {result['step']})")
-    for col in ("model", "eval loss", "perplexity", "task score"):
+    title = f"{result['run_dir']} ({result['method']}, step {result['step']})" if run_dir else result["model"]
+    title = f"{title} on {result['data']}"
+    table = Table()
+    for col in ("model", "eval loss", "perplexity", "score"):
         table.add_column(col, justify="right" if col != "model" else "left")
-    for who in ("base", "adapter"):
+    for who, label in (("base", "base"), ("adapter", "adapter"), ("model_scores", "model")):
         if who in result:
             r = result[who]
             score = (
-                f"{100 * r['task_score']:.1f}% ({r['task_correct']}/{r['examples']})"
+                f"{100 * r['task_score']:.1f}% ({r['task_correct']}/{r['scored']}, {result['metric']})"
                 if "task_score" in r
                 else "-"
             )
-            table.add_row(who, f"{r['eval_loss']:.4f}", f"{r['perplexity']:.3f}", score)
-    out_console.print(table)
+            table.add_row(label, f"{r['eval_loss']:.4f}", f"{r['perplexity']:.3f}", score)
+    print_table(title, table)
 
 
 def routing(
@@ -100,9 +132,17 @@ def routing(
 
 def params(
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Builtin alias, model directory/config.json, cached hub id.")
-    ],
-    method: Annotated[str, typer.Option("--method", help="Adapter method.")] = "lora",
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Builtin alias, model directory/config.json or hub id (default: the recipe's, "
+            "else the embedded smollm2-135m-instruct).",
+        ),
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="Adapter method (default: the recipe's, else lora).")
+    ] = None,
     rank: Annotated[int | None, typer.Option("--rank", "-r", min=1, help="adapter.rank.")] = None,
     targets: Annotated[str | None, typer.Option(help="Comma-separated module names, or all-linear.")] = None,
     set_: Annotated[
@@ -111,51 +151,56 @@ def params(
             "--set", "-s", metavar="KEY=VALUE", help="Other adapter options, e.g. --set equivalent_rank=2."
         ),
     ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", help="Count the model and adapter of this recipe (options override)."),
+    ] = None,
     compare: Annotated[
         bool, typer.Option("--compare", help="Every method side by side, with the ratio to LoRA.")
     ] = False,
+    quantize: Annotated[
+        str | None, typer.Option(help="Base weight memory quantized as model.quantize: nf4, fp4 or int8.")
+    ] = None,
+    double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant")] = True,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Trainable parameters of a method on a model, from its config alone (meta device; no weights loaded)."""
-    import yaml
+    """Trainable parameters of a method on a model, and the base's weight memory, from its config alone
+    (meta device; no weights loaded)."""
     from rich.table import Table
 
-    from shardtune.export import parameter_report
+    from shardtune.export import parameter_options, parameter_report
 
-    options: dict = {}
-    if rank is not None:
-        options["rank"] = rank
-    if targets is not None:
-        options["targets"] = targets if targets == "all-linear" else targets.split(",")
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise BadInput(f"--set {item}: expected KEY=VALUE")
-        options[key.removeprefix("adapter.")] = yaml.safe_load(value)
-    report = parameter_report(model, method, options, compare, trust_remote_code)
+    model, method, options, quantize = parameter_options(model, method, rank, targets, set_, recipe, quantize)
+    report = parameter_report(model, method, options, compare, trust_remote_code, quantize, double_quant)
+    if report.get("note"):
+        err_console.print(report["note"], markup=False, soft_wrap=True)
     if json_output:
         print_json(report)
         return
-    table = Table(title=f"trainable parameters on {model}" + (f" ({options})" if options else ""))
-    for col in ("method", "trainable", "% of base", "× LoRA"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    title = f"trainable parameters on {report['model']}" + (f" ({options})" if options else "")
+    table = Table()
+    columns = ["method", "trainable", "% of base", "× LoRA"]
+    errors = any(r["trainable"] is None for r in report["methods"])
+    for col in columns + (["why not"] if errors else []):
+        table.add_column(col, justify="left" if col in ("method", "why not") else "right")
     for r in report["methods"]:
         if r["trainable"] is None:
-            table.add_row(r["method"], "n/a", "", r.get("error", "")[:60])
+            table.add_row(r["method"], "n/a", "", "", r.get("error", ""))
             continue
-        table.add_row(
-            r["method"],
+        cells = [
             f"{r['trainable']:,}",
             f"{r['percent_of_base']:.3f}%",
             f"{r['vs_lora']:.3f}" if r["vs_lora"] else "-",
-        )
-    out_console.print(table)
+        ]
+        table.add_row(r["method"], *cells, *([""] if errors else []))
+    print_table(title, table)
+    out_console.print(report["base_memory"]["summary"], markup=False, soft_wrap=True)
 
 
 def models(json_output: JsonOption = False) -> None:
     """List the builtin model aliases usable as model.name."""
-    from shardtune.models import builtin_models
+    from shardtune.catalog import builtin_models
 
     found = builtin_models()
     if json_output:
@@ -178,10 +223,10 @@ def tasks(json_output: JsonOption = False) -> None:
 
 def methods(json_output: JsonOption = False) -> None:
     """List the adapter methods usable as adapter.method."""
-    from shardtune.adapters import METHODS
+    from shardtune.catalog import METHODS
 
     if json_output:
-        print_json({n: m.summary for n, m in METHODS.items()})
+        print_json(METHODS)
         return
-    for name, method in METHODS.items():
-        out_console.print(f"{name:12} {method.summary}", markup=False)
+    for name, summary in METHODS.items():
+        out_console.print(f"{name:12} {summary}", markup=False)

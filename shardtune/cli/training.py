@@ -14,7 +14,9 @@ from shardtune.cli.common import (
     launched_processes,
     out_console,
     print_json,
+    print_table,
     process_rank,
+    say_notes,
 )
 
 
@@ -24,7 +26,7 @@ def train(
     resume: Annotated[
         bool,
         typer.Option(
-            "--resume", help="Continue from the run's newest checkpoint (or: --resume CHECKPOINT_DIR)."
+            "--resume", help="Continue from the run's newest checkpoint (a given one: --resume-from DIR)."
         ),
     ] = False,
     resume_from: Annotated[
@@ -60,17 +62,22 @@ def train(
     """
     from dataclasses import asdict
 
+    from shardtune.hub import check_recipe_sources
     from shardtune.launcher import launch, machine_count
     from shardtune.progress import Reporter
     from shardtune.recipe import load_recipe, recipe_to_yaml
+    from shardtune.tracking import check_trackers
 
     resolved = load_recipe(recipe, set_)
+    say_notes(resolved, quiet)
     if dry_run:
         if json_output:
-            out_console.print_json(data=resolved.model_dump(mode="json"))
+            print_json(resolved.model_dump(mode="json"))
         else:
             out_console.print(recipe_to_yaml(resolved), markup=False, end="")
         return
+    check_recipe_sources(resolved)  # offline and not cached: said now, before torch loads
+    check_trackers(resolved.logging.report_to)
     if (nproc > 1 or machine_count(launch_args) > 1) and launched_processes() == 1:
         forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
         forwarded += ["--resume"] if resume else []
@@ -81,7 +88,7 @@ def train(
     from shardtune.train import train as run_training
 
     which = str(resume_from) if resume_from else ("latest" if resume else None)
-    result = run_training(resolved, Reporter.for_cli(json_output, quiet), resume=which)
+    result = run_training(resolved, Reporter.for_cli(quiet), resume=which)
     if json_output and process_rank() == 0:  # one summary, from the main process
         print_json(asdict(result))
 
@@ -101,20 +108,26 @@ def compare(
     """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
     from rich.table import Table
 
-    from shardtune.compare import compare as run_compare
+    from shardtune.hub import check_recipe_sources
     from shardtune.progress import Reporter
     from shardtune.recipe import load_recipe
 
+    resolved = load_recipe(recipe, set_)
+    say_notes(resolved, quiet)
+    check_recipe_sources(resolved)
+    from shardtune.compare import compare as run_compare
+
     report = run_compare(
-        load_recipe(recipe, set_),
+        resolved,
         [m.strip() for m in methods.split(",") if m.strip()],
-        Reporter.for_cli(json_output, quiet),
+        Reporter.for_cli(quiet),
         plot,
     )
     if json_output:
         print_json(report["rows"])
         return
-    table = Table(title=f"compare on {report['recipe_model']}")
+    title = f"compare on {report['recipe_model']}"
+    table = Table()
     for col in ("method", "eval loss", "task score", "trainable", "s/step"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in report["rows"]:
@@ -123,4 +136,4 @@ def compare(
         table.add_row(
             r["method"], eval_loss, score, f"{r['trainable_parameters']:,}", f"{r['seconds_per_step']:.3f}"
         )
-    out_console.print(table)
+    print_table(title, table)

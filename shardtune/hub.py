@@ -1,0 +1,131 @@
+"""Hugging Face Hub models and data sets, as transformers and datasets treat them: a hub id downloads on
+first use into the standard cache (``HF_HOME`` / ``HF_HUB_CACHE``; ``HF_TOKEN`` for private or gated
+repos; ``model.revision`` / ``data.revision`` pin a branch, tag or commit) and is read from the cache
+after that. ``HF_HUB_OFFLINE=1`` or ``shardtune --offline`` means no network at all: what is not
+cached fails at once, with one line naming the id and the cache.
+
+This module imports only huggingface_hub (and only inside functions), so that commands can check a
+recipe's sources before torch and transformers are loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from shardtune.catalog import EMBEDDED, TINY_MODELS
+from shardtune.errors import BadInput
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def offline() -> bool:
+    """Downloads are off: HF_HUB_OFFLINE was set to a true value when huggingface_hub was imported
+    (``--offline`` sets it before that) — what huggingface_hub itself obeys."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def cache_location() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def is_builtin(name: str) -> bool:
+    return name in EMBEDDED or name in TINY_MODELS
+
+
+def is_local(name: str) -> bool:
+    """A local directory (or a path spelled as one): never looked up on the hub."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+
+
+def is_hub_id(name: str) -> bool:
+    return not is_builtin(name) and not is_local(name) and bool(REPO_ID.match(name))
+
+
+def cached_commit(repo_id: str, revision: str | None, repo_type: str = "model") -> str | None:
+    """The commit of ``repo_id`` at ``revision`` in the local cache (None: not cached)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = "config.json" if repo_type == "model" else "README.md"
+    found = try_to_load_from_cache(repo_id, filename, revision=revision, repo_type=repo_type)
+    if isinstance(found, str):
+        return Path(found).parent.name  # .../snapshots/<commit>/config.json
+    if repo_type == "dataset":
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(
+                snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True)
+            ).name
+        except Exception:
+            return None
+    return None
+
+
+def check_available(key: str, repo_id: str, revision: str | None, repo_type: str = "model") -> None:
+    """Offline and not in the cache: one line now, before anything heavy is loaded."""
+    if offline() and is_hub_id(repo_id) and cached_commit(repo_id, revision, repo_type) is None:
+        raise not_cached(key, repo_id, revision, repo_type)
+
+
+def not_cached(key: str, repo_id: str, revision: str | None, repo_type: str = "model") -> BadInput:
+    at = f" at revision {revision!r}" if revision else ""
+    what = (
+        f"is not a builtin alias ({', '.join([*EMBEDDED, *TINY_MODELS])}), a local directory, or a hub model{at} "
+        f"in the Hugging Face cache ({cache_location()})"
+        if repo_type == "model"
+        else f"is not a hub dataset{at} in the Hugging Face cache ({cache_location()})"
+    )
+    return BadInput(f"{key}: {repo_id!r} {what}; downloads are off (HF_HUB_OFFLINE=1 or --offline)")
+
+
+def check_recipe_sources(recipe) -> None:
+    """Every hub id a recipe names (model, data) is at hand, or a one-line error — fast, when offline."""
+    check_available("model.name", recipe.model.name, recipe.model.revision)
+    if recipe.data.hub is not None:
+        check_available("data.hub", recipe.data.hub, recipe.data.revision, repo_type="dataset")
+
+
+def describe_failure(key: str, repo_id: str, revision: str | None, error: BaseException) -> BadInput:
+    """One line for a failed hub download, from the error (or its causes) huggingface_hub raised."""
+    from huggingface_hub import errors
+
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    kinds = {type(e) for e in chain}
+
+    def has(kind) -> bool:
+        return any(issubclass(k, kind) for k in kinds)
+
+    at = f" at revision {revision!r}" if revision else ""
+    if offline():
+        return not_cached(key, repo_id, revision, "dataset" if key.startswith("data.") else "model")
+    if has(errors.GatedRepoError):
+        return BadInput(f"{key}: {repo_id} is gated: accept its terms on the hub, then set HF_TOKEN")
+    if has(errors.RevisionNotFoundError):
+        field = key.rsplit(".", 1)[0] + ".revision"
+        return BadInput(f"{field}: {revision!r} is not a branch, tag or commit of {repo_id}")
+    if has(errors.RepositoryNotFoundError):
+        return BadInput(
+            f"{key}: the hub has no repository {repo_id!r} (or it is private: set HF_TOKEN); builtin models: "
+            f"{', '.join([*EMBEDDED, *TINY_MODELS])}"
+        )
+    first = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
+    return BadInput(f"{key}: cannot download {repo_id}{at}: {first}")
+
+
+def base_model_record(name: str, revision: str | None) -> dict:
+    """How a run records its base model so that it works from any directory and on another machine:
+    the alias of a builtin, the absolute path of a local directory, the hub id with the commit it
+    resolved to."""
+    if is_builtin(name):
+        return {"name": name, "source": "builtin"}
+    if is_local(name):
+        return {"name": str(Path(name).expanduser().resolve()), "source": "local"}
+    return {"name": name, "source": "hub", "revision": cached_commit(name, revision) or revision}

@@ -1,0 +1,89 @@
+"""Experiment trackers: ``logging.report_to: [tensorboard, wandb, mlflow, …]`` through Accelerate's
+tracker classes, on the main process.
+
+Each tracker receives the resolved recipe as hyper-parameters (flattened: ``train.lr``,
+``adapter.rank``, …) when the run starts, and every metric that goes to ``metrics.jsonl`` (loss, lr,
+grad_norm, tokens_per_s, eval_loss) at its step. Trackers that keep files write them under the run
+directory's ``logs/`` (TensorBoard's event files: ``logs/shardtune/``); wandb and mlflow follow their
+own settings (``WANDB_DIR``, ``MLFLOW_TRACKING_URI``, …). A tracker whose package is missing is a
+one-line error naming what to install, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from shardtune.errors import RecipeError
+
+# tracker → (a module that must import, what to pip install)
+PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+    "comet_ml": ("comet_ml", "comet-ml"),
+    "aim": ("aim", "aim"),
+    "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"),
+    "swanlab": ("swanlab", "swanlab"),
+    "trackio": ("trackio", "trackio"),
+}
+LOGS = "logs"
+PROJECT = "shardtune"
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every tracker's package imports; else one line naming what to install."""
+    for name in names:
+        module, package = PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            extra = (
+                f" (or pip install 'shardtune[{name}]')" if name in ("tensorboard", "wandb", "mlflow") else ""
+            )
+            raise RecipeError(
+                "logging.report_to", f"{name} needs the {package} package: pip install {package}{extra}"
+            )
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-3}}`` → ``{"train.lr": 1e-3}``; lists and None become strings (trackers
+    take scalars)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class Trackers:
+    """The run's trackers: :meth:`log` a step's metrics, :meth:`finish` at the end (or on an error)."""
+
+    def __init__(self, names: list[str], run_dir: Path, config: dict):
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        check_trackers(names)
+        self.trackers = []
+        for name in names:
+            tracker_class = LOGGER_TYPE_TO_CLASS[name]
+            if tracker_class.requires_logging_directory:
+                tracker = tracker_class(PROJECT, str(run_dir / LOGS))
+            else:
+                tracker = tracker_class(PROJECT)
+            tracker.start()
+            tracker.store_init_configuration(flatten(config))
+            self.trackers.append(tracker)
+
+    def log(self, metrics: dict, step: int) -> None:
+        values = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, int | float)}
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
+
+    def finish(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []

@@ -1,0 +1,182 @@
+"""Hub models and data sets against a local hub on 127.0.0.1 (tests/fakehub.py; never the internet):
+first download, cache reuse, revision pinning, HF_TOKEN, offline failures, and what a run records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_recipe
+from fakehub import FakeHub, directory_files
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.slow  # each test starts shardtune against a local hub (seconds each)
+
+
+def shardtune(*args, env: dict, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    full.update({k: v for k, v in env.items() if v is not None})
+    return subprocess.run(
+        [sys.executable, "-m", "shardtune", *map(str, args)],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def hub_env(hub: FakeHub, home: Path, offline: bool = False, **extra) -> dict:
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return {**env, **extra}
+
+
+def checksum(model) -> str:
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode() + p.detach().float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    """org/tiny: main = tiny-llama (seed 0), tag v1 = another seed; org/ds: a prompt/completion data set."""
+    from shardtune.models import build_tiny_model, byte_tokenizer
+
+    tmp = tmp_path_factory.mktemp("repos")
+    files, sums = {}, {}
+    for ref, seed in (("v1", 1), ("main", 0)):
+        model = build_tiny_model("tiny-llama", seed=seed)
+        model.save_pretrained(tmp / ref)
+        byte_tokenizer().save_pretrained(tmp / ref)
+        files[ref], sums[ref] = directory_files(tmp / ref), checksum(model)
+    rows = [{"prompt": f"say {i}", "completion": f" {i}"} for i in range(40)]
+    data = {"data/train.jsonl": "\n".join(json.dumps(r) for r in rows).encode(), "README.md": b"# ds\n"}
+    return files, sums, data
+
+
+@pytest.fixture
+def hub(repos):
+    files, _, data = repos
+    with FakeHub() as server:
+        model = server.model("org/tiny")
+        server.v1 = model.add_commit(files["v1"], ref="v1")
+        server.main = model.add_commit(files["main"], ref="main")
+        server.ds = server.dataset("org/ds").add_commit(data)
+        yield server
+
+
+def recipe(tmp_path: Path, **sections) -> Path:
+    raw = tiny_recipe(tmp_path, train={"max_steps": 2, "batch_size": 4}, **sections)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_hub_model_downloads_once_then_comes_from_the_cache_and_runs_record_its_commit(
+    hub, repos, tmp_path
+):
+    env = hub_env(hub, tmp_path / "hf")
+    path = recipe(tmp_path, model={"name": "org/tiny"})
+    done = shardtune("train", path, "-q", env=env)
+    assert done.returncode == 0, done.stderr
+    assert hub.fetched("model.safetensors") == 1  # downloaded
+    base = json.loads((tmp_path / "run" / "adapter.json").read_text())["base_model"]
+    assert base == {
+        **base,
+        "name": "org/tiny",
+        "source": "hub",
+        "revision": hub.main,
+    }  # the commit, not "main"
+
+    again = shardtune("generate", "-m", "org/tiny", "hi", "--max-new-tokens", "2", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert hub.fetched("model.safetensors") == 1  # the cache, not a second download
+    before = len(hub.requests)
+    offline = shardtune("eval", tmp_path / "run", "--json", env=hub_env(hub, tmp_path / "hf", offline=True))
+    assert offline.returncode == 0, offline.stderr
+    assert len(hub.requests) == before  # offline: not a single request
+
+
+def test_a_revision_is_pinned(hub, repos, tmp_path):
+    _, sums, _ = repos
+    code = (
+        "from shardtune.models import load_model; import hashlib\n"
+        "m, _ = load_model('org/tiny', revision='v1'); d = hashlib.sha256()\n"
+        "for n, p in sorted(m.state_dict().items()): d.update(n.encode() + p.detach().float().numpy().tobytes())\n"
+        "print(d.hexdigest()[:16])"
+    )
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("HF_")},
+        **hub_env(hub, tmp_path / "hf"),
+    }
+    done = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == sums["v1"] != sums["main"]
+    path = recipe(tmp_path, model={"name": "org/tiny", "revision": "v1"})
+    assert shardtune("train", path, "-q", env=hub_env(hub, tmp_path / "hf")).returncode == 0
+    base = json.loads((tmp_path / "run" / "adapter.json").read_text())["base_model"]
+    assert base["revision"] == hub.v1
+
+
+def test_offline_and_not_cached_fails_at_once_naming_the_id_and_the_cache(hub, tmp_path):
+    env = hub_env(hub, tmp_path / "empty", offline=True)
+    done = shardtune("train", recipe(tmp_path, model={"name": "org/tiny"}), env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "model.name: 'org/tiny'" in done.stderr and str(tmp_path / "empty" / "hub") in done.stderr
+    assert "downloads are off" in done.stderr
+    done = shardtune("--offline", "generate", "-m", "org/tiny", "hi", env={**env, "HF_HUB_OFFLINE": None})
+    assert done.returncode == 2 and "downloads are off" in done.stderr  # --offline alone does the same
+    assert hub.requests == []  # nothing reached the network
+
+
+def test_hub_errors_are_one_line(hub, tmp_path):
+    env = hub_env(hub, tmp_path / "hf")
+    done = shardtune("generate", "-m", "org/missing", "hi", env=env)
+    assert (
+        done.returncode == 2 and "error: model.name: the hub has no repository 'org/missing'" in done.stderr
+    )
+    done = shardtune("train", recipe(tmp_path, model={"name": "org/tiny", "revision": "nope"}), env=env)
+    assert done.returncode == 2
+    assert "error: model.revision: 'nope' is not a branch, tag or commit of org/tiny" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_hf_token_is_sent(hub, tmp_path):
+    env = hub_env(hub, tmp_path / "hf", HF_TOKEN="hf_test_token")
+    assert shardtune("generate", "-m", "org/tiny", "hi", "--max-new-tokens", "1", env=env).returncode == 0
+    assert any(auth == "Bearer hf_test_token" for auth in hub.authorizations)
+
+
+def test_a_hub_dataset_downloads_and_is_reused_offline(hub, tmp_path):
+    data = {"task": None, "hub": "org/ds", "eval_samples": 4}
+    path = recipe(tmp_path, data=data)
+    done = shardtune("train", path, "-q", "--json", env=hub_env(hub, tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    assert hub.fetched("train.jsonl") == 1
+    before = len(hub.requests)
+    again = shardtune(
+        "train", path, "-q", "--set", "output.overwrite=true", env=hub_env(hub, tmp_path / "hf", offline=True)
+    )
+    assert again.returncode == 0, again.stderr
+    assert len(hub.requests) == before
+    empty = shardtune(
+        "train",
+        path,
+        "--set",
+        f"output.dir={tmp_path / 'other'}",
+        env=hub_env(hub, tmp_path / "x", offline=True),
+    )
+    assert (
+        empty.returncode == 2
+        and "data.hub: 'org/ds' is not a hub dataset in the Hugging Face cache" in empty.stderr
+    )

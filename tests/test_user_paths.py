@@ -1,0 +1,77 @@
+"""A new user's first paths: switching methods with --set, MoS on the tiny model without tuning its
+budget, their own three-line data file, and held-out records never trained on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_cli(*args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shardtune", *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_switching_method_with_set_drops_the_old_methods_keys_and_says_so(tmp_path):
+    done = run_cli(
+        "train", ROOT / "recipes/tiny.yaml", "--dry-run", "--json", "--set", "adapter.bat=true",
+        "--set", "adapter.method=sharelora", "--set", f"output.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    adapter = json.loads(done.stdout)["adapter"]
+    assert adapter["method"] == "sharelora"
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "adapter.method=sharelora" in notes[0] and "fossil" in notes[0]
+    assert "adapter.bat" in notes[0] and "bat" not in adapter
+    # the same switch with no foreign keys says nothing
+    quiet = run_cli(
+        "train", ROOT / "recipes/tiny.yaml", "--dry-run", "--set", "adapter.method=lora",
+        "--set", f"output.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert quiet.returncode == 0 and "note:" not in quiet.stderr
+
+
+def test_a_key_of_the_old_method_set_after_the_switch_is_still_an_error(tmp_path):
+    done = run_cli(
+        "train", ROOT / "recipes/tiny.yaml", "--dry-run", "--set", "adapter.method=lora",
+        "--set", "adapter.bat=true",
+    )  # fmt: skip
+    assert done.returncode == 2 and "adapter.bat" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_mos_trains_on_the_tiny_recipe_without_choosing_a_budget_and_records_it(tmp_path):
+    out = tmp_path / "run"
+    done = run_cli(
+        "train", ROOT / "recipes/tiny.yaml", "-q", "--set", "adapter.method=mos",
+        "--set", "train.max_steps=2", "--set", f"output.dir={out}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    recorded = yaml.safe_load((out / "recipe.yaml").read_text())["adapter"]
+    layers = 2  # tiny-llama: the smallest group of one projection type
+    p, r = recorded["private_rank"], recorded["rank"]
+    assert recorded["equivalent_rank"] == max(2, p + -(-(r - p) // layers))
+    info = json.loads((out / "adapter.json").read_text())
+    assert info["options"]["equivalent_rank"] == recorded["equivalent_rank"]
+
+
+def test_the_own_data_example_is_valid_and_holds_nothing_out():
+    from shardtune.data import load_examples
+    from shardtune.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "examples/own-data/recipe.yaml")
+    assert recipe.data.eval_samples == 0
+    train, held_out = load_examples(recipe.data.model_copy(update={"path": str(ROOT / recipe.data.path)}))
+    assert len(train) == 3 and held_out == []
