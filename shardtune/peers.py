@@ -191,13 +191,16 @@ class PeerWatch:
         now = time.monotonic()
         silence = [now - changed for changed in self._changed]
         if self._store_lost_since is not None:
-            # processes already silent for 4 heartbeats while the store still answered were lost before
-            # it: they are named (machine 0's processes wait for that, see _settle), not machine 0
+            # processes seen beating, then silent for 4 heartbeats while the store still answered, were
+            # lost before it: they are named (machine 0's processes wait for that, see _settle), not
+            # machine 0
             gone = self._store_lost_since
             before = [
                 r
                 for r in range(self.world)
-                if r != self.rank and gone - self._changed[r] >= 4 * self.interval
+                if r != self.rank
+                and self._counts[r] is not None
+                and gone - self._changed[r] >= 4 * self.interval
             ]
             if before and max(silence[r] for r in before) >= threshold:
                 return before, max(silence[r] for r in before)

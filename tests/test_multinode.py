@@ -484,3 +484,23 @@ def test_heartbeats_name_a_silent_process_and_only_a_silent_one(monkeypatch):
     for watch in watches[:2]:
         watch.close()
     del server
+
+
+def test_the_store_gone_after_a_loss_names_the_lost_process_not_machine_0():
+    """3 machines × 1 process, seen from process 2: process 1 went silent, then machine 0 (which named
+    it) left and its store with it. Process 1 is named; with no earlier silence, machine 0 is."""
+    from shardtune.peers import PeerWatch
+
+    watch = PeerWatch(20.0, 2, 3, 1, ("127.0.0.1", 1))  # never started: its state is set by hand
+    now = time.monotonic()
+    watch._counts = [50, 30, 51]
+    watch._changed = [now - 0.2, now - 6.0, now - 0.2]  # process 1 silent for 6 s, 12 heartbeats
+    watch._store_lost_since = now - 0.1
+    lost = watch._silent(4 * watch.interval)  # asked: a collective failed
+    assert lost is not None and lost[0] == [1]
+    watch._changed[1] = now - 0.2  # everyone beat until the store went: machine 0 is lost
+    assert watch._silent(4 * watch.interval) is None  # not yet: 4 heartbeats without the store
+    watch._store_lost_since = now - 2.5
+    lost = watch._silent(4 * watch.interval)
+    assert lost is not None and lost[0] is None
+    assert "node 0 (processes 0: the rendezvous store" in watch.describe(*lost)
