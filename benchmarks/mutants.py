@@ -463,6 +463,13 @@ MUTANTS: list[Mutant] = [
       'source = "dequantized" if base_weights == "dequantized" or stored_quantized else "original"',
       'source = "dequantized"',
       QUANT, "-k", "which_base_weights and lora", why="merge --base-weights auto ignores the original weights"),
+    # --- docs that cannot drift (issue 21) ---------------------------------------------------------
+    m("docs-option-renamed-in-cli", "shardtune/cli/training.py",
+      'typer.Option("--dry-run", help=', 'typer.Option("--dryrun", help=',
+      "tests/test_docs_commands.py", "-k", "exists", why="the docs show an option the CLI no longer has"),
+    m("docs-own-data-example-broken", "examples/own-data/recipe.yaml",
+      "  eval_samples: 0 ", "  eval_samples: 3 ",
+      "tests/test_docs_commands.py", "-k", "getting", why="the documented own-data example no longer runs"),
 ]
 # fmt: on
 
