@@ -206,7 +206,9 @@ def cli_commands() -> dict[str, list[tuple[list[str], bool]]]:
     group = typer.main.get_command(app)
 
     def options(command) -> list[tuple[list[str], bool]]:
-        found = [([*p.opts, *p.secondary_opts], p.hidden) for p in command.params if p.param_type_name == "option"]
+        found = [
+            ([*p.opts, *p.secondary_opts], p.hidden) for p in command.params if p.param_type_name == "option"
+        ]
         return [*found, (["--help"], True)]
 
     return {"": options(group), **{name: options(c) for name, c in group.commands.items()}}
