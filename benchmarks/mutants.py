@@ -464,6 +464,12 @@ MUTANTS: list[Mutant] = [
       'source = "dequantized"',
       QUANT, "-k", "which_base_weights and lora", why="merge --base-weights auto ignores the original weights"),
     # --- docs that cannot drift (issue 21) ---------------------------------------------------------
+    m("data-held-out-trained", "shardtune/data.py",
+      "    return examples[n_eval:], examples[:n_eval]", "    return examples, examples[:n_eval]",
+      "tests/test_user_paths.py", "-k", "no_held_out and share", why="the held-out records are trained on too"),
+    m("data-eval-split-is-the-training-file", "shardtune/data.py",
+      "held_records = read_records(_held_out_source(data))", "held_records = read_records(data)[:8]",
+      "tests/test_user_paths.py", "-k", "no_held_out and eval_split", why="eval_split ignored: held out = training data"),
     m("docs-option-renamed-in-cli", "shardtune/cli/training.py",
       'typer.Option("--dry-run", help=', 'typer.Option("--dryrun", help=',
       "tests/test_docs_commands.py", "-k", "exists", why="the docs show an option the CLI no longer has"),
