@@ -82,10 +82,9 @@ def _trained_rows(recipe_dict: dict, monkeypatch) -> list[str]:
     """Train in-process and return every token row the model saw in training mode."""
     from transformers import LlamaForCausalLM
 
+    from shardtune.models import byte_tokenizer
     from shardtune.recipe import recipe_from_dict
     from shardtune.train import train
-
-    from shardtune.models import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     seen: list[str] = []
