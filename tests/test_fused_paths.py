@@ -45,7 +45,7 @@ def test_add_delta_equals_the_plain_formula_with_gradients(method):
         w = torch.randn(fused.shape, generator=g)
         got = torch.autograd.grad((fused * w).sum(), [x, *params], allow_unused=True)
         want = torch.autograd.grad((plain * w).sum(), [x, *params], allow_unused=True)
-        for i, (gi, wi) in enumerate(zip(got, want)):
+        for i, (gi, wi) in enumerate(zip(got, want, strict=True)):
             if wi is None:
                 assert gi is None or not gi.abs().max(), (name, i)
                 continue
