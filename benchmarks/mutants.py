@@ -463,6 +463,27 @@ MUTANTS: list[Mutant] = [
       'source = "dequantized" if base_weights == "dequantized" or stored_quantized else "original"',
       'source = "dequantized"',
       QUANT, "-k", "which_base_weights and lora", why="merge --base-weights auto ignores the original weights"),
+    # --- docs that cannot drift (issue 21) ---------------------------------------------------------
+    m("data-held-out-trained", "shardtune/data.py",
+      "    return examples[n_eval:], examples[:n_eval]", "    return examples, examples[:n_eval]",
+      "tests/test_user_paths.py", "-k", "no_held_out and share", why="the held-out records are trained on too"),
+    m("data-eval-split-is-the-training-file", "shardtune/data.py",
+      "held_records = read_records(_held_out_source(data))", "held_records = read_records(data)[:8]",
+      "tests/test_user_paths.py", "-k", "no_held_out and eval_split", why="eval_split ignored: held out = training data"),
+    m("fused-sharelora-unscaled", A + "sharelora.py",
+      '        h = F.linear(self.dropout(x), self._factor("A")) * self.scale\n',
+      '        h = F.linear(self.dropout(x), self._factor("A"))\n',
+      "tests/test_fused_paths.py", "-k", "sharelora", why="the fused path forgets the scale α/r"),
+    m("fused-add-low-rank-transposed", A + "base.py",
+      "flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())",
+      "flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t().flip(0))",
+      "tests/test_fused_paths.py", why="the fused update uses B's rank vectors in the wrong order"),
+    m("docs-option-renamed-in-cli", "shardtune/cli/training.py",
+      'typer.Option("--dry-run", help=', 'typer.Option("--dryrun", help=',
+      "tests/test_docs_commands.py", "-k", "exists", why="the docs show an option the CLI no longer has"),
+    m("docs-own-data-example-broken", "examples/own-data/recipe.yaml",
+      "  eval_samples: 0 ", "  eval_samples: 3 ",
+      "tests/test_docs_commands.py", "-k", "getting", why="the documented own-data example no longer runs"),
 ]
 # fmt: on
 

@@ -188,3 +188,96 @@ def test_the_documented_commands_run(block, scratch):
     assert "Traceback" not in said, f"{block.name}:\n{done.stderr}"
     for text in block.expect:
         assert text in said, f"{block.name}: expected {text!r} in the output:\n{said}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options named anywhere in the docs exist; docs/cli.md lists every option of every command.
+
+INLINE = re.compile(r"(?<!`)`(shardtune [^`\n]+)`(?!`)")
+TOKEN = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
+
+
+def cli_commands() -> dict[str, list[tuple[list[str], bool]]]:
+    """command → [(spellings of one option, hidden)] of the real CLI (global options under '')."""
+    import typer
+
+    from shardtune.cli import app
+
+    group = typer.main.get_command(app)
+
+    def options(command) -> list[tuple[list[str], bool]]:
+        found = [
+            ([*p.opts, *p.secondary_opts], p.hidden) for p in command.params if p.param_type_name == "option"
+        ]
+        return [*found, (["--help"], True)]
+
+    return {"": options(group), **{name: options(c) for name, c in group.commands.items()}}
+
+
+def fenced_blocks(text: str) -> list[tuple[int, str, str]]:
+    """(first line number, language, body) of each fenced block, fences paired in order."""
+    found, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        if lines[i].startswith("```"):
+            language, start = lines[i][3:].strip(), i + 1
+            end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
+            found.append((start + 1, language, "\n".join(lines[start:end])))
+            i = end
+        i += 1
+    return found
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(where, command text) of every `shardtune …` in inline code, shell blocks and text blocks."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        where = page.relative_to(ROOT)
+        for m in INLINE.finditer(text):
+            found.append((f"{where}:{text[: m.start()].count(chr(10)) + 1}", m.group(1)))
+        for first, language, body in fenced_blocks(text):
+            if language not in ("bash", "sh", "text", ""):
+                continue
+            for i, line in enumerate(body.splitlines()):
+                for part in re.split(r"[|;&]|\$\(", line.split(" #")[0]):
+                    part = part.strip()
+                    if part.startswith(("shardtune ", "exec shardtune ")):
+                        found.append((f"{where}:{first + i}", part.removeprefix("exec ")))
+    return found
+
+
+def test_every_documented_command_and_option_exists():
+    commands = cli_commands()
+    documented = documented_commands()
+    assert len(documented) > 60
+    wrong = []
+    for where, text in documented:
+        plain = re.sub(r"\"[^\"]*\"|'[^']*'", " ", text).replace("\\|", " ")  # quoted values are not options
+        words = plain.replace("[", " ").replace("]", " ").split()
+        name = next((w for w in words[1:] if not w.startswith("-")), "")
+        if name not in commands:
+            if name.isupper() or name in ("", "..."):  # `shardtune --offline COMMAND`
+                continue
+            wrong.append(f"{where}: no command {name!r} in `{text}`")
+            continue
+        known = {o for spellings, _ in [*commands[""], *commands[name]] for o in spellings}
+        for option in TOKEN.findall(plain):
+            option = option.split("=")[0]
+            if option not in known:
+                wrong.append(f"{where}: `shardtune {name}` has no option {option} (in `{text}`)")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_cli_md_lists_every_option_of_every_command():
+    table = (ROOT / "docs" / "cli.md").read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `shardtune (\w+).*$", table, re.M)}
+    missing = []
+    for name, options in cli_commands().items():
+        if not name:
+            continue
+        assert name in rows, f"docs/cli.md has no row for `shardtune {name}`"
+        for spellings, hidden in options:
+            listed = any(re.search(rf"{re.escape(o)}(?![\w-])", rows[name]) for o in spellings)
+            if not hidden and not listed:
+                missing.append(f"shardtune {name} {spellings[0]}")
+    assert not missing, "docs/cli.md misses: " + ", ".join(missing)

@@ -50,8 +50,14 @@ def compare(ours, ours_params, ref, ref_params, dropout):
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=0)
     for key in ours_params:
         assert got[1][key].abs().max() > 0, key
-        torch.testing.assert_close(got[1][key], want[1][key], atol=1e-4, rtol=1e-4, msg=key)
-    torch.testing.assert_close(got[2], want[2], atol=1e-4, rtol=1e-4)
+        largest = want[1][key].abs().max().item()
+        torch.testing.assert_close(
+            got[1][key], want[1][key], atol=max(1e-4, 5e-6 * largest), rtol=1e-4, msg=key
+        )
+    # The input gradient sums every layer's contributions (values up to ~200 here): shardtune adds the
+    # update into the base output in one addmm, PEFT adds a separate tensor, so fp32 rounding differs
+    # at ~1e-6 of the largest value (both are as close to a float64 run: 5.5e-4 vs PEFT's 6.2e-4).
+    torch.testing.assert_close(got[2], want[2], atol=5e-6 * want[2].abs().max().item(), rtol=1e-4)
     if dropout:  # the masks matter: another seed gives other logits
         other = train_step(ours, x, ours_params, seed=100)
         assert (other[0] - got[0]).abs().max() > 1e-3

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).parents[1]
@@ -75,3 +76,50 @@ def test_the_own_data_example_is_valid_and_holds_nothing_out():
     assert recipe.data.eval_samples == 0
     train, held_out = load_examples(recipe.data.model_copy(update={"path": str(ROOT / recipe.data.path)}))
     assert len(train) == 3 and held_out == []
+
+
+def _trained_rows(recipe_dict: dict, monkeypatch) -> list[str]:
+    """Train in-process and return every token row the model saw in training mode."""
+    from transformers import LlamaForCausalLM
+
+    from shardtune.models import byte_tokenizer
+    from shardtune.recipe import recipe_from_dict
+    from shardtune.train import train
+
+    tokenizer = byte_tokenizer()
+    seen: list[str] = []
+    real = LlamaForCausalLM.forward
+
+    def spy(self, input_ids=None, *a, **kw):
+        if self.training:
+            seen.extend(tokenizer.batch_decode(input_ids.tolist(), skip_special_tokens=True))
+        return real(self, input_ids, *a, **kw)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", spy)
+    train(recipe_from_dict(recipe_dict))
+    return seen
+
+
+@pytest.mark.parametrize("second_file", [False, True], ids=["held-out-share", "eval_split-file"])
+def test_no_held_out_record_is_ever_trained_on(tmp_path, monkeypatch, second_file):
+    from conftest import tiny_recipe
+
+    rows = [{"prompt": f"q{i:03d}?", "completion": f"answer-{i:03d}"} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"path": str(tmp_path / "d.jsonl"), "eval_samples": 8}
+    if second_file:
+        held_rows = [{"prompt": f"h{i:03d}?", "completion": f"held-{i:03d}"} for i in range(8)]
+        (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_rows))
+        data["eval_split"] = str(tmp_path / "h.jsonl")
+    raw = tiny_recipe(tmp_path, data=data, train={"max_steps": 12, "batch_size": 8}, eval={"every": 4})
+    raw["data"].pop("task")
+    seen = "\n".join(_trained_rows(raw, monkeypatch))
+    from shardtune.data import load_examples
+    from shardtune.recipe import recipe_from_dict
+
+    train_examples, held = load_examples(recipe_from_dict(raw).data)
+    assert len(held) == 8 and held
+    for example in held:
+        assert example.completion not in seen, f"held-out {example} was trained on"
+    trained = [e for e in train_examples if e.completion in seen]
+    assert len(trained) == len(train_examples)  # 12 steps × 8 rows > 32: every training record was seen

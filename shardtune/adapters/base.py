@@ -124,6 +124,11 @@ class LayerAdapter(nn.Module):
         a, b = self.factors()
         return F.linear(F.linear(self.dropout(x), a), b)
 
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + Δ(x)``: the base layer's output plus the update. Methods whose update is
+        ``h·Bᵀ`` with a small ``h = dropout(x)·Aᵀ`` (N×r) override this with :func:`add_low_rank`."""
+        return out + self.delta(x).to(out.dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """Dense ``ΔW = B · A`` (out, in). Used by merge; never in the training forward."""
         a, b = self.factors()
@@ -150,6 +155,18 @@ class LayerAdapter(nn.Module):
             m: {"pool": "own", "shards": list(range(n)), "private": [True] * n}
             for m, n in (("A", a.shape[0]), ("B", b.shape[1]))
         }
+
+
+def add_low_rank(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out + h·bᵀ`` for ``h`` (…, r) and ``b`` (out, r): one ``addmm`` that accumulates into the base
+    output, so the update never exists as an (N, out) tensor of its own and no separate add runs (in
+    backward the base output's gradient passes through unchanged). Any scale belongs in ``h``, the
+    small side. With mixed dtypes outside autocast (a bf16 base, an fp32 adapter) the update is
+    computed in the adapter's dtype and added."""
+    if (out.dtype == h.dtype == b.dtype) or torch.is_autocast_enabled(out.device.type):
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+        return flat.view(out.shape)
+    return out + F.linear(h, b).to(out.dtype)
 
 
 class AdaptedLinear(nn.Module):
@@ -189,7 +206,7 @@ class AdaptedLinear(nn.Module):
             # own dtype (fp32 by default, also over a bf16 base) and return to the base's dtype.
             if not torch.is_autocast_enabled(x.device.type):
                 x = x.to(self.adapter.dtype)
-            out = out + self.adapter.delta(x).to(out.dtype)
+            out = self.adapter.add_delta(out, x)
         return out
 
     @torch.no_grad()

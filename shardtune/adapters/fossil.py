@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
+from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target, add_low_rank
 from shardtune.errors import RecipeError
 from shardtune.quant import dense_weight, is_quantized_linear
 
@@ -113,6 +113,11 @@ class FossilAdapter(LayerAdapter):
         # Tile the (…, mini_r) result instead of the shard: y[o] = (s·D_mini)[o mod mini_r].
         y = s @ self.shard
         return y.repeat(*([1] * (y.dim() - 1)), self.out_features // self.mini_r)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.mini_r is not None:
+            return out + self.delta(x).to(out.dtype)
+        return add_low_rank(out, self.block_sum(self.dropout(x)), self.shard.T)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         shard = self.full_shard()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
+from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target, add_low_rank
 
 
 class LoraOptions(AdapterOptions):
@@ -56,9 +56,15 @@ class LoraAdapter(LayerAdapter):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A, self.lora_B * self.scale
 
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """``h = s·dropout(x)·Aᵀ`` (N×r): the scale on the small side, not on B or the (N, out) result."""
+        return F.linear(self.dropout(x), self.lora_A) * self.scale
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        # Scale the (N, out) result rather than B so no (out, r) temporary is made per step.
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return F.linear(self.down(x), self.lora_B)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return add_low_rank(out, self.down(x), self.lora_B)
 
 
 class Lora(AdapterMethod):

@@ -48,7 +48,14 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target, adapted_layers
+from shardtune.adapters.base import (
+    AdapterMethod,
+    AdapterOptions,
+    LayerAdapter,
+    Target,
+    adapted_layers,
+    add_low_rank,
+)
 from shardtune.errors import RecipeError
 
 
@@ -139,7 +146,11 @@ class MosAdapter(LayerAdapter):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.gathered()
-        return F.linear(F.linear(self.dropout(x), a), b) * self.scale
+        return F.linear(F.linear(self.dropout(x), a) * self.scale, b)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.gathered()
+        return add_low_rank(out, F.linear(self.dropout(x), a) * self.scale, b)
 
     def routing(self) -> dict:
         shards_per_vector = self.index_A.numel() // self.rank

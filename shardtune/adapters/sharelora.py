@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from shardtune.adapters.base import AdapterMethod, LayerAdapter, Target
+from shardtune.adapters.base import AdapterMethod, LayerAdapter, Target, add_low_rank
 from shardtune.adapters.lora import LoraOptions, lora_scale
 
 ATTENTION_KINDS = {"q_proj", "k_proj", "v_proj", "query", "key", "value"}  # what `scope: attention` groups
@@ -101,7 +101,11 @@ class ShareLoraAdapter(LayerAdapter):
         return self._factor("A"), self._factor("B") * self.scale
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self._factor("A")), self._factor("B")) * self.scale
+        return F.linear(F.linear(self.dropout(x), self._factor("A")) * self.scale, self._factor("B"))
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(self.dropout(x), self._factor("A")) * self.scale
+        return add_low_rank(out, h, self._factor("B"))
 
     def routing(self) -> dict:
         out = {}
