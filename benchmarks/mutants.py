@@ -339,8 +339,8 @@ MUTANTS: list[Mutant] = [
       "ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)",
       "ids = torch.full((len(features), width), 0, dtype=torch.long)",
       BATCHES, "-k", "collated", why="padding with token 0 instead of the tokenizer's pad"),
-    m("data-task-heldout-same-seed", "shardtune/data.py",
-      "task.generate(n_eval, data.seed + 1_000_003)", "task.generate(n_eval, data.seed)",
+    m("data-task-heldout-same-seed", "shardtune/tasks.py",
+      "held = self.generate(n_eval, seed + HELDOUT_SEED_OFFSET)\n", "held = self.generate(n_eval, seed)\n",
       "tests/test_data.py", "-k", "tasks", why="held-out task items are the first training items"),
     # --- more of the spine (adapters/model.py), LoRS init, the loop ---------------------------------
     m("model-exclude-ignored", A + "model.py",
