@@ -70,10 +70,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="output JSON")
     p.add_argument("--plot", type=Path, default=None, help="output PNG (needs matplotlib)")
     p.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temp dir)")
+    if p.parse_args(argv).quick:  # other defaults; options given on the command line still win
+        p.set_defaults(model="tiny-llama", rank=8, budgets="1/4,1/2,1", sweep_at="1/2")
+        p.set_defaults(num_samples=16, eval_items=4, steps=3, batch=4, max_length=96)
     args = p.parse_args(argv)
-    if args.quick:
-        args.model, args.rank, args.budgets, args.sweep_at = "tiny-llama", 8, "1/4,1/2,1", "1/2"
-        args.num_samples, args.eval_items, args.steps, args.batch = 16, 4, 3, 4
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     return args
@@ -129,7 +129,9 @@ def run_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
     label = str(fit.budget).replace("/", "-")
     raw = json.loads(json.dumps(raw))
     raw["train"]["lr"] = lr
-    resolved = method_recipe(recipe_from_dict(raw), fit.method, work / label / f"lr{lr:g}").model_dump(mode="json")
+    resolved = method_recipe(recipe_from_dict(raw), fit.method, work / label / f"lr{lr:g}").model_dump(
+        mode="json"
+    )
     resolved["adapter"][fit.option] = fit.value
     recipe = recipe_from_dict(resolved)
     result = train(recipe, Reporter(quiet=True))
@@ -164,6 +166,26 @@ def run_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
 
 def best(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: (r["val_score"], -r["val_loss"]))
+
+
+def sweep(args, raw, report, usable, method, sweep_at, budgets, split, work, save) -> float | None:
+    """Train ``method`` with each learning rate at the sweep budget(s) (or, when it cannot reach them,
+    the first budget it reaches); the rate with the best validation result is returned."""
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS.get(method, FALLBACK_LRS)
+    where = [b for b in sweep_at if (method, b) in usable] or [b for b in budgets if (method, b) in usable][
+        :1
+    ]
+    chosen = None
+    for budget in where:
+        tried = [run_one(args, raw, usable[method, budget], lr, split, work) for lr in lrs]
+        report["sweep"] += tried
+        pick = best(tried)
+        report["chosen_lr"][f"{method}@{budget}"] = pick["lr"]
+        chosen = chosen or pick["lr"]
+        if budget in budgets:
+            report["rows"].append(pick)
+        save()
+    return chosen
 
 
 def print_tables(report: dict) -> None:
@@ -240,34 +262,16 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(report, indent=2) + "\n")
 
         usable = {(f.method, f.budget): f for f in fits if f.value is not None}
-        for method in methods:
-            lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS.get(method, FALLBACK_LRS)
-            chosen = None
-            for budget in sweep_at:
-                if (method, budget) not in usable:
-                    continue
-                tried = [run_one(args, raw, usable[method, budget], lr, split, work) for lr in lrs]
-                report["sweep"] += tried
-                pick = best(tried)
-                report["chosen_lr"][f"{method}@{budget}"] = pick["lr"]
-                chosen = chosen or pick["lr"]
-                if budget in budgets:
-                    report["rows"].append(pick)
-                save()
-            if chosen is None:  # the sweep budget is out of reach: sweep at the first budget it reaches
-                rest = [b for b in budgets if (method, b) in usable]
-                if not rest:
-                    continue
-                tried = [run_one(args, raw, usable[method, rest[0]], lr, split, work) for lr in lrs]
-                report["sweep"] += tried
-                pick = best(tried)
-                chosen = report["chosen_lr"][f"{method}@{rest[0]}"] = pick["lr"]
-                report["rows"].append(pick)
-                save()
-            done = {r["budget"] for r in report["rows"] if r["method"] == method}
-            for budget in budgets:
-                if (method, budget) in usable and str(budget) not in done:
-                    report["rows"].append(run_one(args, raw, usable[method, budget], chosen, split, work))
+        chosen = {
+            m: sweep(args, raw, report, usable, m, sweep_at, budgets, split, work, save) for m in methods
+        }
+        # then the other budgets, largest first (a run cut short keeps the reference end of the frontier)
+        for budget in sorted(budgets, reverse=True):
+            for method in methods:
+                done = {r["budget"] for r in report["rows"] if r["method"] == method}
+                if (method, budget) in usable and chosen[method] and str(budget) not in done:
+                    row = run_one(args, raw, usable[method, budget], chosen[method], split, work)
+                    report["rows"].append(row)
                     save()
         report["complete"] = True
         save()

@@ -116,12 +116,17 @@ def fit_budget(
         nonlocal why
         if value not in counted:
             try:
-                counted[value] = count_trainable(config, method_options(method, **{**options, knob: value}))[0]
+                counted[value] = count_trainable(config, method_options(method, **{**options, knob: value}))[
+                    0
+                ]
             except ShardtuneError as e:
                 counted[value], why = None, str(e)
         return counted[value]
 
-    probes = [v for v in (1, 2, 3, 4, 8, 16, 32, 64) if count(v) is not None][:2]
+    probes = []
+    for value in (1, 2, 3, 4, 8, 16, 32, 64):
+        if len(probes) < 2 and count(value) is not None:
+            probes.append(value)
     if len(probes) < 2:
         return BudgetFit(method, budget, target, knob, None, None, why or f"no {knob} fits this model")
     (v1, v2), (c1, c2) = probes, (counted[probes[0]], counted[probes[1]])
@@ -129,7 +134,8 @@ def fit_budget(
     guess = v1 + (target - c1) / slope if slope > 0 else v1
     guess = min(max(guess, 1), BUDGET_LIMIT)
     near = range(max(1, math.floor(guess) - 2), min(math.ceil(guess) + 2, BUDGET_LIMIT) + 1)
-    if all(count(v) is None for v in near):  # outside what fits: the value nearest it that does
+    counts = [count(v) for v in near]  # every neighbour counted (all() would stop at the first)
+    if all(c is None for c in counts):  # outside what fits: the value nearest it that does
         below = [v for v, c in counted.items() if c is not None and v < near[0]]
         above = [v for v, c in counted.items() if c is not None and v > near[-1]]
         low, high, up = (max(below), near[0], True) if below else (near[-1], min(above), False)
@@ -192,9 +198,22 @@ def unfit_methods(recipe: Recipe, methods: list[str], out_dir: Path) -> dict[str
     return unfit
 
 
-def compare(recipe: Recipe, methods: list[str], reporter: Reporter, plot: Path | None = None) -> dict:
-    from shardtune.train import train
+def budget_recipe(recipe: Recipe, fit: BudgetFit, out_dir: Path) -> Recipe:
+    """The method's recipe with its size option set for the budget; runs in ``<method>@<a>-<b>``."""
+    label = f"{fit.method}@{str(fit.budget).replace('/', '-')}"
+    raw = method_recipe(recipe, fit.method, out_dir).model_dump(mode="json")
+    raw["adapter"][fit.option] = fit.value
+    raw["output"]["dir"] = str(out_dir / label)
+    return recipe_from_dict(raw)
 
+
+def compare(
+    recipe: Recipe,
+    methods: list[str],
+    reporter: Reporter,
+    plot: Path | None = None,
+    budgets: list[Fraction] | None = None,
+) -> dict:
     every = methods == ["all"]
     methods = list(METHODS) if every else methods
     unknown = [m for m in methods if m not in METHODS]
@@ -208,6 +227,13 @@ def compare(recipe: Recipe, methods: list[str], reporter: Reporter, plot: Path |
     if skipped and not every:
         method, why = next(iter(skipped.items()))
         raise BadInput(f"--methods: {method} does not fit this model: {why}")
+    methods = [m for m in methods if m not in skipped]
+    runs = [(m, method_recipe(recipe, m, out_dir), None) for m in methods]
+    reference = None
+    if budgets:
+        reference, fits = fit_budgets(recipe, methods, budgets, out_dir)
+        runs = [(f.method, budget_recipe(recipe, f, out_dir), f) for f in fits if f.value is not None]
+        skipped |= {f"{f.method}@{f.budget}": f.note for f in fits if f.value is None}
     check_output_dir(
         out_dir,
         "output.dir",
@@ -222,36 +248,50 @@ def compare(recipe: Recipe, methods: list[str], reporter: Reporter, plot: Path |
     make_directory(out_dir)
     write_marker(out_dir, "compare", COMPARE_ENTRIES)
     rows, curves = [], {}
-    for method in [m for m in methods if m not in skipped]:
-        reporter.info(f"— {method} —")
-        result = train(method_recipe(recipe, method, out_dir), reporter)
-        metrics = [
-            json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
-        ]
-        curves[method] = [(m["step"], m["loss"]) for m in metrics]
-        rows.append(
-            {
-                "method": method,
-                "eval_loss": result.eval_loss,
-                "task_score": result.task_score,
-                "task_score_base": result.task_score_base,
-                "trainable_parameters": result.trainable_parameters,
-                "seconds_per_step": result.train_seconds / max(result.steps, 1),
-                "final_loss": result.final_loss,
-                "run_dir": result.run_dir,
+    for method, run_recipe, fit in runs:
+        key = method if fit is None else f"{method}@{fit.budget}"
+        reporter.info(f"— {key} —" if fit is None else f"— {key} ({fit.option} {fit.value}) —")
+        row, curves[key] = _train_row(run_recipe, reporter)
+        if fit is not None:
+            row |= {
+                "budget": str(fit.budget),
+                "option": f"{fit.option}={fit.value}",
+                "budget_parameters": fit.target,
             }
-        )
+        rows.append(row)
     report = {
         "recipe_model": recipe.model.name,
         "steps": recipe.train.max_steps,
         "rows": rows,
         "curves": curves,
         "skipped": skipped,
+        **({"reference_parameters": reference} if budgets else {}),
     }
     atomic_write_text(out_dir / COMPARE_FILE, json.dumps(report, indent=2) + "\n")
-    if plot is not None:
+    if plot is not None and budgets:
+        plot_frontier(rows, plot, f"{recipe.model.name}: score and eval loss per budget")
+    elif plot is not None:
         plot_curves(curves, plot)
     return report
+
+
+def _train_row(recipe: Recipe, reporter: Reporter) -> tuple[dict, list]:
+    """Train one run: its row of the table and its loss curve."""
+    from shardtune.train import train
+
+    result = train(recipe, reporter)
+    metrics = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    row = {
+        "method": recipe.adapter.method,
+        "eval_loss": result.eval_loss,
+        "task_score": result.task_score,
+        "task_score_base": result.task_score_base,
+        "trainable_parameters": result.trainable_parameters,
+        "seconds_per_step": result.train_seconds / max(result.steps, 1),
+        "final_loss": result.final_loss,
+        "run_dir": result.run_dir,
+    }
+    return row, [(m["step"], m["loss"]) for m in metrics]
 
 
 def plot_curves(curves: dict, path: Path) -> None:
