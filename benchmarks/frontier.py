@@ -10,8 +10,8 @@ whose trainable count is nearest the budget (``shardtune.compare.fit_budget``, t
 ``shardtune compare --budgets``); a method that cannot come within 25 % of a budget is left out of it
 (said on stderr). Every run trains through ``shardtune.train.train`` on the same task items, steps,
 batch and seed. Learning rates: each method tries ``--lrs`` (default: per method, below) at the
-``--sweep-at`` budget(s) and keeps the one with the best validation score (ties: the lower
-validation loss); the other budgets train with that rate. The validation items and the scored
+``--sweep-at`` budget(s) and keeps the one with the lowest validation loss (``--select score``: the
+best validation score, ties broken by the loss); the other budgets train with that rate. The validation items and the scored
 (test) items come from ``Task.split``: for ``facts`` two disjoint samples of the trained facts
 (recall), for ``sort`` new lists that are in neither the training set nor each other.
 
@@ -39,14 +39,14 @@ from shardtune.compare import fit_budgets, parse_budgets, plot_frontier  # noqa:
 from shardtune.recipe import recipe_from_dict  # noqa: E402
 from shardtune.tasks import TASKS  # noqa: E402
 
-# A small grid per method around what its paper or our quickstart uses; 2 values on the CPU.
+# A small grid per method around what its paper or our quickstart uses.
 DEFAULT_LRS = {
-    "lora": [2e-3, 5e-3],
-    "fossil": [2e-3, 5e-3],
-    "mos": [5e-3, 1e-2],
-    "sharelora": [2e-3, 5e-3],
+    "lora": [1e-3, 3e-3, 1e-2],
+    "fossil": [5e-4, 2e-3, 5e-3],  # no α/r scale: its updates grow with the rank, so lower rates too
+    "mos": [3e-3, 1e-2, 3e-2],
+    "sharelora": [1e-3, 3e-3, 1e-2],
 }
-FALLBACK_LRS = [2e-3, 5e-3]
+FALLBACK_LRS = [1e-3, 3e-3, 1e-2]
 MAX_NEW_TOKENS = {"facts": 8, "sort": 24}
 
 
@@ -65,11 +65,25 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--lrs", default=None, help="comma-separated learning rates for every method")
-    p.add_argument("--sweep-at", default="1/8", help="budget whose runs choose the lr, or 'all'")
+    p.add_argument(
+        "--sweep-at",
+        default="1/8",
+        help="budgets whose runs choose the lr (in this order), or 'all' (--budgets order)",
+    )
+    p.add_argument(
+        "--select",
+        choices=["loss", "score"],
+        default="loss",
+        help="what picks the lr on the validation items",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="task seed (train.seed stays 42)")
     p.add_argument("--json", type=Path, default=None, help="output JSON")
     p.add_argument("--plot", type=Path, default=None, help="output PNG (needs matplotlib)")
     p.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temp dir)")
+    p.add_argument(
+        "--report", type=Path, default=None, help="print the tables (and --plot) of this JSON, run nothing"
+    )
     if p.parse_args(argv).quick:  # other defaults; options given on the command line still win
         p.set_defaults(model="tiny-llama", rank=8, budgets="1/4,1/2,1", sweep_at="1/2")
         p.set_defaults(num_samples=16, eval_items=4, steps=3, batch=4, max_length=96)
@@ -164,32 +178,30 @@ def run_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
     return row
 
 
-def best(rows: list[dict]) -> dict:
+def best(rows: list[dict], select: str) -> dict:
+    """The run with the lowest validation loss (``select="loss"``) or the best validation score, ties
+    broken by the loss (``"score"``: coarse on a few items, one item is several points)."""
+    if select == "loss":
+        return min(rows, key=lambda r: r["val_loss"])
     return max(rows, key=lambda r: (r["val_score"], -r["val_loss"]))
 
 
-def sweep(args, raw, report, usable, method, sweep_at, budgets, split, work, save) -> float | None:
-    """Train ``method`` with each learning rate at the sweep budget(s) (or, when it cannot reach them,
-    the first budget it reaches); the rate with the best validation result is returned."""
+def sweep(args, raw, report, usable, method, budget, budgets, split, work, save) -> float:
+    """Train ``method`` at ``budget`` with each learning rate; the one the validation items prefer
+    is recorded (and is the budget's row when the budget is on the frontier)."""
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS.get(method, FALLBACK_LRS)
-    where = [b for b in sweep_at if (method, b) in usable] or [b for b in budgets if (method, b) in usable][
-        :1
-    ]
-    chosen = None
-    for budget in where:
-        tried = [run_one(args, raw, usable[method, budget], lr, split, work) for lr in lrs]
-        report["sweep"] += tried
-        pick = best(tried)
-        report["chosen_lr"][f"{method}@{budget}"] = pick["lr"]
-        chosen = chosen or pick["lr"]
-        if budget in budgets:
-            report["rows"].append(pick)
-        save()
-    return chosen
+    tried = [run_one(args, raw, usable[method, budget], lr, split, work) for lr in lrs]
+    report["sweep"] += tried
+    pick = best(tried, args.select)
+    report["chosen_lr"][f"{method}@{budget}"] = pick["lr"]
+    if budget in budgets:
+        report["rows"].append(pick)
+    save()
+    return pick["lr"]
 
 
 def print_tables(report: dict) -> None:
-    print("\nlearning-rate sweep (chosen on the validation items):\n")
+    print(f"\nlearning-rate sweep (chosen by validation {report['settings'].get('select', 'score')}):\n")
     print("| method | budget | lr | val score | val loss | chosen |\n|---|---|---|---|---|---|")
     for r in report["sweep"]:
         chosen = "yes" if r["lr"] == report["chosen_lr"].get(f"{r['method']}@{r['budget']}") else ""
@@ -197,7 +209,10 @@ def print_tables(report: dict) -> None:
             f"| {r['method']} | {r['budget']} | {r['lr']:g} | {100 * r['val_score']:.1f} % | "
             f"{r['val_loss']:.3f} | {chosen} |"
         )
-    print(f"\nfrontier ({report['task']}, test items; base model: {100 * report['base']['score']:.1f} %):\n")
+    state = "" if report["complete"] else ", INCOMPLETE: the run was cut short"
+    print(
+        f"\nfrontier ({report['task']}, test items; base model: {100 * report['base']['score']:.1f} %{state}):\n"
+    )
     print(
         "| budget | method | option | trainable | × LoRA r16 | lr | score | eval loss | s/step |\n"
         "|---|---|---|---|---|---|---|---|---|"
@@ -214,7 +229,15 @@ def print_tables(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
+    if args.report is not None:  # e.g. the JSON of a run that was cut short
+        report = json.loads(args.report.read_text())
+        print_tables(report)
+        if args.plot is not None:
+            plot_frontier(report["rows"], args.plot, f"{report['model']}, {report['task']}")
+        return 0
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from shardtune.models import load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -262,14 +285,23 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(report, indent=2) + "\n")
 
         usable = {(f.method, f.budget): f for f in fits if f.value is not None}
-        chosen = {
-            m: sweep(args, raw, report, usable, m, sweep_at, budgets, split, work, save) for m in methods
-        }
-        # then the other budgets, largest first (a run cut short keeps the reference end of the frontier)
+        chosen: dict[str, float] = {}
+        for budget in sweep_at:  # the sweeps first, budget by budget in the order given
+            for method in methods:
+                if (method, budget) in usable:
+                    lr = sweep(args, raw, report, usable, method, budget, budgets, split, work, save)
+                    chosen.setdefault(method, lr)
+        for method in methods:  # a method that reaches no sweep budget sweeps at its first budget
+            reachable = [b for b in budgets if (method, b) in usable]
+            if method not in chosen and reachable:
+                chosen[method] = sweep(
+                    args, raw, report, usable, method, reachable[0], budgets, split, work, save
+                )
+        # then the other budgets, largest first, with the lr of the method's first sweep
         for budget in sorted(budgets, reverse=True):
             for method in methods:
                 done = {r["budget"] for r in report["rows"] if r["method"] == method}
-                if (method, budget) in usable and chosen[method] and str(budget) not in done:
+                if (method, budget) in usable and str(budget) not in done:
                     row = run_one(args, raw, usable[method, budget], chosen[method], split, work)
                     report["rows"].append(row)
                     save()

@@ -203,7 +203,7 @@ def test_frontier_benchmark_quick(tmp_path):
         ("mos", "1/2"),
         ("mos", "1"),
     }
-    assert len(report["sweep"]) == 6 and set(report["chosen_lr"]) == {"lora@1/2", "fossil@1/2", "mos@1/2"}
+    assert len(report["sweep"]) == 9 and set(report["chosen_lr"]) == {"lora@1/2", "fossil@1/2", "mos@1/2"}
     for r in report["rows"]:
         assert r["lr"] == report["chosen_lr"][f"{r['method']}@1/2"]
         assert 0 <= r["task_score"] <= 1 and r["eval_loss"] > 0
