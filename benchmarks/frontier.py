@@ -1,8 +1,9 @@
 """Quality per parameter: every method at several trainable-parameter budgets, with a learning-rate sweep.
 
-    python benchmarks/frontier.py                       # CPU, SmolLM2-135M-Instruct (sizes below)
-    python benchmarks/frontier.py --device cuda --num-samples 2000 --steps 600 --sweep-at all
+    python benchmarks/frontier.py                       # CPU: the run in docs/benchmarks.md (32 runs)
+    python benchmarks/frontier.py --device cuda --num-samples 2000 --eval-items 200 --batch 32 --steps 1500
     python benchmarks/frontier.py --quick               # tiny random model, seconds (a test runs it)
+    python benchmarks/frontier.py --report results/frontier-cpu-smollm2.json --plot f.png   # tables again
 
 The budgets are fractions of a reference, LoRA of rank ``--rank`` on every linear layer; each method
 gets the value of its size option (rank; MoS: equivalent_rank, its per-layer rank stays ``--rank``)
@@ -41,12 +42,12 @@ from shardtune.tasks import TASKS  # noqa: E402
 
 # A small grid per method around what its paper or our quickstart uses.
 DEFAULT_LRS = {
-    "lora": [1e-3, 3e-3, 1e-2],
-    "fossil": [5e-4, 2e-3, 5e-3],  # no α/r scale: its updates grow with the rank, so lower rates too
-    "mos": [3e-3, 1e-2, 3e-2],
-    "sharelora": [1e-3, 3e-3, 1e-2],
+    "lora": [2e-3, 5e-3],
+    "fossil": [1e-3, 2e-3, 5e-3],  # no α/r scale: at high ranks 5e-3 diverges, so one lower rate
+    "mos": [5e-3, 1e-2],
+    "sharelora": [2e-3, 5e-3],
 }
-FALLBACK_LRS = [1e-3, 3e-3, 1e-2]
+FALLBACK_LRS = [2e-3, 5e-3]
 MAX_NEW_TOKENS = {"facts": 8, "sort": 24}
 
 
@@ -57,17 +58,17 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--task", choices=sorted(TASKS), default="facts")
     p.add_argument("--methods", default="lora,fossil,mos,sharelora")
-    p.add_argument("--budgets", default="1/32,1/8,1/2,1")
+    p.add_argument("--budgets", default="1/8,1,1/2,1/32", help="run in this order (tables sort them)")
     p.add_argument("--rank", type=int, default=16, help="rank of the LoRA reference (all linear layers)")
-    p.add_argument("--num-samples", type=int, default=32, help="training items (facts: the facts)")
-    p.add_argument("--eval-items", type=int, default=16, help="validation items and as many test items")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--num-samples", type=int, default=20, help="training items (facts: the facts)")
+    p.add_argument("--eval-items", type=int, default=10, help="validation items and as many test items")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--lrs", default=None, help="comma-separated learning rates for every method")
     p.add_argument(
         "--sweep-at",
-        default="1/8",
+        default="all",
         help="budgets whose runs choose the lr (in this order), or 'all' (--budgets order)",
     )
     p.add_argument(
@@ -81,6 +82,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="output JSON")
     p.add_argument("--plot", type=Path, default=None, help="output PNG (needs matplotlib)")
     p.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temp dir)")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="JSON of an earlier run with the same settings: its runs (method, budget, option, lr) are taken",
+    )
     p.add_argument(
         "--report", type=Path, default=None, help="print the tables (and --plot) of this JSON, run nothing"
     )
@@ -134,7 +141,34 @@ def measure(model, tokenizer, examples, args) -> dict:
     return {"score": score.accuracy, "loss": heldout_loss(model, loader)}
 
 
+SAME_SETTINGS = ("model", "task", "rank", "num_samples", "eval_items", "steps", "batch", "max_length", "seed")
+REUSED: dict[tuple, dict] = {}
+
+
+def load_reused(args) -> None:
+    """Runs of an earlier JSON whose settings equal these (training is seeded, so they would repeat)."""
+    if args.reuse is None:
+        return
+    earlier = json.loads(args.reuse.read_text())
+    differ = [k for k in SAME_SETTINGS if earlier["settings"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--reuse: {args.reuse} was run with other {', '.join(differ)}")
+    for row in earlier["sweep"] + earlier["rows"]:
+        REUSED[row["method"], row["budget"], row["option"], row["lr"]] = {
+            **row,
+            "reused": str(args.reuse.name),
+        }
+
+
 def run_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
+    key = (fit.method, str(fit.budget), f"{fit.option}={fit.value}", lr)
+    if key in REUSED:
+        print(f"{fit.method} @ {fit.budget} lr {lr:g}: taken from {args.reuse}", file=sys.stderr, flush=True)
+        return dict(REUSED[key])
+    return train_one(args, raw, fit, lr, split, work)
+
+
+def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
     from shardtune.checkpoint import load_adapted_model
     from shardtune.compare import method_recipe
     from shardtune.progress import Reporter
@@ -236,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             plot_frontier(report["rows"], args.plot, f"{report['model']}, {report['task']}")
         return 0
     torch.manual_seed(0)
+    load_reused(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from shardtune.models import load_model

@@ -334,6 +334,7 @@ def plot_frontier(rows: list[dict], path: Path, title: str = "") -> None:
         loss_ax.plot(x, [r["eval_loss"] for r in points], marker="o", label=method)
     for ax, label in ((score_ax, "task score (%)"), (loss_ax, "eval loss")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 10^k labels only, no overlap
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
