@@ -256,9 +256,8 @@ def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
         if task is None:
             raise BadInput(f"data.task: unknown task {data.task!r}; available: {', '.join(TASKS)}")
         n_eval = DEFAULT_EVAL_SAMPLES if data.eval_samples is None else data.eval_samples
-        train = [Example(p, c) for p, c in task.generate(data.num_samples, data.seed)]
-        held = [Example(p, c) for p, c in task.generate(n_eval, data.seed + 1_000_003)]
-        return train, held
+        split = task.split(data.num_samples, n_eval, data.seed)
+        return [Example(p, c) for p, c in split.train], [Example(p, c) for p, c in split.held]
 
     source = data.path or data.hub
     records = read_records(data)

@@ -144,7 +144,8 @@ class DataSection(Section):
         None,
         ge=0,
         le=MAX_GENERATED,
-        description="Held-out examples: generated for a builtin task, taken from `eval_split`, or split off "
+        description="Held-out examples: generated for a builtin task (`facts`, a memorisation task: a sample "
+        "of the trained facts, asked again), taken from `eval_split`, or split off "
         "the data (seeded, disjoint from training). Unset: 64, or a fifth of a single source, at most 64; "
         "set: exactly this many (fewer than the examples of a single source).",
     )

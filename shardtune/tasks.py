@@ -3,6 +3,21 @@
 A task turns a seeded ``random.Random`` into ``(prompt, completion)`` pairs. Nothing is downloaded and
 no data file is committed: ``data.task: reverse`` in a recipe generates ``data.num_samples`` training
 pairs and ``data.eval_samples`` held-out pairs from disjoint seeds.
+
+What "held-out" means depends on the task (``Task.heldout``):
+
+* ``seed`` — held-out items come from another seed; on a small input space some may also be trained on
+  (the first tasks: reverse, repeat, date_format, addition).
+* ``new`` — held-out inputs are never in the training set (checked, not hoped for): the score measures
+  whether the adapter learned a rule (``sort``).
+* ``recall`` — a memorisation task: every item is trained on, and the "held-out" items are a seeded
+  sample of the *training* items asked again word for word; the score is exact recall, i.e. how many
+  facts the adapter stored (``facts``). There is nothing unseen to generalise to, so the held-out loss
+  of such a run is the loss on trained items.
+
+:meth:`Task.split` also gives a third, validation set (for choosing a learning rate without looking at
+the scored items): new inputs disjoint from both for ``new`` tasks, another sample of the training
+items for ``recall`` tasks.
 """
 
 from __future__ import annotations
@@ -10,17 +25,71 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
+
+from shardtune.errors import BadInput
+
+Pair = tuple[str, str]
+HELDOUT_SEED_OFFSET = 1_000_003  # held-out items: this much past data.seed
+VALIDATION_SEED_OFFSET = 2_000_003
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Pair]
+    held: list[Pair]
+    validation: list[Pair]
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     description: str
-    make: Callable[[random.Random], tuple[str, str]]
+    make: Callable[[random.Random], Pair]
+    heldout: Literal["seed", "new", "recall"] = "seed"
+    unique: bool = False  # no prompt twice within one generated list
 
-    def generate(self, n: int, seed: int) -> list[tuple[str, str]]:
+    def generate(self, n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset()) -> list[Pair]:
+        """``n`` items from ``seed``; with ``unique`` (or ``exclude``) prompts repeat nowhere (nor
+        appear in ``exclude``)."""
         rng = random.Random(f"{self.name}:{seed}")
-        return [self.make(rng) for _ in range(n)]
+        if not self.unique and not exclude:
+            return [self.make(rng) for _ in range(n)]
+        seen, out = set(exclude), []
+        for _ in range(20 * n + 1000):  # a small input space runs out: say so instead of looping
+            if len(out) == n:
+                break
+            prompt, completion = self.make(rng)
+            if prompt not in seen:
+                seen.add(prompt)
+                out.append((prompt, completion))
+        if len(out) < n:
+            raise BadInput(f"data.task: {self.name} has fewer than {n} distinct items to generate")
+        return out
+
+    def split(self, n_train: int, n_eval: int, seed: int, n_validation: int = 0) -> Split:
+        """Training, held-out and validation items (see the module docstring for what held-out means)."""
+        train = self.generate(n_train, seed)
+        if self.heldout == "recall":
+            if max(n_eval, n_validation) > n_train:
+                raise BadInput(
+                    f"data.eval_samples: {self.name} asks trained facts again; {max(n_eval, n_validation)} "
+                    f"is more than the {n_train} facts (data.num_samples)"
+                )
+            held = random.Random(f"{self.name}:recall:{seed}").sample(train, n_eval)
+            asked = set(held)
+            rest = [item for item in train if item not in asked]  # disjoint from held when there are enough
+            pool = rest if len(rest) >= n_validation else train
+            val = random.Random(f"{self.name}:validation:{seed}").sample(pool, n_validation)
+            return Split(train, held, val)
+        if self.heldout == "seed":
+            held = self.generate(n_eval, seed + HELDOUT_SEED_OFFSET)
+            val = self.generate(n_validation, seed + VALIDATION_SEED_OFFSET)
+            return Split(train, held, val)
+        seen = {p for p, _ in train}
+        held = self.generate(n_eval, seed + HELDOUT_SEED_OFFSET, exclude=seen)
+        seen |= {p for p, _ in held}
+        return Split(train, held, self.generate(n_validation, seed + VALIDATION_SEED_OFFSET, exclude=seen))
 
 
 def exact_match(prediction: str, completion: str) -> bool:
@@ -60,6 +129,35 @@ def _addition(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} + {b}? Answer with the number only.", str(a + b)
 
 
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "qu", "r", "s", "st"]
+_ONSETS += ["t", "th", "v", "vr", "z", "zh"]
+_VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou", "y"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "th", "x", "k", "m"]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
+
+
+# The attributes of the facts task: 64 invented city names, the same for every seed (a model that
+# has learnt the format but not a fact guesses right 1 time in 64).
+_CITY_RNG = random.Random("facts:cities")
+FACT_CITIES = sorted({_word(_CITY_RNG, 2).capitalize() for _ in range(200)})[:64]
+
+
+def _fact(rng: random.Random) -> Pair:
+    person = f"{_word(rng, 2).capitalize()} {_word(rng, rng.randint(2, 3)).capitalize()}"
+    return f"Where was {person} born?", rng.choice(FACT_CITIES)
+
+
+def _sort(rng: random.Random) -> Pair:
+    numbers = [rng.randint(10, 99) for _ in range(rng.randint(5, 7))]
+    return (
+        f"Sort these numbers from smallest to largest: {' '.join(map(str, numbers))}",
+        " ".join(map(str, sorted(numbers))),
+    )
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -71,5 +169,20 @@ TASKS: dict[str, Task] = {
             _date_format,
         ),
         Task("addition", "add two 3-digit numbers, answer with the number only", _addition),
+        Task(
+            "facts",
+            "memorise data.num_samples invented facts (person → birth city), scored by exact recall of "
+            "trained facts (capacity per parameter)",
+            _fact,
+            heldout="recall",
+            unique=True,
+        ),
+        Task(
+            "sort",
+            "sort 5-7 two-digit numbers; held-out lists never trained on (learning a rule)",
+            _sort,
+            heldout="new",
+            unique=True,
+        ),
     )
 }

@@ -265,6 +265,8 @@ class AdapterMethod:
     summary: ClassVar[str] = ""
     # Options that are ranks of the layers' updates: each must fit every target (largest_rank).
     rank_options: ClassVar[tuple[str, ...]] = ("rank",)
+    # The integer option that scales the trainable parameters (`shardtune compare --budgets` sets it).
+    budget_option: ClassVar[str] = "rank"
 
     def resolve(self, options: AdapterOptions, targets: list[Target]) -> None:
         """Fill options left unset to be chosen from the targets (in place: the run records them)."""

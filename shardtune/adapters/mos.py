@@ -191,6 +191,7 @@ class Mos(AdapterMethod):
     Options = MosOptions
 
     rank_options = ("rank", "equivalent_rank")
+    budget_option = "equivalent_rank"  # the pools; the per-layer rank r stays the recipe's
 
     def resolve(self, options: MosOptions, targets: list[Target]) -> None:
         """An unset ``equivalent_rank``: 2, or the least budget whose pools hold rank r (shallow models)."""

@@ -100,18 +100,32 @@ def compare(
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods, or all (every method that fits the model).")
     ] = "all",
+    budgets: Annotated[
+        str | None,
+        typer.Option(
+            "--budgets",
+            help="Comma-separated fractions of the trainable parameters of LoRA with the recipe's rank and "
+            "targets, e.g. 1/32,1/8,1/2,1: each method is sized to each budget (its rank; MoS: "
+            "equivalent_rank) and trained; methods that cannot come near a budget are left out of it.",
+        ),
+    ] = None,
     set_: SetOption = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Loss curves PNG (needs matplotlib).")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="PNG (needs matplotlib): loss curves; with --budgets score and eval loss vs size."
+        ),
+    ] = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
-    from rich.table import Table
-
+    from shardtune.compare import parse_budgets
     from shardtune.hub import check_recipe_sources
     from shardtune.progress import Reporter
     from shardtune.recipe import load_recipe
 
+    fractions = parse_budgets(budgets) if budgets is not None else None
     resolved = load_recipe(recipe, set_)
     say_notes(resolved, quiet)
     check_recipe_sources(resolved)
@@ -122,18 +136,35 @@ def compare(
         [m.strip() for m in methods.split(",") if m.strip()],
         Reporter.for_cli(quiet),
         plot,
+        fractions,
     )
     if json_output:
         print_json(report["rows"])
         return
-    title = f"compare on {report['recipe_model']}"
+    print_table(f"compare on {report['recipe_model']}", comparison_table(report))
+
+
+def comparison_table(report: dict):
+    """The rows of `compare` as a table; with budgets, the budget, the size option and × the reference."""
+    from rich.table import Table
+
+    reference = report.get("reference_parameters")
+    columns = ["method", "eval loss", "task score", "trainable", "s/step"]
+    if reference:
+        columns = ["budget", "method", "option", "trainable", "× LoRA", "eval loss", "task score", "s/step"]
     table = Table()
-    for col in ("method", "eval loss", "task score", "trainable", "s/step"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("method", "option", "budget") else "right")
     for r in report["rows"]:
-        score = f"{100 * r['task_score']:.1f}%" if r["task_score"] is not None else "-"
-        eval_loss = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
-        table.add_row(
-            r["method"], eval_loss, score, f"{r['trainable_parameters']:,}", f"{r['seconds_per_step']:.3f}"
-        )
-    print_table(title, table)
+        cells = {
+            "budget": r.get("budget"),
+            "method": r["method"],
+            "option": r.get("option"),
+            "trainable": f"{r['trainable_parameters']:,}",
+            "× LoRA": f"{r['trainable_parameters'] / reference:.3f}" if reference else None,
+            "eval loss": f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-",
+            "task score": f"{100 * r['task_score']:.1f}%" if r["task_score"] is not None else "-",
+            "s/step": f"{r['seconds_per_step']:.3f}",
+        }
+        table.add_row(*(cells[c] for c in columns))
+    return table

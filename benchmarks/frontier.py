@@ -1,0 +1,363 @@
+"""Quality per parameter: every method at several trainable-parameter budgets, with a learning-rate sweep.
+
+    python benchmarks/frontier.py                       # CPU: the run in docs/benchmarks.md (32 runs)
+    python benchmarks/frontier.py --device cuda --num-samples 2000 --eval-items 200 --batch 32 --steps 1500
+    python benchmarks/frontier.py --quick               # tiny random model, seconds (a test runs it)
+    python benchmarks/frontier.py --report results/frontier-cpu-smollm2.json --plot f.png   # tables again
+
+The budgets are fractions of a reference, LoRA of rank ``--rank`` on every linear layer; each method
+gets the value of its size option (rank; MoS: equivalent_rank, its per-layer rank stays ``--rank``)
+whose trainable count is nearest the budget (``shardtune.compare.fit_budget``, the same arithmetic as
+``shardtune compare --budgets``); a method that cannot come within 25 % of a budget is left out of it
+(said on stderr). Every run trains through ``shardtune.train.train`` on the same task items, steps,
+batch and seed. Learning rates: each method tries ``--lrs`` (default: per method, below) at the
+``--sweep-at`` budget(s) and keeps the one with the lowest validation loss (``--select score``: the
+best validation score, ties broken by the loss); the other budgets train with that rate. The validation items and the scored
+(test) items come from ``Task.split``: for ``facts`` two disjoint samples of the trained facts
+(recall), for ``sort`` new lists that are in neither the training set nor each other.
+
+Prints the sweep and the frontier tables (markdown), writes JSON (default
+``benchmarks/results/frontier-<device>-smollm2.json``, rewritten after every run so a cut-off run
+keeps what it measured) and a plot of score and eval loss against trainable parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shardtune.compare import fit_budgets, parse_budgets, plot_frontier  # noqa: E402
+from shardtune.recipe import recipe_from_dict  # noqa: E402
+from shardtune.tasks import TASKS  # noqa: E402
+
+# A small grid per method around what its paper or our quickstart uses.
+DEFAULT_LRS = {
+    "lora": [2e-3, 5e-3],
+    "fossil": [1e-3, 2e-3, 5e-3],  # no α/r scale: at high ranks 5e-3 diverges, so one lower rate
+    "mos": [5e-3, 1e-2],
+    "sharelora": [2e-3, 5e-3],
+}
+FALLBACK_LRS = [2e-3, 5e-3]
+MAX_NEW_TOKENS = {"facts": 8, "sort": 24}
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny random model, a few steps (for the tests)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--task", choices=sorted(TASKS), default="facts")
+    p.add_argument("--methods", default="lora,fossil,mos,sharelora")
+    p.add_argument("--budgets", default="1/8,1,1/2,1/32", help="run in this order (tables sort them)")
+    p.add_argument("--rank", type=int, default=16, help="rank of the LoRA reference (all linear layers)")
+    p.add_argument("--num-samples", type=int, default=20, help="training items (facts: the facts)")
+    p.add_argument("--eval-items", type=int, default=10, help="validation items and as many test items")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates for every method")
+    p.add_argument(
+        "--sweep-at",
+        default="all",
+        help="budgets whose runs choose the lr (in this order), or 'all' (--budgets order)",
+    )
+    p.add_argument(
+        "--select",
+        choices=["loss", "score"],
+        default="loss",
+        help="what picks the lr on the validation items",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="task seed (train.seed stays 42)")
+    p.add_argument("--json", type=Path, default=None, help="output JSON")
+    p.add_argument("--plot", type=Path, default=None, help="output PNG (needs matplotlib)")
+    p.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temp dir)")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="JSON of an earlier run with the same settings: its runs (method, budget, option, lr) are taken",
+    )
+    p.add_argument(
+        "--report", type=Path, default=None, help="print the tables (and --plot) of this JSON, run nothing"
+    )
+    if p.parse_args(argv).quick:  # other defaults; options given on the command line still win
+        p.set_defaults(model="tiny-llama", rank=8, budgets="1/4,1/2,1", sweep_at="1/2")
+        p.set_defaults(num_samples=16, eval_items=4, steps=3, batch=4, max_length=96)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    return args
+
+
+def base_recipe(args, out: Path) -> dict:
+    return {
+        "model": {"name": args.model},
+        "adapter": {"method": "lora", "rank": args.rank, "targets": "all-linear"},
+        # plain prompts (no chat template): a third of the tokens of SmolLM2's chat format
+        "data": {
+            "task": args.task,
+            "num_samples": args.num_samples,
+            "eval_samples": 0,
+            "max_length": args.max_length,
+            "chat_template": False,
+            "seed": args.seed,
+        },
+        "train": {
+            "max_steps": args.steps,
+            "batch_size": args.batch,
+            "lr": 1e-3,
+            "warmup_steps": max(1, args.steps // 10),
+            "schedule": "cosine",
+            "seed": 42,
+            "cpu": args.device == "cpu",
+        },
+        "eval": {"score": False},
+        "output": {"dir": str(out), "overwrite": True},
+        "logging": {"every": max(1, args.steps // 5)},
+    }
+
+
+def measure(model, tokenizer, examples, args) -> dict:
+    """Exact-match score and token-weighted loss of ``model`` on ``examples``."""
+    from torch.utils.data import DataLoader
+
+    from shardtune.data import Collator, encode_all
+    from shardtune.evaluate import heldout_loss, score_task
+
+    score = score_task(model, tokenizer, examples, False, MAX_NEW_TOKENS[args.task], 32)
+    features, _ = encode_all(examples, tokenizer, args.max_length, False)
+    loader = DataLoader(features, batch_size=32, collate_fn=Collator(tokenizer.pad_token_id))
+    return {"score": score.accuracy, "loss": heldout_loss(model, loader)}
+
+
+SAME_SETTINGS = ("model", "task", "rank", "num_samples", "eval_items", "steps", "batch", "max_length", "seed")
+REUSED: dict[tuple, dict] = {}
+
+
+def load_reused(args) -> None:
+    """Runs of an earlier JSON whose settings equal these (training is seeded, so they would repeat)."""
+    if args.reuse is None:
+        return
+    earlier = json.loads(args.reuse.read_text())
+    differ = [k for k in SAME_SETTINGS if earlier["settings"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--reuse: {args.reuse} was run with other {', '.join(differ)}")
+    for row in earlier["sweep"] + earlier["rows"]:
+        REUSED[row["method"], row["budget"], row["option"], row["lr"]] = {
+            **row,
+            "reused": str(args.reuse.name),
+        }
+
+
+def run_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
+    key = (fit.method, str(fit.budget), f"{fit.option}={fit.value}", lr)
+    if key in REUSED:
+        print(f"{fit.method} @ {fit.budget} lr {lr:g}: taken from {args.reuse}", file=sys.stderr, flush=True)
+        return dict(REUSED[key])
+    return train_one(args, raw, fit, lr, split, work)
+
+
+def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
+    from shardtune.checkpoint import load_adapted_model
+    from shardtune.compare import method_recipe
+    from shardtune.progress import Reporter
+    from shardtune.train import train
+
+    label = str(fit.budget).replace("/", "-")
+    raw = json.loads(json.dumps(raw))
+    raw["train"]["lr"] = lr
+    resolved = method_recipe(recipe_from_dict(raw), fit.method, work / label / f"lr{lr:g}").model_dump(
+        mode="json"
+    )
+    resolved["adapter"][fit.option] = fit.value
+    recipe = recipe_from_dict(resolved)
+    result = train(recipe, Reporter(quiet=True))
+    model, tokenizer, _ = load_adapted_model(result.run_dir)
+    model.to(args.device)
+    val, test = measure(model, tokenizer, split[0], args), measure(model, tokenizer, split[1], args)
+    del model
+    row = {
+        "method": fit.method,
+        "budget": str(fit.budget),
+        "option": f"{fit.option}={fit.value}",
+        "trainable_parameters": result.trainable_parameters,
+        "budget_parameters": fit.target,
+        "lr": lr,
+        "val_score": val["score"],
+        "val_loss": val["loss"],
+        "task_score": test["score"],
+        "eval_loss": test["loss"],
+        "final_train_loss": result.final_loss,
+        "seconds_per_step": result.train_seconds / max(result.steps, 1),
+        "seconds": result.seconds,
+    }
+    print(
+        f"{fit.method} @ {fit.budget} ({row['option']}, {row['trainable_parameters']:,}) lr {lr:g}: "
+        f"val {100 * val['score']:.1f}% / {val['loss']:.3f}, test {100 * test['score']:.1f}% / "
+        f"{test['loss']:.3f}  ({result.seconds:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return row
+
+
+def best(rows: list[dict], select: str) -> dict:
+    """The run with the lowest validation loss (``select="loss"``) or the best validation score, ties
+    broken by the loss (``"score"``: coarse on a few items, one item is several points)."""
+    if select == "loss":
+        return min(rows, key=lambda r: r["val_loss"])
+    return max(rows, key=lambda r: (r["val_score"], -r["val_loss"]))
+
+
+def sweep(args, raw, report, usable, method, budget, budgets, split, work, save) -> float:
+    """Train ``method`` at ``budget`` with each learning rate; the one the validation items prefer
+    is recorded (and is the budget's row when the budget is on the frontier)."""
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS.get(method, FALLBACK_LRS)
+    tried = [run_one(args, raw, usable[method, budget], lr, split, work) for lr in lrs]
+    report["sweep"] += tried
+    pick = best(tried, args.select)
+    report["chosen_lr"][f"{method}@{budget}"] = pick["lr"]
+    if budget in budgets:
+        report["rows"].append(pick)
+    save()
+    return pick["lr"]
+
+
+def print_tables(report: dict) -> None:
+    print(f"\nlearning-rate sweep (chosen by validation {report['settings'].get('select', 'score')}):\n")
+    print("| method | budget | lr | val score | val loss | chosen |\n|---|---|---|---|---|---|")
+    for r in report["sweep"]:
+        chosen = "yes" if r["lr"] == report["chosen_lr"].get(f"{r['method']}@{r['budget']}") else ""
+        print(
+            f"| {r['method']} | {r['budget']} | {r['lr']:g} | {100 * r['val_score']:.1f} % | "
+            f"{r['val_loss']:.3f} | {chosen} |"
+        )
+    state = "" if report["complete"] else ", INCOMPLETE: the run was cut short"
+    print(
+        f"\nfrontier ({report['task']}, test items; base model: {100 * report['base']['score']:.1f} %{state}):\n"
+    )
+    print(
+        "| budget | method | option | trainable | × LoRA r16 | lr | score | eval loss | s/step |\n"
+        "|---|---|---|---|---|---|---|---|---|"
+    )
+    for r in sorted(report["rows"], key=lambda r: (Fraction(r["budget"]), r["method"])):
+        print(
+            f"| {r['budget']} | {r['method']} | {r['option']} | {r['trainable_parameters']:,} | "
+            f"{r['trainable_parameters'] / report['reference_parameters']:.3f} | {r['lr']:g} | "
+            f"{100 * r['task_score']:.1f} % | {r['eval_loss']:.3f} | {r['seconds_per_step']:.2f} |"
+        )
+    for note in report["left_out"]:
+        print(f"left out: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    if args.report is not None:  # e.g. the JSON of a run that was cut short
+        report = json.loads(args.report.read_text())
+        print_tables(report)
+        if args.plot is not None:
+            plot_frontier(report["rows"], args.plot, f"{report['model']}, {report['task']}")
+        return 0
+    torch.manual_seed(0)
+    load_reused(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from shardtune.models import load_model
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = parse_budgets(args.budgets)
+    sweep_at = budgets if args.sweep_at == "all" else parse_budgets(args.sweep_at, "--sweep-at")
+    name = "quick" if args.quick else f"{args.device}-smollm2"
+    out = args.json or Path(__file__).parent / "results" / f"frontier-{name}.json"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        raw = base_recipe(args, work / "run")
+        recipe = recipe_from_dict(raw)
+        reference, fits = fit_budgets(recipe, methods, sorted(set(budgets) | set(sweep_at)), work)
+        left_out = [f"{f.method} at {f.budget}: {f.note}" for f in fits if f.value is None]
+        for note in left_out:
+            print(f"left out: {note}", file=sys.stderr)
+        task = TASKS[args.task]
+        parts = task.split(args.num_samples, args.eval_items, args.seed, args.eval_items)
+        split = [[_example(p) for p in parts.validation], [_example(p) for p in parts.held]]
+        base_model, tokenizer = load_model(args.model)
+        base_model.to(args.device)
+        base = measure(base_model, tokenizer, split[1], args)
+        del base_model
+        report = {
+            "benchmark": "frontier",
+            "model": args.model,
+            "task": args.task,
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "reference": f"lora rank {args.rank}, all-linear",
+            "reference_parameters": reference,
+            "base": base,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "left_out": left_out,
+            "sweep": [],
+            "chosen_lr": {},
+            "rows": [],
+            "complete": False,
+        }
+
+        def save() -> None:
+            report["wall_seconds"] = round(time.perf_counter() - started, 1)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+
+        usable = {(f.method, f.budget): f for f in fits if f.value is not None}
+        chosen: dict[str, float] = {}
+        for budget in sweep_at:  # the sweeps first, budget by budget in the order given
+            for method in methods:
+                if (method, budget) in usable:
+                    lr = sweep(args, raw, report, usable, method, budget, budgets, split, work, save)
+                    chosen.setdefault(method, lr)
+        for method in methods:  # a method that reaches no sweep budget sweeps at its first budget
+            reachable = [b for b in budgets if (method, b) in usable]
+            if method not in chosen and reachable:
+                chosen[method] = sweep(
+                    args, raw, report, usable, method, reachable[0], budgets, split, work, save
+                )
+        # then the other budgets, largest first, with the lr of the method's first sweep
+        for budget in sorted(budgets, reverse=True):
+            for method in methods:
+                done = {r["budget"] for r in report["rows"] if r["method"] == method}
+                if (method, budget) in usable and str(budget) not in done:
+                    row = run_one(args, raw, usable[method, budget], chosen[method], split, work)
+                    report["rows"].append(row)
+                    save()
+        report["complete"] = True
+        save()
+    print_tables(report)
+    plot = args.plot
+    if plot is None and not args.quick:
+        plot = Path(__file__).resolve().parents[1] / "docs" / f"frontier-{name}.png"
+    if plot is not None:
+        plot_frontier(report["rows"], plot, f"{args.model}, {args.task}: score and eval loss per budget")
+        print(f"plot written to {plot}", file=sys.stderr)
+    print(f"\nwritten to {out} ({report['wall_seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _example(pair):
+    from shardtune.data import Example
+
+    return Example(*pair)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Quality per parameter: the facts and sort tasks, budget arithmetic, `compare --budgets` and the
+frontier benchmark's quick mode (tiny models only; the benchmark itself is not a test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_OPTIONS, tiny_recipe
+from typer.testing import CliRunner
+
+from shardtune.cli import app
+from shardtune.errors import BadInput
+from shardtune.tasks import FACT_CITIES, TASKS, exact_match
+
+ROOT = Path(__file__).parents[1]
+runner = CliRunner()
+
+
+def test_facts_are_deterministic_unique_and_held_out_items_are_trained_facts():
+    facts = TASKS["facts"]
+    split = facts.split(300, 40, seed=7, n_validation=40)
+    assert split == facts.split(300, 40, seed=7, n_validation=40)
+    assert split.train != facts.split(300, 40, seed=8).train
+    prompts = [p for p, _ in split.train]
+    assert len(set(prompts)) == 300  # one attribute per invented person: no contradicting facts
+    assert all(c in FACT_CITIES for _, c in split.train) and len(set(FACT_CITIES)) == 64
+    trained = set(split.train)
+    assert set(split.held) <= trained and set(split.validation) <= trained  # recall, not generalisation
+    assert not set(split.held) & set(split.validation)
+    assert len(split.held) == len(set(split.held)) == 40
+    with pytest.raises(BadInput, match="more than the 10 facts"):
+        facts.split(10, 11, seed=0)
+
+
+def test_sort_holds_out_lists_never_trained_on_and_scores_exact_answers():
+    task = TASKS["sort"]
+    split = task.split(500, 64, seed=3, n_validation=64)
+    assert split == task.split(500, 64, seed=3, n_validation=64)
+    train, held, val = ({p for p, _ in part} for part in (split.train, split.held, split.validation))
+    assert len(train) == 500 and len(held) == 64 and len(val) == 64
+    assert not train & held and not train & val and not held & val
+    for prompt, completion in split.held:
+        numbers = [int(x) for x in prompt.rsplit(":", 1)[1].split()]
+        assert completion == " ".join(map(str, sorted(numbers))) and 5 <= len(numbers) <= 7
+    expected = split.held[0][1]
+    assert exact_match(f" {expected}\nanything after", expected)
+    assert not exact_match(expected[:-1], expected) and not exact_match(f"Sorted: {expected}", expected)
+
+
+def test_load_examples_uses_the_task_split():
+    from shardtune.data import load_examples
+    from shardtune.recipe import DataSection
+
+    train, held = load_examples(DataSection(task="facts", num_samples=50, eval_samples=20, seed=1))
+    assert len(train) == 50 and len(held) == 20 and set(held) <= set(train)
+    train, held = load_examples(DataSection(task="sort", num_samples=50, eval_samples=20))
+    assert not {e.prompt for e in train} & {e.prompt for e in held}
+
+
+def test_parse_budgets():
+    from shardtune.compare import parse_budgets
+
+    assert parse_budgets("1/32, 1/8,0.5,1") == [Fraction(1, 32), Fraction(1, 8), Fraction(1, 2), 1]
+    for bad, why in (
+        ("0", "above 0"),
+        ("abc", "not a fraction"),
+        ("1/0", "not a fraction"),
+        ("1,1", "twice"),
+    ):
+        with pytest.raises(BadInput, match=f"--budgets: .*{why}"):
+            parse_budgets(bad)
+
+
+@pytest.mark.parametrize("method", list(TINY_OPTIONS))
+def test_budget_arithmetic_is_nearest_and_counted(method):
+    """Every method on tiny-llama: the fitted option gives the reported count, within the tolerance of
+    the budget, and no neighbouring value comes nearer; an unreachable budget says why."""
+    from shardtune.compare import BUDGET_TOLERANCE, fit_budget, reference_count
+    from shardtune.errors import ShardtuneError
+    from shardtune.export import count_trainable, method_options
+    from shardtune.models import load_config
+
+    config = load_config("tiny-llama")
+    options = {k: v for k, v in TINY_OPTIONS[method].items()} | {"targets": "all-linear", "rank": 8}
+    reference = reference_count(config, {"rank": 8, "targets": "all-linear"})
+    assert reference == count_trainable(config, method_options("lora", rank=8, targets="all-linear"))[0]
+    for budget in (Fraction(1, 4), Fraction(1, 2), Fraction(1)):
+        fit = fit_budget(config, method, {k: v for k, v in options.items()}, budget, reference)
+        target = round(budget * reference)
+        if fit.value is None:
+            assert fit.note and fit.trainable is None
+            continue
+        assert abs(fit.trainable / target - 1) <= BUDGET_TOLERANCE
+        opts = options | {fit.option: fit.value}
+        assert count_trainable(config, method_options(method, **opts))[0] == fit.trainable
+        for other in (fit.value - 1, fit.value + 1):
+            if other < 1:
+                continue
+            try:
+                count = count_trainable(config, method_options(method, **options | {fit.option: other}))[0]
+            except ShardtuneError:
+                continue
+            assert abs(count - target) >= abs(fit.trainable - target)
+    if method in ("lora", "mos"):  # both equal LoRA's count at the same (equivalent) rank
+        fit = fit_budget(config, method, options, Fraction(1), reference)
+        assert fit.trainable == reference and fit.value == 8
+
+
+def test_budget_arithmetic_on_smollm2_sizes_mos_at_an_eighth():
+    """MoS at 1/8 of LoRA rank 16 (all linear layers of SmolLM2-135M) is equivalent_rank 2, exactly."""
+    from shardtune.compare import fit_budget, reference_count
+    from shardtune.models import load_config
+
+    config = load_config("smollm2-135m-instruct")
+    options = {"rank": 16, "targets": "all-linear"}
+    reference = reference_count(config, options)
+    assert reference == 4_884_480
+    fit = fit_budget(config, "mos", options, Fraction(1, 8), reference)
+    assert (fit.option, fit.value, fit.trainable) == ("equivalent_rank", 2, reference // 8)
+    lora = fit_budget(config, "lora", options, Fraction(1, 32), reference)
+    assert lora.value is None and "+100% off" in lora.note  # rank 1 is already 1/16
+
+
+def compare_recipe(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    raw = tiny_recipe(
+        tmp_path,
+        adapter={"method": "lora", "rank": 8, "targets": "all-linear"},
+        data={"task": "facts", "num_samples": 16, "eval_samples": 4, "max_length": 128},
+        train={"max_steps": 2},
+        eval={"score": True, "max_new_tokens": 4},
+    )
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_compare_budgets_table_json_and_plot(tmp_path):
+    path = compare_recipe(tmp_path)
+    args = ["compare", str(path), "--methods", "lora,fossil,mos", "--budgets", "1/4,1"]
+    result = runner.invoke(app, [*args, "--json", "--plot", str(tmp_path / "frontier.png")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {(r["method"], r["budget"]) for r in rows} == {
+        ("lora", "1/4"),
+        ("fossil", "1/4"),
+        ("lora", "1"),
+        ("fossil", "1"),
+        ("mos", "1"),
+    }
+    assert "mos@1/4 — left out: its nearest count" in result.stderr  # pools of 2 layers need R ≥ 5
+    by = {(r["method"], r["budget"]): r for r in rows}
+    assert by["lora", "1/4"]["option"] == "rank=2" and by["mos", "1"]["option"] == "equivalent_rank=8"
+    assert by["mos", "1"]["trainable_parameters"] == by["lora", "1"]["trainable_parameters"]
+    assert all(r["task_score"] is not None and r["eval_loss"] is not None for r in rows)
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "run" / "compare" / "compare.json").read_text())
+    assert saved["reference_parameters"] == by["lora", "1"]["trainable_parameters"]
+    assert (tmp_path / "run" / "compare" / "fossil@1-4" / "adapter.json").is_file()
+    # the table on stdout, talk on stderr; a second run replaces the first only when told to
+    result = runner.invoke(
+        app, [*args[:3], "lora", "--budgets", "1/2", "--set", "output.overwrite=true", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "budget" in result.stdout and "rank=4" in result.stdout and "0.500" in result.stdout
+
+
+@pytest.mark.parametrize("bad", ["0", "abc", "1/8,x", "-1", "100"])
+def test_compare_budgets_bad_input_is_one_line(tmp_path, bad):
+    path = compare_recipe(tmp_path)
+    result = runner.invoke(app, ["compare", str(path), "--budgets", bad])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --budgets:"), result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_frontier_benchmark_quick(tmp_path):
+    out = tmp_path / "frontier.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--methods", "lora,fossil,mos"]
+        + ["--budgets", "1/2,1", "--json", str(out), "--plot", str(tmp_path / "f.png")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["model"] == "tiny-llama"
+    assert {(r["method"], r["budget"]) for r in report["rows"]} == {
+        ("lora", "1/2"),
+        ("lora", "1"),
+        ("fossil", "1/2"),
+        ("fossil", "1"),
+        ("mos", "1/2"),
+        ("mos", "1"),
+    }
+    # lora and mos try 2 rates, fossil 3 (DEFAULT_LRS)
+    assert len(report["sweep"]) == 7 and set(report["chosen_lr"]) == {"lora@1/2", "fossil@1/2", "mos@1/2"}
+    for r in report["rows"]:
+        assert r["lr"] == report["chosen_lr"][f"{r['method']}@1/2"]
+        assert 0 <= r["task_score"] <= 1 and r["eval_loss"] > 0
+    assert "| budget | method |" in done.stdout and (tmp_path / "f.png").is_file()
