@@ -261,6 +261,24 @@ def attach_weights(model: nn.Module, directory: Path) -> None:
     load_adapter_state_dict(model, state, str(directory / ADAPTER_WEIGHTS))
 
 
+def recorded_base(directory: Path, base_model: str | None = None) -> tuple[dict, ModelSection]:
+    """(metadata, base model section) of an adapter directory: the base it records (``base_model``:
+    another copy of it, at no particular revision). ``trust_remote_code`` is never taken from it."""
+    if not directory.is_dir():
+        raise BadInput(f"{directory}: no such run or adapter directory")
+    meta, _ = adapter_source(directory)
+    recorded = {k: v for k, v in meta["base_model"].items() if k in ModelSection.model_fields}
+    recorded["trust_remote_code"] = False
+    if base_model is not None:
+        recorded = {**recorded, "name": base_model, "revision": None}
+    if not recorded.get("name"):
+        raise BadInput(f"{directory}: the adapter names no base model; give it with --base-model")
+    try:
+        return meta, ModelSection.model_validate(recorded)
+    except ValidationError as e:
+        raise BadInput(f"{directory / ADAPTER_CONFIG}: invalid base_model ({e.errors()[0]['msg']})") from None
+
+
 def load_adapted_model(
     directory: str | Path,
     base_model: str | None = None,
@@ -273,18 +291,7 @@ def load_adapted_model(
     ``trust_remote_code`` is never taken from the adapter directory: the caller must ask for it.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise BadInput(f"{directory}: no such run or adapter directory")
-    meta, _ = adapter_source(directory)
-    recorded = {k: v for k, v in meta["base_model"].items() if k in ModelSection.model_fields}
-    if base_model is not None:
-        recorded = {**recorded, "name": base_model, "revision": None}
-    if not recorded.get("name"):
-        raise BadInput(f"{directory}: the adapter names no base model; give it with --base-model")
-    try:
-        section = ModelSection.model_validate(recorded)
-    except ValidationError as e:
-        raise BadInput(f"{directory / ADAPTER_CONFIG}: invalid base_model ({e.errors()[0]['msg']})") from None
+    meta, section = recorded_base(directory, base_model)
     model, tokenizer = load_model(
         section.name,
         dtype or section.dtype,

@@ -117,17 +117,10 @@ def _base_for_merge(
     """The run's base (``base_model``: another copy of it) in fp32 with its adapter attached, and where
     the base's weights came from: ``original`` (as stored, unquantized) or ``dequantized`` (the
     quantized base, dequantized)."""
-    from shardtune.checkpoint import adapter_source
+    from shardtune.checkpoint import recorded_base
     from shardtune.models import load_config
-    from shardtune.recipe import ModelSection
 
-    meta, _ = adapter_source(run_dir)
-    recorded = {k: v for k, v in meta["base_model"].items() if k in ModelSection.model_fields}
-    if base_model is not None:
-        recorded = {**recorded, "name": base_model, "revision": None}
-    if not recorded.get("name"):
-        raise BadInput(f"{run_dir}: the adapter names no base model; give it with --base-model")
-    section = ModelSection.model_validate(recorded)
+    meta, section = recorded_base(run_dir, base_model)
     quantization = quant.quantization_of(section)
     try:
         stored_quantized = quant.is_prequantized(load_config(section.name, section.trust_remote_code))
