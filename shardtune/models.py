@@ -121,17 +121,22 @@ def embedded_gguf(alias: str) -> Path:
 
 def embedded_model_dir(alias: str) -> Path:
     """The cached safetensors directory of an embedded model, converting the GGUF on first use."""
+    return _cached_model(alias, lambda target: _convert_gguf(alias, target))
+
+
+def _cached_model(alias: str, make: Callable[[Path], None]) -> Path:
+    """``cache_dir()/models/ALIAS``, made once by ``make(target)`` (which writes it atomically)."""
     from shardtune.fileio import check_output_dir, file_lock
 
     target = cache_dir() / "models" / alias
     if _converted(target):
         return target
-    # A half-written conversion of ours is replaced; anything else there is the user's (SHARDTUNE_CACHE).
+    # A half-written cache of ours is replaced; anything else there is the user's (SHARDTUNE_CACHE).
     check_output_dir(target, "SHARDTUNE_CACHE", replace=True)
-    # Several processes of one run may get here together: the first converts, the others wait for it.
+    # Several processes of one run may get here together: the first makes it, the others wait for it.
     with file_lock(target.parent / f".{alias}.lock"):
         if not _converted(target):
-            _convert_gguf(alias, target)
+            make(target)
     return target
 
 
@@ -195,20 +200,17 @@ def build_tiny_model(alias: str, dtype: torch.dtype = torch.float32, seed: int =
 def saved_builtin(alias: str) -> Path:
     """A builtin model as a Hugging Face directory that any tool loads: the embedded model's converted
     cache, or a tiny model saved once into the cache (the same weights every time)."""
-    from shardtune.fileio import atomic_directory, check_output_dir, file_lock
+    from shardtune.fileio import atomic_directory
 
     if alias in EMBEDDED:
         return embedded_model_dir(alias)
-    target = cache_dir() / "models" / alias
-    if _converted(target):
-        return target
-    check_output_dir(target, "SHARDTUNE_CACHE", replace=True)
-    with file_lock(target.parent / f".{alias}.lock"):
-        if not _converted(target):
-            with atomic_directory(target, kind="model-cache") as tmp:
-                build_tiny_model(alias).save_pretrained(tmp)
-                byte_tokenizer().save_pretrained(tmp)
-    return target
+
+    def save_tiny(target: Path) -> None:
+        with atomic_directory(target, kind="model-cache") as tmp:
+            build_tiny_model(alias).save_pretrained(tmp)
+            byte_tokenizer().save_pretrained(tmp)
+
+    return _cached_model(alias, save_tiny)
 
 
 def load_model(
