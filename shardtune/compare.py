@@ -83,7 +83,7 @@ class BudgetFit:
 
 def reference_count(config, options: dict) -> int:
     """Trainable parameters of the reference: LoRA with ``options``' rank and targets."""
-    from shardtune.export import count_trainable, method_options
+    from shardtune.params import count_trainable, method_options
 
     fields = METHODS["lora"].Options.model_fields
     lora = {k: v for k, v in options.items() if k in fields and k != "method"}
@@ -105,7 +105,7 @@ def fit_budget(
     value that fits the model (e.g. a rank above a layer's size) the largest that does is taken.
     ``counted``: value → count of earlier calls with the same method and options (filled in)."""
     from shardtune.errors import ShardtuneError
-    from shardtune.export import count_trainable, method_options
+    from shardtune.params import count_trainable, method_options
 
     knob = METHODS[method].budget_option
     target = max(1, round(budget * reference))
@@ -185,8 +185,8 @@ def method_recipe(recipe: Recipe, method: str, out_dir: Path) -> Recipe:
 def unfit_methods(recipe: Recipe, methods: list[str], out_dir: Path) -> dict[str, str]:
     """Method → why its adapter cannot be built on the recipe's model (from the config, meta device)."""
     from shardtune.errors import ShardtuneError
-    from shardtune.export import count_trainable
     from shardtune.models import load_config
+    from shardtune.params import count_trainable
 
     config = load_config(recipe.model.name, recipe.model.trust_remote_code)
     unfit = {}

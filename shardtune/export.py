@@ -7,8 +7,6 @@
   a standard PEFT LoRA adapter: per layer ``lora_A = A_l`` and ``lora_B = B_l`` from the spine's
   factors (the scale folded into B, so ``lora_alpha = r``), shared stores copied per layer, ranks
   padded with zeros to one ``r``. FOSSIL is exact: ``A = P`` (the 0/1 block-sum matrix), ``B = Dᵀ``.
-* :func:`count_trainable` — trainable parameters of a method on a model built from its config on
-  the meta device (no weights, seconds even for a 70B config).
 """
 
 from __future__ import annotations
@@ -22,9 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from shardtune import quant
-from shardtune.adapters import METHODS, AdapterOptions
 from shardtune.adapters.base import STORES_ATTR
-from shardtune.adapters.model import adapted_layers, inject_adapter, merge_adapter, trainable_share
+from shardtune.adapters.model import adapted_layers, merge_adapter
 from shardtune.catalog import canonical_dtype
 from shardtune.checkpoint import (
     ADAPTER_CONFIG,
@@ -285,109 +282,3 @@ def export_native(
 
     write_output_dir(out, write, "export-shardtune", overwrite, inputs)
     return {"out": str(out), "format": "shardtune"}
-
-
-def count_trainable(config, options: AdapterOptions) -> tuple[int, int]:
-    """(trainable adapter parameters, base parameters) from a model config alone (meta device)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # a tied output head is the embedding: counted once, as a loaded model counts it
-    with torch.device("meta"):
-        inject_adapter(model, options)
-    trainable, base, _ = trainable_share(model)
-    return trainable, base
-
-
-def parameter_options(
-    model: str | None,
-    method: str | None,
-    rank: int | None,
-    targets: str | None,
-    overrides: list[str] | None,
-    recipe: Path | None,
-    quantize: str | None = None,
-) -> tuple[str | None, str, dict, str | None]:
-    """(model, method, adapter options, quantize) for `params`: the recipe's model, adapter and
-    ``model.quantize`` (when given) with the command line's options on top; ``--set KEY=VALUE`` values
-    are read as YAML, as recipes are."""
-    from shardtune.recipe import load_recipe, parse_yaml
-
-    options: dict = {}
-    if recipe is not None:
-        loaded = load_recipe(recipe)
-        model = model or loaded.model.name
-        options = {k: v for k, v in loaded.adapter.model_dump(mode="json").items() if k != "method"}
-        method = method or loaded.adapter.method
-        quantize = quantize or loaded.model.quantize
-    if rank is not None:
-        options["rank"] = rank
-    if targets is not None:
-        options["targets"] = targets if targets == "all-linear" else targets.split(",")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise BadInput(f"--set {item}: expected KEY=VALUE")
-        options[key.strip().removeprefix("adapter.")] = parse_yaml(value)
-    return model, method or "lora", options, quantize
-
-
-def parameter_report(
-    model: str | None,
-    method: str = "lora",
-    options: dict | None = None,
-    compare: bool = False,
-    trust_remote_code: bool = False,
-    quantize: str | None = None,
-    double_quant: bool = True,
-) -> dict:
-    """Trainable parameters of ``method`` (or, ``compare``, of every method with the options it
-    understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA;
-    and the base's weight memory (:func:`shardtune.quant.estimate_base_memory`) in the config's dtype,
-    quantized as ``quantize`` (nf4 | fp4 | int8) when given."""
-    from shardtune.catalog import DEFAULT_MODEL
-    from shardtune.errors import ShardtuneError
-    from shardtune.models import load_config
-
-    if quantize is not None and quantize not in quant.QUANT_TYPES:
-        raise BadInput(f"--quantize: expected one of {', '.join(quant.QUANT_TYPES)}, got {quantize!r}")
-    note = None
-    if model is None:
-        model = DEFAULT_MODEL
-        note = f"counting on the embedded default model {model} (give --model or --recipe for another)"
-    config = load_config(model, trust_remote_code)
-    options = options or {}
-    rows = []
-    for name in METHODS if compare else [method]:
-        fields = METHODS[name].Options.model_fields if name in METHODS else {}
-        method_opts = {k: v for k, v in options.items() if k in fields} if compare else options
-        try:
-            trainable, base = count_trainable(config, method_options(name, **method_opts))
-            rows.append({"method": name, "trainable": trainable, "base": base})
-        except ShardtuneError as e:
-            if not compare:
-                raise
-            rows.append({"method": name, "trainable": None, "base": None, "error": str(e)})
-    lora = next((r["trainable"] for r in rows if r["method"] == "lora"), None)
-    for r in rows:
-        r["vs_lora"] = r["trainable"] / lora if lora and r["trainable"] is not None else None
-        r["percent_of_base"] = 100 * r["trainable"] / r["base"] if r["trainable"] is not None else None
-    quantization = quant.Quantization(quantize, double_quant and quantize != "int8") if quantize else None
-    memory = quant.estimate_base_memory(config, quantization, quant.config_dtype(config))
-    base_memory = {**memory.as_dict(), "summary": memory.describe()}
-    report = {"model": model, "options": options, "methods": rows, "base_memory": base_memory}
-    return {**report, **({"note": note} if note else {})}
-
-
-def method_options(method: str, **kw) -> AdapterOptions:
-    if method not in METHODS:
-        raise BadInput(f"--method: unknown method {method!r}; available: {', '.join(METHODS)}")
-    from pydantic import ValidationError
-
-    try:
-        return METHODS[method].Options(method=method, **kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise BadInput(f"--set {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -9,32 +9,31 @@ in code (256 byte tokens + 4 specials, with a small chat template).
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
 
 from shardtune import hub, quant
 from shardtune.adapters.base import DTYPES
 from shardtune.catalog import EMBEDDED, builtin_models
 from shardtune.errors import BadInput
 from shardtune.quant import Quantization
+
+if TYPE_CHECKING:  # transformers' modeling code is imported where a model is built (not by `params`)
+    from transformers import (
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
 
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -45,6 +44,7 @@ TINY_CHAT_TEMPLATE = (
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (every UTF-8 byte is one token) for the tiny random models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
@@ -67,24 +67,35 @@ _TINY_COMMON = dict(
 )
 
 
-def _llama_like(cls: type[PretrainedConfig]) -> Callable[[], PretrainedConfig]:
-    return lambda: cls(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        **_TINY_COMMON,
-    )
+_LLAMA_LIKE = dict(
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+    **_TINY_COMMON,
+)
+# alias → (transformers config class, its arguments): plain data, so a count can recognise a tiny
+# model's layout without importing transformers (config_fingerprint)
+TINY_CONFIG_ARGS: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("LlamaConfig", _LLAMA_LIKE),
+    "tiny-qwen2": ("Qwen2Config", _LLAMA_LIKE),
+    "tiny-mistral": ("MistralConfig", _LLAMA_LIKE),
+    "tiny-gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **_TINY_COMMON)),
+}
+
+
+def tiny_config(alias: str) -> PretrainedConfig:
+    import transformers
+
+    cls, kwargs = TINY_CONFIG_ARGS[alias]
+    return getattr(transformers, cls)(**kwargs)
 
 
 TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    "tiny-llama": _llama_like(LlamaConfig),
-    "tiny-qwen2": _llama_like(Qwen2Config),
-    "tiny-mistral": _llama_like(MistralConfig),
-    "tiny-gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **_TINY_COMMON),
+    alias: functools.partial(tiny_config, alias) for alias in TINY_CONFIG_ARGS
 }
 
 
@@ -145,6 +156,8 @@ def _converted(target: Path) -> bool:
 
 
 def _convert_gguf(alias: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from shardtune.fileio import atomic_directory
 
     gguf_path = embedded_gguf(alias)
@@ -179,6 +192,7 @@ def _convert_gguf(alias: str, target: Path) -> None:
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each storage once, under its first name (tied output head left out)."""
+
     seen, out = set(), {}
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:
@@ -190,6 +204,8 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def build_tiny_model(alias: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
     """The same weights for the same alias and seed, on every machine."""
+    from transformers import AutoModelForCausalLM
+
     config = TINY_CONFIGS[alias]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -228,6 +244,8 @@ def load_model(
     ``quantization`` (``model.quantize``): the linear layers loaded quantized by bitsandbytes, on
     ``device`` (default: the GPU if there is one), see :mod:`shardtune.quant`.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     quiet_libraries()
     torch_dtype = DTYPES[dtype]
     if name in TINY_CONFIGS:
@@ -295,6 +313,25 @@ def load_config(name: str, trust_remote_code: bool = False, revision: str | None
             raise hub.describe_failure("--model", name, revision, e) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"--model: cannot read a config for {name!r}: {first}") from None
+
+
+def config_fingerprint(name: str) -> str | None:
+    """The text that decides what :func:`load_config` returns for ``name``, read without importing
+    transformers: a tiny builtin's arguments, or a local / embedded (already converted) config.json.
+    None where only loading can tell (a hub id, an embedded model not converted yet, a bad name)."""
+    if name in TINY_CONFIG_ARGS:
+        return json.dumps(TINY_CONFIG_ARGS[name], sort_keys=True)
+    if name in EMBEDDED:
+        target = cache_dir() / "models" / name
+        path = target / "config.json" if _converted(target) else None
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+    try:
+        return path.read_text() if path is not None and path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def quiet_libraries() -> None:

@@ -20,7 +20,7 @@ The formats, for ``W ∈ R^{out×in}`` with ``n = out·in`` entries taken row-ma
 * ``int8`` (LLM.int8()) — one scale per output row, ``s_o = max_i |W_oi|``: ``q = round(127·W/s_o)``,
   ``Q(W) = q·s_o/127``.
 
-Bytes held per quantized layer (what :func:`base_memory` measures and :func:`estimate_base_memory`
+Bytes held per quantized layer (what :func:`base_memory` measures and :meth:`shardtune.layout.ModelLayout.base_memory`
 computes from a config alone; ``b = ⌈n/64⌉`` blocks):
 
     4-bit:  ⌈n/2⌉ codes + 16·4 (levels) + 4·b (fp32 scales)                         ≈ 4.5 bits/weight
@@ -360,54 +360,6 @@ def quantized_layer_bytes(out_features: int, in_features: int, kind: str, double
     if not double_quant:
         return codes + 4 * blocks
     return codes + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK) + 256 * 4 + 4
-
-
-def estimate_base_memory(
-    config, quantization: Quantization | None, dtype: torch.dtype = torch.bfloat16
-) -> BaseMemory:
-    """:class:`BaseMemory` of a model from its config alone (meta device): the linear layers transformers
-    quantizes (every ``nn.Linear`` / ``Conv1D`` but the output head and tied weights) at
-    :func:`quantized_layer_bytes`, every other parameter in ``dtype``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # a tied head is the embedding: once
-    keep = get_keys_to_not_convert(model) if quantization is not None else []
-    size = _dtype_bytes(dtype)
-    stored = unquantized = 0
-    count = 0
-    converted: set[int] = set()
-    for name, module in model.named_modules():
-        if quantization is None or not (type(module) is nn.Linear or isinstance(module, Conv1D)):
-            continue
-        if any(name == k or name.endswith("." + k) or k.startswith(name + ".") for k in keep):
-            continue
-        out_f, in_f = (
-            (module.weight.shape[1], module.weight.shape[0])
-            if isinstance(module, Conv1D)
-            else (
-                module.out_features,
-                module.in_features,
-            )
-        )
-        converted.add(id(module.weight))
-        stored += quantized_layer_bytes(out_f, in_f, quantization.kind, quantization.double_quant)
-        unquantized += out_f * in_f * size
-        count += 1
-    for name, p in model.named_parameters():
-        if id(p) not in converted and name not in tied:
-            stored += p.numel() * size
-            unquantized += p.numel() * size
-    fmt = None
-    if quantization is not None:
-        fmt = quantization.kind + (
-            " + double quant" if quantization.double_quant and quantization.kind != "int8" else ""
-        )
-    return BaseMemory(stored, unquantized, str(dtype).removeprefix("torch."), count, fmt)
 
 
 def config_dtype(config) -> torch.dtype:

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from shardtune.adapters.model import adapter_named_parameters
 from shardtune.checkpoint import load_adapted_model
 from shardtune.cli import app
-from shardtune.export import count_trainable, method_options
 from shardtune.models import build_tiny_model
+from shardtune.params import count_trainable, method_options
 
 runner = CliRunner()
 peft = pytest.importorskip("peft")

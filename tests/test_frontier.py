@@ -84,8 +84,8 @@ def test_budget_arithmetic_is_nearest_and_counted(method):
     the budget, and no neighbouring value comes nearer; an unreachable budget says why."""
     from shardtune.compare import BUDGET_TOLERANCE, fit_budget, reference_count
     from shardtune.errors import ShardtuneError
-    from shardtune.export import count_trainable, method_options
     from shardtune.models import load_config
+    from shardtune.params import count_trainable, method_options
 
     config = load_config("tiny-llama")
     options = {k: v for k, v in TINY_OPTIONS[method].items()} | {"targets": "all-linear", "rank": 8}

@@ -43,6 +43,7 @@ from shardtune.adapters.model import (
 from shardtune.checkpoint import load_adapted_model, save_adapter
 from shardtune.cli import app
 from shardtune.errors import BadInput, RecipeError
+from shardtune.layout import layout_of
 from shardtune.models import TINY_CONFIGS, build_tiny_model, load_model
 from shardtune.recipe import recipe_from_dict
 from shardtune.train import train
@@ -447,7 +448,7 @@ def test_a_missing_bitsandbytes_is_one_line_naming_the_extra(tmp_path, monkeypat
 def test_measured_base_bytes_equal_the_formula(name, quantization):
     model = quantized(name, quantization)
     measured = quant.base_memory(model, torch.float32)
-    computed = quant.estimate_base_memory(TINY_CONFIGS[name](), quantization, torch.float32)
+    computed = layout_of(TINY_CONFIGS[name]()).base_memory(quantization, torch.float32)
     assert measured == computed
     plain = build_tiny_model(name)
     assert measured.unquantized_bytes == sum(p.numel() * 4 for p in plain.parameters())

@@ -17,8 +17,8 @@ from shardtune.adapters.model import (
     inject_adapter,
 )
 from shardtune.errors import RecipeError
-from shardtune.export import count_trainable, method_options
 from shardtune.models import build_tiny_model
+from shardtune.params import count_trainable, method_options
 
 IDS = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(4))
 LLAMA2_7B = LlamaConfig(

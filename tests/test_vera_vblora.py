@@ -15,8 +15,8 @@ from shardtune.adapters.model import (
     inject_adapter,
 )
 from shardtune.errors import RecipeError
-from shardtune.export import count_trainable, method_options
 from shardtune.models import build_tiny_model
+from shardtune.params import count_trainable, method_options
 
 peft = pytest.importorskip("peft")
 IDS = torch.randint(4, 200, (2, 11), generator=torch.Generator().manual_seed(3))

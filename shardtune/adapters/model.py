@@ -7,11 +7,11 @@ None of this knows about a particular method: it only sees :class:`AdaptedLinear
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from shardtune.adapters import get_method
 from shardtune.adapters.base import (  # noqa: F401  (adapted_layers & co. are used from here too)
@@ -29,11 +29,18 @@ from shardtune.fsdp import full_tensor, like_parameter
 from shardtune.quant import logical_numel
 
 
+def _conv1d_if_loaded() -> type | None:
+    """transformers' ``Conv1D`` once its module is imported, else None (then no module can be one):
+    recognising GPT-2's layers never imports transformers (`shardtune params` counts without it)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     """(in, out, fan_in_fan_out) for a supported linear layer, else None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
-    if isinstance(module, Conv1D):  # GPT-2 family: weight is (in, out)
+    conv1d = _conv1d_if_loaded()
+    if conv1d is not None and isinstance(module, conv1d):  # GPT-2 family: weight is (in, out)
         return module.weight.shape[0], module.weight.shape[1], True
     return None
 

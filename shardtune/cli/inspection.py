@@ -169,7 +169,7 @@ def params(
     (meta device; no weights loaded)."""
     from rich.table import Table
 
-    from shardtune.export import parameter_options, parameter_report
+    from shardtune.params import parameter_options, parameter_report
 
     model, method, options, quantize = parameter_options(model, method, rank, targets, set_, recipe, quantize)
     report = parameter_report(model, method, options, compare, trust_remote_code, quantize, double_quant)
