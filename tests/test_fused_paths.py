@@ -54,10 +54,42 @@ def test_add_delta_equals_the_plain_formula_with_gradients(method):
             assert err <= 1e-6 * scale, f"{name} gradient {i}: {err} (largest {scale})"
 
 
-def test_add_low_rank_is_one_addmm_and_leaves_mixed_dtypes_to_a_plain_add():
-    out = torch.randn(3, 4, 6)
-    h, b = torch.randn(3, 4, 2), torch.randn(6, 2)
-    torch.testing.assert_close(add_low_rank(out, h, b), out + h @ b.T, atol=1e-6, rtol=1e-6)
-    mixed = add_low_rank(out.bfloat16(), h, b)  # a bf16 base, an fp32 adapter, no autocast
+def test_add_low_rank_accumulates_in_place_and_leaves_mixed_dtypes_to_a_plain_add():
+    """In place into the base output (no N×out copy or temporary), with the gradients of the plain
+    formula; out of place where in place cannot be (a leaf that requires grad, a non-contiguous
+    output); mixed dtypes outside autocast add the update in the output's dtype."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 4, 5, generator=g, requires_grad=True), torch.randn(6, 5, generator=g)
+    a, b = (
+        torch.randn(2, 5, generator=g, requires_grad=True),
+        torch.randn(6, 2, generator=g, requires_grad=True),
+    )
+    out = F.linear(x, w)
+    fused = add_low_rank(out, F.linear(x, a) * 0.5, b)
+    assert fused is out  # accumulated into the base output itself
+    plain = F.linear(x, w) + F.linear(F.linear(x, a) * 0.5, b)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    dy = torch.randn(plain.shape, generator=g)
+    grads = torch.autograd.grad(fused, (x, a, b), dy)
+    for got, want in zip(grads, torch.autograd.grad(plain, (x, a, b), dy), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+    h = torch.randn(3, 4, 2, generator=g)
+    leaf = torch.randn(3, 4, 6, generator=g, requires_grad=True)  # e.g. a hook made it one
+    kept = leaf.detach().clone()
+    torch.testing.assert_close(add_low_rank(leaf, h, b), kept + h @ b.T, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(leaf.detach(), kept)
+    strided = torch.randn(3, 6, 4, generator=g).transpose(1, 2)
+    before = strided.clone()
+    torch.testing.assert_close(add_low_rank(strided, h, b), before + h @ b.T, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(strided, before)
+
+    base = torch.randn(3, 4, 6, generator=g)
+    mixed = add_low_rank(base.bfloat16(), h, b)  # a bf16 base, an fp32 adapter, no autocast
     assert mixed.dtype == torch.bfloat16
-    torch.testing.assert_close(mixed.float(), (out.bfloat16() + (h @ b.T).bfloat16()).float())
+    torch.testing.assert_close(mixed.float(), (base.bfloat16() + (h @ b.T).bfloat16()).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = add_low_rank(base.bfloat16(), h, b)  # autocast: the factors take the output's dtype
+    assert auto.dtype == torch.bfloat16
+    want = torch.addmm(base.bfloat16().reshape(-1, 6), h.bfloat16().reshape(-1, 2), b.bfloat16().t())
+    torch.testing.assert_close(auto, want.view(3, 4, 6))

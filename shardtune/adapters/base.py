@@ -158,15 +158,23 @@ class LayerAdapter(nn.Module):
 
 
 def add_low_rank(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out + h·bᵀ`` for ``h`` (…, r) and ``b`` (out, r): one ``addmm`` that accumulates into the base
-    output, so the update never exists as an (N, out) tensor of its own and no separate add runs (in
-    backward the base output's gradient passes through unchanged). Any scale belongs in ``h``, the
-    small side. With mixed dtypes outside autocast (a bf16 base, an fp32 adapter) the update is
-    computed in the adapter's dtype and added."""
-    if (out.dtype == h.dtype == b.dtype) or torch.is_autocast_enabled(out.device.type):
-        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
-        return flat.view(out.shape)
-    return out + F.linear(h, b).to(out.dtype)
+    """``out + h·bᵀ`` for ``h`` (…, r) and ``b`` (out, r), accumulated into the base output in place
+    by one ``addmm_``: the update never exists as an (N, out) tensor of its own, and neither a separate
+    add nor ``addmm``'s copy of ``out`` runs (in backward the base output's gradient passes through
+    unchanged). In place is safe because no base layer saves its output for backward (autograd would
+    refuse the backward if one did); a leaf that requires grad (a hook's) or a non-contiguous output
+    gets the out-of-place ``addmm``. Any scale belongs in ``h``, the small side. Under autocast the
+    factors take the output's dtype, as autocast's ``addmm`` casts them; with mixed dtypes outside it
+    (a bf16 base, an fp32 adapter) the update is computed in the adapter's dtype and added."""
+    if torch.is_autocast_enabled(out.device.type):
+        h, b = h.to(out.dtype), b.to(out.dtype)
+    if not out.dtype == h.dtype == b.dtype:
+        return out + F.linear(h, b).to(out.dtype)
+    flat_h = h.reshape(-1, h.shape[-1])
+    if out.is_contiguous() and not (out.is_leaf and out.requires_grad):
+        out.view(-1, out.shape[-1]).addmm_(flat_h, b.t())
+        return out
+    return torch.addmm(out.reshape(-1, out.shape[-1]), flat_h, b.t()).view(out.shape)
 
 
 class AdaptedLinear(nn.Module):
