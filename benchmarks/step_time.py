@@ -3,7 +3,8 @@
     python benchmarks/step_time.py                          # CPU, small Llama shape, fp32
     python benchmarks/step_time.py --shape 1b --device cuda --dtype bf16 --batch 8 --seq 1024
 
-A training step is forward + backward + AdamW step on the adapter parameters, all linear layers
+A training step is forward + backward + AdamW step on the adapter parameters (shardtune's
+``train.adamw`` for every variant, PEFT's included, so the optimizer is not what differs), all linear layers
 adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the least that fits, p = 1, l = 2;
 ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors_memory.py. "frozen
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardtune.adapters import METHODS  # noqa: E402
 from shardtune.adapters.model import count_parameters, inject_adapter  # noqa: E402
+from shardtune.train import adamw  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -97,7 +99,8 @@ def prepare(spec, shape, dtype, device, adapter_dtype):
 
 def step_fn(model, ids, device, autocast_dtype):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    # shardtune's optimizer (train.adamw: fused where it applies) for every variant, PEFT's included
+    opt = adamw(params, lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999)) if params else None
     embed = model.get_input_embeddings()
 
     def step():

@@ -1,5 +1,6 @@
 """The fused update paths (``add_delta``: the update accumulated into the base output by one addmm,
-the scale on the small N×r side) compute what plain autograd computes from the spine's factors:
+the scale on the small N×r side; the fused layer ``_LowRankLinear``: base and update with one
+written-out backward) compute what plain autograd computes from the spine's factors:
 ``y = base(x) + dropout(x)·Aᵀ·Bᵀ``, outputs and every gradient within 1e-6 in fp32 (of the largest value, for sums of many terms)."""
 
 from __future__ import annotations
@@ -38,58 +39,72 @@ def test_add_delta_equals_the_plain_formula_with_gradients(method):
     params = [p for p in model.parameters() if p.requires_grad]
     for name, layer in adapted_layers(model).items():
         x = torch.randn(2, 5, layer.adapter.in_features, generator=g, requires_grad=True)
-        fused = layer(x)
         a, b = layer.adapter.factors()
         plain = layer.base_layer(x) + F.linear(F.linear(x, a), b)
-        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6, msg=name)
-        w = torch.randn(fused.shape, generator=g)
-        got = torch.autograd.grad((fused * w).sum(), [x, *params], allow_unused=True)
+        w = torch.randn(plain.shape, generator=g)
         want = torch.autograd.grad((plain * w).sum(), [x, *params], allow_unused=True)
-        for i, (gi, wi) in enumerate(zip(got, want, strict=True)):
-            if wi is None:
-                assert gi is None or not gi.abs().max(), (name, i)
-                continue
-            scale = max(1.0, wi.abs().max().item())
-            err = (gi - wi).abs().max().item()
-            assert err <= 1e-6 * scale, f"{name} gradient {i}: {err} (largest {scale})"
+        # the layer as training runs it (the fused layer where it applies) and the general add_delta
+        for path, fused in [
+            ("layer", layer(x)),
+            ("add_delta", layer.adapter.add_delta(layer.base_layer(x), x)),
+        ]:
+            torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6, msg=f"{name} {path}")
+            got = torch.autograd.grad((fused * w).sum(), [x, *params], allow_unused=True)
+            for i, (gi, wi) in enumerate(zip(got, want, strict=True)):
+                if wi is None:
+                    assert gi is None or not gi.abs().max(), (name, path, i)
+                    continue
+                scale = max(1.0, wi.abs().max().item())
+                err = (gi - wi).abs().max().item()
+                assert err <= 1e-6 * scale, f"{name} {path} gradient {i}: {err} (largest {scale})"
 
 
-def test_add_low_rank_accumulates_in_place_and_leaves_mixed_dtypes_to_a_plain_add():
-    """In place into the base output (no N×out copy or temporary), with the gradients of the plain
-    formula; out of place where in place cannot be (a leaf that requires grad, a non-contiguous
-    output); mixed dtypes outside autocast add the update in the output's dtype."""
-    g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(3, 4, 5, generator=g, requires_grad=True), torch.randn(6, 5, generator=g)
-    a, b = (
-        torch.randn(2, 5, generator=g, requires_grad=True),
-        torch.randn(6, 2, generator=g, requires_grad=True),
-    )
-    out = F.linear(x, w)
-    fused = add_low_rank(out, F.linear(x, a) * 0.5, b)
-    assert fused is out  # accumulated into the base output itself
-    plain = F.linear(x, w) + F.linear(F.linear(x, a) * 0.5, b)
-    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
-    dy = torch.randn(plain.shape, generator=g)
-    grads = torch.autograd.grad(fused, (x, a, b), dy)
-    for got, want in zip(grads, torch.autograd.grad(plain, (x, a, b), dy), strict=True):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-
-    h = torch.randn(3, 4, 2, generator=g)
-    leaf = torch.randn(3, 4, 6, generator=g, requires_grad=True)  # e.g. a hook made it one
-    kept = leaf.detach().clone()
-    torch.testing.assert_close(add_low_rank(leaf, h, b), kept + h @ b.T, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(leaf.detach(), kept)
-    strided = torch.randn(3, 6, 4, generator=g).transpose(1, 2)
-    before = strided.clone()
-    torch.testing.assert_close(add_low_rank(strided, h, b), before + h @ b.T, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(strided, before)
-
-    base = torch.randn(3, 4, 6, generator=g)
-    mixed = add_low_rank(base.bfloat16(), h, b)  # a bf16 base, an fp32 adapter, no autocast
+def test_add_low_rank_is_one_addmm_and_leaves_mixed_dtypes_to_a_plain_add():
+    out = torch.randn(3, 4, 6)
+    h, b = torch.randn(3, 4, 2), torch.randn(6, 2)
+    torch.testing.assert_close(add_low_rank(out, h, b), out + h @ b.T, atol=1e-6, rtol=1e-6)
+    mixed = add_low_rank(out.bfloat16(), h, b)  # a bf16 base, an fp32 adapter, no autocast
     assert mixed.dtype == torch.bfloat16
-    torch.testing.assert_close(mixed.float(), (base.bfloat16() + (h @ b.T).bfloat16()).float())
+    torch.testing.assert_close(mixed.float(), (out.bfloat16() + (h @ b.T).bfloat16()).float())
+
+
+@pytest.mark.parametrize("method", ["lora", "mos", "sharelora"])
+def test_the_fused_layer_equals_plain_autograd_bias_and_base_gradients_included(method):
+    """:class:`_LowRankLinear` takes the whole layer (base + update) while training without dropout or
+    autocast: output and the gradients of x, the adapter's parameters and (when asked) W and the bias
+    equal plain autograd's on ``x·Wᵀ + bias + x·Aᵀ·Bᵀ``; with dropout, autocast or no grad the general
+    path runs."""
+    model = build_tiny_model("tiny-qwen2")  # q_proj carries a bias
+    inject_adapter(model, METHODS[method].Options(method=method, targets=["q_proj"], **OPTIONS[method]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    layer = next(iter(adapted_layers(model).values()))
+    base = layer.base_layer
+    assert base.bias is not None
+    base.requires_grad_(True)
+    stores = getattr(model, "shardtune_stores", None)
+    params = [p for p in layer.parameters() if p.requires_grad] + list(stores.parameters() if stores else [])
+    x = torch.randn(2, 5, base.in_features, generator=g, requires_grad=True)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "_LowRankLinearBackward"
+    a, b = layer.adapter.factors()
+    plain = F.linear(x, base.weight, base.bias) + F.linear(F.linear(x, a), b)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    w = torch.randn(plain.shape, generator=g)
+    inputs = [x, *params]
+    got = torch.autograd.grad((fused * w).sum(), inputs, allow_unused=True)
+    want = torch.autograd.grad((plain * w).sum(), inputs, allow_unused=True)
+    for i, (g_got, g_want) in enumerate(zip(got, want, strict=True)):
+        assert (g_got is None) == (g_want is None)
+        if g_got is not None:  # within 1e-6 of the largest value: sums of many terms, in another order
+            scale = max(1.0, g_want.abs().max().item())
+            assert (g_got - g_want).abs().max().item() <= 1e-6 * scale, (i, scale)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = add_low_rank(base.bfloat16(), h, b)  # autocast: the factors take the output's dtype
-    assert auto.dtype == torch.bfloat16
-    want = torch.addmm(base.bfloat16().reshape(-1, 6), h.bfloat16().reshape(-1, 2), b.bfloat16().t())
-    torch.testing.assert_close(auto, want.view(3, 4, 6))
+        assert type(layer(x).grad_fn).__name__ != "_LowRankLinearBackward"
+    layer.adapter.dropout = torch.nn.Dropout(0.1)
+    assert type(layer(x).grad_fn).__name__ != "_LowRankLinearBackward"

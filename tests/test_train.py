@@ -192,3 +192,24 @@ def test_packing_and_truncation_reported(tmp_path):
     result = run(tmp_path, data={"max_length": 42, "packing": True})
     assert result.truncated_examples > 0  # the longer chat-rendered examples exceed 42 tokens
     assert result.steps == 12
+
+
+def test_adamw_is_fused_unless_sharded():
+    """The adapter's AdamW runs torch's fused kernel on unsharded CPU/CUDA parameters (one pass per
+    step, not a dozen small ops per tensor), with the same update as the default implementation."""
+    from shardtune.train import adamw
+
+    def run(sharded: bool) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(8, 4))
+        opt = adamw([p], 1e-2, 0.01, (0.9, 0.999), sharded=sharded)
+        for _ in range(3):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        return p.detach(), opt
+
+    fused, opt = run(False)
+    assert opt.defaults["fused"] is True
+    plain, opt = run(True)
+    assert not opt.defaults["fused"]
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)

@@ -124,6 +124,11 @@ class LayerAdapter(nn.Module):
         a, b = self.factors()
         return F.linear(F.linear(self.dropout(x), a), b)
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(A, B, s)`` with ``Δ(x) = s·x·Aᵀ·Bᵀ`` when no dropout applies, for the fused layer
+        (:func:`low_rank_linear`); None (the default) for updates of another form, or with dropout."""
+        return None
+
     def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out + Δ(x)``: the base layer's output plus the update. Methods whose update is
         ``h·Bᵀ`` with a small ``h = dropout(x)·Aᵀ`` (N×r) override this with :func:`add_low_rank`."""
@@ -158,23 +163,72 @@ class LayerAdapter(nn.Module):
 
 
 def add_low_rank(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out + h·bᵀ`` for ``h`` (…, r) and ``b`` (out, r), accumulated into the base output in place
-    by one ``addmm_``: the update never exists as an (N, out) tensor of its own, and neither a separate
-    add nor ``addmm``'s copy of ``out`` runs (in backward the base output's gradient passes through
-    unchanged). In place is safe because no base layer saves its output for backward (autograd would
-    refuse the backward if one did); a leaf that requires grad (a hook's) or a non-contiguous output
-    gets the out-of-place ``addmm``. Any scale belongs in ``h``, the small side. Under autocast the
-    factors take the output's dtype, as autocast's ``addmm`` casts them; with mixed dtypes outside it
-    (a bf16 base, an fp32 adapter) the update is computed in the adapter's dtype and added."""
-    if torch.is_autocast_enabled(out.device.type):
-        h, b = h.to(out.dtype), b.to(out.dtype)
-    if not out.dtype == h.dtype == b.dtype:
-        return out + F.linear(h, b).to(out.dtype)
-    flat_h = h.reshape(-1, h.shape[-1])
-    if out.is_contiguous() and not (out.is_leaf and out.requires_grad):
-        out.view(-1, out.shape[-1]).addmm_(flat_h, b.t())
-        return out
-    return torch.addmm(out.reshape(-1, out.shape[-1]), flat_h, b.t()).view(out.shape)
+    """``out + h·bᵀ`` for ``h`` (…, r) and ``b`` (out, r): one ``addmm`` that accumulates into the base
+    output, so the update never exists as an (N, out) tensor of its own and no separate add runs (in
+    backward the base output's gradient passes through unchanged). Any scale belongs in ``h``, the
+    small side. With mixed dtypes outside autocast (a bf16 base, an fp32 adapter) the update is
+    computed in the adapter's dtype and added. (In place, ``addmm_`` on the 3-D output's 2-D view, was
+    measured slower: autograd replays the view in backward.) Training without dropout or autocast
+    takes the whole layer through :func:`low_rank_linear` instead."""
+    if (out.dtype == h.dtype == b.dtype) or torch.is_autocast_enabled(out.device.type):
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+        return flat.view(out.shape)
+    return out + F.linear(h, b).to(out.dtype)
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``y = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ`` with its backward written out (``h = s·x·Aᵀ``, N×r)::
+
+        dB = dyᵀ·h        dh = s·dy·B        dA = dhᵀ·x        dx = dy·W + dh·A   (one mm + one addmm_)
+
+    Saved for backward: ``x`` and the small ``h`` (and the parameters), what plain autograd saves;
+    but ``dx`` accumulates both terms in one buffer instead of two (N, in) tensors and an add. ``W``
+    and ``bias`` get gradients only if they ask (a frozen base never does)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        flat = x.reshape(-1, x.shape[-1])
+        h = torch.mm(flat, a.t()).mul_(scale)
+        y = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scale = scale
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a, b, h = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        dy = dy.reshape(-1, dy.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        dx = dw = dbias = da = db = None
+        dh = torch.mm(dy, b).mul_(ctx.scale) if need_x or need_a else None
+        if need_b:
+            db = torch.mm(dy.t(), h)
+        if need_a:
+            da = torch.mm(dh.t(), flat)
+        if need_x:
+            dx = torch.mm(dy, weight).addmm_(dh, a).view(x.shape)
+        if need_w:
+            dw = torch.mm(dy.t(), flat)
+        if need_bias:
+            dbias = dy.sum(0)
+        return dx, dw, dbias, da, db, None
+
+
+def low_rank_linear(x: torch.Tensor, base: nn.Module, adapter: LayerAdapter) -> torch.Tensor | None:
+    """The whole layer ``base(x) + Δ(x)`` by :class:`_LowRankLinear` where it applies: a plain
+    ``nn.Linear`` base, gradients being recorded, no autocast, one dtype, and an adapter that offers
+    :meth:`LayerAdapter.low_rank_factors`. None elsewhere (the caller takes the general path)."""
+    if type(base) is not nn.Linear or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return None
+    parts = adapter.low_rank_factors()
+    if parts is None:
+        return None
+    a, b, scale = parts
+    if not x.dtype == base.weight.dtype == a.dtype == b.dtype:
+        return None
+    return _LowRankLinear.apply(x, base.weight, base.bias, a, b, scale)
 
 
 class AdaptedLinear(nn.Module):
@@ -208,6 +262,10 @@ class AdaptedLinear(nn.Module):
             return out
         if self.enabled and self.adapter.replaces_base:
             return self.adapter.forward_full(x, self.base_layer)
+        if self.enabled and not args and not kwargs:
+            fused = low_rank_linear(x, self.base_layer, self.adapter)
+            if fused is not None:
+                return fused
         out = self.base_layer(x, *args, **kwargs)
         if self.enabled:
             # Under autocast the matmuls pick their dtype themselves; otherwise run the adapter in its

@@ -66,6 +66,9 @@ class LoraAdapter(LayerAdapter):
     def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return add_low_rank(out, self.down(x), self.lora_B)
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        return (self.lora_A, self.lora_B, self.scale) if isinstance(self.dropout, nn.Identity) else None
+
 
 class Lora(AdapterMethod):
     name = "lora"

@@ -152,6 +152,12 @@ class MosAdapter(LayerAdapter):
         a, b = self.gathered()
         return add_low_rank(out, F.linear(self.dropout(x), a) * self.scale, b)
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if not isinstance(self.dropout, nn.Identity):
+            return None
+        a, b = self.gathered()
+        return a, b, self.scale
+
     def routing(self) -> dict:
         shards_per_vector = self.index_A.numel() // self.rank
         n_private = self.private_rank * shards_per_vector

@@ -107,6 +107,11 @@ class ShareLoraAdapter(LayerAdapter):
         h = F.linear(self.dropout(x), self._factor("A")) * self.scale
         return add_low_rank(out, h, self._factor("B"))
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if not isinstance(self.dropout, nn.Identity):
+            return None
+        return self._factor("A"), self._factor("B"), self.scale
+
     def routing(self) -> dict:
         out = {}
         for matrix in ("A", "B"):
