@@ -94,35 +94,48 @@ def layout_of(config) -> ModelLayout:
     return _MEMO[key]
 
 
-def model_layout(name: str, trust_remote_code: bool = False) -> ModelLayout:
+def model_layout(name: str, trust_remote_code: bool = False, keep: bool = True) -> ModelLayout:
     """The layout of the model ``model.name`` names: from the cache when its config is known without
-    transformers (:func:`shardtune.models.config_fingerprint`), else from its config (then cached)."""
-    from shardtune.models import config_fingerprint, load_config
+    transformers (:func:`shardtune.models.config_fingerprint`), else from its config — then cached
+    (``keep``; a caller that may still refuse the command keeps it itself, with :func:`keep_layout`,
+    once it succeeds: a refused command writes nothing)."""
+    from shardtune.models import load_config
 
-    fingerprint = None if trust_remote_code else config_fingerprint(name)
-    path = _cache_path(fingerprint) if fingerprint is not None else None
+    path = _cache_path(name, trust_remote_code)
     if path is not None:
         try:
             return ModelLayout.from_json(path.read_text())
         except (OSError, ValueError, TypeError, KeyError):
             pass  # not cached yet (or unreadable: rebuilt, and a file that is not ours is left alone)
     layout = layout_of(load_config(name, trust_remote_code))
-    if path is not None and not path.exists():
-        from shardtune.fileio import atomic_write_text
-
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, layout.to_json())
-        except OSError:
-            pass  # a read-only cache only costs the next count its seconds
+    if keep:
+        keep_layout(name, layout, trust_remote_code)
     return layout
 
 
-def _cache_path(fingerprint: str) -> Path:
+def keep_layout(name: str, layout: ModelLayout, trust_remote_code: bool = False) -> None:
+    """Cache ``layout`` as ``name``'s, unless it is cached already or cannot be (see :func:`model_layout`)."""
+    path = _cache_path(name, trust_remote_code)
+    if path is None or path.exists():
+        return
+    from shardtune.fileio import atomic_write_text
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, layout.to_json())
+    except OSError:
+        pass  # a read-only cache only costs the next count its seconds
+
+
+def _cache_path(name: str, trust_remote_code: bool) -> Path | None:
+    """Where ``name``'s layout is cached; None for what is never cached (remote code, hub ids, …)."""
     from importlib.metadata import version
 
-    from shardtune.models import cache_dir
+    from shardtune.models import cache_dir, config_fingerprint
 
+    fingerprint = None if trust_remote_code else config_fingerprint(name)
+    if fingerprint is None:
+        return None
     text = f"{LAYOUT_VERSION}\n{version('transformers')}\n{fingerprint}"
     return cache_dir() / "layouts" / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
 

@@ -17,7 +17,7 @@ from shardtune import quant
 from shardtune.adapters import METHODS, AdapterOptions
 from shardtune.adapters.model import inject_adapter, trainable_share
 from shardtune.errors import BadInput
-from shardtune.layout import ModelLayout, layout_of, model_layout, skeleton
+from shardtune.layout import ModelLayout, keep_layout, layout_of, model_layout, skeleton
 
 
 def count_trainable(config, options: AdapterOptions) -> tuple[int, int]:
@@ -90,7 +90,7 @@ def parameter_report(
     if model is None:
         model = DEFAULT_MODEL
         note = f"counting on the embedded default model {model} (give --model or --recipe for another)"
-    layout = model_layout(model, trust_remote_code)
+    layout = model_layout(model, trust_remote_code, keep=False)  # kept below, once counted
     options = options or {}
     rows = []
     for name in METHODS if compare else [method]:
@@ -109,6 +109,7 @@ def parameter_report(
         r["percent_of_base"] = 100 * r["trainable"] / r["base"] if r["trainable"] is not None else None
     quantization = quant.Quantization(quantize, double_quant and quantize != "int8") if quantize else None
     memory = layout.base_memory(quantization, getattr(torch, layout.config_dtype))
+    keep_layout(model, layout, trust_remote_code)
     base_memory = {**memory.as_dict(), "summary": memory.describe()}
     report = {"model": model, "options": options, "methods": rows, "base_memory": base_memory}
     return {**report, **({"note": note} if note else {})}

@@ -203,8 +203,8 @@ def test_frontier_benchmark_quick(tmp_path):
         ("mos", "1/2"),
         ("mos", "1"),
     }
-    # lora and mos try 2 rates, fossil 3 (DEFAULT_LRS)
-    assert len(report["sweep"]) == 7 and set(report["chosen_lr"]) == {"lora@1/2", "fossil@1/2", "mos@1/2"}
+    # lora and mos try 3 rates, fossil 4 (DEFAULT_LRS)
+    assert len(report["sweep"]) == 10 and set(report["chosen_lr"]) == {"lora@1/2", "fossil@1/2", "mos@1/2"}
     for r in report["rows"]:
         assert r["lr"] == report["chosen_lr"][f"{r['method']}@1/2"]
         assert 0 <= r["task_score"] <= 1 and r["eval_loss"] > 0

@@ -219,8 +219,12 @@ def test_nf4_logits_and_gradients_equal_the_dequantized_base_plus_the_same_adapt
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0)
     grads = dict(adapter_named_parameters(reference))
     for name, p in adapter_named_parameters(model):
-        if grads[name].grad is not None:
-            torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-7, rtol=1e-4, msg=name)
+        want = grads[name].grad
+        if (
+            want is not None
+        ):  # fp32 sums in another order (the plain twin takes the fused layer): of the largest
+            largest = want.abs().max().item()
+            torch.testing.assert_close(p.grad, want, atol=max(1e-7, 1e-5 * largest), rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("kind", ["fp4", "int8"])
