@@ -14,9 +14,9 @@ first count). All a count needs of that model is its :class:`ModelLayout`:
 ``cache_dir()/layouts/<sha256 of the config text, transformers version, LAYOUT_VERSION>.json``, so a
 later count imports neither transformers' modeling code nor its config classes (never for
 ``trust_remote_code`` models, whose code may change under one config, nor for hub ids, whose config
-only transformers resolves). :func:`layout_of` is the same for a config object in hand, per process. :func:`skeleton` turns a layout
-back into a module tree of meta linear layers plus one frozen parameter holding the rest of the base,
-so a count runs the very ``inject_adapter`` / ``trainable_share`` of training on it: the same targets,
+only transformers resolves). :func:`layout_of` is the same for a config object in hand, per process.
+:func:`skeleton` turns a layout back into a module tree of meta linear layers plus one frozen
+parameter holding the rest of the base, so a count runs the very ``inject_adapter`` / ``trainable_share`` of training on it: the same targets,
 resolution, rank checks and errors as on the real model.
 """
 
@@ -67,10 +67,7 @@ class ModelLayout:
             quantized_layer_bytes(s.out_features, s.in_features, quantization.kind, quantization.double_quant)
             for s in converted
         )
-        fmt = None
-        if quantization is not None:
-            double = quantization.double_quant and quantization.kind != "int8"
-            fmt = quantization.kind + (" + double quant" if double else "")
+        fmt = quantization.format if quantization is not None else None
         dtype_name = str(dtype).removeprefix("torch.")
         return BaseMemory(stored, self.named_numel * size, dtype_name, len(converted), fmt)
 

@@ -78,11 +78,16 @@ class Quantization:
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.float32
 
+    @property
+    def format(self) -> str:
+        """The storage format alone, as :class:`BaseMemory` names it: ``nf4 + double quant``, ``int8``."""
+        return self.kind + (" + double quant" if self.double_quant and self.kind != "int8" else "")
+
     def describe(self) -> str:
         if self.kind == "int8":
             return "int8"
         dtype = str(self.compute_dtype).removeprefix("torch.")
-        return f"{self.kind}{' + double quant' if self.double_quant else ''} (compute in {dtype})"
+        return f"{self.format} (compute in {dtype})"
 
 
 def quantization_of(section) -> Quantization | None:
