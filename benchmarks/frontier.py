@@ -1,7 +1,8 @@
 """Quality per parameter: every method at several trainable-parameter budgets, with a learning-rate sweep.
 
     python benchmarks/frontier.py                       # CPU: the facts run in docs/benchmarks.md
-    python benchmarks/frontier.py --task sort --num-samples 800 --steps 100 --max-length 64 --sweep-at 1/8
+    python benchmarks/frontier.py --task translate --num-samples 800 --max-length 32 --budgets 1,1/16,1/8,1/2 \
+        --sweep-at 1/16,1                               # CPU: the generalisation run in docs/benchmarks.md
     python benchmarks/frontier.py --device cuda --num-samples 2000 --eval-items 200 --batch 32 --steps 1500
     python benchmarks/frontier.py --quick               # tiny random model, seconds (a test runs it)
     python benchmarks/frontier.py --report results/frontier-cpu-smollm2.json --plot f.png   # tables again
@@ -13,7 +14,8 @@ whose trainable count is nearest the budget (``shardtune.compare.fit_budget``, t
 (said on stderr). Every run trains through ``shardtune.train.train`` on the same task items, steps,
 batch and seed. Learning rates: each method tries ``--lrs`` (default: per method, below) at the
 ``--sweep-at`` budget(s) and keeps the one with the lowest validation loss (``--select score``: the
-best validation score, ties broken by the loss); the other budgets train with that rate. The validation items and the scored
+best validation score, ties broken by the loss); every other budget trains with the rate chosen at
+the swept budget nearest it (by ratio). The validation items and the scored
 (test) items come from ``Task.split``: for ``facts`` two disjoint samples of the trained facts
 (recall), for ``sort`` new lists that are in neither the training set nor each other.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -50,8 +53,18 @@ DEFAULT_LRS = {
     "mos": [2e-3, 5e-3, 1e-2],
     "sharelora": [1e-3, 2e-3, 5e-3],
 }
+# translate: a first pass with the grids above chose the highest rate of LoRA, FOSSIL and ShareLoRA at
+# 1/16, so the grids reach one step higher there.
+TASK_LRS = {
+    "translate": {
+        "lora": [1e-3, 2e-3, 5e-3, 1e-2],
+        "fossil": [5e-4, 1e-3, 2e-3, 5e-3, 1e-2],
+        "mos": [2e-3, 5e-3, 1e-2, 2e-2],
+        "sharelora": [1e-3, 2e-3, 5e-3, 1e-2],
+    }
+}
 FALLBACK_LRS = [2e-3, 5e-3]
-MAX_NEW_TOKENS = {"facts": 8, "sort": 24}
+MAX_NEW_TOKENS = {"facts": 8, "sort": 24, "translate": 16}  # other tasks: 32
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -68,12 +81,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-length", type=int, default=48)
-    p.add_argument("--lrs", default=None, help="comma-separated learning rates for every method")
+    p.add_argument(
+        "--lrs",
+        default=None,
+        help="comma-separated learning rates for every method (default: per method, task)",
+    )
     p.add_argument(
         "--sweep-at",
         default="1,1/8,1/2,1/16",
-        help="budgets whose runs choose the lr (in this order; a budget not among them takes the first's "
-        "rate), or 'all' (--budgets order)",
+        help="budgets whose runs choose the lr (in this order; a budget not among them takes the rate of "
+        "the nearest one), or 'all' (--budgets order)",
     )
     p.add_argument(
         "--select",
@@ -139,7 +156,7 @@ def measure(model, tokenizer, examples, args) -> dict:
     from shardtune.data import Collator, encode_all
     from shardtune.evaluate import heldout_loss, score_task
 
-    score = score_task(model, tokenizer, examples, False, MAX_NEW_TOKENS[args.task], 32)
+    score = score_task(model, tokenizer, examples, False, MAX_NEW_TOKENS.get(args.task, 32), 32)
     features, _ = encode_all(examples, tokenizer, args.max_length, False)
     loader = DataLoader(features, batch_size=32, collate_fn=Collator(tokenizer.pad_token_id))
     return {"score": score.accuracy, "loss": heldout_loss(model, loader)}
@@ -227,7 +244,8 @@ def best(rows: list[dict], select: str) -> dict:
 def sweep(args, raw, report, usable, method, budget, budgets, split, work, save) -> float:
     """Train ``method`` at ``budget`` with each learning rate; the one the validation items prefer
     is recorded (and is the budget's row when the budget is on the frontier)."""
-    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS.get(method, FALLBACK_LRS)
+    grids = TASK_LRS.get(args.task, DEFAULT_LRS)
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else grids.get(method, FALLBACK_LRS)
     tried = [run_one(args, raw, usable[method, budget], lr, split, work) for lr in lrs]
     report["sweep"] += tried
     pick = best(tried, args.select)
@@ -236,6 +254,12 @@ def sweep(args, raw, report, usable, method, budget, budgets, split, work, save)
         report["rows"].append(pick)
     save()
     return pick["lr"]
+
+
+def nearest(budget: Fraction, swept: dict[Fraction, float]) -> Fraction:
+    """The swept budget nearest ``budget`` by ratio (1/8 is nearer 1/16 than 1/2); a tie goes to the
+    smaller one."""
+    return min(swept, key=lambda b: (abs(math.log(b / budget)), b))
 
 
 def print_tables(report: dict) -> None:
@@ -283,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = parse_budgets(args.budgets)
     sweep_at = budgets if args.sweep_at == "all" else parse_budgets(args.sweep_at, "--sweep-at")
     name = "quick" if args.quick else f"{args.device}-smollm2"
+    name += "" if args.task == "facts" else f"-{args.task}"  # one file per task
     out = args.json or Path(__file__).parent / "results" / f"frontier-{name}.json"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -324,24 +349,24 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(report, indent=2) + "\n")
 
         usable = {(f.method, f.budget): f for f in fits if f.value is not None}
-        chosen: dict[str, float] = {}
+        swept: dict[str, dict[Fraction, float]] = {m: {} for m in methods}  # method → budget → chosen lr
         for budget in sweep_at:  # the sweeps first, budget by budget in the order given
             for method in methods:
                 if (method, budget) in usable:
                     lr = sweep(args, raw, report, usable, method, budget, budgets, split, work, save)
-                    chosen.setdefault(method, lr)
+                    swept[method][budget] = lr
         for method in methods:  # a method that reaches no sweep budget sweeps at its first budget
             reachable = [b for b in budgets if (method, b) in usable]
-            if method not in chosen and reachable:
-                chosen[method] = sweep(
-                    args, raw, report, usable, method, reachable[0], budgets, split, work, save
-                )
-        # then the other budgets, largest first, with the lr of the method's first sweep
+            if not swept[method] and reachable:
+                lr = sweep(args, raw, report, usable, method, reachable[0], budgets, split, work, save)
+                swept[method][reachable[0]] = lr
+        # then the other budgets, largest first, each with the rate chosen at the nearest swept budget
         for budget in sorted(budgets, reverse=True):
             for method in methods:
                 done = {r["budget"] for r in report["rows"] if r["method"] == method}
                 if (method, budget) in usable and str(budget) not in done:
-                    row = run_one(args, raw, usable[method, budget], chosen[method], split, work)
+                    lr = swept[method][nearest(budget, swept[method])]
+                    row = run_one(args, raw, usable[method, budget], lr, split, work)
                     report["rows"].append(row)
                     save()
         report["complete"] = True

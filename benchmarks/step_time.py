@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                          # CPU, small Llama shape, fp32
     python benchmarks/step_time.py --shape 1b --device cuda --dtype bf16 --batch 8 --seq 1024
+    python benchmarks/step_time.py --compile                # every variant's decoder blocks compiled
 
 A training step is forward + backward + AdamW step on the adapter parameters (shardtune's
 ``train.adamw`` for every variant, PEFT's included, so the optimizer is not what differs), all linear layers
@@ -9,7 +10,9 @@ adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the 
 ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors_memory.py. "frozen
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
 the floor every adapter method pays. Variants run interleaved, round after round, and the median
-is reported, so machine noise hits all of them alike. Prints a table and writes JSON
+is reported, so machine noise hits all of them alike. ``--compile``: every variant's decoder blocks
+are compiled as ``train.compile`` does (the frozen base's too, so ratios compare compiled with
+compiled), plus a row "frozen base (eager)"; compile time is not in the step time (warm-up steps). Prints a table and writes JSON
 (benchmarks/results/step_time-<device>-<shape>.json unless --json is given).
 """
 
@@ -76,6 +79,14 @@ def variants(rank: int, n_layers: int) -> dict:
     }
 
 
+def compile_blocks_in_place(model) -> None:
+    """``train.compile``'s regional compilation, without its ``torch._dynamo.reset()`` (the variants
+    are compiled side by side, each keeping its graphs)."""
+    for module in model.modules():
+        if type(module).__name__ == "LlamaDecoderLayer":
+            module.compile()
+
+
 def prepare(spec, shape, dtype, device, adapter_dtype):
     model = build_base(shape, dtype, device)
     if spec is None:
@@ -138,13 +149,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and variant")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--compile", action="store_true", help="compile every variant's decoder blocks")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.compile:  # one code object, a few graphs per variant: more than dynamo's default of 8
+        torch._dynamo.config.recompile_limit = 256
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     n_layers = SHAPES[args.shape][2]
     specs = variants(args.rank, n_layers)
+    if args.compile:
+        specs = {**specs, "frozen base (eager)": None}
     if args.only:
         specs = {k: v for k, v in specs.items() if k in args.only.split(",")}
     gen = torch.Generator().manual_seed(0)
@@ -169,11 +185,13 @@ def main() -> None:
 
     for name, spec in specs.items():
         model = prepare(spec, args.shape, dtype, args.device, "float32")
+        if args.compile and name != "frozen base (eager)":
+            compile_blocks_in_place(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if spec is not None and spec[0] == "ours":
             trainable = count_parameters(model)[0]
         step = step_fn(model, ids, args.device, autocast_dtype)
-        for _ in range(2):  # warm-up (allocator, kernels, optimizer state)
+        for _ in range(3 if args.compile else 2):  # warm-up (allocator, kernels, optimizer state, compiling)
             step()
         sync(args.device)
         rows[name].update(step=step, trainable=trainable)
@@ -210,8 +228,9 @@ def main() -> None:
     print(
         f"\nstep time — {args.shape} Llama shape, {args.dtype}, batch {args.batch} × seq {args.seq}, "
         f"rank {args.rank}, all 7 projections, {device_name}, torch {torch.__version__}"
+        + (", decoder blocks compiled" if args.compile else "")
     )
-    header = f"{'variant':18} {'trainable':>11} {'ms/step':>9} {'tok/s':>9} {'×base':>7} {'×our lora':>9} {'×peft lora':>10} {'peak GiB':>9}"
+    header = f"{'variant':20} {'trainable':>11} {'ms/step':>9} {'tok/s':>9} {'×base':>7} {'×our lora':>9} {'×peft lora':>10} {'peak GiB':>9}"
     print(header)
     print("-" * len(header))
     for r in out:
@@ -220,13 +239,15 @@ def main() -> None:
             return format(v, spec) if v is not None else "-"
 
         print(
-            f"{r['variant']:18} {r['trainable_params']:>11,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
+            f"{r['variant']:20} {r['trainable_params']:>11,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
             f"{f(r['vs_frozen_base'], '>7.2f')} {f(r['vs_shardtune_lora'], '>9.2f')} {f(r['vs_peft_lora'], '>10.2f')} "
             f"{f(r['peak_mem_gib'], '>9.2f')}"
         )
     path = Path(
         args.json
-        or Path(__file__).parent / "results" / f"step_time-{args.device.split(':')[0]}-{args.shape}.json"
+        or Path(__file__).parent
+        / "results"
+        / f"step_time-{args.device.split(':')[0]}-{args.shape}{'-compiled' if args.compile else ''}.json"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

@@ -29,8 +29,11 @@ from shardtune.adapters.base import STORES_ATTR
 from shardtune.errors import RecipeError
 
 
-def block_classes(model: nn.Module, names: list[str] | None) -> list[type[nn.Module]]:
-    """The module classes that become FSDP units: ``names`` or the model's ``_no_split_modules``."""
+def block_classes(
+    model: nn.Module, names: list[str] | None, key: str = "train.fsdp.wrap"
+) -> list[type[nn.Module]]:
+    """The module classes that become FSDP units (or are compiled, ``train.compile``): ``names`` or
+    the model's ``_no_split_modules``; ``key`` is the recipe key an error names."""
     wanted = names if names is not None else list(getattr(model, "_no_split_modules", None) or [])
     present = {type(m).__name__: type(m) for m in model.modules()}
     missing = [n for n in wanted if n not in present]
@@ -42,8 +45,10 @@ def block_classes(model: nn.Module, names: list[str] | None) -> list[type[nn.Mod
     found = [present[n] for n in wanted if n in present]
     if not found:
         raise RecipeError(
-            "train.fsdp.wrap",
-            "this model names no blocks to shard (no _no_split_modules); list its block classes here",
+            key,
+            "this model names no blocks to shard (no _no_split_modules); list its block classes here"
+            if key == "train.fsdp.wrap"
+            else "this model names no decoder blocks to compile (no _no_split_modules)",
         )
     return found
 

@@ -216,6 +216,12 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (less memory, ~30% more compute)."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder block (regional compilation: the blocks share one compiled "
+        "graph). The first step compiles (reported apart, `compile_seconds` in result.json); works with "
+        "gradient checkpointing and DDP, not with `strategy: fsdp`. Needs a C++ compiler on CPU.",
+    )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="With several processes: `ddp` keeps a whole model per process and all-reduces the adapter "
@@ -252,6 +258,15 @@ class TrainSection(Section):
         # (a resolved recipe spells out the defaults: only options that differ from them count)
         if self.fsdp != FsdpSection() and self.strategy != "fsdp":
             raise ValueError("fsdp options are set but strategy is ddp; set train.strategy: fsdp to use them")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_not_with_fsdp(self):
+        if self.compile and self.strategy == "fsdp":
+            raise ValueError(
+                "compile: true does not work with strategy: fsdp (its sharded blocks are not compiled); "
+                "set train.compile: false or train.strategy: ddp"
+            )
         return self
 
 

@@ -9,7 +9,7 @@ What "held-out" means depends on the task (``Task.heldout``):
 * ``seed`` — held-out items come from another seed; on a small input space some may also be trained on
   (the first tasks: reverse, repeat, date_format, addition).
 * ``new`` — held-out inputs are never in the training set (checked, not hoped for): the score measures
-  whether the adapter learned a rule (``sort``).
+  whether the adapter learned a rule (``sort``, ``translate``).
 * ``recall`` — a memorisation task: every item is trained on, and the "held-out" items are a seeded
   sample of the *training* items asked again word for word; the score is exact recall, i.e. how many
   facts the adapter stored (``facts``). There is nothing unseen to generalise to, so the held-out loss
@@ -158,6 +158,20 @@ def _sort(rng: random.Random) -> Pair:
     )
 
 
+# The lexicon of the translate task: 80 invented one-syllable words, each with its own invented
+# translation (no two words share one, no word is its own), the same for every seed.
+_LEXICON_RNG = random.Random("translate:lexicon")
+_SYLLABLES = sorted({_word(_LEXICON_RNG, 1) for _ in range(5000)})
+_LEXICON_RNG.shuffle(_SYLLABLES)
+LEXICON = dict(zip(_SYLLABLES[:80], _SYLLABLES[80:160], strict=True))
+_LEXICON_WORDS = sorted(LEXICON)
+
+
+def _translate(rng: random.Random) -> Pair:
+    words = [rng.choice(_LEXICON_WORDS) for _ in range(rng.randint(3, 4))]
+    return f"translate {' '.join(words)} =", " " + " ".join(LEXICON[w] for w in words)
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -181,6 +195,14 @@ TASKS: dict[str, Task] = {
             "sort",
             "sort 5-7 two-digit numbers; held-out lists never trained on (learning a rule)",
             _sort,
+            heldout="new",
+            unique=True,
+        ),
+        Task(
+            "translate",
+            "translate 3-4 words of an invented language word by word (an 80-word lexicon); held-out "
+            "sentences never trained on (a rule with 80 entries)",
+            _translate,
             heldout="new",
             unique=True,
         ),

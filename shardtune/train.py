@@ -5,7 +5,8 @@
       Trainer.run_directory     output.dir checked and locked (shardtune.rundir), SIGTERM → checkpoint + exit,
                                 heartbeats (shardtune.peers): a lost process stops the others, naming it
       Trainer.read_data         the training and held-out examples, read and checked before any model loads
-      Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights)
+      Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights);
+                                train.compile: its decoder blocks compiled (on the first step)
       Trainer.setup_data        examples → token rows → loaders
       Trainer.start_run         the run directory is written: replaced or created, recipe.yaml, train.log
       Trainer.setup_optimizer   LoRS gradient init, FSDP sharding, AdamW + schedule, Accelerate's prepare
@@ -27,6 +28,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import threading
 import time
@@ -90,6 +92,7 @@ class TrainResult:
     task_score_base: float | None = None
     task_score: float | None = None
     train_seconds: float = 0.0  # the optimizer-step loop alone (no loading, evaluation or scoring)
+    compile_seconds: float = 0.0  # train.compile: the first optimizer step (compiling), not in train_seconds
     base_bytes: int = 0  # the frozen base's parameters as held (quantized layers as codes + scales)
     base_bytes_unquantized: int = 0  # the same in model.dtype, unquantized
 
@@ -223,6 +226,27 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, beta
     default implementation for FSDP's sharded ones. Same update rule either way."""
     fused = not sharded and bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+
+
+def compile_blocks(model: torch.nn.Module) -> list[str]:
+    """``train.compile``: ``torch.compile`` each decoder block in place (``Module.compile``: the
+    parameter names stay those of the model, so checkpoints and exports do not change). Identical
+    blocks share one compiled graph, so compiling costs about one block, not the whole model. The
+    blocks are the model's ``_no_split_modules`` classes (those FSDP would wrap); the names of the
+    classes compiled are returned."""
+    classes = tuple(block_classes(model, None, key="train.compile"))
+    on_cpu = any(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and not any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++")):
+        raise RecipeError(
+            "train.compile", "compiling on the CPU needs a C++ compiler; none found (install g++ or set CXX)"
+        )
+    # A fresh start: graphs compiled for an earlier run in this process (`shardtune compare`, a
+    # notebook) would count against dynamo's recompile limit and could leave these blocks uncompiled.
+    torch._dynamo.reset()
+    for module in model.modules():
+        if isinstance(module, classes):
+            module.compile()
+    return [c.__name__ for c in classes]
 
 
 class StopFlag:
@@ -396,6 +420,7 @@ class Trainer:
         self.final_loss, self.eval_loss, self.grad_norm = float("nan"), None, None
         self.lr = self.cfg.lr
         self.train_seconds = 0.0
+        self.compile_seconds = 0.0
         self.trackers = None  # logging.report_to, on the main process
 
     @contextmanager
@@ -474,6 +499,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
+        if cfg.compile:
+            blocks = compile_blocks(self.model)
+            self.reporter.info(f"train.compile: {', '.join(blocks)} blocks compile on the first step")
         self.trainable, base, share = trainable_share(self.model)
         self.total = self.trainable + base
         self.reporter.info(
@@ -607,13 +635,20 @@ class Trainer:
         while position.step < self.total_steps:
             for batch_in_epoch, batch in self._epoch_batches():
                 if self.train_step(batch):
+                    if self.cfg.compile and not self.compile_seconds:
+                        self._compiled(started)
                     self.at_interval(batch_in_epoch)
                     if position.step >= self.total_steps:
                         break
             position.epoch, position.skip = position.epoch + 1, 0
         self.reporter.stop()
         self._raise_if_diverged()
-        self.train_seconds = time.perf_counter() - started
+        self.train_seconds = time.perf_counter() - started - self.compile_seconds
+
+    def _compiled(self, started: float) -> None:
+        """``train.compile``: the first optimizer step compiled the blocks; its time is reported apart."""
+        self.compile_seconds = time.perf_counter() - started
+        self.reporter.info(f"train.compile: first step {self.compile_seconds:.1f} s (compiling included)")
 
     def _epoch_batches(self):
         """(batch number in the epoch, batch) for the current epoch, without the ones already trained on."""
@@ -782,6 +817,7 @@ class Trainer:
             truncated_examples=self.data.truncated,
             seconds=time.perf_counter() - started,
             train_seconds=self.train_seconds,
+            compile_seconds=self.compile_seconds,
             base_bytes=self.base_memory.stored_bytes,
             base_bytes_unquantized=self.base_memory.unquantized_bytes,
             **self.scores,

@@ -54,6 +54,35 @@ def test_sort_holds_out_lists_never_trained_on_and_scores_exact_answers():
     assert not exact_match(expected[:-1], expected) and not exact_match(f"Sorted: {expected}", expected)
 
 
+def test_translate_holds_out_new_sentences_translated_word_by_word_from_a_fixed_lexicon():
+    from shardtune.tasks import LEXICON
+
+    assert len(LEXICON) == len(set(LEXICON.values())) == 80  # a bijection: no two words share a translation
+    assert not set(LEXICON) & set(LEXICON.values())  # no word is its own (or another's) translation
+    task = TASKS["translate"]
+    split = task.split(400, 50, seed=5, n_validation=50)
+    assert split == task.split(400, 50, seed=5, n_validation=50)
+    train, held, val = ({p for p, _ in part} for part in (split.train, split.held, split.validation))
+    assert len(train) == 400 and len(held) == len(val) == 50
+    assert not train & held and not train & val and not held & val
+    for prompt, completion in split.held + split.train[:50]:
+        words = prompt.removeprefix("translate ").removesuffix(" =").split()
+        assert 3 <= len(words) <= 4 and completion == " " + " ".join(LEXICON[w] for w in words)
+    trained_words = {w for p, _ in split.train for w in p.split()[1:-1]}
+    assert trained_words == set(LEXICON)  # every word of a held-out sentence was seen in training
+
+
+def test_an_unswept_budget_takes_the_rate_of_the_nearest_swept_budget():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from frontier import nearest
+
+    swept = {Fraction(1, 16): 5e-3, Fraction(1): 1e-3}
+    assert nearest(Fraction(1, 8), swept) == Fraction(1, 16)
+    assert nearest(Fraction(1, 2), swept) == Fraction(1)
+    assert nearest(Fraction(1, 4), swept) == Fraction(1, 16)  # equally far by ratio: the smaller
+    assert nearest(Fraction(2), swept) == Fraction(1)
+
+
 def test_load_examples_uses_the_task_split():
     from shardtune.data import load_examples
     from shardtune.recipe import DataSection
