@@ -2,7 +2,7 @@
 
     python benchmarks/frontier.py                       # CPU: the facts run in docs/benchmarks.md
     python benchmarks/frontier.py --task translate --num-samples 800 --max-length 32 --budgets 1,1/16,1/8,1/2 \
-        --sweep-at 1/16,1                               # CPU: the generalisation run in docs/benchmarks.md
+        --sweep-at 1/16,1,1/8                           # CPU: the generalisation run in docs/benchmarks.md
     python benchmarks/frontier.py --device cuda --num-samples 2000 --eval-items 200 --batch 32 --steps 1500
     python benchmarks/frontier.py --quick               # tiny random model, seconds (a test runs it)
     python benchmarks/frontier.py --report results/frontier-cpu-smollm2.json --plot f.png   # tables again

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardtune.adapters import METHODS  # noqa: E402
 from shardtune.adapters.model import count_parameters, inject_adapter  # noqa: E402
-from shardtune.train import adamw  # noqa: E402
+from shardtune.train import adamw, compile_blocks  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -77,14 +77,6 @@ def variants(rank: int, n_layers: int) -> dict:
         "peft lora": ("peft", "lora", {"r": rank, "lora_alpha": 2 * rank}),
         "peft miss": ("peft", "miss", {"r": rank}),
     }
-
-
-def compile_blocks_in_place(model) -> None:
-    """``train.compile``'s regional compilation, without its ``torch._dynamo.reset()`` (the variants
-    are compiled side by side, each keeping its graphs)."""
-    for module in model.modules():
-        if type(module).__name__ == "LlamaDecoderLayer":
-            module.compile()
 
 
 def prepare(spec, shape, dtype, device, adapter_dtype):
@@ -186,7 +178,7 @@ def main() -> None:
     for name, spec in specs.items():
         model = prepare(spec, args.shape, dtype, args.device, "float32")
         if args.compile and name != "frozen base (eager)":
-            compile_blocks_in_place(model)
+            compile_blocks(model, reset=False)  # train.compile's, the variants side by side
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if spec is not None and spec[0] == "ours":
             trainable = count_parameters(model)[0]

@@ -228,7 +228,7 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, beta
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
 
 
-def compile_blocks(model: torch.nn.Module) -> list[str]:
+def compile_blocks(model: torch.nn.Module, reset: bool = True) -> list[str]:
     """``train.compile``: ``torch.compile`` each decoder block in place (``Module.compile``: the
     parameter names stay those of the model, so checkpoints and exports do not change). Identical
     blocks share one compiled graph, so compiling costs about one block, not the whole model. The
@@ -242,7 +242,8 @@ def compile_blocks(model: torch.nn.Module) -> list[str]:
         )
     # A fresh start: graphs compiled for an earlier run in this process (`shardtune compare`, a
     # notebook) would count against dynamo's recompile limit and could leave these blocks uncompiled.
-    torch._dynamo.reset()
+    if reset:
+        torch._dynamo.reset()
     for module in model.modules():
         if isinstance(module, classes):
             module.compile()
