@@ -1,18 +1,35 @@
 #!/usr/bin/env bash
-# What the GPU machine checks: bf16 training of every method on CUDA, then the step-time benchmark
-# on a 1B Llama shape. Usage (repo root, CUDA machine): bash benchmarks/gpu_check.sh OUT_DIR
-set -euo pipefail
+# What the GPU machine checks, in one call, most important first; each stage has its own time limit and
+# the next one runs whatever the last one did:
+#   1. tests/test_cuda.py: the fused layer under CUDA bf16 autocast, MoS's per-step assembly, and bf16
+#      training runs of the CLI;
+#   2. the step-time benchmark on the 1B Llama shape (bf16 8×1024), with the ablation rows;
+#   3. the same on the SmolLM2-135M shape (bf16 16×512);
+#   4. the 1B shape with compiled decoder blocks (the frozen base compiled and eager, LoRA, MoS): about
+#      3 minutes on an H200, most of it compiling (five variants did not finish in 170 s).
+# Usage (repo root, CUDA machine): bash benchmarks/gpu_check.sh OUT_DIR   → OUT_DIR/gpu_check.log + JSON
+set -uo pipefail
 out=${1:-runs/gpu}
 mkdir -p "$out"
+log="$out/gpu_check.log"
 export PYTHONUNBUFFERED=1
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-for method in lora fossil mos; do
-  extra=""
-  [ "$method" = mos ] && extra="--set adapter.rank=4 --set adapter.equivalent_rank=4"
-  python3 -m shardtune train recipes/tiny.yaml --set adapter.method=$method $extra \
-    --set train.precision=bf16 --set model.dtype=bfloat16 --set output.dir="$out/tiny-$method" --json -q
-done
-python3 benchmarks/step_time.py --shape 1b --device cuda --dtype bf16 --batch 8 --seq 1024 --rank 16 \
-  --rounds 5 --steps 3 --json "$out/step_time-cuda-1b.json"
-python3 benchmarks/step_time.py --shape smollm2-135m --device cuda --dtype bf16 --batch 16 --seq 512 --rank 16 \
-  --rounds 5 --steps 5 --json "$out/step_time-cuda-smollm2-135m.json"
+stage() {  # stage SECONDS NAME COMMAND...
+  local seconds=$1 name=$2
+  shift 2
+  echo "=== $name ($(date +%T), limit ${seconds}s)" | tee -a "$log"
+  timeout "$seconds" "$@" 2>&1 | tee -a "$log"
+  echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+python3 -c "import torch, transformers, peft, shardtune.train; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" \
+  2>&1 | tee -a "$log" || exit 1
+stage 150 "tests/test_cuda.py" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage 150 "step time 1b" python3 benchmarks/step_time.py --shape 1b --device cuda --dtype bf16 \
+  --batch 8 --seq 1024 --rank 16 --rounds 5 --steps 3 --ablations --json "$out/step_time-cuda-1b.json"
+stage 120 "step time smollm2" python3 benchmarks/step_time.py --shape smollm2-135m --device cuda \
+  --dtype bf16 --batch 16 --seq 512 --rank 16 --rounds 5 --steps 5 --ablations \
+  --json "$out/step_time-cuda-smollm2-135m.json"
+stage "${COMPILE_SECONDS:-270}" "step time 1b compiled" python3 benchmarks/step_time.py --shape 1b \
+  --device cuda --dtype bf16 --batch 8 --seq 1024 --rank 16 --rounds 3 --steps 3 --compile \
+  --only "frozen base,frozen base (eager),shardtune lora,shardtune mos" \
+  --json "$out/step_time-cuda-1b-compiled.json"

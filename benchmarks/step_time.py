@@ -9,11 +9,13 @@ A training step is forward + backward + AdamW step on the adapter parameters (sh
 adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the least that fits, p = 1, l = 2;
 ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors_memory.py. "frozen
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
-the floor every adapter method pays. Variants run interleaved, round after round, and the median
+the floor every adapter method pays. ``--ablations`` adds rows with one speed lever switched off
+(LoRA without the fused layer, MoS with a gather per layer). Variants run interleaved, round after round, and the median
 is reported, so machine noise hits all of them alike. ``--compile``: every variant's decoder blocks
 are compiled as ``train.compile`` does (the frozen base's too, so ratios compare compiled with
 compiled), plus a row "frozen base (eager)"; compile time is not in the step time (warm-up steps). Prints a table and writes JSON
-(benchmarks/results/step_time-<device>-<shape>.json unless --json is given).
+(benchmarks/results/step_time-<device>-<shape>.json unless --json is given; <device> names the
+card on CUDA, e.g. cuda-h200).
 """
 
 from __future__ import annotations
@@ -79,15 +81,36 @@ def variants(rank: int, n_layers: int) -> dict:
     }
 
 
+# Ablations (``--ablations``): one lever of issue 17 switched off, measured beside the variant it is in.
+ABLATIONS = {
+    # the update through the general path (base product, then the update added): no fused layer
+    "lora (unfused)": ("shardtune lora", "unfused"),
+    # every MoS layer gathers its own factors in each forward (no per-step assembly)
+    "mos (per-layer gather)": ("shardtune mos", "per-layer gather"),
+}
+
+
+def ablate(model, how: str) -> None:
+    from shardtune.adapters.model import adapted_layers
+
+    if how == "unfused":
+        for layer in adapted_layers(model).values():
+            layer.adapter.low_rank_factors = lambda: None  # the fused layer then never applies
+    elif how == "per-layer gather":
+        model.shardtune_stores.assemble_per_step = False
+
+
 def prepare(spec, shape, dtype, device, adapter_dtype):
     model = build_base(shape, dtype, device)
     if spec is None:
         return model
-    kind, method, kw = spec
+    kind, method, kw, *how = spec
     if kind == "ours":
         inject_adapter(
             model, METHODS[method].Options(method=method, targets=TARGETS, dtype=adapter_dtype, **kw)
         )
+        for h in how:
+            ablate(model, h)
         return model
     import peft
 
@@ -142,6 +165,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and variant")
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     ap.add_argument("--compile", action="store_true", help="compile every variant's decoder blocks")
+    ap.add_argument(
+        "--ablations", action="store_true", help=f"also: {', '.join(ABLATIONS)} (one lever off each)"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.compile:  # one code object, a few graphs per variant: more than dynamo's default of 8
@@ -151,6 +177,8 @@ def main() -> None:
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     n_layers = SHAPES[args.shape][2]
     specs = variants(args.rank, n_layers)
+    if args.ablations:
+        specs = {**specs, **{name: (*specs[of], how) for name, (of, how) in ABLATIONS.items()}}
     if args.compile:
         specs = {**specs, "frozen base (eager)": None}
     if args.only:
@@ -222,7 +250,7 @@ def main() -> None:
         f"rank {args.rank}, all 7 projections, {device_name}, torch {torch.__version__}"
         + (", decoder blocks compiled" if args.compile else "")
     )
-    header = f"{'variant':20} {'trainable':>11} {'ms/step':>9} {'tok/s':>9} {'×base':>7} {'×our lora':>9} {'×peft lora':>10} {'peak GiB':>9}"
+    header = f"{'variant':24} {'trainable':>11} {'ms/step':>9} {'tok/s':>9} {'×base':>7} {'×our lora':>9} {'×peft lora':>10} {'peak GiB':>9}"
     print(header)
     print("-" * len(header))
     for r in out:
@@ -231,15 +259,18 @@ def main() -> None:
             return format(v, spec) if v is not None else "-"
 
         print(
-            f"{r['variant']:20} {r['trainable_params']:>11,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
+            f"{r['variant']:24} {r['trainable_params']:>11,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
             f"{f(r['vs_frozen_base'], '>7.2f')} {f(r['vs_shardtune_lora'], '>9.2f')} {f(r['vs_peft_lora'], '>10.2f')} "
             f"{f(r['peak_mem_gib'], '>9.2f')}"
         )
+    device_slug = args.device.split(":")[0]
+    if device_slug == "cuda":  # the card in the name: results of different cards never overwrite each other
+        device_slug += "-" + (device_name.replace("NVIDIA", "").split() or ["gpu"])[0].lower()
     path = Path(
         args.json
         or Path(__file__).parent
         / "results"
-        / f"step_time-{args.device.split(':')[0]}-{args.shape}{'-compiled' if args.compile else ''}.json"
+        / f"step_time-{device_slug}-{args.shape}{'-compiled' if args.compile else ''}.json"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

@@ -498,7 +498,14 @@ class Trainer:
         targets = inject_adapter(self.model, recipe.adapter)
         self._check_fits_model()
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed it (the old name warns); 4.x has only the old one
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
             self.model.config.use_cache = False
         if cfg.compile:
             blocks = compile_blocks(self.model)

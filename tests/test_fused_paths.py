@@ -70,10 +70,9 @@ def test_add_low_rank_is_one_addmm_and_leaves_mixed_dtypes_to_a_plain_add():
 
 @pytest.mark.parametrize("method", ["lora", "mos", "sharelora"])
 def test_the_fused_layer_equals_plain_autograd_bias_and_base_gradients_included(method):
-    """:class:`_LowRankLinear` takes the whole layer (base + update) while training without dropout or
-    autocast: output and the gradients of x, the adapter's parameters and (when asked) W and the bias
-    equal plain autograd's on ``x·Wᵀ + bias + x·Aᵀ·Bᵀ``; with dropout, autocast or no grad the general
-    path runs."""
+    """:class:`_LowRankLinear` takes the whole layer (base + update) while training without dropout:
+    output and the gradients of x, the adapter's parameters and (when asked) W and the bias equal plain
+    autograd's on ``x·Wᵀ + bias + x·Aᵀ·Bᵀ``; with dropout or no grad the general path runs."""
     model = build_tiny_model("tiny-qwen2")  # q_proj carries a bias
     inject_adapter(model, METHODS[method].Options(method=method, targets=["q_proj"], **OPTIONS[method]))
     g = torch.Generator().manual_seed(2)
@@ -104,7 +103,85 @@ def test_the_fused_layer_equals_plain_autograd_bias_and_base_gradients_included(
             assert (g_got - g_want).abs().max().item() <= 1e-6 * scale, (i, scale)
     with torch.no_grad():
         assert layer(x).grad_fn is None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert type(layer(x).grad_fn).__name__ != "_LowRankLinearBackward"
     layer.adapter.dropout = torch.nn.Dropout(0.1)
     assert type(layer(x).grad_fn).__name__ != "_LowRankLinearBackward"
+
+
+@pytest.mark.parametrize("method", ["lora", "mos", "sharelora", "fossil"])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_under_autocast_the_fused_layer_casts_what_autocast_casts(method, base_dtype):
+    """Under bf16 autocast the fused layer runs too (an fp32 or bf16 base, fp32 adapters: what
+    `train.precision: bf16` trains): every operand cast to bf16, the output bf16, the fp32 parameters'
+    gradients fp32 through the cast. It computes what the general path computes under autocast, within
+    bf16 rounding (a few products summed in another order), and what plain fp32 math does within bf16's
+    precision."""
+    model = build_tiny_model("tiny-qwen2")  # q_proj carries a bias
+    model.to(base_dtype)
+    options = METHODS[method].Options(method=method, targets=["q_proj"], dtype="float32", **OPTIONS[method])
+    inject_adapter(model, options)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    layer = next(iter(adapted_layers(model).values()))
+    stores = getattr(model, "shardtune_stores", None)
+    params = [p for p in layer.parameters() if p.requires_grad] + list(stores.parameters() if stores else [])
+    assert params and all(p.dtype == torch.float32 for p in params)
+    x = torch.randn(2, 5, layer.adapter.in_features, generator=g, requires_grad=True)
+    w = torch.randn(2, 5, layer.adapter.out_features, generator=g)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        return y, torch.autograd.grad((y.float() * w).sum(), [x, *params])
+
+    fused, fused_grads = run()
+    fused_path = type(fused.grad_fn).__name__ == "_LowRankLinearBackward"
+    assert fused_path == (method != "fossil"), type(fused.grad_fn).__name__  # FOSSIL has its own path
+    assert fused.dtype == torch.bfloat16
+    assert [t.dtype for t in fused_grads] == [torch.float32] * len(fused_grads)
+    layer.adapter.dropout = torch.nn.Dropout(0.0)  # the same numbers through the general path
+    general, general_grads = run()
+    assert type(general.grad_fn).__name__ != "_LowRankLinearBackward"
+    torch.testing.assert_close(fused.float(), general.float(), atol=2e-2, rtol=2e-2)
+    for got, want in zip(fused_grads, general_grads, strict=True):
+        scale = max(1e-3, want.abs().max().item())
+        assert (got - want).abs().max().item() <= 2e-2 * scale
+    a, b = layer.adapter.factors()
+    base = layer.base_layer
+    plain = F.linear(x, base.weight.float(), base.bias.float()) + F.linear(F.linear(x, a), b)
+    torch.testing.assert_close(fused.float(), plain, atol=5e-2, rtol=2e-2)
+
+
+def test_under_autocast_a_shared_matrix_is_cast_once_per_step_and_never_stale():
+    """ShareLoRA's A, shared by every q_proj: one bf16 copy serves all the layers in a forward (as
+    autocast's own cast cache does), and after an optimizer step the next forward casts the new values."""
+    from shardtune.adapters import base as spine
+
+    model = build_tiny_model("tiny-llama")
+    options = METHODS["sharelora"].Options(method="sharelora", targets=["q_proj"], rank=4, share="a")
+    inject_adapter(model, options)
+    layers = list(adapted_layers(model).values())
+    assert len(layers) == 2
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(4, 200, (2, 9))
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids).logits.float().pow(2).mean()
+            current = {(p.data_ptr(), p._version) for p in model.parameters() if p.requires_grad}
+            casts = [key for key in spine._CASTS if (key[0], key[2]) in current]
+            assert len(casts) == 1 + len(layers), len(casts)  # the shared A once, each layer's B
+            x = torch.randn(2, 3, layers[0].adapter.in_features)
+            fused = layers[0](x)
+            a, b = layers[0].adapter.factors()
+            want = layers[0].base_layer(x) + F.linear(F.linear(x, a), b)
+        torch.testing.assert_close(fused.float(), want.float(), atol=3e-2, rtol=3e-2)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        held = fused  # noqa: F841  (keeps last step's casts alive: the next step must not use them)

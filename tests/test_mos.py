@@ -145,13 +145,13 @@ def test_shared_pool_gradient_is_sum_over_layers():
                 saved[other] = (a.detach(), b.detach())
         originals = {}
         for other, (a, b) in saved.items():
-            originals[other] = other.adapter.gathered
-            other.adapter.gathered = lambda a=a, b=b: (a, b)  # freeze the other layers' view
+            originals[other] = other.adapter.routed
+            other.adapter.routed = lambda a=a, b=b: (a, b)  # freeze the other layers' view
         model.zero_grad()
         model(ids).logits.pow(2).mean().backward()
         contributions += pool.grad
         for other, fn in originals.items():
-            other.adapter.gathered = fn
+            other.adapter.routed = fn
     torch.testing.assert_close(total, contributions, atol=1e-6, rtol=1e-4)
 
 
@@ -246,3 +246,103 @@ def test_routing_plot_without_matplotlib(tmp_path, monkeypatch):
     model = mos_model()
     with pytest.raises(BadInput, match="--plot needs matplotlib: pip install matplotlib"):
         plot(routing_report(model), tmp_path / "x.png")
+
+
+def count_index_selects(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.index_select.default:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_a_training_step_gathers_each_pool_once_and_trains_what_per_layer_gathers_train():
+    """Per-step assembly (ShardPools.assemble, at the model root): one index_select per pool per
+    forward instead of one per layer, and the same outputs and pool gradients as each layer gathering
+    for itself (``assemble_per_step = False``), with and without gradient checkpointing."""
+    ids = torch.randint(4, 200, (2, 9))
+    results = {}
+    for per_step in (True, False):
+        for checkpointing in (False, True):
+            model = mos_model(rank=4, equivalent_rank=4, private_rank=1, shards_per_vector=2)
+            model.shardtune_stores.assemble_per_step = per_step
+            if checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.train()
+            pools = model.shardtune_stores.pools
+            layers = adapted_layers(model)
+            n = count_index_selects(lambda model=model: model(ids).logits.pow(2).mean().backward())
+            recomputed = len(layers) * 2 if checkpointing and not per_step else 0
+            assert n == (len(pools) if per_step else 2 * len(layers)) + recomputed, (
+                per_step,
+                checkpointing,
+                n,
+            )
+            results[per_step, checkpointing] = (
+                model(ids).logits.detach(),
+                {k: p.grad for k, p in pools.items()},
+            )
+    want_logits, want_grads = results[False, False]
+    for key, (logits, grads) in results.items():
+        torch.testing.assert_close(logits, want_logits, atol=1e-6, rtol=1e-6, msg=str(key))
+        for name, grad in grads.items():
+            scale = max(1.0, want_grads[name].abs().max().item())
+            assert (grad - want_grads[name]).abs().max().item() <= 1e-6 * scale, (key, name)
+
+
+def test_assembled_factors_are_used_only_while_the_pools_are_unchanged():
+    """After an optimizer step (the pools change in place) a layer called on its own gathers afresh;
+    a forward without gradients (eval, generate) drops the assembly; merge reads the pools directly."""
+    model = mos_model(rank=4, equivalent_rank=4, private_rank=1, shards_per_vector=2)
+    ids = torch.randint(4, 200, (2, 9))
+    layer = next(iter(adapted_layers(model).values()))
+    model(ids).logits.pow(2).mean().backward()
+    assert layer.adapter.step_factors is None  # released when the forward ended: backward needs none
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model(ids).logits.pow(2).mean().backward()
+    assert layer.adapter.step_factors is not None  # kept for the blocks recomputed in backward
+    torch.testing.assert_close(layer.adapter.routed()[0], layer.adapter.gathered()[0])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    opt.step()
+    stale_a = layer.adapter.step_factors[0]
+    fresh_a, fresh_b = layer.adapter.gathered()
+    assert not torch.equal(stale_a, fresh_a)
+    assert torch.equal(layer.adapter.routed()[0], fresh_a)
+    x = torch.randn(2, 3, layer.adapter.in_features)
+    want = layer.base_layer(x) + layer.adapter.scale * x @ fresh_a.T @ fresh_b.T
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model(ids)
+    assert all(x.adapter.step_factors is None for x in adapted_layers(model).values())
+
+
+def test_under_autocast_the_assembled_fp32_factors_are_freed_when_the_forward_ends():
+    """Peak memory: under bf16 autocast each layer saves bf16 copies of its factors for backward, so
+    once the forward ends nothing holds the fp32 assembly (as nothing holds per-layer gathers)."""
+    import gc
+    import weakref
+
+    model = mos_model(rank=4, equivalent_rank=4, private_rank=1, shards_per_vector=2)
+    ids = torch.randint(4, 200, (2, 9))
+    refs = []
+
+    def grab(module, _args):
+        refs.extend(weakref.ref(t) for t in module.adapter.step_factors)
+
+    for layer in adapted_layers(model).values():
+        layer.register_forward_pre_hook(grab)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids).logits.float().pow(2).mean()
+    gc.collect()
+    assert refs and all(r() is None for r in refs), sum(r() is not None for r in refs)
+    loss.backward()
+    assert model.shardtune_stores.pool("A", "q_proj").grad.abs().sum() > 0

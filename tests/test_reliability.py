@@ -196,6 +196,26 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, method, st
         assert 49 < held < 52  # each of the 2 processes holds half of every parameter (+ padding)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_mos_with_gradient_checkpointing_on_two_processes_equals_one(tmp_path, strategy):
+    """MoS gathers every layer's factors once per step at the model root and keeps them for the blocks
+    that gradient checkpointing recomputes in backward: under DDP and FSDP (pools sharded by the root
+    unit) too, 2 processes × batch 4 train what 1 process × batch 8 does."""
+    from conftest import TINY_OPTIONS
+
+    sections = {
+        "adapter": {"method": "mos", **TINY_OPTIONS["mos"]},
+        "data": {"task": None, "path": str(copy_task(tmp_path)), "eval_samples": 0, "chat_template": False},
+        "train": {"max_steps": 6, "batch_size": 8, "gradient_checkpointing": True},
+    }
+    one = write(tmp_path, "one", **sections)
+    train = {**sections["train"], "batch_size": 4, "strategy": strategy}
+    two = write(tmp_path, "two", **{**sections, "train": train})
+    assert shardtune(one, "-q").wait(timeout=300) == 0
+    two_processes(two)
+    same_adapter(tmp_path / "one", tmp_path / "two", atol=1e-4)
+
+
 def test_fsdp_checkpoints_resume_under_fsdp_and_on_one_process(tmp_path):
     """An FSDP checkpoint holds whole tensors: resuming it sharded again, or in one process, ends where
     the uninterrupted FSDP run ended."""

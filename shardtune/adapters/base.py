@@ -21,6 +21,7 @@ see each parameter exactly once; a layer keeps an *unregistered* reference to th
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -168,8 +169,8 @@ def add_low_rank(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.T
     backward the base output's gradient passes through unchanged). Any scale belongs in ``h``, the
     small side. With mixed dtypes outside autocast (a bf16 base, an fp32 adapter) the update is
     computed in the adapter's dtype and added. (In place, ``addmm_`` on the 3-D output's 2-D view, was
-    measured slower: autograd replays the view in backward.) Training without dropout or autocast
-    takes the whole layer through :func:`low_rank_linear` instead."""
+    measured slower: autograd replays the view in backward.) Training without dropout takes the whole
+    layer through :func:`low_rank_linear` instead (under autocast too)."""
     if (out.dtype == h.dtype == b.dtype) or torch.is_autocast_enabled(out.device.type):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
         return flat.view(out.shape)
@@ -218,17 +219,48 @@ class _LowRankLinear(torch.autograd.Function):
 
 def low_rank_linear(x: torch.Tensor, base: nn.Module, adapter: LayerAdapter) -> torch.Tensor | None:
     """The whole layer ``base(x) + Δ(x)`` by :class:`_LowRankLinear` where it applies: a plain
-    ``nn.Linear`` base, gradients being recorded, no autocast, one dtype, and an adapter that offers
-    :meth:`LayerAdapter.low_rank_factors`. None elsewhere (the caller takes the general path)."""
-    if type(base) is not nn.Linear or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+    ``nn.Linear`` base, gradients being recorded and an adapter that offers
+    :meth:`LayerAdapter.low_rank_factors`; outside autocast every operand must share one dtype. Under
+    autocast every operand is cast to the autocast dtype first, as autocast casts ``F.linear``'s (a bf16
+    base with fp32 adapters trains in bf16, the fp32 parameters receiving their gradients through the
+    cast). None elsewhere (the caller takes the general path)."""
+    if type(base) is not nn.Linear or not torch.is_grad_enabled():
         return None
     parts = adapter.low_rank_factors()
     if parts is None:
         return None
     a, b, scale = parts
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        operands = (x, base.weight, base.bias, a, b)
+        if not all(t is None or t.dtype in _AUTOCASTS for t in operands):
+            return None
+        x, weight, bias, a, b = (None if t is None else _autocast_copy(t, dtype) for t in operands)
+        with torch.autocast(device_type, enabled=False):
+            return _LowRankLinear.apply(x, weight, bias, a, b, scale)
     if not x.dtype == base.weight.dtype == a.dtype == b.dtype:
         return None
     return _LowRankLinear.apply(x, base.weight, base.bias, a, b, scale)
+
+
+# The floating dtypes autocast casts for a matmul (others, e.g. float64, are left alone).
+_AUTOCASTS = (torch.float32, torch.float16, torch.bfloat16)
+# Casts of trainable leaf tensors, as autocast caches them: a matrix shared by every layer (ShareLoRA's
+# A) is cast once per forward, not once per layer. Weakly held: an entry lives while some layer's
+# backward has it saved. Keyed by the parameter's storage, shape and version (an optimizer step bumps it).
+_CASTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _autocast_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, reusing the copy made earlier in this step for a trainable leaf (a parameter)."""
+    if t.dtype == dtype or not (t.is_leaf and t.requires_grad) or torch.compiler.is_compiling():
+        return t.to(dtype)
+    key = (t.data_ptr(), t.shape, t._version, dtype, t.device)
+    copy = _CASTS.get(key)
+    if copy is None:
+        copy = _CASTS[key] = t.to(dtype)
+    return copy
 
 
 class AdaptedLinear(nn.Module):

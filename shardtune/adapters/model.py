@@ -130,6 +130,9 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
         model.add_module(
             STORES_ATTR, stores.to(device=next(targets[0].module.parameters()).device, dtype=dtype)
         )
+        if hasattr(stores, "assemble"):  # MoS: every layer's factors gathered once per step
+            model.register_forward_pre_hook(_assemble_stores)
+            model.register_forward_hook(_release_stores)
     for t in targets:
         device = next(t.module.parameters()).device
         adapter = method.build_layer(options, t, stores).to(device=device, dtype=dtype)
@@ -140,6 +143,22 @@ def inject_adapter(model: nn.Module, options: AdapterOptions) -> list[Target]:
     model.shardtune_targets = [t.name for t in targets]
     model.shardtune_target_kinds = {t.name: t.kind for t in targets}
     return targets
+
+
+def _assemble_stores(model: nn.Module, _args: tuple) -> None:
+    """Forward pre-hook at the model root: the shared stores assemble this step's factors of every
+    layer at once, before any block runs (see :meth:`shardtune.adapters.mos.ShardPools.assemble`)."""
+    getattr(model, STORES_ATTR).assemble()
+
+
+def _release_stores(model: nn.Module, _args: tuple, _output) -> None:
+    """Forward hook at the model root: the assembled factors are dropped once the forward is done
+    (backward needs only the compute-dtype copies each layer saved), unless gradient checkpointing will
+    run the blocks again in backward (HF's ``gradient_checkpointing`` flag on any module)."""
+    stores = getattr(model, STORES_ATTR)
+    if stores.holds_assembly():  # (a forward without gradients assembled nothing: no scan per token)
+        recomputes = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        stores.release(keep=recomputes)
 
 
 def check_rank(method, options: AdapterOptions, targets: list[Target]) -> None:

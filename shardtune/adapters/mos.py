@@ -86,15 +86,81 @@ class MosOptions(AdapterOptions):
 
 
 class ShardPools(nn.Module):
-    """The global pools of every projection type: ``A_<type>`` (N × d_in/l) and ``B_<type>`` (N × d_out/l)."""
+    """The global pools of every projection type: ``A_<type>`` (N × d_in/l) and ``B_<type>`` (N × d_out/l).
+
+    Per-step assembly (``assemble_per_step``, on by default): while training, every layer's factors of
+    a type are gathered by one ``index_select`` per pool at the start of the model's forward
+    (:meth:`assemble`, a forward pre-hook at the model root) rather than one per layer, so that a step
+    launches 2 gathers per type instead of 2·L_t, and backward scatters each pool's gradient once
+    (one ``stack`` of the layers' gradients, one ``index_add``). The values are the same gathers: the
+    assembled ``(A_k, B_k)`` of layer ``k`` is exactly what :meth:`MosAdapter.gathered` computes. They
+    are dropped when the forward ends (:meth:`release`; kept for the recomputation under gradient
+    checkpointing), and a layer uses them only while the pools are unchanged since (their version
+    counters), so a forward after an optimizer step without the hook, or any merge or export, gathers
+    afresh.
+    """
 
     def __init__(self):
         super().__init__()
         self.pools = nn.ParameterDict()
         self.routes: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # target → (I^A, I^B, rank)
+        self.assemble_per_step = True
+        self.members: dict[str, list[MosAdapter]] = {}  # type → its layers, in pool-block order
+        self._versions: tuple[int, ...] | None = None  # the pools' version counters at assembly
 
     def pool(self, matrix: str, kind: str) -> nn.Parameter:
         return self.pools[f"{matrix}_{kind}"]
+
+    def assemble(self) -> None:
+        """Gather every layer's ``(A_k, B_k)`` of each type at once, for this step's forward (and the
+        recomputation that gradient checkpointing runs in backward). Only while gradients are recorded,
+        into trainable pools that are plain tensors (FSDP's sharded pools are gathered per layer, inside
+        the root unit); otherwise each layer gathers for itself."""
+        pools = list(self.pools.values())
+        training = (
+            self.assemble_per_step
+            and torch.is_grad_enabled()
+            # a sharded pool (FSDP2's DTensor) is no plain nn.Parameter
+            and all(p.requires_grad and type(p) is nn.Parameter for p in pools)
+        )
+        for kind, layers in self.members.items():
+            if not training:
+                for layer in layers:
+                    layer.step_factors = None
+                continue
+            a_all = _assembled(
+                self.pool("A", kind), [layer.index_A for layer in layers], layers[0].in_features
+            )
+            b_all = _assembled(
+                self.pool("B", kind), [layer.index_B for layer in layers], layers[0].out_features
+            )
+            for layer, a, b_t in zip(layers, a_all, b_all, strict=True):
+                layer.step_factors = (a, b_t.T)
+        self._versions = tuple(p._version for p in pools) if training else None
+
+    def release(self, keep: bool = False) -> None:
+        """After the model's forward: drop the assembled factors (their fp32 values are not needed by
+        backward), or ``keep`` them for the blocks that gradient checkpointing recomputes in backward."""
+        if not keep:
+            for layers in self.members.values():
+                for layer in layers:
+                    layer.step_factors = None
+            self._versions = None
+
+    def holds_assembly(self) -> bool:
+        return self._versions is not None
+
+    def assembled_is_current(self) -> bool:
+        """The pools have not changed since :meth:`assemble` (an optimizer step bumps their versions)."""
+        return self._versions is not None and self._versions == tuple(p._version for p in self.pools.values())
+
+
+def _assembled(pool: torch.Tensor, indices: list[torch.Tensor], width: int) -> tuple[torch.Tensor, ...]:
+    """One ``index_select`` for all the layers' routing indices, then each layer's (rank × width) view."""
+    rows = pool.index_select(0, torch.cat(indices))
+    if len({i.numel() for i in indices}) == 1:
+        return rows.reshape(len(indices), -1, width).unbind(0)
+    return tuple(part.reshape(-1, width) for part in rows.split([i.numel() for i in indices]))
 
 
 class MosAdapter(LayerAdapter):
@@ -121,6 +187,8 @@ class MosAdapter(LayerAdapter):
         self.register_buffer("index_A", index_a.clone())
         self.register_buffer("index_B", index_b.clone())
         object.__setattr__(self, "_pools", pools)  # not a submodule: the pools live at the model root
+        self.step_factors: tuple[torch.Tensor, torch.Tensor] | None = None  # set by ShardPools.assemble
+        pools.members.setdefault(kind, []).append(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -140,22 +208,31 @@ class MosAdapter(LayerAdapter):
         )
         return a, b_t.T
 
+    def routed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training forward's ``(A, B_unscaled)``: this step's assembled factors when the pools
+        assembled them (:meth:`ShardPools.assemble`) and have not changed since, else :meth:`gathered`.
+        (A compiled block trusts the assembly: it only runs inside the model's forward.)"""
+        step = self.step_factors
+        if step is not None and (torch.compiler.is_compiling() or self._pools.assembled_is_current()):
+            return step
+        return self.gathered()
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.gathered()
         return a, b * self.scale
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.gathered()
+        a, b = self.routed()
         return F.linear(F.linear(self.dropout(x), a) * self.scale, b)
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.gathered()
+        a, b = self.routed()
         return add_low_rank(out, F.linear(self.dropout(x), a) * self.scale, b)
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         if not isinstance(self.dropout, nn.Identity):
             return None
-        a, b = self.gathered()
+        a, b = self.routed()
         return a, b, self.scale
 
     def routing(self) -> dict:

@@ -1,0 +1,63 @@
+"""The speed benchmarks run end to end (tiny settings) and write what docs/benchmarks.md reads: every
+variant's row, the ablation rows beside the variants they switch a lever off in, the JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_step_time_with_ablations_writes_every_row(tmp_path):
+    only = "frozen base,shardtune lora,shardtune mos,lora (unfused),mos (per-layer gather)"
+    out = tmp_path / "st.json"
+    done = run(
+        "step_time.py", "--rounds", "1", "--steps", "1", "--ablations", "--only", only, "--json", str(out)
+    )
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == only.split(",")
+    assert rows["frozen base"]["vs_frozen_base"] == 1.0
+    assert rows["lora (unfused)"]["trainable_params"] == rows["shardtune lora"]["trainable_params"] > 0
+    assert rows["mos (per-layer gather)"]["trainable_params"] == rows["shardtune mos"]["trainable_params"] > 0
+    assert all(r["step_ms"] > 0 for r in rows.values())
+    assert "mos (per-layer gather)" in done.stdout
+
+
+def test_layer_time_checks_its_variants_and_writes_json(tmp_path):
+    out = tmp_path / "lt.json"
+    run("layer_time.py", "--tokens", "16", "--reps", "1", "--rounds", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    variants = {r["variant"] for r in rows}
+    assert {"frozen", "general", "fused"} <= variants
+    assert {r["shape"] for r in rows} >= {"1b gate/up", "smollm2 down"}
+
+
+def test_each_ablation_switches_its_lever_off():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_time
+    import torch
+
+    from shardtune.adapters.model import adapted_layers
+
+    specs = step_time.variants(16, 4)
+    for name, (of, how) in step_time.ABLATIONS.items():
+        model = step_time.prepare((*specs[of], how), "small", torch.float32, "cpu", "float32")
+        kept = step_time.prepare(specs[of], "small", torch.float32, "cpu", "float32")
+        layers, kept_layers = adapted_layers(model).values(), adapted_layers(kept).values()
+        if how == "unfused":
+            assert all(layer.adapter.low_rank_factors() is None for layer in layers), name
+            assert all(layer.adapter.low_rank_factors() is not None for layer in kept_layers), name
+        else:
+            assert not model.shardtune_stores.assemble_per_step and kept.shardtune_stores.assemble_per_step
