@@ -43,30 +43,28 @@ SHAPES = {  # (in, out) of the projections: the 1B (TinyLlama) shape and SmolLM2
 }
 
 
+def _backward(ctx, dy, db_flipped: bool = False, dx_added: bool = False):
+    """:class:`_LowRankLinear`'s backward (x, A and B only), with one of two changes."""
+    x, weight, a, b, h = ctx.saved_tensors
+    dy = dy.reshape(-1, dy.shape[-1])
+    flat = x.reshape(-1, x.shape[-1])
+    dh = torch.mm(dy, b).mul_(ctx.scale)
+    db = torch.mm(h.t(), dy).t() if db_flipped else torch.mm(dy.t(), h)
+    da = torch.mm(dh.t(), flat)
+    dx = torch.mm(dy, weight) + torch.mm(dh, a) if dx_added else torch.mm(dy, weight).addmm_(dh, a)
+    return dx.view(x.shape), None, None, da, db, None
+
+
 class _DbFlipped(_LowRankLinear):
     @staticmethod
     def backward(ctx, dy):
-        x, weight, a, b, h = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1])
-        flat = x.reshape(-1, x.shape[-1])
-        dh = torch.mm(dy, b).mul_(ctx.scale)
-        db = torch.mm(h.t(), dy).t()
-        da = torch.mm(dh.t(), flat)
-        dx = torch.mm(dy, weight).addmm_(dh, a).view(x.shape)
-        return dx, None, None, da, db, None
+        return _backward(ctx, dy, db_flipped=True)
 
 
 class _DxAdded(_LowRankLinear):
     @staticmethod
     def backward(ctx, dy):
-        x, weight, a, b, h = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1])
-        flat = x.reshape(-1, x.shape[-1])
-        dh = torch.mm(dy, b).mul_(ctx.scale)
-        db = torch.mm(dy.t(), h)
-        da = torch.mm(dh.t(), flat)
-        dx = (torch.mm(dy, weight) + torch.mm(dh, a)).view(x.shape)
-        return dx, None, None, da, db, None
+        return _backward(ctx, dy, dx_added=True)
 
 
 def variants(layer: AdaptedLinear):

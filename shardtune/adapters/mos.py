@@ -106,7 +106,7 @@ class ShardPools(nn.Module):
         self.routes: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # target → (I^A, I^B, rank)
         self.assemble_per_step = True
         self.members: dict[str, list[MosAdapter]] = {}  # type → its layers, in pool-block order
-        self._versions: tuple[int, ...] | None = None  # the pools' version counters at assembly
+        self._versions: dict[str, tuple[int, int]] | None = None  # type → its pools' versions at assembly
 
     def pool(self, matrix: str, kind: str) -> nn.Parameter:
         return self.pools[f"{matrix}_{kind}"]
@@ -114,13 +114,14 @@ class ShardPools(nn.Module):
     def assemble(self) -> None:
         """Gather every layer's ``(A_k, B_k)`` of each type at once, for this step's forward (and the
         recomputation that gradient checkpointing runs in backward). Only while gradients are recorded,
-        into trainable pools that are plain tensors (FSDP's sharded pools are gathered per layer, inside
-        the root unit); otherwise each layer gathers for itself."""
+        into trainable pools that are whole tensors; otherwise each layer gathers for itself. (Under
+        FSDP the root unit's pre-forward hook, registered after this one but run first, has already
+        all-gathered the pools; a pool still sharded, a DTensor, would be left to the layers.)"""
         pools = list(self.pools.values())
         training = (
             self.assemble_per_step
             and torch.is_grad_enabled()
-            # a sharded pool (FSDP2's DTensor) is no plain nn.Parameter
+            # a sharded pool (an FSDP2 DTensor) is no plain nn.Parameter
             and all(p.requires_grad and type(p) is nn.Parameter for p in pools)
         )
         for kind, layers in self.members.items():
@@ -136,7 +137,7 @@ class ShardPools(nn.Module):
             )
             for layer, a, b_t in zip(layers, a_all, b_all, strict=True):
                 layer.step_factors = (a, b_t.T)
-        self._versions = tuple(p._version for p in pools) if training else None
+        self._versions = {kind: self._pool_versions(kind) for kind in self.members} if training else None
 
     def release(self, keep: bool = False) -> None:
         """After the model's forward: drop the assembled factors (their fp32 values are not needed by
@@ -150,17 +151,20 @@ class ShardPools(nn.Module):
     def holds_assembly(self) -> bool:
         return self._versions is not None
 
-    def assembled_is_current(self) -> bool:
-        """The pools have not changed since :meth:`assemble` (an optimizer step bumps their versions)."""
-        return self._versions is not None and self._versions == tuple(p._version for p in self.pools.values())
+    def _pool_versions(self, kind: str) -> tuple[int, int]:
+        return self.pool("A", kind)._version, self.pool("B", kind)._version
+
+    def assembled_is_current(self, kind: str) -> bool:
+        """The pools of ``kind`` have not changed since :meth:`assemble` (an optimizer step bumps their
+        versions)."""
+        return self._versions is not None and self._versions[kind] == self._pool_versions(kind)
 
 
 def _assembled(pool: torch.Tensor, indices: list[torch.Tensor], width: int) -> tuple[torch.Tensor, ...]:
-    """One ``index_select`` for all the layers' routing indices, then each layer's (rank × width) view."""
+    """One ``index_select`` for all the layers' routing indices (every layer of a type has the same
+    rank), then each layer's (rank × width) view."""
     rows = pool.index_select(0, torch.cat(indices))
-    if len({i.numel() for i in indices}) == 1:
-        return rows.reshape(len(indices), -1, width).unbind(0)
-    return tuple(part.reshape(-1, width) for part in rows.split([i.numel() for i in indices]))
+    return rows.reshape(len(indices), -1, width).unbind(0)
 
 
 class MosAdapter(LayerAdapter):
@@ -213,7 +217,9 @@ class MosAdapter(LayerAdapter):
         assembled them (:meth:`ShardPools.assemble`) and have not changed since, else :meth:`gathered`.
         (A compiled block trusts the assembly: it only runs inside the model's forward.)"""
         step = self.step_factors
-        if step is not None and (torch.compiler.is_compiling() or self._pools.assembled_is_current()):
+        if step is not None and (
+            torch.compiler.is_compiling() or self._pools.assembled_is_current(self.kind)
+        ):
             return step
         return self.gathered()
 
