@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardtune.adapters import METHODS  # noqa: E402
-from shardtune.adapters.model import count_parameters, inject_adapter  # noqa: E402
+from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter  # noqa: E402
 from shardtune.train import adamw, compile_blocks  # noqa: E402
 
 SHAPES = {
@@ -91,8 +91,6 @@ ABLATIONS = {
 
 
 def ablate(model, how: str) -> None:
-    from shardtune.adapters.model import adapted_layers
-
     if how == "unfused":
         for layer in adapted_layers(model).values():
             layer.adapter.low_rank_factors = lambda: None  # the fused layer then never applies

@@ -75,6 +75,16 @@ def paper_count(options, targets) -> int:
     raise KeyError(m)
 
 
+@torch.no_grad()
+def randomize_adapter(model, seed: int = 0, std: float = 0.1) -> None:
+    """Every trainable (adapter) parameter drawn from N(0, std²), on the CPU then copied to its device:
+    an update ΔW ≠ 0 that a test can see (B starts at zero in most methods)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def tiny_options(method: str, **kw):
     from shardtune.adapters import METHODS
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OPTIONS
+from conftest import TINY_OPTIONS, randomize_adapter
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import adapted_layers, inject_adapter
@@ -30,11 +30,7 @@ def cuda_model(method: str, **kw):
     inject_adapter(
         model, METHODS[method].Options(method=method, targets="all-linear", dtype="float32", **options)
     )
-    g = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * 0.05)
+    randomize_adapter(model, std=0.05)
     return model
 
 

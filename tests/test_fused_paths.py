@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_adapter
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.base import add_low_rank
@@ -31,11 +32,8 @@ def test_add_delta_equals_the_plain_formula_with_gradients(method):
     model = build_tiny_model("tiny-llama")
     options = METHODS[method].Options(method=method, targets=["q_proj", "down_proj"], **OPTIONS[method])
     inject_adapter(model, options)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_adapter(model, seed=0)
+    g = torch.Generator().manual_seed(0 + 100)
     params = [p for p in model.parameters() if p.requires_grad]
     for name, layer in adapted_layers(model).items():
         x = torch.randn(2, 5, layer.adapter.in_features, generator=g, requires_grad=True)
@@ -75,11 +73,8 @@ def test_the_fused_layer_equals_plain_autograd_bias_and_base_gradients_included(
     autograd's on ``x·Wᵀ + bias + x·Aᵀ·Bᵀ``; with dropout or no grad the general path runs."""
     model = build_tiny_model("tiny-qwen2")  # q_proj carries a bias
     inject_adapter(model, METHODS[method].Options(method=method, targets=["q_proj"], **OPTIONS[method]))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_adapter(model, seed=2)
+    g = torch.Generator().manual_seed(2 + 100)
     layer = next(iter(adapted_layers(model).values()))
     base = layer.base_layer
     assert base.bias is not None
@@ -119,11 +114,8 @@ def test_under_autocast_the_fused_layer_casts_what_autocast_casts(method, base_d
     model.to(base_dtype)
     options = METHODS[method].Options(method=method, targets=["q_proj"], dtype="float32", **OPTIONS[method])
     inject_adapter(model, options)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_adapter(model, seed=3)
+    g = torch.Generator().manual_seed(3 + 100)
     layer = next(iter(adapted_layers(model).values()))
     stores = getattr(model, "shardtune_stores", None)
     params = [p for p in layer.parameters() if p.requires_grad] + list(stores.parameters() if stores else [])
@@ -164,10 +156,7 @@ def test_under_autocast_a_shared_matrix_is_cast_once_per_step_and_never_stale():
     inject_adapter(model, options)
     layers = list(adapted_layers(model).values())
     assert len(layers) == 2
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(std=0.1)
+    randomize_adapter(model, seed=4)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     ids = torch.randint(4, 200, (2, 9))
     for _ in range(2):
