@@ -321,6 +321,13 @@ MUTANTS: list[Mutant] = [
     m("train-epoch-order-repeats", "shardtune/train.py",
       "gen = torch.Generator().manual_seed(self.seed + self.epoch)", "gen = torch.Generator().manual_seed(self.seed)",
       BATCHES, "-k", "epoch_sampler", why="every epoch sees the same order"),
+    m("sigterm-after-an-error-kills-before-the-line", "shardtune/train.py",
+      "and not (error_type is not None and self.several_processes):", ":",
+      "tests/test_reliability.py", "-k", "stays_caught", why="a late SIGTERM kills a process before it says why"),
+    m("launcher-stops-the-others-at-once", "shardtune/launcher.py",
+      "FINISH_GRACE_S = 5.0", "FINISH_GRACE_S = 0.0",
+      "tests/test_reliability.py", "-k", "silent_process",
+      why="the first process of a machine is SIGTERMed before its error line (CI stop 26)"),
     # --- evaluation and what the data looks like to the model ---------------------------------------
     m("eval-heldout-mean-of-batch-means", "shardtune/evaluate.py",
       "total += torch.stack([model(**batch).loss.float() * n_tokens, n_tokens.float()])",

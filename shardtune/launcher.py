@@ -12,6 +12,10 @@ machine's processes — with three differences:
 * SIGTERM (a cluster's pre-emption notice) is handed on to the processes, which finish their step,
   write one checkpoint and exit with 143; the launcher waits for them, however long that takes, and
   exits with 143 too (torch's agent would kill them 30 s later and end in a traceback);
+* when a process ends by itself with an error, the others of this machine are given
+  :data:`FINISH_GRACE_S` to end by themselves before torch stops them with SIGTERM: they
+  usually met the same error a moment later, and the first process of each machine (the one that
+  prints its line) must not be cut short because a silent one left first;
 * a successful run over several machines ends quietly on every machine. torch's exit barrier makes
   every machine's launcher wait for all the others through the store that the launcher of machine 0
   keeps: once the last one checks in, machine 0's launcher leaves and its store closes, while the
@@ -29,6 +33,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 from shardtune.errors import BadInput
@@ -36,6 +41,8 @@ from shardtune.errors import BadInput
 # torchelastic's keys of the exit barrier below (its own use another prefix)
 FINISHED = "shardtune/launcher/finished"
 ALL_FINISHED = "shardtune/launcher/all-finished"
+# how long the other processes of a machine may take to end by themselves once one ended with an error
+FINISH_GRACE_S = 5.0
 
 
 def launch_command(
@@ -134,7 +141,7 @@ def main(argv: list[str]) -> int:
         if failure.exitcode >= 0:
             return failure.exitcode
         return _killed(rank, -failure.exitcode)
-    except SignalException as e:  # SIGINT, SIGHUP, SIGQUIT: the agent stopped the processes
+    except SignalException as e:  # SIGINT, SIGHUP, SIGQUIT (or SIGTERM once none is left): stopped
         return 128 + int(e.sigval)
     return 0
 
@@ -185,9 +192,12 @@ def _workers() -> list[int]:
 
 def _adapt_the_agent() -> None:
     """In torch's elastic agent (of this launcher process only): :func:`_exit_barrier` for its own,
-    and SIGTERM handed on to the processes from the moment they are started."""
+    SIGTERM handed on to the processes from the moment they are started, and a process that ended
+    with an error lets the others end by themselves (:func:`_let_the_others_finish`) before torch
+    stops them."""
     from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import SubprocessContext
 
     if getattr(SimpleElasticAgent._exit_barrier, "__name__", "") != "_exit_barrier_of_shardtune":
         torch_barrier = SimpleElasticAgent._exit_barrier
@@ -205,6 +215,33 @@ def _adapt_the_agent() -> None:
             return started
 
         LocalElasticAgent._start_workers = _start_workers_of_shardtune
+    if getattr(SubprocessContext._capture_process_failures, "__name__", "") != "_capture_of_shardtune":
+        capture = SubprocessContext._capture_process_failures
+
+        def _capture_of_shardtune(pcontext, done_local_ranks: set[int]) -> None:
+            capture(pcontext, done_local_ranks)
+            if _let_the_others_finish(pcontext, done_local_ranks, FINISH_GRACE_S):
+                first = dict(pcontext._failures)
+                capture(pcontext, done_local_ranks)  # those that ended meanwhile
+                pcontext._failures.update(first)  # (and the first keep the time they ended at)
+
+        SubprocessContext._capture_process_failures = _capture_of_shardtune
+
+
+def _let_the_others_finish(pcontext, done_local_ranks: set[int], grace_s: float) -> bool:
+    """Once a process ended with an exit code (it said why, or left the saying to the first process
+    of its machine), wait until the others have ended too, at most ``grace_s``: they met the same
+    error a moment later, or will notice a lost process, and torch closes every process still
+    running (SIGTERM) as soon as one failed, which would cut their line short. True if it waited."""
+    failures = getattr(pcontext, "_failures", {})
+    running = getattr(pcontext, "_running_local_ranks", set()) - done_local_ranks
+    if not running or not any(f.exitcode >= 0 for f in failures.values()):
+        return False
+    deadline = time.monotonic() + grace_s
+    handlers = pcontext.subprocess_handlers
+    while time.monotonic() < deadline and any(handlers[r].proc.poll() is None for r in running):
+        time.sleep(0.02)
+    return True
 
 
 def _exit_barrier(agent, torch_barrier) -> None:
@@ -234,4 +271,8 @@ def _exit_barrier(agent, torch_barrier) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_code = main(sys.argv[1:])
+    # The outcome is decided. Python gives SIGTERM back to the system's default while it tears down,
+    # so a late copy of a cluster's notice would turn this exit into a kill (-15, and no line said).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(exit_code)

@@ -251,10 +251,17 @@ def compile_blocks(model: torch.nn.Module, reset: bool = True) -> list[str]:
 
 
 class StopFlag:
-    """Set by SIGTERM: the loop writes a checkpoint at the end of the current step and exits."""
+    """Set by SIGTERM: the loop writes a checkpoint at the end of the current step and exits.
 
-    def __init__(self):
+    Leaving with an error in one of several processes, SIGTERM stays caught: the process is ending
+    and about to say why (its first process speaks for each machine), and a SIGTERM that comes late
+    (the launcher's copy of a cluster's signal, or torch's agent stopping the processes once one has
+    left) must not kill it before it has. On success, or in a single process, the previous handler
+    comes back."""
+
+    def __init__(self, several_processes: bool = False):
         self.raised = False
+        self.several_processes = several_processes
         self._previous = None
 
     def __enter__(self) -> StopFlag:
@@ -265,8 +272,8 @@ class StopFlag:
     def _set(self, *_):
         self.raised = True
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
+    def __exit__(self, error_type, *_) -> None:
+        if self._previous is not None and not (error_type is not None and self.several_processes):
             signal.signal(signal.SIGTERM, self._previous)
 
 
@@ -439,7 +446,7 @@ class Trainer:
         self.run_dir = self.directory.path
         self.directory.claim(agree=lambda failed: _any_process(self.accelerator, failed))
         try:
-            with StopFlag() as self.stop, self._heartbeats():
+            with StopFlag(self.accelerator.num_processes > 1) as self.stop, self._heartbeats():
                 yield
         except ShardtuneError as e:
             log.error("error: %s", e)

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,15 @@ class Machine:
     def finish(self, timeout: float = 300) -> tuple[int, str]:
         _, err = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, err
+
+
+def keep_signalling(machines: list[Machine], sig: int, every_s: float) -> None:
+    """``sig`` to every process of every machine, then again every ``every_s`` until all have ended."""
+    while any(machine.proc.poll() is None for machine in machines):
+        for machine in machines:
+            if machine.proc.poll() is None:
+                machine.signal_all(sig)
+        time.sleep(every_s)
 
 
 def start(recipe: Path, *args, machines: int = 2) -> list[Machine]:
@@ -369,13 +379,16 @@ def test_a_machine_that_hangs_is_named_after_timeout_s(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_every_machine_writes_one_checkpoint_and_one_machine_resumes(tmp_path, uninterrupted):
-    """Pre-emption: SIGTERM to every process of both machines. One checkpoint, at the step every
-    process stopped at; both machines exit 143 with one line each; resumed on one machine with 2
-    processes × batch 8 (the same global batch), the run ends as the uninterrupted one."""
+    """Pre-emption: SIGTERM to every process of both machines, and again every 50 ms until they have
+    ended (a late copy, torch's agent stopping the others: no process dies before it has said why).
+    One checkpoint, at the step every process stopped at; both machines exit 143 with one line
+    each; resumed on one machine with 2 processes × batch 8 (the same global batch), the run ends as
+    the uninterrupted one."""
     recipe, machines = interrupted(tmp_path)
-    for machine in machines:
-        machine.signal_all(signal.SIGTERM)
+    repeating = threading.Thread(target=keep_signalling, args=(machines, signal.SIGTERM, 0.05))
+    repeating.start()
     ends = [machine.finish() for machine in machines]
+    repeating.join()
     steps = set()
     for rank, (code, err) in enumerate(ends):
         assert code == 143, err

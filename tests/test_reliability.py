@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -355,6 +356,55 @@ def test_a_failure_in_several_processes_ends_in_one_line_and_its_exit_code(tmp_p
         f"error: output.dir: {taken} holds files shardtune did not write; choose a new or empty directory"
     ], err
     assert "Traceback" not in err and "ChildFailedError" not in err
+
+
+SAYS_WHY_LAST = """
+import os, sys, time
+if os.environ["LOCAL_RANK"] == "0":
+    time.sleep(1.5)  # the first process (the one that prints) is slower than the silent one
+    sys.stderr.write("error: said by the first process\\n")
+    sys.stderr.flush()
+os._exit(2)
+"""
+
+
+def test_a_silent_process_that_leaves_first_does_not_cut_the_first_ones_line(tmp_path):
+    """Two processes meet the same error; the silent one leaves at once. torch's agent would SIGTERM
+    the first one before it has printed (and exit 2 with nothing said); the launcher lets it end."""
+    (tmp_path / "worker.py").write_text(SAYS_WHY_LAST)
+    done = subprocess.run(
+        [sys.executable, "-m", "shardtune.launcher", "--num_processes", "2", "--num_machines", "1"]
+        + ["--multi_gpu", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        + [str(tmp_path / "worker.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert (done.returncode, done.stderr) == (2, "error: said by the first process\n")
+
+
+def test_sigterm_stays_caught_after_an_error_in_one_of_several_processes():
+    """A process of several that leaves the loop with an error is about to print why: a late SIGTERM
+    (the launcher's copy, torch's agent stopping the others) must not kill it. Alone, or on success,
+    the previous handler comes back."""
+    from shardtune.train import StopFlag
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        for several, error in [(True, True), (True, False), (False, True)]:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            with contextlib.suppress(RuntimeError), StopFlag(several) as flag:
+                if error:
+                    raise RuntimeError("met in the loop")
+            caught = several and error
+            assert (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL) == (not caught)
+            if caught:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled here: it only sets the flag
+                assert flag.raised
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_the_launcher_passes_on_exit_codes_and_names_a_killed_process(monkeypatch, capsys):
