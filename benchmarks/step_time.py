@@ -10,7 +10,9 @@ adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the 
 ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors_memory.py. "frozen
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
 the floor every adapter method pays. ``--ablations`` adds rows with one speed lever switched off
-(LoRA without the fused layer, MoS with a gather per layer). Variants run interleaved, round after round, and the median
+(LoRA without the fused layer, MoS with a gather per layer). ``--floor`` adds a computed row: the
+frozen base plus the rank-r products of every adapted layer timed alone (:func:`floor_ms`), the time
+no rank-r adapter built on torch's matrix products gets under. Variants run interleaved, round after round, and the median
 is reported, so machine noise hits all of them alike. ``--compile``: every variant's decoder blocks
 are compiled as ``train.compile`` does (the frozen base's too, so ratios compare compiled with
 compiled), plus a row "frozen base (eager)"; compile time is not in the step time (warm-up steps). Prints a table and writes JSON
@@ -81,6 +83,8 @@ def variants(rank: int, n_layers: int) -> dict:
     }
 
 
+FLOOR = "floor (computed)"
+
 # Ablations (``--ablations``): one lever of issue 17 switched off, measured beside the variant it is in.
 ABLATIONS = {
     # the update through the general path (base product, then the update added): no fused layer
@@ -96,6 +100,80 @@ def ablate(model, how: str) -> None:
             layer.adapter.low_rank_factors = lambda: None  # the fused layer then never applies
     elif how == "per-layer gather":
         model.shardtune_stores.assemble_per_step = False
+
+
+def projection_shapes(shape: str) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted projection of one decoder block of ``shape``."""
+    hidden, inter, _, heads, kv, _ = SHAPES[shape]
+    kv_width = kv * (hidden // heads)
+    return {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv_width),
+        "v_proj": (hidden, kv_width),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+def rank_r_products(n_in: int, n_out: int, rank: int, tokens: int, dtype, device: str):
+    """The six products a rank-r layer adds to a frozen one (see ``_LowRankLinear``), as callables on
+    random operands of one projection's shape; and the frozen layer's own input gradient ``dy·W``."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen).to(device, dtype)
+
+    x, dx, y, dy = rand(tokens, n_in), rand(tokens, n_in), rand(tokens, n_out), rand(tokens, n_out)
+    a, b, h, dh, w = (
+        rand(rank, n_in),
+        rand(n_out, rank),
+        rand(tokens, rank),
+        rand(tokens, rank),
+        rand(n_out, n_in),
+    )
+    products = [
+        lambda: torch.mm(x, a.t()),  # h = x·Aᵀ
+        lambda: y.addmm_(h, b.t()),  # y += h·Bᵀ
+        lambda: torch.mm(dy.t(), h),  # dB
+        lambda: torch.mm(dy, b),  # dh
+        lambda: torch.mm(dh.t(), x),  # dA
+        lambda: dx.addmm_(dh, a),  # dx += dh·A
+    ]
+    return products, (lambda: torch.mm(dy, w))
+
+
+def per_call_ms(fn, device: str, samples: int, calls: int = 10) -> float:
+    """Median time of one call of ``fn`` over ``samples`` batches of ``calls`` (after a warm-up)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(samples):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / calls)
+    return 1000 * statistics.median(times)
+
+
+def floor_ms(base_ms: float, shape: str, rank: int, tokens: int, dtype, device: str, samples: int) -> float:
+    """The least step time of a rank-r adapter on all 7 projections, from the frozen base's: plus the six
+    rank-r products of every adapted layer timed alone, less what an adapted model never computes (layer
+    0's q/k/v input gradients, base and update: nothing below them trains). An estimate (operands
+    timed alone stay in cache), and one that assumes torch's matrix products: what no implementation of
+    the method built on them avoids."""
+    layers = SHAPES[shape][2]
+    total = base_ms
+    for name, (n_in, n_out) in projection_shapes(shape).items():
+        products, base_dx = rank_r_products(n_in, n_out, rank, tokens, dtype, device)
+        times = [per_call_ms(fn, device, samples) for fn in products]
+        total += layers * sum(times)
+        if name in ("q_proj", "k_proj", "v_proj"):
+            total -= per_call_ms(base_dx, device, samples) + times[-1]
+    return total
 
 
 def prepare(spec, shape, dtype, device, adapter_dtype):
@@ -165,6 +243,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="compile every variant's decoder blocks")
     ap.add_argument(
         "--ablations", action="store_true", help=f"also: {', '.join(ABLATIONS)} (one lever off each)"
+    )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also a computed row: the frozen base plus every layer's rank-r products timed alone",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -240,6 +323,26 @@ def main() -> None:
             }
         )
 
+    if args.floor and "frozen base" in med:
+        floor = floor_ms(
+            1000 * med["frozen base"], args.shape, args.rank, tokens, dtype, args.device, 2 * args.rounds
+        )
+        out.append(
+            {
+                "variant": FLOOR,
+                "trainable_params": None,
+                "step_ms": floor,
+                "tokens_per_s": 1000 * tokens / floor,
+                "vs_frozen_base": floor / (1000 * med["frozen base"]),
+                "vs_shardtune_lora": floor / (1000 * med["shardtune lora"])
+                if "shardtune lora" in med
+                else None,
+                "vs_peft_lora": floor / (1000 * med["peft lora"]) if "peft lora" in med else None,
+                "peak_mem_gib": None,
+                "computed": "frozen base + rank-r products timed alone (floor_ms)",
+            }
+        )
+
     device_name = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     )
@@ -257,7 +360,7 @@ def main() -> None:
             return format(v, spec) if v is not None else "-"
 
         print(
-            f"{r['variant']:24} {r['trainable_params']:>11,} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
+            f"{r['variant']:24} {f(r['trainable_params'], '>11,')} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "
             f"{f(r['vs_frozen_base'], '>7.2f')} {f(r['vs_shardtune_lora'], '>9.2f')} {f(r['vs_peft_lora'], '>10.2f')} "
             f"{f(r['peak_mem_gib'], '>9.2f')}"
         )

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,10 +26,22 @@ def test_step_time_with_ablations_writes_every_row(tmp_path):
     only = "frozen base,shardtune lora,shardtune mos,lora (unfused),mos (per-layer gather)"
     out = tmp_path / "st.json"
     done = run(
-        "step_time.py", "--rounds", "1", "--steps", "1", "--ablations", "--only", only, "--json", str(out)
+        "step_time.py",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--ablations",
+        "--floor",
+        "--only",
+        only,
+        "--json",
+        str(out),
     )
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == only.split(",")
+    assert list(rows) == [*only.split(","), "floor (computed)"]
+    floor = rows.pop("floor (computed)")
+    assert floor["step_ms"] > rows["frozen base"]["step_ms"] and floor["trainable_params"] is None
     assert rows["frozen base"]["vs_frozen_base"] == 1.0
     assert rows["lora (unfused)"]["trainable_params"] == rows["shardtune lora"]["trainable_params"] > 0
     assert rows["mos (per-layer gather)"]["trainable_params"] == rows["shardtune mos"]["trainable_params"] > 0
@@ -61,3 +75,25 @@ def test_each_ablation_switches_its_lever_off():
             assert all(layer.adapter.low_rank_factors() is not None for layer in kept_layers), name
         else:
             assert not model.shardtune_stores.assemble_per_step and kept.shardtune_stores.assemble_per_step
+
+
+def test_the_floor_times_the_products_a_rank_r_layer_adds():
+    """The floor's six products are those of the fused layer's docstring, on one projection's shapes:
+    forward h = x·Aᵀ and the update into y; backward dB, dh, dA and the update into dx."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_time
+
+    n_in, n_out, rank, tokens = 24, 40, 4, 8
+    products, base_dx = step_time.rank_r_products(n_in, n_out, rank, tokens, torch.float32, "cpu")
+    shapes = [tuple(fn().shape) for fn in products]
+    assert shapes == [
+        (tokens, rank),
+        (tokens, n_out),
+        (n_out, rank),
+        (tokens, rank),
+        (rank, n_in),
+        (tokens, n_in),
+    ]
+    assert tuple(base_dx().shape) == (tokens, n_in)
+    shapes = step_time.projection_shapes("small")
+    assert shapes["k_proj"] == (512, 256) and shapes["down_proj"] == (1408, 512)
