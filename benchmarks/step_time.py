@@ -10,7 +10,8 @@ adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the 
 ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors_memory.py. "frozen
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
 the floor every adapter method pays. ``--ablations`` adds rows with one speed lever switched off
-(LoRA without the fused layer, MoS with a gather per layer). ``--floor`` adds a computed row: the
+(LoRA without the fused layer, MoS with a gather per layer; and LoRA without its rank-r products,
+which does not train: what its step costs beside them). ``--floor`` adds a computed row: the
 frozen base plus the rank-r products of every adapted layer timed alone (:func:`floor_ms`), the time
 no rank-r adapter built on torch's matrix products gets under. Variants run interleaved, round after round, and the median
 is reported, so machine noise hits all of them alike. ``--compile``: every variant's decoder blocks
@@ -23,6 +24,7 @@ card on CUDA, e.g. cuda-h200).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -91,7 +93,31 @@ ABLATIONS = {
     "lora (unfused)": ("shardtune lora", "unfused"),
     # every MoS layer gathers its own factors in each forward (no per-step assembly)
     "mos (per-layer gather)": ("shardtune mos", "per-layer gather"),
+    # LoRA's layers keep their bookkeeping but leave out the rank-r products (does not train: A and B
+    # get zero gradients): what a LoRA step costs beside its products
+    "lora (no products)": ("shardtune lora", "no products"),
 }
+
+
+class _ProductsLeftOut(torch.autograd.Function):
+    """The fused layer (``_LowRankLinear``) without its six rank-r products: the frozen product and its
+    input gradient, ``x`` and the factors saved for backward, zero gradients for A and B."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b):
+        ctx.save_for_backward(x, weight, a, b)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a, b = ctx.saved_tensors
+        dx = torch.matmul(dy, weight) if ctx.needs_input_grad[0] else None
+        return dx, None, None, torch.zeros_like(a), torch.zeros_like(b)
+
+
+def _forward_without_products(layer, x):
+    a, b, _ = layer.adapter.low_rank_factors()
+    return _ProductsLeftOut.apply(x, layer.base_layer.weight, layer.base_layer.bias, a, b)
 
 
 def ablate(model, how: str) -> None:
@@ -100,6 +126,9 @@ def ablate(model, how: str) -> None:
             layer.adapter.low_rank_factors = lambda: None  # the fused layer then never applies
     elif how == "per-layer gather":
         model.shardtune_stores.assemble_per_step = False
+    elif how == "no products":
+        for layer in adapted_layers(model).values():
+            layer.forward = functools.partial(_forward_without_products, layer)
 
 
 def projection_shapes(shape: str) -> dict[str, tuple[int, int]]:

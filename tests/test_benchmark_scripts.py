@@ -73,6 +73,13 @@ def test_each_ablation_switches_its_lever_off():
         if how == "unfused":
             assert all(layer.adapter.low_rank_factors() is None for layer in layers), name
             assert all(layer.adapter.low_rank_factors() is not None for layer in kept_layers), name
+        elif how == "no products":  # the frozen model's output; A and B get zero gradients
+            ids = torch.randint(0, 4096, (1, 8))
+            model(input_ids=ids).logits.sum().backward()
+            assert all(not p.grad.any() for p in model.parameters() if p.requires_grad), name
+            for layer in kept_layers:
+                layer.enabled = False
+            torch.testing.assert_close(model(input_ids=ids).logits, kept(input_ids=ids).logits)
         else:
             assert not model.shardtune_stores.assemble_per_step and kept.shardtune_stores.assemble_per_step
 
