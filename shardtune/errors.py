@@ -9,7 +9,7 @@ Exit codes (stable, documented in docs/cli.md):
 * 3 — training diverged (NaN/inf loss)
 * 4 — a process of a run over several processes was lost (its machine died, hangs or was cut off);
   the others stopped (continue from the last checkpoint with ``--resume``)
-* 130 — interrupted (Ctrl-C)
+* 130 — interrupted (Ctrl-C); a training run names its last checkpoint and how to continue
 * 143 — stopped by SIGTERM after writing a checkpoint (resume with ``--resume``)
 """
 
@@ -59,6 +59,13 @@ class Terminated(ShardtuneError):
     """Stopped by SIGTERM (every process at the same step) after writing a checkpoint."""
 
     exit_code = EXIT_TERMINATED
+    once_per_machine = True
+
+
+class Interrupted(ShardtuneError):
+    """Ctrl-C (SIGINT) while training: no checkpoint is written; the message names the last one."""
+
+    exit_code = EXIT_INTERRUPTED
     once_per_machine = True
 
 

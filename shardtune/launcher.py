@@ -128,12 +128,17 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
-    # torch's elastic agent logs each failed process at ERROR; the processes said why themselves.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # SIGTERM is ours once the processes run (before, it ends the launcher as usual); the agent
     # handles the other signals (it forwards them and stops the processes).
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     _adapt_the_agent()
+    # torch's elastic agent logs each failed process at ERROR, and Ctrl-C as "Received 2 death
+    # signal, shutting down workers": the processes say why themselves. Its loggers set their own
+    # level (so the parent's is not enough): each one imported by now.
+    for name in list(logging.root.manager.loggerDict):
+        if name == "torch.distributed.elastic" or name.startswith("torch.distributed.elastic."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         accelerate_launch(args)
     except ChildFailedError as e:

@@ -65,7 +65,15 @@ from shardtune.checkpoint import (
     take_snapshot,
 )
 from shardtune.data import Collator, Example, encode_all, load_examples, pack, uses_chat
-from shardtune.errors import BadInput, Diverged, ProcessLost, RecipeError, ShardtuneError, Terminated
+from shardtune.errors import (
+    BadInput,
+    Diverged,
+    Interrupted,
+    ProcessLost,
+    RecipeError,
+    ShardtuneError,
+    Terminated,
+)
 from shardtune.evaluate import heldout_loss, score_task
 from shardtune.fileio import atomic_write_text
 from shardtune.fsdp import block_classes, full_tensor, shard_model
@@ -451,6 +459,10 @@ class Trainer:
         except ShardtuneError as e:
             log.error("error: %s", e)
             raise
+        except KeyboardInterrupt:
+            interrupted = Interrupted(self.interrupted_message())
+            log.error("error: %s", interrupted)
+            raise interrupted from None
         except Exception:
             log.exception("training failed")  # the traceback goes to train.log; the user gets one line
             self.directory.keep_log = True
@@ -728,6 +740,16 @@ class Trainer:
                 f"stopped by SIGTERM at step {step}; checkpoint written to {written}; "
                 f"continue with: {self.resume_command()}"
             )
+
+    def interrupted_message(self) -> str:
+        """Ctrl-C: after which step the run stopped, its last checkpoint and, where there is one, the
+        command that continues from it (no checkpoint is written: Ctrl-C means now)."""
+        message = (
+            f"interrupted after step {self.position.step}; last checkpoint: {_last_checkpoint(self.run_dir)}"
+        )
+        if list_checkpoints(self.run_dir):
+            message += f"; continue with: {self.resume_command()}"
+        return message
 
     def resume_command(self) -> str:
         """The command that continues this run exactly on this machine: its resolved recipe (overrides

@@ -18,6 +18,7 @@ import yaml
 from conftest import copy_task, tiny_recipe
 from safetensors.torch import load_file
 
+from shardtune.checkpoint import check_checkpoint, list_checkpoints
 from shardtune.errors import Diverged
 from shardtune.recipe import recipe_from_dict
 from shardtune.train import train
@@ -111,6 +112,52 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
     assert [line for line in lines if line.startswith("error:")] == lines[-1:]
     assert list((tmp_path / "run").glob("checkpoint-*"))
     assert shardtune(recipe, "--resume", "-q").wait(timeout=300) == 0
+
+
+def ctrl_c_once(proc: subprocess.Popen, when) -> tuple[int, str]:
+    """SIGINT (what Ctrl-C sends) to the command once ``when()`` holds; its exit code and stderr."""
+    deadline = time.time() + 120
+    while not when():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def sigint_as_a_terminal_leaves_it():  # (a shell running the tests in the background ignores it)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_ctrl_c_exits_130_naming_the_last_checkpoint_and_the_command_that_continues(tmp_path, nproc):
+    """Ctrl-C stops at once (no checkpoint written): one line with the step, the last checkpoint and
+    the command that continues from it, which does. With --nproc the terminal's SIGINT reaches the
+    launcher alone (its processes lead sessions of their own); still one line, no torch talk."""
+    recipe = write(tmp_path, "run", **LONG)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = shardtune(recipe, "-q", "--nproc", nproc, env=env, preexec_fn=sigint_as_a_terminal_leaves_it)
+    code, err = ctrl_c_once(proc, lambda: (tmp_path / "run" / "checkpoint-20").exists())
+    assert code == 130, err
+    found = re.fullmatch(
+        r"error: interrupted after step (\d+); last checkpoint: (\S+); continue with: shardtune train (\S+) "
+        r"--resume" + (" --nproc 2" if nproc > 1 else "") + "\n",
+        err,
+    )
+    assert found, err
+    step, checkpoint = int(found.group(1)), Path(found.group(2))
+    assert checkpoint == list_checkpoints(tmp_path / "run")[-1] and 20 <= check_checkpoint(checkpoint) <= step
+    assert shardtune(found.group(3), "--resume", "--nproc", nproc, "-q", env=env).wait(timeout=300) == 0
+    assert (tmp_path / "run" / "adapter.safetensors").exists()
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_none(tmp_path):
+    recipe = write(tmp_path, "run", **{**LONG, "train": {**LONG["train"], "save_every": 0}})
+    proc = shardtune(recipe, "-q", preexec_fn=sigint_as_a_terminal_leaves_it)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    code, err = ctrl_c_once(proc, lambda: metrics.exists() and metrics.read_text())
+    assert code == 130, err
+    assert re.fullmatch(r"error: interrupted after step \d+; last checkpoint: none written yet\n", err), err
 
 
 def test_nan_loss_stops_with_exit_3_and_keeps_last_checkpoint(tmp_path, monkeypatch):
