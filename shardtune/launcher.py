@@ -4,7 +4,7 @@ per machine (``--launch-args "--num_machines M --machine_rank R ..."`` for sever
 :func:`launch` builds that command and becomes it (``exec``: the `shardtune` process is replaced, so
 a signal sent to the command reaches the launcher itself). `python -m shardtune.launcher ARGS`
 (what it runs) is `accelerate launch ARGS` — torch's elastic agent starting and watching this
-machine's processes — with three differences:
+machine's processes — with four differences:
 
 * how a failed run ends: each process has already printed its one-line error, so the launcher stays
   quiet and exits with the code of the first process that failed (2 bad input, 3 diverged, 4 a lost
