@@ -140,15 +140,18 @@ def main(argv: list[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        accelerate_launch(args)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode >= 0:
-            return failure.exitcode
-        return _killed(rank, -failure.exitcode)
-    except SignalException as e:  # SIGINT, SIGHUP, SIGQUIT (or SIGTERM once none is left): stopped
+        try:
+            accelerate_launch(args)
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            if failure.exitcode >= 0:
+                return failure.exitcode
+            return _killed(rank, -failure.exitcode)
+        return 0
+    # SIGINT, SIGHUP, SIGQUIT (or SIGTERM once no process is left: while the failure above is read,
+    # too, where it would otherwise end in a traceback): stopped
+    except SignalException as e:
         return 128 + int(e.sigval)
-    return 0
 
 
 def _killed(rank: int, number: int) -> int:

@@ -456,6 +456,7 @@ def test_sigterm_stays_caught_after_an_error_in_one_of_several_processes():
 
 def test_the_launcher_passes_on_exit_codes_and_names_a_killed_process(monkeypatch, capsys):
     from accelerate.commands import launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     from shardtune import launcher
@@ -475,3 +476,10 @@ def test_the_launcher_passes_on_exit_codes_and_names_a_killed_process(monkeypatc
     assert capsys.readouterr().err == "error: process 1 was killed by SIGKILL\n"
     monkeypatch.setattr(accelerate_launch, "launch_command", lambda args: None)
     assert launcher.main(argv) == 0
+
+    def late_sigterm(rank, number):  # SIGTERM while the failure is read, no process left to hand it to
+        raise SignalException("got signal: 15", sigval=signal.SIGTERM)
+
+    monkeypatch.setattr(accelerate_launch, "launch_command", fails_with(-9))
+    monkeypatch.setattr(launcher, "_killed", late_sigterm)
+    assert launcher.main(argv) == 143 and capsys.readouterr().err == ""
