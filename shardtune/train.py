@@ -258,6 +258,18 @@ def compile_blocks(model: torch.nn.Module, reset: bool = True) -> list[str]:
     return [c.__name__ for c in classes]
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """``train.gradient_checkpointing``: transformers' activation checkpointing of every decoder block
+    (non-reentrant), and no key/value cache. transformers 5 renamed the switch (the old name warns);
+    4.x has only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 class StopFlag:
     """Set by SIGTERM: the loop writes a checkpoint at the end of the current step and exits.
 
@@ -517,15 +529,7 @@ class Trainer:
         targets = inject_adapter(self.model, recipe.adapter)
         self._check_fits_model()
         if cfg.gradient_checkpointing:
-            # transformers 5 renamed it (the old name warns); 4.x has only the old one
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
-            self.model.config.use_cache = False
+            enable_gradient_checkpointing(self.model)
         if cfg.compile:
             blocks = compile_blocks(self.model)
             self.reporter.info(f"train.compile: {', '.join(blocks)} blocks compile on the first step")

@@ -19,6 +19,7 @@ from conftest import TINY_OPTIONS, randomize_adapter
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import adapted_layers, inject_adapter
 from shardtune.models import build_tiny_model
+from shardtune.train import enable_gradient_checkpointing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_mos_per_step_assembly_on_cuda_equals_per_layer_gathers():
     for per_step in (True, False):
         model = cuda_model("mos")
         model.shardtune_stores.assemble_per_step = per_step
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
         model.train()
         results.append(step(model, ids))
     (loss_a, grads_a), (loss_b, grads_b) = results

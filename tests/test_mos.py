@@ -14,6 +14,7 @@ from shardtune.adapters.model import (
 )
 from shardtune.errors import RecipeError
 from shardtune.models import build_tiny_model
+from shardtune.train import enable_gradient_checkpointing
 
 
 def authors_delta(
@@ -275,7 +276,7 @@ def test_a_training_step_gathers_each_pool_once_and_trains_what_per_layer_gather
             model = mos_model(rank=4, equivalent_rank=4, private_rank=1, shards_per_vector=2)
             model.shardtune_stores.assemble_per_step = per_step
             if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_gradient_checkpointing(model)
                 model.train()
             pools = model.shardtune_stores.pools
             layers = adapted_layers(model)
@@ -306,7 +307,7 @@ def test_assembled_factors_are_used_only_while_the_pools_are_unchanged():
     layer = next(iter(adapted_layers(model).values()))
     model(ids).logits.pow(2).mean().backward()
     assert layer.adapter.step_factors is None  # released when the forward ended: backward needs none
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     model.train()
     model(ids).logits.pow(2).mean().backward()
     assert layer.adapter.step_factors is not None  # kept for the blocks recomputed in backward
