@@ -554,7 +554,7 @@ MUTANTS: list[Mutant] = [
       "            compile_seconds=self.compile_seconds,\n", "",
       "tests/test_compile.py", "-k", "same_adapter and lora", why="result.json lacks the compile time"),
     m("floor-leaves-out-a-product", "benchmarks/step_time.py",
-      "        lambda: torch.mm(dh.t(), x),  # dA\n", "",
+      "        \"dA = dhᵀ·x\": lambda: torch.mm(dh.t(), x),\n", "",
       "tests/test_benchmark_scripts.py", "-k", "floor_times", why="the computed floor misses dA: too low"),
     m("no-products-ablation-keeps-the-products", "benchmarks/step_time.py",
       "layer.forward = functools.partial(_forward_without_products, layer)", "pass",

@@ -162,14 +162,14 @@ def rank_r_products(n_in: int, n_out: int, rank: int, tokens: int, dtype, device
         rand(tokens, rank),
         rand(n_out, n_in),
     )
-    products = [
-        lambda: torch.mm(x, a.t()),  # h = x·Aᵀ
-        lambda: y.addmm_(h, b.t()),  # y += h·Bᵀ
-        lambda: torch.mm(dy.t(), h),  # dB
-        lambda: torch.mm(dy, b),  # dh
-        lambda: torch.mm(dh.t(), x),  # dA
-        lambda: dx.addmm_(dh, a),  # dx += dh·A
-    ]
+    products = {
+        "h = x·Aᵀ": lambda: torch.mm(x, a.t()),
+        "y += h·Bᵀ": lambda: y.addmm_(h, b.t()),
+        "dB = dyᵀ·h": lambda: torch.mm(dy.t(), h),
+        "dh = dy·B": lambda: torch.mm(dy, b),
+        "dA = dhᵀ·x": lambda: torch.mm(dh.t(), x),
+        "dx += dh·A": lambda: dx.addmm_(dh, a),
+    }
     return products, (lambda: torch.mm(dy, w))
 
 
@@ -198,10 +198,10 @@ def floor_ms(base_ms: float, shape: str, rank: int, tokens: int, dtype, device: 
     total = base_ms
     for name, (n_in, n_out) in projection_shapes(shape).items():
         products, base_dx = rank_r_products(n_in, n_out, rank, tokens, dtype, device)
-        times = [per_call_ms(fn, device, samples) for fn in products]
-        total += layers * sum(times)
+        times = {product: per_call_ms(fn, device, samples) for product, fn in products.items()}
+        total += layers * sum(times.values())
         if name in ("q_proj", "k_proj", "v_proj"):
-            total -= per_call_ms(base_dx, device, samples) + times[-1]
+            total -= per_call_ms(base_dx, device, samples) + times["dx += dh·A"]
     return total
 
 
@@ -336,40 +336,37 @@ def main() -> None:
             row["times"].append((time.perf_counter() - t0) / args.steps)
 
     tokens = args.batch * args.seq
-    out = []
     med = {n: statistics.median(r["times"]) for n, r in rows.items()}
-    for name, row in rows.items():
-        out.append(
-            {
-                "variant": name,
-                "trainable_params": row["trainable"],
-                "step_ms": 1000 * med[name],
-                "tokens_per_s": tokens / med[name],
-                "vs_frozen_base": med[name] / med["frozen base"] if "frozen base" in med else None,
-                "vs_shardtune_lora": med[name] / med["shardtune lora"] if "shardtune lora" in med else None,
-                "vs_peft_lora": med[name] / med["peft lora"] if "peft lora" in med else None,
-                "peak_mem_gib": row["peak_mem_gib"],
-            }
-        )
 
+    def row(name: str, seconds: float, trainable, peak_mem_gib, **extra) -> dict:
+        def vs(other):
+            return seconds / med[other] if other in med else None
+
+        return {
+            "variant": name,
+            "trainable_params": trainable,
+            "step_ms": 1000 * seconds,
+            "tokens_per_s": tokens / seconds,
+            "vs_frozen_base": vs("frozen base"),
+            "vs_shardtune_lora": vs("shardtune lora"),
+            "vs_peft_lora": vs("peft lora"),
+            "peak_mem_gib": peak_mem_gib,
+            **extra,
+        }
+
+    out = [row(name, med[name], r["trainable"], r["peak_mem_gib"]) for name, r in rows.items()]
     if args.floor and "frozen base" in med:
         floor = floor_ms(
             1000 * med["frozen base"], args.shape, args.rank, tokens, dtype, args.device, 2 * args.rounds
         )
         out.append(
-            {
-                "variant": FLOOR,
-                "trainable_params": None,
-                "step_ms": floor,
-                "tokens_per_s": 1000 * tokens / floor,
-                "vs_frozen_base": floor / (1000 * med["frozen base"]),
-                "vs_shardtune_lora": floor / (1000 * med["shardtune lora"])
-                if "shardtune lora" in med
-                else None,
-                "vs_peft_lora": floor / (1000 * med["peft lora"]) if "peft lora" in med else None,
-                "peak_mem_gib": None,
-                "computed": "frozen base + rank-r products timed alone (floor_ms)",
-            }
+            row(
+                FLOOR,
+                floor / 1000,
+                None,
+                None,
+                computed="frozen base + rank-r products timed alone (floor_ms)",
+            )
         )
 
     device_name = (
@@ -385,8 +382,8 @@ def main() -> None:
     print("-" * len(header))
     for r in out:
 
-        def f(v, spec):
-            return format(v, spec) if v is not None else "-"
+        def f(v, spec):  # an empty cell keeps the column's width
+            return format(v, spec) if v is not None else format("-", spec.split(".")[0].rstrip(","))
 
         print(
             f"{r['variant']:24} {f(r['trainable_params'], '>11,')} {r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} "

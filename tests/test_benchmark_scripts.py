@@ -92,7 +92,7 @@ def test_the_floor_times_the_products_a_rank_r_layer_adds():
 
     n_in, n_out, rank, tokens = 24, 40, 4, 8
     products, base_dx = step_time.rank_r_products(n_in, n_out, rank, tokens, torch.float32, "cpu")
-    shapes = [tuple(fn().shape) for fn in products]
+    shapes = [tuple(fn().shape) for fn in products.values()]
     assert shapes == [
         (tokens, rank),
         (tokens, n_out),
