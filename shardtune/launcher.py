@@ -4,7 +4,7 @@ per machine (``--launch-args "--num_machines M --machine_rank R ..."`` for sever
 :func:`launch` builds that command and becomes it (``exec``: the `shardtune` process is replaced, so
 a signal sent to the command reaches the launcher itself). `python -m shardtune.launcher ARGS`
 (what it runs) is `accelerate launch ARGS` — torch's elastic agent starting and watching this
-machine's processes — with four differences:
+machine's processes — with five differences:
 
 * how a failed run ends: each process has already printed its one-line error, so the launcher stays
   quiet and exits with the code of the first process that failed (2 bad input, 3 diverged, 4 a lost
@@ -16,6 +16,8 @@ machine's processes — with four differences:
   :data:`FINISH_GRACE_S` to end by themselves before torch stops them with SIGTERM: they
   usually met the same error a moment later, and the first process of each machine (the one that
   prints its line) must not be cut short because a silent one left first;
+* the directories torch's agent makes for its (unused) logs, ``torchelastic_*`` in the temporary
+  directory, are removed when the launch ends, where they are still empty: one per run would pile up;
 * a successful run over several machines ends quietly on every machine. torch's exit barrier makes
   every machine's launcher wait for all the others through the store that the launcher of machine 0
   keeps: once the last one checks in, machine 0's launcher leaves and its store closes, while the
@@ -33,6 +35,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 
@@ -128,6 +131,7 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    log_dirs = _record_log_dirs()
     # SIGTERM is ours once the processes run (before, it ends the launcher as usual); the agent
     # handles the other signals (it forwards them and stops the processes).
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
@@ -152,6 +156,36 @@ def main(argv: list[str]) -> int:
     # too, where it would otherwise end in a traceback): stopped
     except SignalException as e:
         return 128 + int(e.sigval)
+    finally:
+        _remove_empty_dirs(log_dirs)
+
+
+def _record_log_dirs() -> list[str]:
+    """The directories torch's agent makes for its logs (``torchelastic_*`` in the system's temporary
+    directory, one per launch; empty unless asked to redirect output, which shardtune never does), as
+    this launcher makes them."""
+    made: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp_recorded(suffix=None, prefix=None, dir=None):
+        path = mkdtemp(suffix, prefix, dir)
+        if prefix == "torchelastic_":
+            made.append(path)
+        return path
+
+    tempfile.mkdtemp = mkdtemp_recorded
+    return made
+
+
+def _remove_empty_dirs(tops: list[str]) -> None:
+    """Remove the empty directories of each tree in ``tops``, deepest first: a file (a log torch wrote,
+    anything else) keeps its directory and every one above it."""
+    for top in tops:
+        for path, _dirs, _files in os.walk(top, topdown=False):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
 
 
 def _killed(rank: int, number: int) -> int:
