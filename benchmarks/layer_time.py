@@ -8,7 +8,7 @@ a random output gradient; gradients of x, A and B. Variants, interleaved, median
 
 - ``frozen``: the base product alone (no adapter: the floor);
 - ``general``: the base product, then ``addmm`` of the update (what runs with dropout);
-- ``fused``: :class:`shardtune.adapters.base._LowRankLinear` (what training runs);
+- ``fused``: :class:`shardtune.adapters.fused._LowRankLinear` (what training runs);
 - ``fused, dB as (hᵀ·dy)ᵀ``: the same with B's gradient computed in the other orientation;
 - ``fused, dx added``: the same with the two input-gradient terms added instead of ``addmm_``.
 
@@ -29,7 +29,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardtune.adapters.base import AdaptedLinear, _LowRankLinear  # noqa: E402
+from shardtune.adapters.base import AdaptedLinear  # noqa: E402
+from shardtune.adapters.fused import _LowRankLinear  # noqa: E402
 from shardtune.adapters.lora import LoraAdapter  # noqa: E402
 
 SHAPES = {  # (in, out) of the projections: the 1B (TinyLlama) shape and SmolLM2-135M's
@@ -52,7 +53,7 @@ def _backward(ctx, dy, db_flipped: bool = False, dx_added: bool = False):
     db = torch.mm(h.t(), dy).t() if db_flipped else torch.mm(dy.t(), h)
     da = torch.mm(dh.t(), flat)
     dx = torch.mm(dy, weight) + torch.mm(dh, a) if dx_added else torch.mm(dy, weight).addmm_(dh, a)
-    return dx.view(x.shape), None, None, da, db, None
+    return dx.view(x.shape), None, None, da, db, None, None
 
 
 class _DbFlipped(_LowRankLinear):
@@ -74,7 +75,7 @@ def variants(layer: AdaptedLinear):
         def run(x):
             a, b = adapter.lora_A.to(torch.bfloat16), adapter.lora_B.to(torch.bfloat16)
             with torch.autocast(x.device.type, enabled=False):
-                return fn.apply(x, base.weight, base.bias, a, b, adapter.scale)
+                return fn.apply(x, base.weight, base.bias, a, b, adapter.scale, 0)
 
         return run
 

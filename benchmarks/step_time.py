@@ -10,8 +10,8 @@ adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the 
 ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors_memory.py. "frozen
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
 the floor every adapter method pays. ``--ablations`` adds rows with one speed lever switched off
-(LoRA without the fused layer, MoS with a gather per layer; and LoRA without its rank-r products,
-which does not train: what its step costs beside them). ``--floor`` adds a computed row: the
+(LoRA and FOSSIL without the fused layer, MoS with a gather per layer; and LoRA without its rank-r
+products, which does not train: what its step costs beside them). ``--floor`` adds a computed row: the
 frozen base plus the rank-r products of every adapted layer timed alone (:func:`floor_ms`), the time
 no rank-r adapter built on torch's matrix products gets under. Variants run interleaved, round after round, and the median
 is reported, so machine noise hits all of them alike. ``--compile``: every variant's decoder blocks
@@ -91,6 +91,7 @@ FLOOR = "floor (computed)"
 ABLATIONS = {
     # the update through the general path (base product, then the update added): no fused layer
     "lora (unfused)": ("shardtune lora", "unfused"),
+    "fossil (unfused)": ("shardtune fossil", "unfused"),
     # every MoS layer gathers its own factors in each forward (no per-step assembly)
     "mos (per-layer gather)": ("shardtune mos", "per-layer gather"),
     # LoRA's layers keep their bookkeeping but leave out the rank-r products (does not train: A and B
@@ -122,8 +123,8 @@ def _forward_without_products(layer, x):
 
 def ablate(model, how: str) -> None:
     if how == "unfused":
-        for layer in adapted_layers(model).values():
-            layer.adapter.low_rank_factors = lambda: None  # the fused layer then never applies
+        for layer in adapted_layers(model).values():  # the fused layer then never applies
+            layer.adapter.low_rank_factors = layer.adapter.block_sum_shard = lambda: None
     elif how == "per-layer gather":
         model.shardtune_stores.assemble_per_step = False
     elif how == "no products":

@@ -71,8 +71,10 @@ def test_each_ablation_switches_its_lever_off():
         kept = step_time.prepare(specs[of], "small", torch.float32, "cpu", "float32")
         layers, kept_layers = adapted_layers(model).values(), adapted_layers(kept).values()
         if how == "unfused":
-            assert all(layer.adapter.low_rank_factors() is None for layer in layers), name
-            assert all(layer.adapter.low_rank_factors() is not None for layer in kept_layers), name
+            for layer, kept_layer in zip(layers, kept_layers, strict=True):
+                forms = [layer.adapter.low_rank_factors(), layer.adapter.block_sum_shard()]
+                kept_forms = [kept_layer.adapter.low_rank_factors(), kept_layer.adapter.block_sum_shard()]
+                assert forms == [None, None] and kept_forms != [None, None], name
         elif how == "no products":  # the frozen model's output; A and B get zero gradients
             ids = torch.randint(0, 4096, (1, 8))
             model(input_ids=ids).logits.sum().backward()

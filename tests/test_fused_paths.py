@@ -1,6 +1,6 @@
 """The fused update paths (``add_delta``: the update accumulated into the base output by one addmm,
 the scale on the small N×r side; the fused layer ``_LowRankLinear``: base and update with one
-written-out backward) compute what plain autograd computes from the spine's factors:
+written-out backward, FOSSIL's block sum included) compute what plain autograd computes from the spine's factors:
 ``y = base(x) + dropout(x)·Aᵀ·Bᵀ``, outputs and every gradient within 1e-6 in fp32 (of the largest value, for sums of many terms)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from shardtune.models import build_tiny_model
 
 OPTIONS = {
     "lora": {"rank": 4, "alpha": 12},
-    "fossil": {"rank": 8},
+    "fossil": {"rank": 7},  # 7 ∤ 64: the block sum's last block is zero-padded
     "mos": {"rank": 4, "equivalent_rank": 4, "private_rank": 1, "shards_per_vector": 2},
     "sharelora": {"rank": 4, "alpha": 8},
     "vera": {"rank": 8},
@@ -66,7 +66,7 @@ def test_add_low_rank_is_one_addmm_and_leaves_mixed_dtypes_to_a_plain_add():
     torch.testing.assert_close(mixed.float(), (out.bfloat16() + (h @ b.T).bfloat16()).float())
 
 
-@pytest.mark.parametrize("method", ["lora", "mos", "sharelora"])
+@pytest.mark.parametrize("method", ["lora", "mos", "sharelora", "fossil"])
 def test_the_fused_layer_equals_plain_autograd_bias_and_base_gradients_included(method):
     """:class:`_LowRankLinear` takes the whole layer (base + update) while training without dropout:
     output and the gradients of x, the adapter's parameters and (when asked) W and the bias equal plain
@@ -130,7 +130,7 @@ def test_under_autocast_the_fused_layer_casts_what_autocast_casts(method, base_d
 
     fused, fused_grads = run()
     fused_path = type(fused.grad_fn).__name__ == "_LowRankLinearBackward"
-    assert fused_path == (method != "fossil"), type(fused.grad_fn).__name__  # FOSSIL has its own path
+    assert fused_path, type(fused.grad_fn).__name__
     assert fused.dtype == torch.bfloat16
     assert [t.dtype for t in fused_grads] == [torch.float32] * len(fused_grads)
     layer.adapter.dropout = torch.nn.Dropout(0.0)  # the same numbers through the general path
@@ -149,7 +149,7 @@ def test_under_autocast_the_fused_layer_casts_what_autocast_casts(method, base_d
 def test_under_autocast_a_shared_matrix_is_cast_once_per_step_and_never_stale():
     """ShareLoRA's A, shared by every q_proj: one bf16 copy serves all the layers in a forward (as
     autocast's own cast cache does), and after an optimizer step the next forward casts the new values."""
-    from shardtune.adapters import base as spine
+    from shardtune.adapters import fused as spine
 
     model = build_tiny_model("tiny-llama")
     options = METHODS["sharelora"].Options(method="sharelora", targets=["q_proj"], rank=4, share="a")
@@ -174,3 +174,24 @@ def test_under_autocast_a_shared_matrix_is_cast_once_per_step_and_never_stale():
         opt.step()
         opt.zero_grad()
         held = fused  # noqa: F841  (keeps last step's casts alive: the next step must not use them)
+
+
+@pytest.mark.parametrize("method, keeps_x", [("fossil", False), ("lora", True)])
+def test_what_the_fused_layer_keeps_for_backward(method, keeps_x):
+    """The fused layer keeps the small ``h`` (N×r) and the parameters for backward, and the (N, in) input
+    only where a gradient needs it: LoRA's ``dA = dhᵀ·x`` does; FOSSIL's block sum has no trainable A,
+    so a FOSSIL layer keeps none of its input (activation memory)."""
+    model = build_tiny_model("tiny-llama")
+    inject_adapter(model, METHODS[method].Options(method=method, targets=["down_proj"], **OPTIONS[method]))
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, layer.adapter.in_features, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert type(y.grad_fn).__name__ == "_LowRankLinearBackward"
+    tokens = x.shape[0] * x.shape[1]
+    per_token = sorted(
+        tuple(t.shape) for t in saved if t.numel() and t.reshape(-1, t.shape[-1]).shape[0] == tokens
+    )
+    rank = OPTIONS[method]["rank"]
+    assert per_token == sorted([(tokens, rank)] + ([tuple(x.shape)] if keeps_x else [])), per_token

@@ -128,8 +128,10 @@ def test_parameter_count_is_lora_of_equivalent_rank():
 
 
 def test_shared_pool_gradient_is_sum_over_layers():
-    """The pool is one parameter: its gradient is the sum of what each routing layer contributes."""
-    model = mos_model(rank=4, equivalent_rank=4, private_rank=1, shards_per_vector=2)
+    """The pool is one parameter: its gradient is the sum of what each routing layer contributes. In
+    float64: with every adapter weight drawn from N(0, 1) the gradient is a sum of terms that nearly
+    cancel, whose fp32 rounding depends on the path each layer takes (alone or in a group)."""
+    model = mos_model(rank=4, equivalent_rank=4, private_rank=1, shards_per_vector=2).double()
     ids = torch.randint(4, 200, (2, 9))
     model(ids).logits.pow(2).mean().backward()
     pool = model.shardtune_stores.pool("A", "q_proj")
@@ -153,7 +155,8 @@ def test_shared_pool_gradient_is_sum_over_layers():
         contributions += pool.grad
         for other, fn in originals.items():
             other.adapter.routed = fn
-    torch.testing.assert_close(total, contributions, atol=1e-6, rtol=1e-4)
+    assert total.abs().max() > 0
+    torch.testing.assert_close(total, contributions, atol=1e-9 * total.abs().max().item(), rtol=1e-6)
 
 
 @pytest.mark.parametrize(

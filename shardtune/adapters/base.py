@@ -21,7 +21,6 @@ see each parameter exactly once; a layer keeps an *unregistered* reference to th
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
+from shardtune.adapters.fused import fused_forward
 from shardtune.errors import BadInput
 from shardtune.quant import is_quantized_linear
 
@@ -127,7 +127,13 @@ class LayerAdapter(nn.Module):
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(A, B, s)`` with ``Δ(x) = s·x·Aᵀ·Bᵀ`` when no dropout applies, for the fused layer
-        (:func:`low_rank_linear`); None (the default) for updates of another form, or with dropout."""
+        (:mod:`shardtune.adapters.fused`); None (the default) for updates of another form, or with dropout."""
+        return None
+
+    def block_sum_shard(self) -> torch.Tensor | None:
+        """FOSSIL's form for the fused layer: the shard ``D`` (r × out) with ``Δ(x) = (P·x)·D``, ``P·x``
+        the block sum of length r (``A = P`` never built); None (the default) for every other update,
+        or with dropout."""
         return None
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -170,97 +176,11 @@ def add_low_rank(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.T
     small side. With mixed dtypes outside autocast (a bf16 base, an fp32 adapter) the update is
     computed in the adapter's dtype and added. (In place, ``addmm_`` on the 3-D output's 2-D view, was
     measured slower: autograd replays the view in backward.) Training without dropout takes the whole
-    layer through :func:`low_rank_linear` instead (under autocast too)."""
+    layer through :mod:`shardtune.adapters.fused` instead (under autocast too)."""
     if (out.dtype == h.dtype == b.dtype) or torch.is_autocast_enabled(out.device.type):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
         return flat.view(out.shape)
     return out + F.linear(h, b).to(out.dtype)
-
-
-class _LowRankLinear(torch.autograd.Function):
-    """``y = x·Wᵀ + bias + s·(x·Aᵀ)·Bᵀ`` with its backward written out (``h = s·x·Aᵀ``, N×r)::
-
-        dB = dyᵀ·h        dh = s·dy·B        dA = dhᵀ·x        dx = dy·W + dh·A   (one mm + one addmm_)
-
-    Saved for backward: ``x`` and the small ``h`` (and the parameters), what plain autograd saves;
-    but ``dx`` accumulates both terms in one buffer instead of two (N, in) tensors and an add. ``W``
-    and ``bias`` get gradients only if they ask (a frozen base never does)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale):
-        flat = x.reshape(-1, x.shape[-1])
-        h = torch.mm(flat, a.t()).mul_(scale)
-        y = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
-        y.addmm_(h, b.t())
-        ctx.save_for_backward(x, weight, a, b, h)
-        ctx.scale = scale
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, a, b, h = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
-        dy = dy.reshape(-1, dy.shape[-1])
-        flat = x.reshape(-1, x.shape[-1])
-        dx = dw = dbias = da = db = None
-        dh = torch.mm(dy, b).mul_(ctx.scale) if need_x or need_a else None
-        if need_b:
-            db = torch.mm(dy.t(), h)
-        if need_a:
-            da = torch.mm(dh.t(), flat)
-        if need_x:
-            dx = torch.mm(dy, weight).addmm_(dh, a).view(x.shape)
-        if need_w:
-            dw = torch.mm(dy.t(), flat)
-        if need_bias:
-            dbias = dy.sum(0)
-        return dx, dw, dbias, da, db, None
-
-
-def low_rank_linear(x: torch.Tensor, base: nn.Module, adapter: LayerAdapter) -> torch.Tensor | None:
-    """The whole layer ``base(x) + Δ(x)`` by :class:`_LowRankLinear` where it applies: a plain
-    ``nn.Linear`` base, gradients being recorded and an adapter that offers
-    :meth:`LayerAdapter.low_rank_factors`; outside autocast every operand must share one dtype. Under
-    autocast every operand is cast to the autocast dtype first, as autocast casts ``F.linear``'s (a bf16
-    base with fp32 adapters trains in bf16, the fp32 parameters receiving their gradients through the
-    cast). None elsewhere (the caller takes the general path)."""
-    if type(base) is not nn.Linear or not torch.is_grad_enabled():
-        return None
-    parts = adapter.low_rank_factors()
-    if parts is None:
-        return None
-    a, b, scale = parts
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        operands = (x, base.weight, base.bias, a, b)
-        if not all(t is None or t.dtype in _AUTOCASTS for t in operands):
-            return None
-        x, weight, bias, a, b = (None if t is None else _autocast_copy(t, dtype) for t in operands)
-        with torch.autocast(device_type, enabled=False):
-            return _LowRankLinear.apply(x, weight, bias, a, b, scale)
-    if not x.dtype == base.weight.dtype == a.dtype == b.dtype:
-        return None
-    return _LowRankLinear.apply(x, base.weight, base.bias, a, b, scale)
-
-
-# The floating dtypes autocast casts for a matmul (others, e.g. float64, are left alone).
-_AUTOCASTS = (torch.float32, torch.float16, torch.bfloat16)
-# Casts of trainable leaf tensors, as autocast caches them: a matrix shared by every layer (ShareLoRA's
-# A) is cast once per forward, not once per layer. Weakly held: an entry lives while some layer's
-# backward has it saved. Keyed by the parameter's storage, shape and version (an optimizer step bumps it).
-_CASTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _autocast_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, reusing the copy made earlier in this step for a trainable leaf (a parameter)."""
-    if t.dtype == dtype or not (t.is_leaf and t.requires_grad) or torch.compiler.is_compiling():
-        return t.to(dtype)
-    key = (t.data_ptr(), t.shape, t._version, dtype, t.device)
-    copy = _CASTS.get(key)
-    if copy is None:
-        copy = _CASTS[key] = t.to(dtype)
-    return copy
 
 
 class AdaptedLinear(nn.Module):
@@ -295,7 +215,7 @@ class AdaptedLinear(nn.Module):
         if self.enabled and self.adapter.replaces_base:
             return self.adapter.forward_full(x, self.base_layer)
         if self.enabled and not args and not kwargs:
-            fused = low_rank_linear(x, self.base_layer, self.adapter)
+            fused = fused_forward(self, x)
             if fused is not None:
                 return fused
         out = self.base_layer(x, *args, **kwargs)

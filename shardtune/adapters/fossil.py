@@ -119,6 +119,11 @@ class FossilAdapter(LayerAdapter):
             return out + self.delta(x).to(out.dtype)
         return add_low_rank(out, self.block_sum(self.dropout(x)), self.shard.T)
 
+    def block_sum_shard(self) -> torch.Tensor | None:
+        if self.mini_r is not None or not isinstance(self.dropout, nn.Identity):
+            return None
+        return self.shard
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         shard = self.full_shard()
         eye = torch.eye(self.rank, dtype=shard.dtype, device=shard.device)
