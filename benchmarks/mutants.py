@@ -119,9 +119,9 @@ MUTANTS: list[Mutant] = [
       '"scale": lora_scale(options.alpha, options.rank, False)}',
       FILES, "-k", "method_info", why="adapter.json scale wrong with rslora"),
     # --- FOSSIL -------------------------------------------------------------------------------------
-    m("fossil-pad-left", A + "fossil.py",
-      "x = F.pad(x, (0, pad))", "x = F.pad(x, (pad, 0))", GRID, "-k", "fossil",
-      why="zero padding on the wrong side when in % r ≠ 0"),
+    m("fossil-pad-left", A + "fused.py",
+      "        s[:, : n_in - full] += flat[:, full:]", "        s[:, rank - (n_in - full) :] += flat[:, full:]",
+      GRID, "-k", "fossil", why="zero padding on the wrong side when in % r ≠ 0"),
     m("fossil-dropout-skipped", A + "fossil.py",
       "s = self.block_sum(self.dropout(x))", "s = self.block_sum(x)", GRID, "-k", "fossil and dropout",
       why="dropout never applied"),
@@ -143,7 +143,7 @@ MUTANTS: list[Mutant] = [
       "tests/test_adapters.py", "-k", "fossil_mini", why="merged mini shard tiled element-wise"),
     m("fossil-blocks-floor", A + "fossil.py",
       "return math.ceil(self.in_features / self.rank)", "return self.in_features // self.rank",
-      GRID, "-k", "fossil", why="the last partial block is dropped"),
+      "tests/test_fused_paths.py", "-k", "fossil", why="the last partial block is dropped (merge, export)"),
     # --- MoS ----------------------------------------------------------------------------------------
     m("mos-scale-options-rank", A + "mos.py",
       "            options.alpha / rank,\n", "            options.alpha / options.rank,\n",

@@ -54,6 +54,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target, add_low_rank
+from shardtune.adapters.fused import block_sum
 from shardtune.errors import RecipeError
 from shardtune.quant import dense_weight, is_quantized_linear
 
@@ -100,11 +101,8 @@ class FossilAdapter(LayerAdapter):
         return self.shard.repeat(1, self.out_features // self.mini_r)
 
     def block_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """``s = P·x``: zero-pad to a multiple of r and sum the blocks of length r → (..., r)."""
-        pad = self.n_blocks * self.rank - self.in_features
-        if pad:
-            x = F.pad(x, (0, pad))
-        return x.reshape(*x.shape[:-1], self.n_blocks, self.rank).sum(dim=-2)
+        """``s = P·x``: the blocks of length r summed, the last one zero-padded → (..., r)."""
+        return block_sum(x.reshape(-1, x.shape[-1]), self.rank).view(*x.shape[:-1], self.rank)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         s = self.block_sum(self.dropout(x))
