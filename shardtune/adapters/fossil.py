@@ -16,7 +16,10 @@ In the spine's terms FOSSIL is exactly LoRA with a frozen 0/1 factor:
     A = P ∈ {0,1}^{r×in},  P[j, i] = 1 iff i mod r = j,     B = Dᵀ,     ΔW = B·A
 
 (proof: ``(Dᵀ·P)[o, i] = Σ_j D[j, o]·P[j, i] = D[i mod r, o]``, and ``P·x = s``), which is what
-merge and export-as-LoRA use. The padding makes this exact when ``in mod r ≠ 0``.
+merge and export-as-LoRA use. The padding makes this exact when ``in mod r ≠ 0``. Training without
+dropout, the default mode runs in the fused layer (:meth:`FossilAdapter.block_sum_shard`,
+:mod:`shardtune.adapters.fused`): ``dD = sᵀ·dy``, ``dx = dy·W + (dy·Dᵀ)·P``, and none of ``x`` kept
+for backward.
 
 ``mini`` mode trains ``D_mini ∈ R^{r×mini_r}`` and tiles it ``out/mini_r`` times along the output
 axis (``D = [D_mini | D_mini | …]``, needs ``out mod mini_r = 0``); ``mini_r = out`` is the default
