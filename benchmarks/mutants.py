@@ -336,7 +336,7 @@ MUTANTS: list[Mutant] = [
       "tests/test_reliability.py", "-k", "silent_process",
       why="the first process of a machine is SIGTERMed before its error line (CI stop 26)"),
     m("launcher-leaves-its-log-dirs", "shardtune/launcher.py",
-      "        _remove_empty_dirs(log_dirs)\n", "        pass\n",
+      "            _remove_empty_dirs(args.log_dir)\n", "            pass\n",
       "tests/test_multinode.py", "-k", "two_machines_train_what and lora-ddp",
       why="every --nproc run leaves an empty torchelastic_* tree in /tmp"),
     # --- evaluation and what the data looks like to the model ---------------------------------------

@@ -16,8 +16,10 @@ machine's processes — with five differences:
   :data:`FINISH_GRACE_S` to end by themselves before torch stops them with SIGTERM: they
   usually met the same error a moment later, and the first process of each machine (the one that
   prints its line) must not be cut short because a silent one left first;
-* the directories torch's agent makes for its (unused) logs, ``torchelastic_*`` in the temporary
-  directory, are removed when the launch ends, where they are still empty: one per run would pile up;
+* torch's agent keeps its (unused) logs in a directory of the launcher's own, ``shardtune-launch-*``
+  in the temporary directory, removed when the launch ends where still empty (torch's own
+  ``torchelastic_*`` would be left behind, one per run; a launcher killed outright leaves its own);
+  ``--launch-args "--log_dir DIR"`` is the user's and kept;
 * a successful run over several machines ends quietly on every machine. torch's exit barrier makes
   every machine's launcher wait for all the others through the store that the launcher of machine 0
   keeps: once the last one checks in, machine 0's launcher leaves and its store closes, while the
@@ -131,7 +133,11 @@ def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
-    log_dirs = _record_log_dirs()
+    # torch's agent makes a directory for its logs in every launch (``torchelastic_*``, left behind,
+    # empty: shardtune redirects nothing); unless the user names one, it is ours, removed at the end
+    own_log_dir = args.log_dir is None
+    if own_log_dir:
+        args.log_dir = tempfile.mkdtemp(prefix="shardtune-launch-")
     # SIGTERM is ours once the processes run (before, it ends the launcher as usual); the agent
     # handles the other signals (it forwards them and stops the processes).
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
@@ -157,35 +163,18 @@ def main(argv: list[str]) -> int:
     except SignalException as e:
         return 128 + int(e.sigval)
     finally:
-        _remove_empty_dirs(log_dirs)
+        if own_log_dir:
+            _remove_empty_dirs(args.log_dir)
 
 
-def _record_log_dirs() -> list[str]:
-    """The directories torch's agent makes for its logs (``torchelastic_*`` in the system's temporary
-    directory, one per launch; empty unless asked to redirect output, which shardtune never does), as
-    this launcher makes them."""
-    made: list[str] = []
-    mkdtemp = tempfile.mkdtemp
-
-    def mkdtemp_recorded(suffix=None, prefix=None, dir=None):
-        path = mkdtemp(suffix, prefix, dir)
-        if prefix == "torchelastic_":
-            made.append(path)
-        return path
-
-    tempfile.mkdtemp = mkdtemp_recorded
-    return made
-
-
-def _remove_empty_dirs(tops: list[str]) -> None:
-    """Remove the empty directories of each tree in ``tops``, deepest first: a file (a log torch wrote,
+def _remove_empty_dirs(top: str) -> None:
+    """Remove the empty directories of the tree ``top``, deepest first: a file (a log torch wrote,
     anything else) keeps its directory and every one above it."""
-    for top in tops:
-        for path, _dirs, _files in os.walk(top, topdown=False):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
+    for path, _dirs, _files in os.walk(top, topdown=False):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 def _killed(rank: int, number: int) -> int:
