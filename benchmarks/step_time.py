@@ -11,9 +11,11 @@ ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
 the floor every adapter method pays. ``--ablations`` adds rows with one speed lever switched off
 (LoRA and FOSSIL without the fused layer, MoS with a gather per layer; and LoRA without its rank-r
-products, which does not train: what its step costs beside them). ``--floor`` adds a computed row: the
-frozen base plus the rank-r products of every adapted layer timed alone (:func:`floor_ms`), the time
-no rank-r adapter built on torch's matrix products gets under. Variants run interleaved, round after round, and the median
+products, which does not train: what its step costs beside them). ``--floor`` adds two computed rows:
+the frozen base plus the rank-r products of every adapted layer timed alone (:func:`floor_ms`), the time
+no rank-r adapter built on torch's matrix products gets under, once with their operands in cache
+(timed over and over) and once with them evicted before each call (read from memory, as a real step
+reads most of them). Variants run interleaved, round after round, and the median
 is reported, so machine noise hits all of them alike. ``--compile``: every variant's decoder blocks
 are compiled as ``train.compile`` does (the frozen base's too, so ratios compare compiled with
 compiled), plus a row "frozen base (eager)"; compile time is not in the step time (warm-up steps). Prints a table and writes JSON
@@ -85,7 +87,8 @@ def variants(rank: int, n_layers: int) -> dict:
     }
 
 
-FLOOR = "floor (computed)"
+FLOOR = "floor (computed)"  # the products' operands in cache
+FLOOR_COLD = "floor (operands from memory)"  # evicted before each product
 
 # Ablations (``--ablations``): one lever of issue 17 switched off, measured beside the variant it is in.
 ABLATIONS = {
@@ -174,11 +177,34 @@ def rank_r_products(n_in: int, n_out: int, rank: int, tokens: int, dtype, device
     return products, (lambda: torch.mm(dy, w))
 
 
-def per_call_ms(fn, device: str, samples: int, calls: int = 10) -> float:
-    """Median time of one call of ``fn`` over ``samples`` batches of ``calls`` (after a warm-up)."""
+# Larger than the last-level cache of the machines measured (32 MiB L3 on the CI CPU, 50 MiB L2 on an
+# H100/H200): writing it evicts every operand.
+EVICT_BYTES = 256 * 2**20
+_evict_buffers: dict[str, torch.Tensor] = {}
+
+
+def evict_caches(device: str) -> None:
+    """Write a buffer larger than the caches, so that what runs next reads its operands from memory."""
+    if device not in _evict_buffers:
+        _evict_buffers[device] = torch.empty(EVICT_BYTES // 4, dtype=torch.float32, device=device)
+    _evict_buffers[device].fill_(1.0)
+
+
+def per_call_ms(fn, device: str, samples: int, calls: int = 10, cold: bool = False) -> float:
+    """Median time of one call of ``fn`` over ``samples`` batches of ``calls`` (after a warm-up);
+    ``cold``: each call timed alone, right after :func:`evict_caches` (``samples × calls`` of them)."""
     for _ in range(3):
         fn()
     times = []
+    if cold:
+        for _ in range(samples * calls):
+            evict_caches(device)
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
     for _ in range(samples):
         sync(device)
         t0 = time.perf_counter()
@@ -189,20 +215,24 @@ def per_call_ms(fn, device: str, samples: int, calls: int = 10) -> float:
     return 1000 * statistics.median(times)
 
 
-def floor_ms(base_ms: float, shape: str, rank: int, tokens: int, dtype, device: str, samples: int) -> float:
+def floor_ms(
+    base_ms: float, shape: str, rank: int, tokens: int, dtype, device: str, samples: int, cold: bool = False
+) -> float:
     """The least step time of a rank-r adapter on all 7 projections, from the frozen base's: plus the six
     rank-r products of every adapted layer timed alone, less what an adapted model never computes (layer
-    0's q/k/v input gradients, base and update: nothing below them trains). An estimate (operands
-    timed alone stay in cache), and one that assumes torch's matrix products: what no implementation of
-    the method built on them avoids."""
+    0's q/k/v input gradients, base and update: nothing below them trains). An estimate, and one that
+    assumes torch's matrix products: what no implementation of the method built on them avoids. Timed
+    over and over, the operands stay in cache (an optimistic bound); ``cold``: each product reads them
+    from memory (:func:`evict_caches`), which a real step does for some of them (``x`` saved in forward
+    for ``dA``) and not for others (``dy`` just written)."""
     layers = SHAPES[shape][2]
     total = base_ms
     for name, (n_in, n_out) in projection_shapes(shape).items():
         products, base_dx = rank_r_products(n_in, n_out, rank, tokens, dtype, device)
-        times = {product: per_call_ms(fn, device, samples) for product, fn in products.items()}
+        times = {product: per_call_ms(fn, device, samples, cold=cold) for product, fn in products.items()}
         total += layers * sum(times.values())
         if name in ("q_proj", "k_proj", "v_proj"):
-            total -= per_call_ms(base_dx, device, samples) + times["dx += dh·A"]
+            total -= per_call_ms(base_dx, device, samples, cold=cold) + times["dx += dh·A"]
     return total
 
 
@@ -277,7 +307,8 @@ def main() -> None:
     ap.add_argument(
         "--floor",
         action="store_true",
-        help="also a computed row: the frozen base plus every layer's rank-r products timed alone",
+        help="also two computed rows: the frozen base plus every layer's rank-r products timed alone, "
+        "their operands in cache and read from memory",
     )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -357,18 +388,21 @@ def main() -> None:
 
     out = [row(name, med[name], r["trainable"], r["peak_mem_gib"]) for name, r in rows.items()]
     if args.floor and "frozen base" in med:
-        floor = floor_ms(
-            1000 * med["frozen base"], args.shape, args.rank, tokens, dtype, args.device, 2 * args.rounds
-        )
-        out.append(
-            row(
-                FLOOR,
-                floor / 1000,
-                None,
-                None,
-                computed="frozen base + rank-r products timed alone (floor_ms)",
+        for name, cold, how in (
+            (FLOOR, False, "frozen base + rank-r products timed alone, operands in cache (floor_ms)"),
+            (FLOOR_COLD, True, "frozen base + rank-r products timed alone, operands from memory (floor_ms)"),
+        ):
+            floor = floor_ms(
+                1000 * med["frozen base"],
+                args.shape,
+                args.rank,
+                tokens,
+                dtype,
+                args.device,
+                2 * args.rounds,
+                cold=cold,
             )
-        )
+            out.append(row(name, floor / 1000, None, None, computed=how))
 
     device_name = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"

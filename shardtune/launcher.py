@@ -58,7 +58,7 @@ def launch_command(
     they win."""
     import torch
 
-    flags = shlex.split(launch_args or "")
+    flags = launch_flags(launch_args)
     machines = _machines(flags)
     env = dict(os.environ)
     command = [sys.executable, "-m", "shardtune.launcher", "--num_processes", str(nproc * machines)]
@@ -89,7 +89,15 @@ def launch(nproc: int, train_args: list[str], launch_args: str | None, cpu: bool
 def machine_count(launch_args: str | None) -> int:
     """How many machines ``launch_args`` (the user's ``--launch-args``) spread the run over: with more
     than one, even a single process per machine is launched."""
-    return _machines(shlex.split(launch_args or ""))
+    return _machines(launch_flags(launch_args))
+
+
+def launch_flags(launch_args: str | None) -> list[str]:
+    """The user's ``--launch-args`` split as a shell splits them; unbalanced quotes: one line."""
+    try:
+        return shlex.split(launch_args or "")
+    except ValueError as e:
+        raise BadInput(f"--launch-args: {e} in {launch_args!r}") from None
 
 
 def _machines(flags: list[str]) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -256,14 +257,21 @@ def load_model(
         source, extra = _source(name, revision)
         if quantization is not None:
             extra = {**extra, **quant.load_kwargs(quantization, device)}
+        if not hub.is_hub_id(name):
+            check_safetensors_weights(Path(source), name)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **extra
+                # safetensors only: never a pickled checkpoint (pytorch_model.bin), local or downloaded
+                source,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                **extra,
             )
             tokenizer = AutoTokenizer.from_pretrained(
                 source, trust_remote_code=trust_remote_code, revision=extra.get("revision")
             )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             if hub.is_hub_id(name):
                 raise hub.describe_failure("model.name", name, revision, e) from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -273,6 +281,32 @@ def load_model(
         model = quant.prepare_loaded(model)
     model.shardtune_base = hub.base_model_record(name, revision)
     return model, tokenizer
+
+
+def check_safetensors_weights(directory: Path, name: str, key: str = "model.name") -> None:
+    """A local model directory's weights: safetensors files, each whole (its header readable and its
+    tensors inside the file). Pickled weights only (``pytorch_model.bin``, ``*.pt``): refused, as they
+    could run code on loading; a file cut short: named. One line either way."""
+    from safetensors import safe_open
+
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(
+            p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in directory.glob(pattern)
+        )
+        if pickled:
+            raise BadInput(
+                f"{key}: {name} has only pickled weights ({pickled[0]}); shardtune loads safetensors only "
+                "(pickle can run code): convert them, e.g. load and save_pretrained(safe_serialization=True)"
+            )
+        return  # no weights at all: transformers names what is missing
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"{key}: {path}: corrupt or truncated safetensors file ({first})") from None
 
 
 def _source(name: str, revision: str | None, key: str = "model.name") -> tuple[str, dict]:

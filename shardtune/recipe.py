@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from shardtune.adapters import METHODS
-from shardtune.adapters.base import dtype_synonyms
+from shardtune.adapters.base import SEED_MAX, SEED_MIN, dtype_synonyms
 from shardtune.errors import BadInput, RecipeError
 
 
@@ -95,6 +95,9 @@ AdapterSection = Annotated[
 
 
 MAX_LENGTH_LIMIT = 1 << 20  # tokens: beyond any model's context
+TIMEOUT_LIMIT_S = (
+    30 * 24 * 3600
+)  # train.timeout_s: 30 days (Python's timedelta and C timeouts overflow far above)
 MAX_GENERATED = 1_000_000  # examples a builtin task generates (or holds out): beyond it, a typo
 
 
@@ -154,7 +157,9 @@ class DataSection(Section):
         le=MAX_LENGTH_LIMIT,
         description="Examples longer than this many tokens are truncated (at most the model's context).",
     )
-    seed: int = Field(0, description="Seed of task generation and of the train/eval split.")
+    seed: int = Field(
+        0, ge=SEED_MIN, le=SEED_MAX, description="Seed of task generation and of the train/eval split."
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -204,7 +209,8 @@ class TrainSection(Section):
         description="After warm-up: cosine or linear decay towards 0 after the last step, or constant.",
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 disables.")
-    seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
+    # (accelerate's set_seed seeds NumPy too, which takes 0 … 2³² − 1)
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of adapter init, dropout and data order.")
     precision: Annotated[Literal["fp32", "bf16"], BeforeValidator(dtype_synonyms)] = Field(
         "fp32", description="`bf16`: autocast mixed precision (float32, bfloat16 also read)."
     )
@@ -234,6 +240,7 @@ class TrainSection(Section):
     timeout_s: float = Field(
         600,
         ge=1,
+        le=TIMEOUT_LIMIT_S,
         description="With several processes: seconds one waits for the others. A process silent this long "
         "(its machine died, hangs or is cut off) is lost: the others stop, naming it (exit code 4; a "
         "process that dies is noticed within seconds). A collective still waiting a little later fails. "
@@ -438,12 +445,26 @@ def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
         note = apply_override(raw, item)
         if note:
             notes.append(note)
+    check_integer_sizes(raw)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise first_recipe_error(e, raw) from None
     recipe._notes = notes
     return recipe
+
+
+def check_integer_sizes(node, key: str = "") -> None:
+    """Every integer of a recipe fits in 64 bits (what torch and the C libraries below it take): a
+    larger one is refused naming its key, before any key's own range check could let it reach them."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            check_integer_sizes(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_integer_sizes(value, f"{key}.{i}")
+    elif isinstance(node, int) and not isinstance(node, bool) and not SEED_MIN <= node <= SEED_MAX:
+        raise BadInput(f"{key}: {node} is too large for any setting (at most 64 bits)")
 
 
 def override_notes(recipe: Recipe) -> list[str]:

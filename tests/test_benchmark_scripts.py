@@ -39,9 +39,10 @@ def test_step_time_with_ablations_writes_every_row(tmp_path):
         str(out),
     )
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == [*only.split(","), "floor (computed)"]
-    floor = rows.pop("floor (computed)")
+    assert list(rows) == [*only.split(","), "floor (computed)", "floor (operands from memory)"]
+    floor, cold = rows.pop("floor (computed)"), rows.pop("floor (operands from memory)")
     assert floor["step_ms"] > rows["frozen base"]["step_ms"] and floor["trainable_params"] is None
+    assert cold["step_ms"] > rows["frozen base"]["step_ms"] and cold["trainable_params"] is None
     assert rows["frozen base"]["vs_frozen_base"] == 1.0
     assert rows["lora (unfused)"]["trainable_params"] == rows["shardtune lora"]["trainable_params"] > 0
     assert rows["mos (per-layer gather)"]["trainable_params"] == rows["shardtune mos"]["trainable_params"] > 0
@@ -106,3 +107,18 @@ def test_the_floor_times_the_products_a_rank_r_layer_adds():
     assert tuple(base_dx().shape) == (tokens, n_in)
     shapes = step_time.projection_shapes("small")
     assert shapes["k_proj"] == (512, 256) and shapes["down_proj"] == (1408, 512)
+
+
+def test_the_cold_floor_evicts_the_caches_before_each_timed_call(monkeypatch):
+    """``cold``: every timed call comes right after a write larger than the caches (none in the warm-up)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_time
+
+    order = []
+    monkeypatch.setattr(step_time, "evict_caches", lambda device: order.append("evict"))
+    step_time.per_call_ms(lambda: order.append("call"), "cpu", samples=2, calls=3, cold=True)
+    assert order == ["call"] * 3 + ["evict", "call"] * 6
+    order.clear()
+    step_time.per_call_ms(lambda: order.append("call"), "cpu", samples=2, calls=3)
+    assert order == ["call"] * 9
+    assert step_time.EVICT_BYTES >= 4 * 32 * 2**20  # 4× the CI CPU's L3, 5× an H100's L2

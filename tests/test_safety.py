@@ -421,7 +421,31 @@ RECIPE_CASES = {
     "a number for a name": ({"model": {"name": 7}}, "model.name: must be a string, got 7"),
     "an empty output.dir": ({"output": {"dir": ""}}, "output.dir: is empty"),
     "a string for a boolean": ({"train": {"cpu": "yes please"}}, "train.cpu: must be true or false"),
+    # numbers the libraries below take in a limited range: refused before training starts
+    "a negative seed": ({"train": {"seed": -1}}, "train.seed: must be at least 0, got -1"),
+    "a seed NumPy cannot take": ({"train": {"seed": 2**32}}, "train.seed: must be at most 4294967295"),
+    "a routing seed beyond 64 bits": (
+        {"adapter": {"method": "mos", "rank": 4, "routing_seed": 2**70}},
+        "adapter.routing_seed: 1180591620717411303424 is too large for any setting (at most 64 bits)",
+    ),
+    "a projection seed torch cannot take": (
+        {"adapter": {"method": "vera", "projection_seed": 2**64}},
+        "adapter.projection_seed: 18446744073709551616 is too large",
+    ),
+    "any integer beyond 64 bits": (
+        {"data": {"num_samples": 2**64}},
+        "data.num_samples: 18446744073709551616 is",
+    ),
+    "an integer beyond 64 bits in a list": (
+        {"train": {"betas": [0.9, 2**80]}},
+        "train.betas.1: 1208925819614629174706176 is too large",
+    ),
+    "an absurd timeout": ({"train": {"timeout_s": 1e300}}, "train.timeout_s: must be at most 2.592e+06"),
 }
+
+
+def test_unbalanced_quotes_in_launch_args_are_one_line(place):
+    refused(["train", place.recipe(), "--launch-args", '"unclosed'], "--launch-args: No closing quotation")
 
 
 @pytest.mark.parametrize("case", list(RECIPE_CASES))
@@ -759,3 +783,63 @@ def test_at_least_30_new_cases():
             marks = getattr(fn, "pytestmark", [])
             count += max([len(m.args[1]) for m in marks if m.name == "parametrize"] or [1])
     assert count >= 30, count
+
+
+# ---------------------------------------------------------------------------------------------------
+# A local base model: safetensors only, and a broken weights file is one line
+
+
+def _pickled_only(model_dir: Path) -> None:
+    torch.save(load_file(model_dir / "model.safetensors"), model_dir / "pytorch_model.bin")
+    (model_dir / "model.safetensors").unlink()
+
+
+BASE_BREAKAGES = {
+    "pickled weights only": (_pickled_only, "has only pickled weights (pytorch_model.bin)"),
+    "truncated weights": (
+        lambda d: _truncated(d / "model.safetensors"),
+        "model.safetensors: corrupt or truncated",
+    ),
+    "empty weights": (
+        lambda d: (d / "model.safetensors").write_bytes(b""),
+        "model.safetensors: corrupt or truncated",
+    ),
+}
+BASE_READERS = {
+    "train": lambda p, m: ["train", p.recipe(model={"name": m}, output={"dir": str(p.tmp / "new")})],
+    "generate": lambda p, m: ["generate", "-m", m, "hi"],
+    "merge": lambda p, m: ["merge", str(p.run), "--base-model", m, "--out", str(p.tmp / "out")],
+    "prune": lambda p, m: ["prune", m, "--out", str(p.tmp / "out"), "--pattern", "2:4"],
+}
+BASE_CASES = [(r, b) for r in BASE_READERS for b in BASE_BREAKAGES]
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory) -> Path:
+    """tiny-llama saved as a model directory (safetensors weights, config, tokenizer)."""
+    from shardtune.models import load_model
+
+    where = tmp_path_factory.mktemp("base") / "tiny"
+    model, tokenizer = load_model("tiny-llama")
+    model.save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
+
+
+@pytest.mark.parametrize("reader,breakage", BASE_CASES, ids=[f"{r} of {b}" for r, b in BASE_CASES])
+def test_a_local_base_model_loads_from_safetensors_only_and_broken_weights_are_one_line(
+    place, saved_base, reader, breakage
+):
+    model_dir = place.tmp / "base"
+    shutil.copytree(saved_base, model_dir)
+    breaks, message = BASE_BREAKAGES[breakage]
+    breaks(model_dir)
+    args = BASE_READERS[reader](place, str(model_dir))
+    before = place.snapshot()
+    refused(args, message)
+    assert place.snapshot() == before
+
+
+def test_the_saved_base_loads_whole(place, saved_base):
+    result = runner.invoke(app, ["generate", "-m", str(saved_base), "hi", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output

@@ -42,6 +42,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES.update({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})  # synonyms
 
 
+# The seeds torch.Generator.manual_seed takes (a random routing, projection or task draw).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 def dtype_synonyms(value):
     """Long torch names (``float32``, ``bfloat16``, ``float16``) as synonyms of fp32, bf16, fp16."""
     from shardtune.catalog import DTYPE_SYNONYMS

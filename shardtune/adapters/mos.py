@@ -49,6 +49,8 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from shardtune.adapters.base import (
+    SEED_MAX,
+    SEED_MIN,
     AdapterMethod,
     AdapterOptions,
     LayerAdapter,
@@ -82,7 +84,9 @@ class MosOptions(AdapterOptions):
     dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the adapter's input (the paper uses 0.1)."
     )
-    routing_seed: int = Field(0, description="Seed of the fixed random routing (saved with the adapter).")
+    routing_seed: int = Field(
+        0, ge=SEED_MIN, le=SEED_MAX, description="Seed of the fixed random routing (saved with the adapter)."
+    )
 
 
 class ShardPools(nn.Module):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
+from shardtune.adapters.base import SEED_MAX, SEED_MIN, AdapterMethod, AdapterOptions, LayerAdapter, Target
 
 
 class VeraOptions(AdapterOptions):
@@ -43,6 +43,8 @@ class VeraOptions(AdapterOptions):
     d_initial: float = Field(0.1, description="Initial value of every entry of the scaling vector d.")
     projection_seed: int = Field(
         0,
+        ge=SEED_MIN,
+        le=SEED_MAX,
         description="Seed of the frozen random A and B (PEFT's projection_prng_key; same seed, same matrices).",
     )
     save_projection: bool = Field(
