@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shardtune.errors import BadInput, RecipeError
+from shardtune.errors import BadInput, RecipeError, first_line
 from shardtune.recipe import DataSection
 from shardtune.tasks import TASKS
 
@@ -101,7 +101,7 @@ def _load_with_datasets(kind: str, source: str, split: str, key: str, revision: 
     except UnicodeDecodeError as e:
         raise BadInput(f"{key}: {source} is not UTF-8 text (byte {e.start})") from None
     except Exception as e:  # datasets/pyarrow raise many types for unreadable input
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BadInput(f"{key}: cannot read {source}: {first}") from None
     return [dict(row) for row in ds]
 

@@ -24,6 +24,12 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (a library's may run to many), else its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ShardtuneError(Exception):
     """Base class: an error with a one-line message meant for the user."""
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shardtune.errors import BadInput
+from shardtune.errors import BadInput, first_line
 
 MARKER = ".shardtune-output.json"
 LOCK = ".shardtune.lock"
@@ -66,7 +66,7 @@ def read_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BadInput(f"{path}: corrupt or truncated safetensors file ({first})") from None
 
 

@@ -41,7 +41,7 @@ import tempfile
 import time
 from datetime import timedelta
 
-from shardtune.errors import BadInput
+from shardtune.errors import BadInput, first_line
 
 # torchelastic's keys of the exit barrier below (its own use another prefix)
 FINISHED = "shardtune/launcher/finished"
@@ -303,7 +303,7 @@ def _exit_barrier(agent, torch_barrier) -> None:
         if group.group_rank == 0:
             store.wait([ALL_FINISHED])
     except Exception as e:  # the run succeeded; a machine whose launcher vanished afterwards is no error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         sys.stderr.write(f"warning: not every machine's launcher checked out: {first}\n")
     finally:
         store.set_timeout(previous)

@@ -25,7 +25,7 @@ from torch import nn
 from shardtune import hub, quant
 from shardtune.adapters.base import DTYPES
 from shardtune.catalog import EMBEDDED, builtin_models
-from shardtune.errors import BadInput
+from shardtune.errors import BadInput, first_line
 from shardtune.quant import Quantization
 
 if TYPE_CHECKING:  # transformers' modeling code is imported where a model is built (not by `params`)
@@ -274,7 +274,7 @@ def load_model(
         except (OSError, ValueError, SafetensorError) as e:
             if hub.is_hub_id(name):
                 raise hub.describe_failure("model.name", name, revision, e) from None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise BadInput(f"model.name: cannot load {name}: {first}") from None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -305,7 +305,7 @@ def check_safetensors_weights(directory: Path, name: str, key: str = "model.name
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
         except (SafetensorError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise BadInput(f"{key}: {path}: corrupt or truncated safetensors file ({first})") from None
 
 
@@ -345,7 +345,7 @@ def load_config(name: str, trust_remote_code: bool = False, revision: str | None
     except (OSError, ValueError) as e:
         if hub.is_hub_id(name):
             raise hub.describe_failure("--model", name, revision, e) from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise BadInput(f"--model: cannot read a config for {name!r}: {first}") from None
 
 

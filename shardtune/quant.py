@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from shardtune.errors import RecipeError
+from shardtune.errors import RecipeError, first_line
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install shardtune[quant]"
@@ -115,7 +115,7 @@ def require_bitsandbytes(kind: str = "a quantized base"):
             "model.quantize", f"{kind} needs the bitsandbytes package, which is not installed: {INSTALL_HINT}"
         ) from None
     except (OSError, RuntimeError) as e:  # installed, but its native library does not load here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise RecipeError("model.quantize", f"{kind}: bitsandbytes cannot be loaded ({first})") from None
     finally:
         optional_kernel_notice.setLevel(level)
