@@ -88,7 +88,7 @@ def variants(rank: int, n_layers: int) -> dict:
 
 
 FLOOR = "floor (computed)"  # the products' operands in cache
-FLOOR_COLD = "floor (operands from memory)"  # evicted before each product
+FLOOR_COLD = "floor (from memory)"  # evicted before each product
 
 # Ablations (``--ablations``): one lever of issue 17 switched off, measured beside the variant it is in.
 ABLATIONS = {

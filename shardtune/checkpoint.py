@@ -9,7 +9,7 @@ renamed as a whole.
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +35,16 @@ from shardtune.peftio import PEFT_WEIGHTS, is_peft_adapter, peft_meta, read_peft
 from shardtune.quant import quantization_of
 from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
 
+log = logging.getLogger("shardtune")
+
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
 RECIPE_FILE = "recipe.yaml"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+# What a checkpoint-N directory holds (all of it shardtune's).
+CHECKPOINT_FILES = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE, TRAINER_STATE, OPTIMIZER_FILE, RNG_FILE]
 FORMAT = "shardtune-adapter"
 FORMAT_VERSION = 1
 
@@ -128,9 +132,27 @@ def save_checkpoint(
             save_training_state(tmp, snapshot, {"step": step, **(counters or {})})
         else:
             atomic_write_text(tmp / TRAINER_STATE, json.dumps({"step": step}) + "\n")
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    rotate_checkpoints(run_dir, keep)
     return final
+
+
+def rotate_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints of a run; remove the older ones (:func:`remove_checkpoint`)."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        remove_checkpoint(old)
+
+
+def remove_checkpoint(directory: Path) -> None:
+    """Delete a checkpoint shardtune wrote (the oldest, beyond ``train.keep_checkpoints``): its own files,
+    then the directory if that leaves it empty. A file someone put there keeps it, with a warning."""
+    for name in CHECKPOINT_FILES:
+        (directory / name).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        if directory.is_dir():
+            left = sorted(p.name for p in directory.iterdir())
+            log.warning("kept %s: it holds %s, which shardtune did not write", directory, ", ".join(left))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -410,9 +432,9 @@ def check_checkpoint(directory: Path, options: AdapterOptions | None = None) -> 
     saved = adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
     ours = options.model_dump() if options is not None else {}
     theirs = saved.model_dump()
-    differing = [
+    differing = [  # the method first: another method's options all differ after it
         k
-        for k in sorted(ours.keys() | theirs.keys())
+        for k in sorted(ours.keys() | theirs.keys(), key=lambda k: (k != "method", k))
         if ours.get(k) is not None and ours.get(k) != theirs.get(k)
     ]
     if options is not None and differing:  # (an unset option is chosen at run time: the checkpoint's stands)

@@ -39,11 +39,25 @@ from shardtune.fileio import (
 )
 from shardtune.progress import Reporter
 from shardtune.recipe import Recipe, recipe_from_dict
+from shardtune.rundir import RUN_KINDS
 
 COMPARE_FILE = "compare.json"
 COMPARE_ENTRIES = [*METHODS, *(f"{m}@*" for m in METHODS), COMPARE_FILE]  # run directories, summary
 BUDGET_TOLERANCE = 0.25  # a budget's nearest count may be this far off (relative); beyond: left out
 BUDGET_LIMIT = 1 << 16  # the largest size option tried
+
+
+def parse_methods(text: str, key: str = "--methods") -> list[str]:
+    """``"lora,fossil"`` → the method names, each once (``all``: every method that fits the model)."""
+    names = [t.strip() for t in text.split(",")]
+    if not any(names):
+        raise BadInput(f"{key}: names no method; give some, e.g. lora,fossil, or all")
+    if "" in names:
+        raise BadInput(f"{key}: {text!r} has an empty name between its commas")
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated is not None:
+        raise BadInput(f"{key}: {repeated} is given twice")
+    return names
 
 
 def parse_budgets(text: str, key: str = "--budgets") -> list[Fraction]:
@@ -242,6 +256,8 @@ def compare(
         replace_hint="--set output.overwrite=true to replace it, or choose another output.dir",
         inputs=[model if (model / "config.json").is_file() else None, recipe.data.path],
         legacy=lambda d: COMPARE_ENTRIES if (d / COMPARE_FILE).is_file() else None,
+        kinds={"compare": COMPARE_ENTRIES},
+        within=RUN_KINDS,  # its runs
     )
     for method, why in skipped.items():
         reporter.info(f"— {method} — left out: {why}")

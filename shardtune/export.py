@@ -31,11 +31,17 @@ from shardtune.checkpoint import (
     load_adapted_model,
 )
 from shardtune.errors import BadInput
-from shardtune.fileio import check_output_dir, write_output_dir
+from shardtune.fileio import check_output_dir, output_kinds, write_output_dir
 from shardtune.models import load_model
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "vera", "vblora", "tiedlora", "prolora")
+
+
+# What each writer is, and which earlier outputs it may replace (--overwrite): its own kind only (an
+# export either format), never a run, the model cache or another command's output.
+MERGED = {"what": "a merged model", "kinds": output_kinds("merge")}
+EXPORTED = {"what": "an exported adapter", "kinds": output_kinds("export-peft", "export-shardtune")}
 
 
 def _inputs(run_dir: Path, base_model: str | None = None) -> list[Path | None]:
@@ -86,7 +92,7 @@ def merge_run(
     if base_weights not in MERGE_BASES:
         raise BadInput(f"--base-weights: expected one of {', '.join(MERGE_BASES)}, got {base_weights!r}")
     inputs = _inputs(Path(run_dir), base_model)
-    check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything
+    check_output_dir(out, "--out", replace=overwrite, inputs=inputs, **MERGED)  # before loading anything
     model, tokenizer, meta, source = _base_for_merge(Path(run_dir), base_weights, base_model)
     merge_adapter(model)
     unwrap_merged(model)
@@ -97,7 +103,7 @@ def merge_run(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    write_output_dir(out, write, "merge", overwrite, inputs)
+    write_output_dir(out, write, "merge", overwrite, inputs, what=MERGED["what"])
     return {
         "out": str(out),
         "method": meta["method"],
@@ -192,7 +198,7 @@ def export_peft(
 ) -> dict:
     """The run's adapter as a standard PEFT LoRA adapter directory (see the module docstring)."""
     inputs = _inputs(Path(run_dir), base_model)
-    check_output_dir(out, "--out", replace=overwrite, inputs=inputs)
+    check_output_dir(out, "--out", replace=overwrite, inputs=inputs, **EXPORTED)
     model, _, meta = load_adapted_model(run_dir, base_model=base_model)
     method = meta["method"]
     if method not in LOW_RANK_METHODS:
@@ -233,7 +239,9 @@ def export_peft(
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    write_output_dir(out, write, "export-peft", overwrite, inputs)
+    write_output_dir(
+        out, write, "export-peft", overwrite, inputs, what=EXPORTED["what"], replaces=EXPORTED["kinds"]
+    )
     stored = sum(p.numel() for p in tensors.values())
     return {
         "out": str(out),
@@ -270,7 +278,7 @@ def export_native(
     """A copy of the run's adapter files (adapter.safetensors, adapter.json, recipe.yaml)."""
     run_dir = Path(run_dir)
     inputs = _inputs(run_dir, base_model)
-    check_output_dir(out, "--out", replace=overwrite, inputs=inputs)
+    check_output_dir(out, "--out", replace=overwrite, inputs=inputs, **EXPORTED)
     if not (run_dir / ADAPTER_CONFIG).is_file():
         raise BadInput(f"{run_dir}: not a shardtune adapter directory (no {ADAPTER_CONFIG})")
     load_adapted_model(run_dir, base_model=base_model)  # validate before copying
@@ -280,5 +288,7 @@ def export_native(
             if (run_dir / name).is_file():
                 shutil.copy2(run_dir / name, tmp / name)
 
-    write_output_dir(out, write, "export-shardtune", overwrite, inputs)
+    write_output_dir(
+        out, write, "export-shardtune", overwrite, inputs, what=EXPORTED["what"], replaces=EXPORTED["kinds"]
+    )
     return {"out": str(out), "format": "shardtune"}

@@ -9,7 +9,9 @@ and never over anything shardtune did not write itself.
   current directory and its ancestors, ``/``, the home directory, an input (or anything inside or
   around it), an existing file, a symbolic link, and a non-empty directory that shardtune did not
   write. shardtune's own outputs carry a marker, ``.shardtune-output.json``, naming what wrote them and
-  which entries are theirs; an output holding anything else is never replaced.
+  which paths in them are theirs (glob patterns, down to the files inside their directories); an
+  output holding anything else, at any depth, is never replaced, and neither is an output of another
+  kind (an export never replaces a run, a merge never the model cache).
 * :func:`exclusive_lock` — an OS file lock (the kernel drops it when its process dies, so a killed
   run never blocks its ``--resume``) that names the process holding it.
 """
@@ -23,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,21 +113,78 @@ def read_marker(directory: Path) -> dict | None:
 
 
 def exact_entries(directory: Path) -> list[str]:
-    """Every entry now in ``directory``, as glob patterns that match exactly it."""
-    return [glob.escape(name) for name in os.listdir(directory) if name != MARKER]
+    """Every file now under ``directory`` (its subdirectories' too), as glob patterns of paths that
+    match exactly it."""
+    found = []
+    for root, _dirs, files in os.walk(directory):
+        rel = Path(root).relative_to(directory)
+        found += [
+            glob.escape((rel / name).as_posix()) for name in files if root != str(directory) or name != MARKER
+        ]
+    return found
 
 
-def owns(patterns: Iterable[str], name: str) -> bool:
-    """Whether an entry ``name`` is shardtune's by the marker's patterns: the entry itself, the marker
-    and lock, or a temporary sibling of an entry (``.NAME.*`` while it is being written)."""
-    if name in (MARKER, LOCK) or name.startswith(f".{MARKER}."):
+# The names shardtune gives an entry while writing it (fileio's atomic_write and atomic_directory):
+# ``.NAME.<random>.tmp``, ``.NAME.new-<random>``, ``.NAME.old-<random>``.
+TEMPORARY_FORMS = ("*.tmp", "new-*", "old-*")
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    """One path component against one pattern component: the entry itself or a temporary sibling of it."""
+    if fnmatch.fnmatchcase(name, pattern):
         return True
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f".{p}.*") for p in patterns)
+    return name.startswith(".") and any(fnmatch.fnmatchcase(name, f".{pattern}.{f}") for f in TEMPORARY_FORMS)
 
 
-def foreign_entries(directory: Path, patterns: Iterable[str]) -> list[str]:
-    patterns = list(patterns)
-    return sorted(name for name in os.listdir(directory) if not owns(patterns, name))
+def foreign_entries(
+    directory: Path, patterns: Iterable[str], kinds: Mapping[str, Iterable[str]] | None = None
+) -> list[str]:
+    """The paths under ``directory`` that no pattern owns, relative and '/'-separated (a directory
+    nothing owns named once, with a trailing '/', for all it holds).
+
+    Patterns are glob patterns of paths, matched one component at a time (``checkpoint-[0-9]*/rng.safetensors``),
+    each component also owning the temporary names shardtune gives that entry while writing it. A
+    pattern that ends at a file owns it; one that goes on below a directory lets the directory hold what
+    the rest of it owns; one that ends at a directory owns it only as a shardtune output of its own,
+    with its own marker, which judges what it holds (by ``kinds[its kind]`` where given: the entries
+    this version writes, for a marker an older one wrote). Nothing else is shardtune's: a file put into
+    one of its directories, a directory named like its own, a name like its temporary ones."""
+    split = [p.split("/") for p in patterns]
+    found = []
+    for name in sorted(os.listdir(directory)):
+        if name in (MARKER, LOCK) or name.startswith(f".{MARKER}."):
+            continue
+        path = directory / name
+        matching = [p for p in split if _name_matches(name, p[0])]
+        ends_here = any(len(p) == 1 for p in matching)
+        if not (path.is_dir() and not path.is_symlink()):
+            if not ends_here:
+                found.append(name)
+            continue
+        marker = read_marker(path) if ends_here else None
+        below = ["/".join(p[1:]) for p in matching if len(p) > 1]
+        if marker is not None:
+            inner = foreign_entries(path, entries_of(marker, kinds), kinds)
+        elif below:
+            inner = foreign_entries(path, below, kinds)
+        else:
+            found.append(f"{name}/")
+            continue
+        found += [f"{name}/{rel}" for rel in inner]
+    return found
+
+
+def output_kinds(*kinds: str) -> dict[str, tuple]:
+    """``kinds`` for :func:`check_output_dir`: outputs written in one go (their markers list what they hold)."""
+    return {kind: () for kind in kinds}
+
+
+def entries_of(marker: dict, kinds: Mapping[str, Iterable[str]] | None = None) -> list[str]:
+    """What an output's marker says is shardtune's: ``kinds``' entries for its kind where given (the
+    patterns this version writes, for an output kept being written into: a run, a comparison), else
+    the marker's own."""
+    kind = marker.get("kind")
+    return list(kinds[kind]) if kinds and kinds.get(kind) else marker["entries"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,13 +204,18 @@ def check_output_dir(
     replace_hint: str = "pass --overwrite to replace it",
     inputs: Iterable[Path | str | None] = (),
     legacy: Callable[[Path], list[str] | None] | None = None,
+    kinds: Mapping[str, Iterable[str]] | None = None,
+    within: Mapping[str, Iterable[str]] | None = None,
 ) -> bool:
     """Refuse, with one line naming ``key``, a target shardtune must not write into or replace.
 
     Returns True when the target holds an earlier shardtune output that may be replaced (``replace``),
     False when it is absent or empty. ``inputs``: what the command reads (a run, a model directory, a
-    data file): the target may not be, hold, or lie inside any of them. ``legacy``: patterns of the
-    entries of an unmarked directory that an older shardtune wrote (None: not one).
+    data file): the target may not be, hold, or lie inside any of them. ``kinds``: the kinds of output
+    the command may replace, each with the entries this version writes (empty: an output written in one
+    go, judged by its marker's own entries); None: any kind. ``within``: the same for the outputs it may
+    hold (a comparison's runs). ``legacy``: patterns of the entries of an unmarked directory that an
+    older shardtune wrote (None: not one).
     """
     text = str(target)
     if not text.strip():
@@ -188,10 +252,15 @@ def check_output_dir(
     if not any(where.iterdir()):
         return False
     marker = read_marker(where)
-    patterns = marker["entries"] if marker is not None else (legacy(where) if legacy else None)
+    if marker is not None and kinds is not None and marker.get("kind") not in kinds:
+        raise BadInput(
+            f"{key}: {text} holds another kind of shardtune output ({marker.get('kind')}), not {what}; "
+            "choose another directory"
+        )
+    patterns = entries_of(marker, kinds) if marker is not None else (legacy(where) if legacy else None)
     if patterns is None:
         raise BadInput(f"{key}: {text} holds files shardtune did not write; choose a new or empty directory")
-    foreign = foreign_entries(where, patterns)
+    foreign = foreign_entries(where, patterns, {**(within or {}), **(kinds or {})})
     if foreign:
         raise BadInput(
             f"{key}: {text} holds {foreign[0]!r}, which shardtune did not write; move it out or choose "
@@ -279,14 +348,19 @@ def write_output_dir(
     replace: bool,
     inputs: Iterable[Path | str | None] = (),
     key: str = "--out",
+    what: str = "a shardtune output",
+    replaces: Iterable[str] = (),
 ) -> None:
-    """Check ``out`` (:func:`check_output_dir`), hold its lock, and fill it atomically with ``write(tmp)``."""
-    check_output_dir(out, key, replace=replace, inputs=inputs)
+    """Check ``out`` (:func:`check_output_dir`), hold its lock, and fill it atomically with ``write(tmp)``.
+    It may replace an output of its own ``kind`` or of the kinds in ``replaces``."""
+    kinds = output_kinds(kind, *replaces)
+    check_output_dir(out, key, replace=replace, inputs=inputs, what=what, kinds=kinds)
     out = Path(out).expanduser()
     try:
         make_directory(Path(os.path.abspath(out)).parent)
         with exclusive_lock(lock_beside(out), key, str(out), remove=True):
-            check_output_dir(out, key, replace=replace, inputs=inputs)  # again, now that it is ours
+            # again, now that it is ours
+            check_output_dir(out, key, replace=replace, inputs=inputs, what=what, kinds=kinds)
             with atomic_directory(out, kind) as tmp:
                 write(tmp)
     except OSError as e:

@@ -138,13 +138,15 @@ def embedded_model_dir(alias: str) -> Path:
 
 def _cached_model(alias: str, make: Callable[[Path], None]) -> Path:
     """``cache_dir()/models/ALIAS``, made once by ``make(target)`` (which writes it atomically)."""
-    from shardtune.fileio import check_output_dir, file_lock
+    from shardtune.fileio import check_output_dir, file_lock, output_kinds
 
     target = cache_dir() / "models" / alias
     if _converted(target):
         return target
     # A half-written cache of ours is replaced; anything else there is the user's (SHARDTUNE_CACHE).
-    check_output_dir(target, "SHARDTUNE_CACHE", replace=True)
+    check_output_dir(
+        target, "SHARDTUNE_CACHE", replace=True, what="a converted model", kinds=output_kinds("model-cache")
+    )
     # Several processes of one run may get here together: the first makes it, the others wait for it.
     with file_lock(target.parent / f".{alias}.lock"):
         if not _converted(target):

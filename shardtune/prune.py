@@ -338,13 +338,15 @@ def prune_to_directory(
     """Load ``model``, prune it (Wanda and SparseGPT calibrate on the first ``samples`` examples of
     ``recipe``'s data) and write it to ``out``; return :func:`prune_model`'s report with ``out``."""
     from shardtune.catalog import canonical_dtype
-    from shardtune.fileio import check_output_dir
+    from shardtune.fileio import check_output_dir, output_kinds
     from shardtune.models import load_model
 
     dtype = canonical_dtype(dtype, "--dtype")
     local = Path(model).expanduser()
     inputs = [local if local.exists() else None, recipe]
-    check_output_dir(out, "--out", replace=overwrite, inputs=inputs)  # before loading anything
+    check_output_dir(  # before loading anything
+        out, "--out", replace=overwrite, inputs=inputs, what="a pruned model", kinds=output_kinds("prune")
+    )
     lm, tokenizer = load_model(model, dtype)
     calibration = calibration_batches(recipe, tokenizer, samples) if recipe is not None else None
     report = prune_model(lm, method, sparsity, pattern, calibration)
@@ -377,7 +379,7 @@ def save_model_dir(model: nn.Module, tokenizer, out: Path, overwrite: bool = Fal
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    write_output_dir(out, write, "prune", overwrite, inputs)
+    write_output_dir(out, write, "prune", overwrite, inputs, what="a pruned model")
 
 
 def sparsity_of(model: nn.Module) -> float:

@@ -593,18 +593,31 @@ def _quoted_hint(got: object) -> str:
     return ""
 
 
-def first_recipe_error(e: ValidationError, raw: dict) -> RecipeError:
-    """One line for the first problem (the count of the others appended)."""
-    errors = e.errors()
-    err = errors[0]
-    loc = list(err["loc"])
+# What pydantic puts into an error's location beside the keys: the member of a union it tried
+# (``list[str]``, ``literal['auto']``, ``str``), never a recipe key.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|dict|list|[a-z-]+\[.*\]|function-\S+)$")
+
+
+def _recipe_location(err: dict) -> list:
+    """The recipe key of a validation error: ``adapter.rank``, not ``adapter.lora.rank`` or
+    ``adapter.targets.list[str]``."""
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and _UNION_MEMBER.match(p))]
     # Discriminated unions put the tag into the location: ('adapter', 'lora', 'rank') → adapter.rank
     if len(loc) >= 2 and loc[0] == "adapter" and loc[1] in METHODS:
         del loc[1]
     if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
         loc.append("method")
+    return loc
+
+
+def first_recipe_error(e: ValidationError, raw: dict) -> RecipeError:
+    """One line for the first problem (the count of the others appended: other keys, not the other
+    members of a union the same value failed)."""
+    errors = e.errors()
+    err = errors[0]
+    loc = _recipe_location(err)
     problem = _describe(err, raw, tuple(loc))
-    more = len(errors) - 1
+    more = len({tuple(_recipe_location(other)) for other in errors} - {tuple(loc)})
     if more:
         problem += f" (and {more} more problem{'s' if more > 1 else ''})"
     return RecipeError(".".join(str(p) for p in loc), problem)

@@ -31,7 +31,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from shardtune.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECIPE_FILE, list_checkpoints
+from shardtune.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_FILES,
+    RECIPE_FILE,
+    list_checkpoints,
+)
 from shardtune.errors import BadInput
 from shardtune.fileio import (
     LOCK,
@@ -44,13 +50,15 @@ from shardtune.fileio import (
     write_marker,
 )
 from shardtune.recipe import Recipe, recipe_to_yaml
+from shardtune.tracking import LOGS, PROJECT
 
 log = logging.getLogger("shardtune")
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 RESULT_FILE = "result.json"
-# What a run directory holds (glob patterns); `compare` writes its runs into `compare/`.
+# What a run directory holds: glob patterns of paths, down to the files in its directories
+# (fileio.foreign_entries); anything else found in it is the user's, and the run is never replaced.
 RUN_ENTRIES = [
     ADAPTER_WEIGHTS,
     ADAPTER_CONFIG,
@@ -58,10 +66,16 @@ RUN_ENTRIES = [
     METRICS_FILE,
     LOG_FILE,
     RESULT_FILE,
-    "checkpoint-*",
-    "compare",
-    "logs",  # experiment trackers' files (TensorBoard event files)
+    *(f"checkpoint-[0-9]*/{name}" for name in CHECKPOINT_FILES),
+    "compare",  # `shardtune compare`'s runs: an output with its own marker
+    # experiment trackers' files: TensorBoard's event files, and the hparams accelerate writes
+    f"{LOGS}/{PROJECT}/events.out.tfevents.*",
+    f"{LOGS}/{PROJECT}/*/events.out.tfevents.*",
+    f"{LOGS}/{PROJECT}/*/hparams.yml",
 ]
+# The kinds of output a run replaces (output.overwrite), with what this version writes in them (a run
+# an older version marked is judged by these entries too).
+RUN_KINDS = {"run": RUN_ENTRIES}
 REPLACES = "replaces"  # marker key: the earlier run set aside, deleted when this one finishes
 
 
@@ -135,6 +149,7 @@ class RunDirectory:
                 self.recipe.adapter.init_from,
             ],
             legacy=legacy_run_entries,
+            kinds=RUN_KINDS,
         )
 
     def _lock(self) -> None:

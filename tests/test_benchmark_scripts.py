@@ -39,8 +39,8 @@ def test_step_time_with_ablations_writes_every_row(tmp_path):
         str(out),
     )
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert list(rows) == [*only.split(","), "floor (computed)", "floor (operands from memory)"]
-    floor, cold = rows.pop("floor (computed)"), rows.pop("floor (operands from memory)")
+    assert list(rows) == [*only.split(","), "floor (computed)", "floor (from memory)"]
+    floor, cold = rows.pop("floor (computed)"), rows.pop("floor (from memory)")
     assert floor["step_ms"] > rows["frozen base"]["step_ms"] and floor["trainable_params"] is None
     assert cold["step_ms"] > rows["frozen base"]["step_ms"] and cold["trainable_params"] is None
     assert rows["frozen base"]["vs_frozen_base"] == 1.0

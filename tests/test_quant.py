@@ -582,3 +582,22 @@ def test_export_of_an_nf4_run_is_a_plain_peft_lora(tmp_path):
     dequantized_base = quant.dequantize_model(quantized())
     loaded = peft.PeftModel.from_pretrained(dequantized_base, str(tmp_path / "peft"))
     torch.testing.assert_close(logits(loaded), nf4_logits, atol=1e-5, rtol=0)
+
+
+def test_a_librarys_logged_warnings_go_to_the_log_not_stderr(tmp_path):
+    """bitsandbytes logs a cast warning per int8 layer and step through `logging`; with no handler of
+    its own Python prints it on stderr, which carries shardtune's words only: it goes to train.log."""
+    import subprocess
+
+    recipe = tmp_path / "r.yaml"
+    raw = tiny_recipe(tmp_path, model={"name": "tiny-llama", "quantize": "int8"}, train={"max_steps": 2})
+    recipe.write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [sys.executable, "-m", "shardtune", "train", str(recipe), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SHARDTUNE_DEBUG": ""},
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "MatMul8bitLt" in (tmp_path / "run" / "train.log").read_text()

@@ -224,7 +224,7 @@ def test_a_shardtune_output_is_replaced_only_with_overwrite_and_leaves_nothing_b
     assert json.loads((out / MARKER).read_text())["kind"] == "export-peft"
     first = (out / "adapter_model.safetensors").read_bytes()
     refused(
-        ["export", str(place.run), "--out", str(out)], "already holds a shardtune output; pass --overwrite"
+        ["export", str(place.run), "--out", str(out)], "already holds an exported adapter; pass --overwrite"
     )
     # replaced by a different adapter (the checkpoint at step 2)
     args = ["export", str(place.run / "checkpoint-2"), "--out", str(out), "--overwrite"]
@@ -244,6 +244,141 @@ def test_a_shardtune_output_holding_a_users_file_is_never_replaced(place):
         "holds 'my-notes.md', which shardtune did not write",
     )
     assert place.snapshot() == before
+
+
+def _put(relative: str, copy_of: str | None = None):
+    """A user's addition to a run: a file at ``relative``, or a copy of the run's ``copy_of`` there."""
+
+    def put(run: Path) -> None:
+        target = run / relative
+        if copy_of is not None:
+            shutil.copytree(run / copy_of, target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("mine")
+
+    return put
+
+
+# What a user may put into a run, each at a place whose name is like shardtune's own: the run is then
+# never replaced (a replaced run's whole tree is deleted once the new one is in place).
+USERS_ADDITIONS = {
+    "a file in a checkpoint": (_put("checkpoint-2/NOTES.md"), "'checkpoint-2/NOTES.md'"),
+    "a copy of a checkpoint": (_put("checkpoint-best", copy_of="checkpoint-2"), "'checkpoint-best/'"),
+    "a file named like a checkpoint": (_put("checkpoint-notes.txt"), "'checkpoint-notes.txt'"),
+    "a file in logs/": (_put("logs/NOTES.md"), "'logs/NOTES.md'"),
+    "a file named like a temporary one": (_put(".train.log.bak"), "'.train.log.bak'"),
+    "a directory in a checkpoint": (_put("checkpoint-4/mine/a.txt"), "'checkpoint-4/mine/'"),
+    "a compare/ of their own": (_put("compare/results.csv"), "'compare/'"),
+}
+
+
+@pytest.mark.parametrize("addition", list(USERS_ADDITIONS))
+def test_a_run_holding_a_users_file_at_any_depth_is_never_replaced(place, addition):
+    put, named = USERS_ADDITIONS[addition]
+    put(place.run)
+    args = ["train", place.recipe(output={"dir": str(place.run), "overwrite": True}), "-q"]
+    before = place.snapshot()
+    refused(args, f"holds {named}, which shardtune did not write")
+    assert place.snapshot() == before
+
+
+def test_an_export_holding_a_users_file_in_a_subdirectory_is_never_replaced(place):
+    out = place.tmp / "exported"
+    assert runner.invoke(app, ["export", str(place.run), "--out", str(out)]).exit_code == 0
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.md").write_text("do not lose me")
+    before = place.snapshot()
+    refused(["export", str(place.run), "--out", str(out), "--overwrite"], "holds 'notes/'")
+    assert place.snapshot() == before
+
+
+def test_a_run_with_tensorboard_logs_and_checkpoints_is_replaced_with_overwrite(place):
+    raw = {"output": {"dir": str(place.tmp / "tb")}, "logging": {"every": 2, "report_to": ["tensorboard"]}}
+    raw["train"] = {"max_steps": 4, "save_every": 2}
+    assert runner.invoke(app, ["train", place.recipe(**raw), "-q"]).exit_code == 0
+    assert (
+        list((place.tmp / "tb" / "logs").rglob("hparams.yml"))
+        and (place.tmp / "tb" / "checkpoint-2").is_dir()
+    )
+    raw["output"]["overwrite"] = True
+    result = runner.invoke(app, ["train", place.recipe(**raw), "-q"])
+    assert result.exit_code == 0, result.output
+
+
+# An output is replaced only by the command that wrote its kind (an export either format).
+OTHER_KINDS = {
+    "merge over an export": (
+        lambda p: ["export", str(p.run), "--out", str(p.tmp / "o")],
+        lambda p: ["merge", str(p.run), "--out", str(p.tmp / "o"), "--overwrite", "--dtype", "fp32"],
+        "(export-peft), not a merged model",
+    ),
+    "export over another run": (
+        lambda p: ["train", p.recipe(output={"dir": str(p.tmp / "other")}), "-q"],
+        lambda p: ["export", str(p.run), "--out", str(p.tmp / "other"), "--overwrite"],
+        "(run), not an exported adapter",
+    ),
+    "prune over a merge": (
+        lambda p: ["merge", str(p.run), "--out", str(p.tmp / "o"), "--dtype", "fp32"],
+        lambda p: ["prune", "tiny-llama", "--out", str(p.tmp / "o"), "--overwrite", "--pattern", "2:4"],
+        "(merge), not a pruned model",
+    ),
+    "a run over an export": (
+        lambda p: ["export", str(p.run), "--out", str(p.tmp / "o")],
+        lambda p: ["train", p.recipe(output={"dir": str(p.tmp / "o"), "overwrite": True}), "-q"],
+        "(export-peft), not a run",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_KINDS))
+def test_an_output_is_replaced_only_by_the_kind_of_command_that_wrote_it(place, case):
+    first, second, message = OTHER_KINDS[case]
+    assert runner.invoke(app, first(place)).exit_code == 0
+    args = second(place)  # (writes the recipe of a run first)
+    before = place.snapshot()
+    refused(args, message)
+    assert place.snapshot() == before
+
+
+def test_merge_never_replaces_the_model_cache(place, monkeypatch):
+    monkeypatch.setenv("SHARDTUNE_CACHE", str(place.tmp / "cache"))
+    assert runner.invoke(app, ["export", str(place.run), "--out", str(place.tmp / "e")]).exit_code == 0
+    cached = place.tmp / "cache" / "models" / "tiny-llama"
+    assert (cached / MARKER).is_file()  # export saved the tiny base there, for PEFT to load
+    before = place.snapshot()
+    refused(
+        ["merge", str(place.run), "--out", str(cached), "--overwrite", "--dtype", "fp32"],
+        "(model-cache), not a merged model",
+    )
+    assert place.snapshot() == before
+
+
+def test_an_export_may_replace_an_export_of_the_other_format(place):
+    out = str(place.tmp / "e")
+    assert runner.invoke(app, ["export", str(place.run), "--out", out]).exit_code == 0
+    result = runner.invoke(
+        app, ["export", str(place.run), "--out", out, "--format", "shardtune", "--overwrite"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((Path(out) / MARKER).read_text())["kind"] == "export-shardtune"
+
+
+def test_rotating_checkpoints_deletes_only_what_shardtune_wrote(tmp_path, caplog):
+    from shardtune.checkpoint import CHECKPOINT_FILES, rotate_checkpoints
+
+    ours, theirs, newest = (tmp_path / f"checkpoint-{n}" for n in (1, 2, 3))
+    for d in (ours, theirs, newest):
+        d.mkdir()
+        for name in CHECKPOINT_FILES:
+            (d / name).write_text("x")
+    (theirs / "NOTES.md").write_text("mine")
+    with caplog.at_level("WARNING", logger="shardtune"):
+        rotate_checkpoints(tmp_path, keep=1)
+    assert not ours.exists()
+    assert sorted(p.name for p in theirs.iterdir()) == ["NOTES.md"]
+    assert sorted(p.name for p in newest.iterdir()) == sorted(CHECKPOINT_FILES)
+    assert "kept" in caplog.text and "NOTES.md, which shardtune did not write" in caplog.text
 
 
 def test_an_interrupted_write_leaves_the_old_output_whole(place, monkeypatch):
@@ -439,6 +574,16 @@ RECIPE_CASES = {
     "an integer beyond 64 bits in a list": (
         {"train": {"betas": [0.9, 2**80]}},
         "train.betas.1: 1208925819614629174706176 is too large",
+    ),
+    # a union's members (list[str], literal['auto']) are no recipe keys: never named as one
+    "a number for targets": ({"adapter": {"targets": 5}}, "error: adapter.targets: must be a list, got 5"),
+    "numbers in targets": (
+        {"adapter": {"targets": [1, 2]}},
+        "error: adapter.targets.0: must be a string, got 1",
+    ),
+    "an unknown chat template": (
+        {"data": {"chat_template": "yes"}},
+        "error: data.chat_template: must be one of",
     ),
     "an absurd timeout": ({"train": {"timeout_s": 1e300}}, "train.timeout_s: must be at most 2.592e+06"),
 }
@@ -843,3 +988,27 @@ def test_a_local_base_model_loads_from_safetensors_only_and_broken_weights_are_o
 def test_the_saved_base_loads_whole(place, saved_base):
     result = runner.invoke(app, ["generate", "-m", str(saved_base), "hi", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "methods,message",
+    [
+        ("", "--methods: names no method"),
+        (" , ", "--methods: names no method"),
+        ("lora,lora", "--methods: lora is given twice"),
+        ("lora,,fossil", "has an empty name between its commas"),
+    ],
+)
+def test_compare_needs_each_method_once(place, methods, message):
+    recipe = place.recipe(output={"dir": str(place.tmp / "cmp")})
+    before = place.snapshot()
+    refused(["compare", recipe, "--methods", methods], message)
+    assert place.snapshot() == before
+
+
+def test_resume_with_another_method_names_the_method(place):
+    recipe = place.recipe(output={"dir": str(place.run)}, adapter={"method": "fossil", "rank": 4})
+    refused(
+        ["train", recipe, "--resume-from", str(place.run / "checkpoint-2")],
+        "the checkpoint's adapter has method = 'lora' but the recipe says adapter.method = 'fossil'",
+    )

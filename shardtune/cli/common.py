@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from typing import Annotated
@@ -96,7 +97,9 @@ def debugging() -> bool:
 
 def warnings_to_log() -> None:
     """Library warnings go to shardtune's log (a run's train.log), never to stderr, which carries
-    shardtune's own words only; SHARDTUNE_DEBUG shows them as Python does."""
+    shardtune's own words only; SHARDTUNE_DEBUG shows them as Python does. Both kinds: the ``warnings``
+    module's and what a library logs through ``logging`` (bitsandbytes' casts, once per layer and
+    step), which Python would otherwise print on stderr for want of a handler."""
     if debugging():
         return
     import logging
@@ -106,6 +109,20 @@ def warnings_to_log() -> None:
         logging.getLogger("shardtune").warning("%s: %s (%s:%s)", category.__name__, message, filename, lineno)
 
     warnings.showwarning = to_log
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryRecordsToLog) for h in root.handlers):
+        root.addHandler(_LibraryRecordsToLog())
+
+
+class _LibraryRecordsToLog(logging.Handler):
+    """At the root logger: hands a library's log records (not shardtune's own) to shardtune's logger,
+    whose handlers are the run's log file; each record once (it comes back here by propagation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "shardtune" or record.name.startswith("shardtune.") or hasattr(record, "_to_log"):
+            return
+        record._to_log = True
+        logging.getLogger("shardtune").handle(record)
 
 
 def fail(

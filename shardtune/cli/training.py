@@ -120,7 +120,7 @@ def compare(
     quiet: QuietOption = False,
 ) -> None:
     """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
-    from shardtune.compare import parse_budgets
+    from shardtune.compare import parse_budgets, parse_methods
     from shardtune.hub import check_recipe_sources
     from shardtune.progress import Reporter
     from shardtune.recipe import load_recipe
@@ -133,7 +133,7 @@ def compare(
 
     report = run_compare(
         resolved,
-        [m.strip() for m in methods.split(",") if m.strip()],
+        parse_methods(methods),
         Reporter.for_cli(quiet),
         plot,
         fractions,
