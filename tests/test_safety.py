@@ -585,6 +585,10 @@ RECIPE_CASES = {
         {"data": {"chat_template": "yes"}},
         "error: data.chat_template: must be one of",
     ),
+    "a target regex that does not compile": (
+        {"adapter": {"targets": "("}},
+        "error: adapter.targets: invalid regular expression '(': missing ), unterminated subpattern",
+    ),
     "an absurd timeout": ({"train": {"timeout_s": 1e300}}, "train.timeout_s: must be at most 2.592e+06"),
 }
 

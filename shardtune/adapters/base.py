@@ -21,6 +21,7 @@ see each parameter exactly once; a layer keeps an *unregistered* reference to th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from torch import nn
 
 from shardtune.adapters.fused import fused_forward
@@ -72,6 +73,19 @@ class AdapterOptions(BaseModel):
     exclude: list[str] = Field(
         default_factory=list, description="Module names (same matching as a `targets` list) to leave out."
     )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_regex_compiles(cls, targets):
+        """A string of targets is a regular expression: one that does not compile is refused with the
+        recipe (``--dry-run`` included), not when the model is built."""
+        if isinstance(targets, str) and targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {targets!r}: {e}") from None
+        return targets
+
     init_from: str | None = Field(
         None,
         description="Start from the adapter weights in this directory instead of the method's init: a "
