@@ -138,6 +138,12 @@ def answer_prompts(
     from shardtune.checkpoint import load_adapted_model
     from shardtune.models import load_model
 
+    # (before loading anything)
+    if not math.isfinite(temperature):
+        raise BadInput(f"--temperature: must be a finite number, got {temperature}")
+    empty = next((i for i, p in enumerate(prompts) if not p.strip()), None)
+    if empty is not None:
+        raise BadInput(f"PROMPT: prompt {empty + 1} is empty; give the text to answer")
     if adapter is not None:
         lm, tokenizer, _ = load_adapted_model(adapter, base_model=model, trust_remote_code=trust_remote_code)
     elif model is not None:

@@ -1016,3 +1016,17 @@ def test_resume_with_another_method_names_the_method(place):
         ["train", recipe, "--resume-from", str(place.run / "checkpoint-2")],
         "the checkpoint's adapter has method = 'lora' but the recipe says adapter.method = 'fossil'",
     )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["hi", "--temperature", "inf"], "--temperature: must be a finite number, got inf"),
+        ([""], "PROMPT: prompt 1 is empty"),
+        (["hi", "  "], "PROMPT: prompt 2 is empty"),
+    ],
+)
+def test_generate_refuses_what_it_cannot_answer(place, args, message):
+    before = place.snapshot()
+    refused(["generate", "-a", str(place.run), *args], message)
+    assert place.snapshot() == before
