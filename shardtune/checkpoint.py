@@ -144,7 +144,13 @@ def rotate_checkpoints(run_dir: Path, keep: int) -> None:
 
 def remove_checkpoint(directory: Path) -> None:
     """Delete a checkpoint shardtune wrote (the oldest, beyond ``train.keep_checkpoints``): its own files,
-    then the directory if that leaves it empty. A file someone put there keeps it, with a warning."""
+    then the directory if that leaves it empty. A file someone put there keeps it, with a warning; a
+    symbolic link named like a checkpoint is someone's too (its target is never touched) and is kept."""
+    if directory.is_symlink() or not directory.is_dir():
+        log.warning(
+            "kept %s: a link or file named like a checkpoint, which shardtune did not write", directory
+        )
+        return
     for name in CHECKPOINT_FILES:
         (directory / name).unlink(missing_ok=True)
     try:

@@ -1030,3 +1030,23 @@ def test_generate_refuses_what_it_cannot_answer(place, args, message):
     before = place.snapshot()
     refused(["generate", "-a", str(place.run), *args], message)
     assert place.snapshot() == before
+
+
+def test_rotating_checkpoints_never_follows_a_link_named_like_a_checkpoint(tmp_path):
+    """checkpoint-1 → a user's directory of checkpoint-like files: rotation deletes nothing there."""
+    from shardtune.checkpoint import CHECKPOINT_FILES, rotate_checkpoints
+
+    theirs = tmp_path / "elsewhere"
+    theirs.mkdir()
+    for name in CHECKPOINT_FILES:
+        (theirs / name).write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-1").symlink_to(theirs)
+    for step in (2, 3):
+        (run / f"checkpoint-{step}").mkdir()
+        for name in CHECKPOINT_FILES:
+            (run / f"checkpoint-{step}" / name).write_text("x")
+    rotate_checkpoints(run, keep=1)
+    assert sorted(p.name for p in theirs.iterdir()) == sorted(CHECKPOINT_FILES)
+    assert (run / "checkpoint-1").is_symlink() and not (run / "checkpoint-2").exists()
