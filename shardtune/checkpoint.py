@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +29,11 @@ from shardtune.adapters.model import (
     inject_adapter,
     load_adapter_state_dict,
 )
-from shardtune.errors import BadInput
+from shardtune.errors import BadInput, named_as
 from shardtune.fileio import atomic_directory, atomic_write, atomic_write_text, read_safetensors
 from shardtune.fsdp import full_tensor, like_parameter
 from shardtune.models import load_model
-from shardtune.peftio import PEFT_WEIGHTS, is_peft_adapter, peft_meta, read_peft_weights
+from shardtune.peftio import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_adapter, peft_meta, read_peft_weights
 from shardtune.quant import quantization_of
 from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
 
@@ -307,26 +309,52 @@ def recorded_base(directory: Path, base_model: str | None = None) -> tuple[dict,
         raise BadInput(f"{directory / ADAPTER_CONFIG}: invalid base_model ({e.errors()[0]['msg']})") from None
 
 
+@contextmanager
+def base_model_errors(
+    directory: Path, base_model: str | None, option: str = "--base-model"
+) -> Iterator[None]:
+    """Bad input met loading an adapter's base model names where the name came from: ``option`` (the
+    command line's ``base_model``), else the field of the adapter's config that records it, with the
+    option that gives another copy (a moved or deleted base)."""
+    if base_model is not None:
+        with named_as({"model.name": option}):
+            yield
+        return
+    peft = is_peft_adapter(directory)
+    config = directory / (PEFT_CONFIG if peft else ADAPTER_CONFIG)
+    field = f"{config}: {'base_model_name_or_path' if peft else 'base_model.name'}"
+    try:
+        with named_as({"model.name": field, "model.revision": f"{config}: base_model.revision"}):
+            yield
+    except BadInput as e:
+        if not str(e).startswith(field):
+            raise
+        raise BadInput(f"{e} (give the base model with {option})") from None
+
+
 def load_adapted_model(
     directory: str | Path,
     base_model: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
+    base_option: str = "--base-model",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """Base model (as recorded in adapter.json or PEFT's adapter_config.json, or ``base_model``) with
-    the adapter attached, in eval mode.
+    the adapter attached, in eval mode. ``base_option``: the command-line option that gave
+    ``base_model`` (or would give it), as errors name it.
 
     ``trust_remote_code`` is never taken from the adapter directory: the caller must ask for it.
     """
     directory = Path(directory)
     meta, section = recorded_base(directory, base_model)
-    model, tokenizer = load_model(
-        section.name,
-        dtype or section.dtype,
-        trust_remote_code=trust_remote_code,
-        revision=section.revision,
-        quantization=quantization_of(section),  # the base as it was trained: quantized the same way
-    )
+    with base_model_errors(directory, base_model, base_option):
+        model, tokenizer = load_model(
+            section.name,
+            dtype or section.dtype,
+            trust_remote_code=trust_remote_code,
+            revision=section.revision,
+            quantization=quantization_of(section),  # the base as it was trained: quantized the same way
+        )
     attach_adapter(model, directory)
     model.eval()
     return model, tokenizer, meta

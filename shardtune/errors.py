@@ -15,6 +15,9 @@ Exit codes (stable, documented in docs/cli.md):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -52,6 +55,21 @@ class RecipeError(BadInput):
         self.key = key
         self.problem = problem
         super().__init__(f"{key}: {problem}" if key else problem)
+
+
+@contextmanager
+def named_as(names: dict[str, str]) -> Iterator[None]:
+    """Bad input the library names by a recipe key (``model.name: ...``) while it reads a value that
+    came from elsewhere, names where that value came from: ``{"model.name": "--model"}`` for a
+    command-line option, or the field of a saved file that recorded it."""
+    try:
+        yield
+    except BadInput as e:
+        message = str(e)
+        for key, name in names.items():
+            if message.startswith(f"{key}:"):
+                raise BadInput(name + message[len(key) :]) from None
+        raise
 
 
 class Diverged(ShardtuneError):

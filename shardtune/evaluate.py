@@ -21,7 +21,7 @@ from shardtune.data import (
     prompt_text,
     uses_chat,
 )
-from shardtune.errors import BadInput
+from shardtune.errors import BadInput, named_as
 from shardtune.tasks import METRICS
 
 
@@ -145,9 +145,12 @@ def answer_prompts(
     if empty is not None:
         raise BadInput(f"PROMPT: prompt {empty + 1} is empty; give the text to answer")
     if adapter is not None:
-        lm, tokenizer, _ = load_adapted_model(adapter, base_model=model, trust_remote_code=trust_remote_code)
+        lm, tokenizer, _ = load_adapted_model(
+            adapter, base_model=model, trust_remote_code=trust_remote_code, base_option="--model"
+        )
     elif model is not None:
-        lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
+        with named_as({"model.name": "--model"}):
+            lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     else:
         raise BadInput("generate: give --adapter RUN_DIR, --model MODEL, or both")
     use_chat = chat and uses_chat(tokenizer, "auto")
@@ -186,11 +189,14 @@ def evaluate(
         lm, tokenizer, meta = load_adapted_model(run_dir, base_model=base_model)
         result = {"run_dir": str(run_dir), "method": meta["method"], "step": meta["step"]}
     else:
-        lm, tokenizer = load_model(model)
+        with named_as({"model.name": "--model"}):
+            lm, tokenizer = load_model(model)
         result = {"model": model}
     chat = uses_chat(tokenizer, recipe.data.chat_template if recipe else "auto")
     features, _ = encode_all(held, tokenizer, settings["max_length"], chat)
     result.update({"data": settings["source"], "metric": settings["metric"]})
+    if "note" in settings:
+        result["note"] = settings["note"]
 
     def measure() -> dict:
         loader = DataLoader(
@@ -242,23 +248,32 @@ def _run_recipe(run_dir: Path | None, data):
 
 def _examples(recipe, data, data_format: str, metric: str, samples: int | None):
     """(examples, whether to score them, settings) for :func:`evaluate`."""
-    from shardtune.recipe import DataSection, EvalSection
+    from pydantic import ValidationError
+
+    from shardtune.recipe import DataSection, EvalSection, first_recipe_error
 
     if data is not None:
+        raw = {"path": str(data), "format": data_format}
         try:
-            section = DataSection(path=str(data), format=data_format)
-        except ValueError as e:
-            raise BadInput(f"--format: {str(e).splitlines()[0]}") from None
-        held = all_examples(section)[:samples]
+            section = DataSection.model_validate(raw)
+        except ValidationError as e:
+            raise BadInput(f"--format: {first_recipe_error(e, raw).problem}") from None
+        with named_as({"data.path": "--data", "data": "--data"}):
+            every = all_examples(section)
+        held = every[:samples]
         scored = all(e.completion or e.messages for e in held) and any(e.prompt or e.messages for e in held)
         defaults = EvalSection()
         settings = {"source": str(data), "task": None, "max_length": 1024, "batch_size": defaults.batch_size}
         settings.update(max_new_tokens=defaults.max_new_tokens * 4, metric=metric if scored else None)
+        if samples is not None and samples > len(every):
+            settings["note"] = (
+                f"--samples {samples}: {data} holds {len(every)} examples; evaluating on all of them"
+            )
         return held, scored, settings
     if samples is not None and recipe.data.task is not None:
         recipe.data.eval_samples = samples  # generated items: as many as asked, never trained on
-    _, held = load_examples(recipe.data)
-    held = held[:samples]  # split-off data: never more than the run held out (the rest was trained on)
+    _, every = load_examples(recipe.data)
+    held = every[:samples]  # split-off data: never more than the run held out (the rest was trained on)
     if not held:
         raise BadInput(
             "eval: the run's recipe holds out no examples (data.eval_samples is 0); give --data FILE"
@@ -271,4 +286,9 @@ def _examples(recipe, data, data_format: str, metric: str, samples: int | None):
         "max_new_tokens": recipe.eval.max_new_tokens,
         "metric": "exact" if recipe.data.task else None,
     }
+    if samples is not None and samples > len(every):
+        settings["note"] = (
+            f"--samples {samples}: the run held out {len(every)} examples (the rest were trained on); "
+            "evaluating on all of them"
+        )
     return held, recipe.data.task is not None, settings

@@ -120,7 +120,7 @@ def _base_for_merge(
     """The run's base (``base_model``: another copy of it) in fp32 with its adapter attached, and where
     the base's weights came from: ``original`` (as stored, unquantized) or ``dequantized`` (the
     quantized base, dequantized)."""
-    from shardtune.checkpoint import recorded_base
+    from shardtune.checkpoint import base_model_errors, recorded_base
     from shardtune.models import load_config
 
     meta, section = recorded_base(run_dir, base_model)
@@ -138,13 +138,14 @@ def _base_for_merge(
         model, tokenizer, meta = load_adapted_model(run_dir, base_model=base_model, dtype="fp32")
         return model, tokenizer, meta, "original"
     source = "dequantized" if base_weights == "dequantized" or stored_quantized else "original"
-    if source == "original":
-        model, tokenizer = load_model(section.name, "fp32", section.trust_remote_code, section.revision)
-    else:  # quantized as it was trained (same dtype, so the same codes), then Q(W) in fp32, on the CPU
-        model, tokenizer = load_model(
-            section.name, section.dtype, section.trust_remote_code, section.revision, quantization, "cpu"
-        )
-        model = quant.dequantize_model(model, torch.float32)
+    with base_model_errors(run_dir, base_model):
+        if source == "original":
+            model, tokenizer = load_model(section.name, "fp32", section.trust_remote_code, section.revision)
+        else:  # quantized as it was trained (same dtype, so the same codes), then Q(W) in fp32, on the CPU
+            model, tokenizer = load_model(
+                section.name, section.dtype, section.trust_remote_code, section.revision, quantization, "cpu"
+            )
+            model = quant.dequantize_model(model, torch.float32)
     attach_adapter(model, run_dir)
     model.eval()
     return model, tokenizer, meta, source

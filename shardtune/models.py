@@ -341,14 +341,14 @@ def load_config(name: str, trust_remote_code: bool = False, revision: str | None
     if name not in EMBEDDED and path.is_file():
         source, extra = str(path), {}
     else:
-        source, extra = _source(name, revision, key="--model")
+        source, extra = _source(name, revision)
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         if hub.is_hub_id(name):
-            raise hub.describe_failure("--model", name, revision, e) from None
+            raise hub.describe_failure("model.name", name, revision, e) from None
         first = first_line(e)
-        raise BadInput(f"--model: cannot read a config for {name!r}: {first}") from None
+        raise BadInput(f"model.name: cannot read a config for {name!r}: {first}") from None
 
 
 def config_fingerprint(name: str) -> str | None:

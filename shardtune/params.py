@@ -16,7 +16,7 @@ import torch
 from shardtune import quant
 from shardtune.adapters import METHODS, AdapterOptions
 from shardtune.adapters.model import inject_adapter, trainable_share
-from shardtune.errors import BadInput
+from shardtune.errors import BadInput, named_as
 from shardtune.layout import ModelLayout, keep_layout, layout_of, model_layout, skeleton
 
 
@@ -76,11 +76,13 @@ def parameter_report(
     trust_remote_code: bool = False,
     quantize: str | None = None,
     double_quant: bool = True,
+    model_key: str = "--model",
 ) -> dict:
     """Trainable parameters of ``method`` (or, ``compare``, of every method with the options it
     understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA;
     and the base's weight memory (:meth:`shardtune.layout.ModelLayout.base_memory`) in the config's dtype,
-    quantized as ``quantize`` (nf4 | fp4 | int8) when given."""
+    quantized as ``quantize`` (nf4 | fp4 | int8) when given. ``model_key``: where ``model`` came from, as
+    a bad one is named (``--model``, or ``model.name`` of a recipe)."""
     from shardtune.catalog import DEFAULT_MODEL
     from shardtune.errors import ShardtuneError
 
@@ -90,7 +92,8 @@ def parameter_report(
     if model is None:
         model = DEFAULT_MODEL
         note = f"counting on the embedded default model {model} (give --model or --recipe for another)"
-    layout = model_layout(model, trust_remote_code, keep=False)  # kept below, once counted
+    with named_as({"model.name": model_key}):
+        layout = model_layout(model, trust_remote_code, keep=False)  # kept below, once counted
     options = options or {}
     rows = []
     for name in METHODS if compare else [method]:

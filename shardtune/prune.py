@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from shardtune.adapters.model import find_targets
-from shardtune.errors import BadInput
+from shardtune.errors import BadInput, named_as
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -347,7 +347,8 @@ def prune_to_directory(
     check_output_dir(  # before loading anything
         out, "--out", replace=overwrite, inputs=inputs, what="a pruned model", kinds=output_kinds("prune")
     )
-    lm, tokenizer = load_model(model, dtype)
+    with named_as({"model.name": "MODEL"}):
+        lm, tokenizer = load_model(model, dtype)
     calibration = calibration_batches(recipe, tokenizer, samples) if recipe is not None else None
     report = prune_model(lm, method, sparsity, pattern, calibration)
     save_model_dir(lm, tokenizer, out, overwrite, inputs)

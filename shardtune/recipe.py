@@ -77,6 +77,17 @@ class ModelSection(Section):
         )
     )
 
+    @field_validator("revision")
+    @classmethod
+    def _revision_of_hub_ids_only(cls, value, info):
+        from shardtune import hub
+
+        name = info.data.get("name")
+        if value is not None and isinstance(name, str) and not hub.is_hub_id(name):
+            what = "a builtin alias" if hub.is_builtin(name) else "a local directory"
+            raise ValueError(f"applies to hub ids only; model.name {name!r} is {what}")
+        return value
+
     @field_validator("double_quant", "compute_dtype")
     @classmethod
     def _four_bit_options_need_four_bits(cls, value, info):
@@ -165,6 +176,23 @@ class DataSection(Section):
     def _one_source(self):
         if sum(x is not None for x in (self.task, self.path, self.hub)) != 1:
             raise ValueError("set exactly one of data.task, data.path or data.hub")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_that_apply(self):
+        # A key that would do nothing with the others as set is a mistake, not a no-op. (A saved or
+        # resolved recipe spells out the defaults: only values that differ from them count.)
+        defaults = type(self).model_fields
+        if self.revision is not None and self.hub is None:
+            raise RecipeError(
+                "data.revision", "applies to data.hub only (a hub dataset's branch, tag or commit)"
+            )
+        if self.num_samples != defaults["num_samples"].default and self.task is None:
+            raise RecipeError(
+                "data.num_samples", "applies to data.task only (examples a builtin task generates)"
+            )
+        if self.text_field != defaults["text_field"].default and self.format not in ("text", "auto"):
+            raise RecipeError("data.text_field", f"applies to format: text only (format is {self.format})")
         return self
 
     @field_validator("task")
@@ -504,8 +532,32 @@ def apply_override(raw: dict, item: str) -> str | None:
             old = node.get("method")
             keys = ", ".join(f"adapter.{k}" for k in dropped)
             note = f"adapter.method={value}: dropped {keys} (options of {old} that {value} does not have)"
+    if len(parts) == 2 and parts[0] == "data" and parts[1] in DATA_SOURCE_KEYS and value is not None:
+        note = _switch_data_source(node, parts[1])
     node[parts[-1]] = value
     return note
+
+
+# Each data source and the keys that apply to it alone (dropped when ``--set`` picks another source).
+DATA_SOURCE_KEYS = {"task": ("num_samples",), "path": (), "hub": ("revision",)}
+
+
+def _switch_data_source(data: dict, source: str) -> str | None:
+    """``--set data.SOURCE=...``: the other sources of the recipe's data section, and the keys only
+    they use, are dropped (a recipe names one source); returns a note that says which."""
+    dropped = [
+        key
+        for other, own in DATA_SOURCE_KEYS.items()
+        if other != source and other in data
+        for key in (other, *own)
+        if key in data
+    ]
+    for key in dropped:
+        del data[key]
+    if not dropped:
+        return None
+    keys = ", ".join(f"data.{k}" for k in dropped)
+    return f"data.{source}: dropped {keys} (the recipe's other data source)"
 
 
 def _model_at(loc: tuple, raw: dict) -> type[BaseModel] | None:

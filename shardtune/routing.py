@@ -17,9 +17,15 @@ from shardtune.errors import BadInput
 from shardtune.fileio import check_plot_path, save_figure
 
 
-def routing_of(target: Path, overrides: list[str] | None = None, plot_to: Path | None = None) -> dict:
-    """:func:`routing_report` of a run or checkpoint directory, or of a recipe's adapter before
-    training; with ``plot_to``, also the overlap heatmaps there (:func:`plot`)."""
+def routing_of(
+    target: Path,
+    overrides: list[str] | None = None,
+    plot_to: Path | None = None,
+    base_model: str | None = None,
+) -> dict:
+    """:func:`routing_report` of a run or checkpoint directory (``base_model``: another copy of its base),
+    or of a recipe's adapter before training; with ``plot_to``, also the overlap heatmaps there
+    (:func:`plot`)."""
     if plot_to is not None:
         check_plot_path(plot_to, "--plot", inputs=[target if target.is_dir() else None])
     from shardtune.adapters.model import inject_adapter
@@ -28,8 +34,12 @@ def routing_of(target: Path, overrides: list[str] | None = None, plot_to: Path |
     from shardtune.recipe import load_recipe
 
     if target.is_dir():
-        model, _, _ = load_adapted_model(target)
+        model, _, _ = load_adapted_model(target, base_model=base_model)
     else:
+        if base_model is not None:
+            raise BadInput(
+                f"--base-model: {target} is a recipe, whose model.name is the base (--set model.name=...)"
+            )
         recipe = load_recipe(target, overrides)
         model, _ = load_model(
             recipe.model.name, recipe.model.dtype, recipe.model.trust_remote_code, recipe.model.revision

@@ -99,6 +99,7 @@ class RunDirectory:
         self.resuming = resume_from is not None and resolved(resume_from).parent == resolved(self.path)
         self.level = level.upper()
         self.replacing = self.started = False
+        self.aside: Path | None = None  # the earlier run, while this one replaces it
         self.keep_log = False  # set on an internal error: its traceback goes to train.log
         self._locks = ExitStack()
         self._log: logging.Handler | None = None
@@ -166,6 +167,7 @@ class RunDirectory:
         if self.replacing:
             aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-", dir=self.path.parent))
             os.rename(self.path, aside)  # onto the empty placeholder; its lock stays held
+            self.aside = aside
             log.info("the earlier run in %s is kept at %s until this run finishes", self.path, aside)
             self._create(**{REPLACES: aside.name})
         elif not self.resuming:
@@ -222,6 +224,14 @@ class RunDirectory:
         ):
             shutil.rmtree(self.path.parent / replaced, ignore_errors=True)
             write_marker(self.path, "run", RUN_ENTRIES)
+        self.aside = None
+
+    def earlier_run_note(self) -> str:
+        """For the error a replacing run ends with: where the run it was to replace is kept (a hidden
+        directory beside it), and until when; empty when there is none."""
+        if self.aside is None:
+            return ""
+        return f"; the earlier run in {self.path} is kept at {self.aside} until a run there finishes"
 
     def close(self) -> None:
         """Release the locks and close train.log. Before ``start``, what waited in memory is dropped —

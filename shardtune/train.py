@@ -469,14 +469,17 @@ class Trainer:
             with StopFlag(self.accelerator.num_processes > 1) as self.stop, self._heartbeats():
                 yield
         except ShardtuneError as e:
+            e.args = (f"{e}{self.directory.earlier_run_note()}",)
             log.error("error: %s", e)
             raise
         except KeyboardInterrupt:
-            interrupted = Interrupted(self.interrupted_message())
+            interrupted = Interrupted(self.interrupted_message() + self.directory.earlier_run_note())
             log.error("error: %s", interrupted)
             raise interrupted from None
         except Exception:
             log.exception("training failed")  # the traceback goes to train.log; the user gets one line
+            if self.directory.earlier_run_note():
+                log.error("%s", self.directory.earlier_run_note().removeprefix("; "))
             self.directory.keep_log = True
             raise
         finally:

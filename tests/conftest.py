@@ -119,6 +119,8 @@ def tiny_recipe(tmp_path, **sections) -> dict:
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
+    if raw["data"].get("task") is None:
+        raw["data"].pop("num_samples", None)  # the task's key: refused with another data source
     return raw
 
 

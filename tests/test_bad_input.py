@@ -32,7 +32,7 @@ def recipe_file(tmp_path, **sections):
 
 def data_file(tmp_path, name, content: bytes):
     (tmp_path / name).write_bytes(content)
-    return ["--set", "data.task=null", "--set", f"data.path={tmp_path / name}"]
+    return ["--set", f"data.path={tmp_path / name}"]  # (drops the recipe's task)
 
 
 def copy_run(trained, tmp_path, mutate):
@@ -90,7 +90,7 @@ CASES = {
         "train.precision: must be one of",
     ),
     "two data sources": (
-        lambda t, r: ["train", recipe_file(t), "--set", "data.path=x.jsonl"],
+        lambda t, r: ["train", recipe_file(t, data={"path": "x.jsonl"})],
         "set exactly one of data.task",
     ),
     "no data source": (
@@ -276,7 +276,107 @@ CASES = {
         lambda t, r: ["params", "--model", "tiny-llama", "--method", "nope"],
         "--method: unknown method",
     ),
+    # an error names where the bad value came from: the option, the recipe key, the recorded field
+    "generate --model missing": (
+        lambda t, r: ["generate", "hi", "-m", str(t / "gone")],
+        "error: --model: <GONE> is not a directory",
+    ),
+    "generate -a with --model missing": (
+        lambda t, r: ["generate", "hi", "-a", str(r), "-m", str(t / "gone")],
+        "error: --model: <GONE> is not a directory",
+    ),
+    "eval --model missing": (
+        lambda t, r: ["eval", "-m", str(t / "gone"), "--data", _write(t, "d.jsonl", b'{"text": "a"}\n')],
+        "error: --model: <GONE> is not a directory",
+    ),
+    "eval --data missing": (
+        lambda t, r: ["eval", str(r), "--data", str(t / "gone.jsonl")],
+        "error: --data: ",
+    ),
+    "eval --data not json": (
+        lambda t, r: ["eval", str(r), "--data", _write(t, "d.jsonl", b"{oops\n")],
+        "error: --data: ",
+    ),
+    "eval --format unknown": (
+        lambda t, r: ["eval", str(r), "--data", _write(t, "d.jsonl", b'{"text": "a"}\n'), "--format", "csv"],
+        "error: --format: must be one of 'auto', 'text'",
+    ),
+    "eval --base-model missing": (
+        lambda t, r: ["eval", str(r), "--base-model", str(t / "gone")],
+        "error: --base-model: <GONE> is not a directory",
+    ),
+    "merge --base-model missing": (
+        lambda t, r: ["merge", str(r), "--out", str(t / "m"), "--base-model", str(t / "gone")],
+        "error: --base-model: <GONE> is not a directory",
+    ),
+    "export with its base moved": (
+        lambda t, r: ["export", copy_run(r, t, _base_moved), "--out", str(t / "x")],
+        "adapter.json: base_model.name: /moved/away is not a directory (give the base model with --base-model)",
+    ),
+    "merge with its base moved": (
+        lambda t, r: ["merge", copy_run(r, t, _base_moved), "--out", str(t / "x")],
+        "adapter.json: base_model.name: /moved/away is not a directory (give the base model with --base-model)",
+    ),
+    "generate with its base moved": (
+        lambda t, r: ["generate", "-a", copy_run(r, t, _base_moved), "hi"],
+        "adapter.json: base_model.name: /moved/away is not a directory (give the base model with --model)",
+    ),
+    "routing with its base moved": (
+        lambda t, r: ["routing", copy_run(r, t, _base_moved)],
+        "adapter.json: base_model.name: /moved/away is not a directory (give the base model with --base-model)",
+    ),
+    "prune MODEL missing": (
+        lambda t, r: ["prune", str(t / "gone"), "--out", str(t / "p")],
+        "error: MODEL: <GONE> is not a directory",
+    ),
+    "params --recipe with a missing model": (
+        lambda t, r: ["params", "--recipe", recipe_file(t, model={"name": str(t / "gone")})],
+        "error: model.name: <GONE> is not a directory",
+    ),
+    "params --model missing": (
+        lambda t, r: ["params", "--model", str(t / "gone")],
+        "error: --model: <GONE> is not a directory",
+    ),
+    # a key that would do nothing with the others as set
+    "model.revision of a builtin": (
+        lambda t, r: ["train", recipe_file(t), "--set", "model.revision=main"],
+        "error: model.revision: applies to hub ids only; model.name 'tiny-llama' is a builtin alias",
+    ),
+    "data.num_samples of a file": (
+        lambda t, r: [
+            "train",
+            recipe_file(t, data={"task": None, "path": "x.jsonl"}),
+            "--set",
+            "data.num_samples=9",
+        ],
+        "error: data.num_samples: applies to data.task only",
+    ),
+    "data.revision without hub": (
+        lambda t, r: ["train", recipe_file(t), "--set", "data.revision=v1"],
+        "error: data.revision: applies to data.hub only",
+    ),
+    "data.text_field with alpaca": (
+        lambda t, r: [
+            "train",
+            recipe_file(t),
+            "--set",
+            "data.format=alpaca",
+            "--set",
+            "data.text_field=body",
+        ],
+        "error: data.text_field: applies to format: text only (format is alpaca)",
+    ),
+    "fossil mini_r without mini mode": (
+        lambda t, r: ["train", recipe_file(t, adapter={"method": "fossil", "rank": 4, "mini_r": 8})],
+        "error: adapter.mini_r: applies to mode: mini only (mode is default)",
+    ),
 }
+
+
+def _base_moved(run):
+    meta = json.loads((run / "adapter.json").read_text())
+    meta["base_model"]["name"] = "/moved/away"
+    (run / "adapter.json").write_text(json.dumps(meta))
 
 
 def _write(tmp_path, name, content: bytes) -> str:
@@ -302,9 +402,11 @@ def test_there_are_at_least_30_cases():
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_line_error_and_nonzero_exit(case, tmp_path, trained):
     make_args, expected = CASES[case]
+    expected = expected.replace("<GONE>", str(tmp_path / "gone"))  # a path that does not exist
     result = runner.invoke(app, make_args(tmp_path, trained))
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    err = result.stderr.strip()
+    # (a note of what an override changed, e.g. `--set data.path=` dropping the task, may come first)
+    err = "\n".join(line for line in result.stderr.strip().splitlines() if not line.startswith("note: "))
     assert err.startswith("error: ") and expected in err, err
     assert len(err.splitlines()) == 1, err
     assert "Traceback" not in result.output + result.stderr

@@ -236,6 +236,19 @@ def test_eval_a_plain_model_on_your_own_data_with_exact_and_contains(tmp_path):
         app, ["eval", "-m", "tiny-llama", "--data", str(tmp_path / "d.jsonl"), "--metric", "fuzzy"]
     )
     assert bad.exit_code == 2 and "--metric: expected one of exact, contains" in bad.stderr
+    # more --samples than the file holds: all of them, and a note on stderr that says so
+    more = runner.invoke(
+        app, ["eval", "-m", "tiny-llama", "--data", str(tmp_path / "d.jsonl"), "--samples", "9"]
+    )
+    assert more.exit_code == 0 and "tiny-llama on" in more.stdout and "note" not in more.stdout
+    assert (
+        f"note: --samples 9: {tmp_path / 'd.jsonl'} holds 4 examples; evaluating on all of them"
+        in more.stderr
+    )
+    fewer = runner.invoke(
+        app, ["eval", "-m", "tiny-llama", "--data", str(tmp_path / "d.jsonl"), "--samples", "2", "--json"]
+    )
+    assert json.loads(fewer.stdout)["model_scores"]["scored"] == 2 and "note" not in fewer.stderr
 
 
 def test_contains_scoring_counts_what_exact_misses():

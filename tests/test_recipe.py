@@ -7,7 +7,7 @@ import yaml
 from conftest import tiny_recipe
 
 from shardtune.errors import BadInput, RecipeError
-from shardtune.recipe import load_recipe, recipe_from_dict
+from shardtune.recipe import load_recipe, override_notes, recipe_from_dict
 
 
 def write(tmp_path, raw, name="recipe.yaml"):
@@ -58,7 +58,7 @@ def test_overrides(tmp_path):
         (["adapter.mode=mini"], "adapter.mode: unknown key"),  # lora has no mode
         (["trian.lr=1"], "trian: unknown key (did you mean 'train'?)"),
         (["model.name=null"], "model.name: must be a string, got None"),
-        (["data.path=x.jsonl"], "data: set exactly one of data.task, data.path or data.hub"),
+        (["data.task=null"], "data: set exactly one of data.task, data.path or data.hub"),
         (["train=3"], "train: must be a section (a mapping of keys), got 3"),
         (["train.cpu=maybe"], "train.cpu: must be true or false, got 'maybe'"),
     ],
@@ -129,3 +129,18 @@ def test_recipe_reference_doc_is_current():
 
     doc = Path(__file__).parents[1] / "docs" / "recipe-reference.md"
     assert doc.read_text() == recipe_reference_markdown() + "\n", "run `make docs`"
+
+
+def test_set_data_source_switches_source(tmp_path):
+    """``--set data.path=...`` on a task recipe trains on the file: the task and the keys only it
+    uses are dropped, and a note says so (as ``adapter.method=`` does for the old method's keys)."""
+    path = write(tmp_path, tiny_recipe(tmp_path))
+    recipe = load_recipe(path, ["data.path=x.jsonl"])
+    assert (recipe.data.task, recipe.data.path) == (None, "x.jsonl")
+    assert "num_samples" not in recipe.data.model_fields_set
+    assert override_notes(recipe) == [
+        "data.path: dropped data.task, data.num_samples (the recipe's other data source)"
+    ]
+    recipe = load_recipe(path, ["data.hub=org/ds", "data.revision=v1", "data.task=reverse"])
+    assert (recipe.data.task, recipe.data.hub, recipe.data.revision) == ("reverse", None, None)
+    assert load_recipe(path, ["data.task=sort"]).data.num_samples == 128  # the same source: kept

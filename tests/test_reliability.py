@@ -182,6 +182,31 @@ def test_nan_loss_stops_with_exit_3_and_keeps_last_checkpoint(tmp_path, monkeypa
     assert all(torch.isfinite(t).all() for t in load_file(ckpt / "adapter.safetensors").values())
 
 
+def test_a_replacing_run_that_fails_says_where_the_earlier_run_is_kept(tmp_path, monkeypatch):
+    train(recipe_from_dict(tiny_recipe(tmp_path, train={"max_steps": 2})))
+    earlier = (tmp_path / "run" / "adapter.safetensors").read_bytes()
+    from transformers import LlamaForCausalLM
+
+    real_forward = LlamaForCausalLM.forward
+
+    def poisoned(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", poisoned)
+    replacing = tiny_recipe(tmp_path, output={"overwrite": True})
+    with pytest.raises(Diverged) as err:
+        train(recipe_from_dict(replacing))
+    (aside,) = tmp_path.glob(".run.replaced-*")
+    assert str(err.value).endswith(
+        f"; the earlier run in {tmp_path / 'run'} is kept at {aside} until a run there finishes"
+    )
+    assert (aside / "adapter.safetensors").read_bytes() == earlier
+    assert "is kept at" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
     base = {"adapter": {"method": "sharelora", "rank": 4}, "train": {"max_steps": 5}}
     train(recipe_from_dict(tiny_recipe(tmp_path / "a", **base)))

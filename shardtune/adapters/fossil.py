@@ -53,7 +53,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 from torch import nn
 
 from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target, add_low_rank
@@ -76,6 +76,16 @@ class FossilOptions(AdapterOptions):
     dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the adapter's input, before the block sum."
     )
+
+    @field_validator("mini_r")
+    @classmethod
+    def _mini_r_needs_mini_mode(cls, value: int, info):
+        # (a saved or resolved recipe spells out the default: only another value counts)
+        if value != cls.model_fields["mini_r"].default and info.data.get("mode", "mini") != "mini":
+            raise ValueError(
+                f"applies to mode: mini only (mode is {info.data['mode']}); set adapter.mode: mini"
+            )
+        return value
 
 
 class FossilAdapter(LayerAdapter):

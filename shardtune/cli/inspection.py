@@ -84,6 +84,8 @@ def eval_command(
     from shardtune.evaluate import evaluate
 
     result = evaluate(run_dir, model, base_model, data, data_format, metric, samples, base)
+    if result.get("note"):
+        err_console.print(f"note: {result['note']}", markup=False, soft_wrap=True)
     if json_output:
         print_json(result)
         return
@@ -113,6 +115,9 @@ def routing(
     layers: Annotated[
         int, typer.Option("--layers", min=1, help="Layers to list in the per-layer table.")
     ] = 8,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="A run's base model, moved or re-downloaded.")
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show which pool shards each layer's A and B use: private ones, reuse counts, layer overlap.
@@ -121,7 +126,7 @@ def routing(
     """
     from shardtune import routing as routing_lib
 
-    report = routing_lib.routing_of(target, set_, plot_to=plot)
+    report = routing_lib.routing_of(target, set_, plot_to=plot, base_model=base_model)
     if json_output:
         print_json(report)
         return
@@ -171,8 +176,11 @@ def params(
 
     from shardtune.params import parameter_options, parameter_report
 
+    model_key = "model.name" if model is None and recipe is not None else "--model"
     model, method, options, quantize = parameter_options(model, method, rank, targets, set_, recipe, quantize)
-    report = parameter_report(model, method, options, compare, trust_remote_code, quantize, double_quant)
+    report = parameter_report(
+        model, method, options, compare, trust_remote_code, quantize, double_quant, model_key
+    )
     if report.get("note"):
         err_console.print(report["note"], markup=False, soft_wrap=True)
     if json_output:
