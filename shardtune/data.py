@@ -51,20 +51,27 @@ class Example:
 # Records
 
 
-def _read_json_file(path: Path) -> list:
+def _read_text(path: Path, key: str) -> str:
+    """The file as text; a UTF-8 byte order mark (as some editors write one) is dropped."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise BadInput(f"data.path: {path} is not UTF-8 text (byte {e.start})") from None
+        raise BadInput(f"{key}: {path} is not UTF-8 text (byte {e.start})") from None
+
+
+def _read_json_file(path: Path, key: str) -> list:
+    """A .json file (a list of records, or ``{"data": [...]}``) or a .jsonl file (one record a line);
+    ``key`` is the recipe key that named the file."""
+    text = _read_text(path, key)
     if path.suffix == ".json":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise BadInput(f"data.path: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+            raise BadInput(f"{key}: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
         if isinstance(records, dict) and isinstance(records.get("data"), list):
             records = records["data"]
         if not isinstance(records, list):
-            raise BadInput(f"data.path: {path} must hold a JSON list of records")
+            raise BadInput(f"{key}: {path} must hold a JSON list of records")
         return records
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -73,12 +80,15 @@ def _read_json_file(path: Path) -> list:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise BadInput(f"data.path: {path} line {lineno} is not valid JSON ({e.msg})") from None
+            raise BadInput(f"{key}: {path} line {lineno} is not valid JSON ({e.msg})") from None
     return records
 
 
-def _load_with_datasets(kind: str, source: str, split: str, key: str, revision: str | None = None) -> list:
-    """csv / parquet / text files, ``save_to_disk`` directories and cached hub datasets."""
+def _load_with_datasets(
+    kind: str, source: str, split: str, key: str, revision: str | None = None, split_key: str = "data.split"
+) -> list:
+    """parquet / text files, ``save_to_disk`` directories and cached hub datasets. ``key`` is the recipe
+    key that named the source and ``split_key`` the one that named the split (errors name them)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -87,13 +97,12 @@ def _load_with_datasets(kind: str, source: str, split: str, key: str, revision: 
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     try:
         if kind == "disk":
-            ds = datasets.load_from_disk(source)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise BadInput(f"data.split: {source} has no split {split!r}; it has {', '.join(ds)}")
-                ds = ds[split]
+            ds = _pick_split(datasets.load_from_disk(source), source, split, split_key)
         elif kind == "hub":
-            ds = _load_hub_dataset(source, split, revision)
+            ds = _load_hub_dataset(source, split, revision, split_key)
+        elif kind == "text":
+            # utf-8-sig: a byte order mark is not part of the first example
+            ds = datasets.load_dataset(kind, data_files=source, split="train", encoding="utf-8-sig")
         else:
             ds = datasets.load_dataset(kind, data_files=source, split="train")
     except BadInput:
@@ -106,7 +115,32 @@ def _load_with_datasets(kind: str, source: str, split: str, key: str, revision: 
     return [dict(row) for row in ds]
 
 
-def _load_hub_dataset(repo_id: str, split: str, revision: str | None):
+def _pick_split(ds, source: str, split: str, split_key: str):
+    """The split ``split`` of a ``save_to_disk`` DatasetDict. A single Dataset has no splits: it is the
+    training data, so a held-out split or a training split other than the default would do nothing
+    (or hold out the training examples themselves)."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise BadInput(f"{split_key}: {source} has no split {split!r}; it has {', '.join(ds)}")
+        return ds[split]
+    if split_key == "data.eval_split":
+        raise RecipeError(
+            "data.eval_split",
+            f"{source} is a single datasets.Dataset, which has no splits to hold out; leave eval_split "
+            "unset to hold out data.eval_samples of its records, or save a DatasetDict with a held-out split",
+        )
+    if split != DataSection.model_fields["split"].default:
+        raise RecipeError(
+            "data.split",
+            f"applies to hub datasets and save_to_disk DatasetDict directories; {source} is a single "
+            "datasets.Dataset, which has no splits",
+        )
+    return ds
+
+
+def _load_hub_dataset(repo_id: str, split: str, revision: str | None, split_key: str = "data.split"):
     """A hub dataset as ``datasets.load_dataset`` gets it (download once, then the cache); offline:
     from the datasets cache, else from its snapshot in the hub cache."""
     import datasets
@@ -119,7 +153,7 @@ def _load_hub_dataset(repo_id: str, split: str, revision: str | None):
         except ValueError as e:
             if "split" in str(e).lower():
                 raise BadInput(
-                    f"data.split: {repo_id} has no split {split!r} ({str(e).splitlines()[0]})"
+                    f"{split_key}: {repo_id} has no split {split!r} ({str(e).splitlines()[0]})"
                 ) from None
             raise
         except Exception as e:
@@ -135,37 +169,44 @@ def _load_hub_dataset(repo_id: str, split: str, revision: str | None):
     return datasets.load_dataset(local, split=split)
 
 
-def read_records(data: DataSection) -> list:
+def read_records(data: DataSection, key: str | None = None, split_key: str = "data.split") -> list:
+    """The records of ``data.path`` / ``data.hub`` (``data.split`` of a hub dataset or DatasetDict).
+    ``key`` names the source in errors (default: ``data.path`` / ``data.hub``), ``split_key`` the split:
+    the held-out data is read with them set to ``data.eval_split``."""
     if data.hub is not None:
-        return _load_with_datasets("hub", data.hub, data.split, "data.hub", data.revision)
+        return _load_with_datasets("hub", data.hub, data.split, key or "data.hub", data.revision, split_key)
+    key = key or "data.path"
     path = Path(data.path).expanduser()
     if path.is_dir():
-        return _load_with_datasets("disk", str(path), data.split, "data.path")
+        return _load_with_datasets("disk", str(path), data.split, key, split_key=split_key)
     if not path.is_file():
-        raise BadInput(f"data.path: {data.path} not found")
+        raise BadInput(f"{key}: {data.path} not found")
     if path.suffix not in FILE_TYPES:
         raise BadInput(
-            f"data.path: {data.path}: unsupported file type {path.suffix!r} (use {', '.join(FILE_TYPES)} "
+            f"{key}: {data.path}: unsupported file type {path.suffix!r} (use {', '.join(FILE_TYPES)} "
             "or a datasets save_to_disk directory)"
         )
+    if data.split != DataSection.model_fields["split"].default:
+        raise RecipeError(
+            "data.split",
+            f"applies to hub datasets and save_to_disk DatasetDict directories; {data.path} is a single "
+            "file (unset data.split; data.eval_split may name a second file of held-out examples)",
+        )
     if path.stat().st_size == 0:
-        raise BadInput(f"data.path: {data.path} is empty")
+        raise BadInput(f"{key}: {data.path} is empty")
     if FILE_TYPES[path.suffix] == "json":
-        return _read_json_file(path)
+        return _read_json_file(path, key)
     if FILE_TYPES[path.suffix] == "csv":
-        return _read_csv_file(path)
-    return _load_with_datasets(FILE_TYPES[path.suffix], str(path), "train", "data.path")
+        return _read_csv_file(path, key)
+    return _load_with_datasets(FILE_TYPES[path.suffix], str(path), "train", key)
 
 
-def _read_csv_file(path: Path) -> list[dict]:
+def _read_csv_file(path: Path, key: str) -> list[dict]:
     """A CSV file with a header row → one record per row, every field a string. A row with more or
     fewer fields than the header is an error naming its line."""
     import csv
 
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"data.path: {path} is not UTF-8 text (byte {e.start})") from None
+    text = _read_text(path, key)
     reader = csv.reader(io.StringIO(text, newline=""))
     header, records = None, []
     try:
@@ -175,18 +216,16 @@ def _read_csv_file(path: Path) -> list[dict]:
             if header is None:
                 header = row
                 if len(set(header)) != len(header) or not all(h.strip() for h in header):
-                    raise BadInput(
-                        f"data.path: {path} line {reader.line_num}: the header needs distinct names"
-                    )
+                    raise BadInput(f"{key}: {path} line {reader.line_num}: the header needs distinct names")
                 continue
             if len(row) != len(header):
                 raise BadInput(
-                    f"data.path: {path} line {reader.line_num} has {len(row)} fields; the header has "
+                    f"{key}: {path} line {reader.line_num} has {len(row)} fields; the header has "
                     f"{len(header)} ({', '.join(header)})"
                 )
             records.append(dict(zip(header, row, strict=True)))
     except csv.Error as e:
-        raise BadInput(f"data.path: {path} line {reader.line_num} is not valid CSV ({e})") from None
+        raise BadInput(f"{key}: {path} line {reader.line_num} is not valid CSV ({e})") from None
     return records
 
 
@@ -206,9 +245,18 @@ def detect_format(record: object) -> str:
     )
 
 
-def record_to_example(rec: object, fmt: str, where: str, text_field: str = "text") -> Example:
+JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false"}
+
+
+def _check_object(rec: object, where: str) -> None:
+    """A record must be an object with named fields (a JSON ``{...}``); say what it is instead."""
     if not isinstance(rec, dict):
-        raise BadInput(f"{where} is not an object with named fields")
+        kind = "null" if rec is None else JSON_KINDS.get(type(rec), type(rec).__name__)
+        raise BadInput(f"{where} is {kind}, not an object ({{...}} with the format's keys)")
+
+
+def record_to_example(rec: object, fmt: str, where: str, text_field: str = "text") -> Example:
+    _check_object(rec, where)
 
     def field(key: str, optional: bool = False) -> str:
         value = rec.get(key)
@@ -260,22 +308,12 @@ def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
         return [Example(p, c) for p, c in split.train], [Example(p, c) for p, c in split.held]
 
     source = data.path or data.hub
-    records = read_records(data)
-    if not records:
-        raise BadInput(f"data.{'path' if data.path else 'hub'}: {source} holds no examples")
-    fmt = detect_format(records[0]) if data.format == "auto" else data.format
-    examples = [
-        record_to_example(r, fmt, f"data: {source} record {i + 1}", data.text_field)
-        for i, r in enumerate(records)
-    ]
+    key = "data.path" if data.path else "data.hub"
+    records = _some_records(read_records(data), key, source)
+    fmt = _format_of(records, data.format, f"{key}: {source}")
+    examples = _to_examples(records, fmt, f"{key}: {source}", data.text_field)
     if data.eval_split is not None:
-        held_records = read_records(_held_out_source(data))
-        where = data.eval_split
-        held = [
-            record_to_example(r, fmt, f"data: {where} record {i + 1}", data.text_field)
-            for i, r in enumerate(held_records)
-        ]
-        return examples, held[: DEFAULT_EVAL_SAMPLES if data.eval_samples is None else data.eval_samples]
+        return examples, _held_out_examples(data, fmt)
     # One source: a seeded shuffle, then the first n_eval are held out and the rest train.
     if data.eval_samples is None:
         n_eval = min(DEFAULT_EVAL_SAMPLES, len(examples) // 5)
@@ -291,10 +329,49 @@ def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
     return examples[n_eval:], examples[:n_eval]
 
 
+def _some_records(records: list, key: str, source: str) -> list:
+    """The records, or an error naming ``key`` when there are none (an empty held-out set would
+    leave eval_loss unmeasured without a word)."""
+    if not records:
+        raise BadInput(f"{key}: {source} holds no examples")
+    return records
+
+
+def _format_of(records: list, setting: str, source: str) -> str:
+    """``data.format``, or with ``auto`` the format the first record's keys say."""
+    if setting != "auto":
+        return setting
+    _check_object(records[0], f"{source} record 1")
+    return detect_format(records[0])
+
+
+def _to_examples(records: list, fmt: str, source: str, text_field: str) -> list[Example]:
+    """Records → examples; an error names the record by its number in ``source``."""
+    return [record_to_example(r, fmt, f"{source} record {i + 1}", text_field) for i, r in enumerate(records)]
+
+
+def _held_out_examples(data: DataSection, fmt: str) -> list[Example]:
+    """The examples ``data.eval_split`` names (in the training data's format), at most
+    ``data.eval_samples`` of them. Errors about the held-out file or split name ``data.eval_split``."""
+    held_source = _held_out_source(data)
+    if held_source.path != data.path:  # a second file: every error about it is about eval_split
+        source = held_source.path
+        records = read_records(held_source, key="data.eval_split", split_key="data.eval_split")
+    else:  # a split of the same hub dataset or directory
+        source = f"split {data.eval_split!r} of {data.path or data.hub}"
+        records = read_records(held_source, split_key="data.eval_split")
+    records = _some_records(records, "data.eval_split", source)
+    where = f"data.eval_split: {source}"
+    held = _to_examples(records, fmt, where, data.text_field)
+    return held[: DEFAULT_EVAL_SAMPLES if data.eval_samples is None else data.eval_samples]
+
+
 def _held_out_source(data: DataSection) -> DataSection:
     """Where ``data.eval_split`` points: a split of the same hub dataset or save_to_disk directory, or
     — next to a local data file — a second file."""
     if data.hub is not None or Path(data.path).expanduser().is_dir():
+        if data.eval_split == data.split:
+            raise RecipeError("data.eval_split", f"is data.split ({data.split!r}); held-out data must differ")
         return data.model_copy(update={"split": data.eval_split})
     second = Path(data.eval_split).expanduser()
     if not second.is_file():
@@ -388,15 +465,11 @@ def expected_answer(example: Example) -> str:
 
 def all_examples(data: DataSection) -> list[Example]:
     """Every record of ``data.path`` / ``data.hub`` as an example (no split): for evaluating on a file."""
-    records = read_records(data)
-    if not records:
-        raise BadInput(f"data: {data.path or data.hub} holds no examples")
-    fmt = detect_format(records[0]) if data.format == "auto" else data.format
     source = data.path or data.hub
-    return [
-        record_to_example(r, fmt, f"data: {source} record {i + 1}", data.text_field)
-        for i, r in enumerate(records)
-    ]
+    key = "data.path" if data.path else "data.hub"
+    records = _some_records(read_records(data), key, source)
+    fmt = _format_of(records, data.format, f"{key}: {source}")
+    return _to_examples(records, fmt, f"{key}: {source}", data.text_field)
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -155,8 +155,26 @@ def answer_prompts(
         raise BadInput("generate: give --adapter RUN_DIR, --model MODEL, or both")
     use_chat = chat and uses_chat(tokenizer, "auto")
     ids = [prompt_ids(Example(p, ""), tokenizer, use_chat) for p in prompts]
+    check_context(lm.config, ids, max_new_tokens)
     answers = generate(lm, tokenizer, ids, max_new_tokens, temperature=temperature)
     return [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+
+
+def check_context(config, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Every prompt and its answer fit in the model's context (``max_position_embeddings`` or
+    GPT-2's ``n_positions``): past it a model with learned positions fails, and one with rotary
+    positions answers from positions it never saw."""
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(context, int):
+        return
+    for i, p in enumerate(prompts):
+        if len(p) >= context:
+            raise BadInput(f"PROMPT: prompt {i + 1} has {len(p)} tokens; the model's context is {context}")
+        if len(p) + max_new_tokens > context:
+            raise BadInput(
+                f"--max-new-tokens: prompt {i + 1} has {len(p)} tokens, so at most {context - len(p)} new "
+                f"tokens fit in the model's context of {context} (got {max_new_tokens})"
+            )
 
 
 def evaluate(
@@ -183,8 +201,21 @@ def evaluate(
         raise BadInput("eval: give a run or adapter directory, or --model NAME|DIR (not both)")
     if run_dir is None and data is None:
         raise BadInput("eval --model: give the examples with --data FILE")
+    if model is not None and base:
+        raise BadInput("--base: a plain model (--model) has no adapter to turn off; give a run for --base")
+    if model is not None and base_model is not None:
+        raise BadInput("--base-model: is a run's base; with --model, evaluate that model alone")
+    if data is None and data_format != "auto":
+        raise BadInput(
+            f"--format {data_format}: applies to --data FILE only (a run's data has its own format)"
+        )
     recipe = _run_recipe(Path(run_dir) if run_dir is not None else None, data)
     held, scored, settings = _examples(recipe, data, data_format, metric, samples)
+    if metric != "exact" and not scored:
+        raise BadInput(
+            f"--metric {metric}: these examples have no completions to score (text records); "
+            "only their loss is measured"
+        )
     if run_dir is not None:
         lm, tokenizer, meta = load_adapted_model(run_dir, base_model=base_model)
         result = {"run_dir": str(run_dir), "method": meta["method"], "step": meta["step"]}
@@ -284,7 +315,7 @@ def _examples(recipe, data, data_format: str, metric: str, samples: int | None):
         "max_length": recipe.data.max_length,
         "batch_size": recipe.eval.batch_size,
         "max_new_tokens": recipe.eval.max_new_tokens,
-        "metric": "exact" if recipe.data.task else None,
+        "metric": metric if recipe.data.task else None,
     }
     if samples is not None and samples > len(every):
         settings["note"] = (

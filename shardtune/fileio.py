@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -286,6 +287,7 @@ def atomic_directory(
         if kind is not None:
             write_marker(tmp, kind, exact_entries(tmp) if entries is None else entries)
         readable(tmp)
+        keep_directory_settings(final, tmp)
         replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -301,6 +303,22 @@ def readable(tree: Path) -> None:
             os.chmod(os.path.join(root, d), 0o777 & ~mask)
         for f in files:
             os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
+def keep_directory_settings(final: Path, new: Path) -> None:
+    """``new``, about to take the place of an existing directory ``final`` (an empty one the user made,
+    or an earlier output), gets its mode and group, so that a shared (setgid) or read-only directory
+    stays one; best effort where the group cannot be given."""
+    if final.is_symlink() or not final.is_dir():
+        return
+    st = final.stat()
+    os.chmod(new, stat.S_IMODE(st.st_mode))
+    for root, dirs, files in os.walk(new):
+        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+            try:
+                os.chown(name, -1, st.st_gid)
+            except OSError:
+                return
 
 
 def replace_directory(new: Path, final: Path) -> None:
@@ -373,6 +391,8 @@ PNG_SIGNATURE = {"Software": "shardtune"}  # PNG text chunk that marks a figure 
 def check_plot_path(path: Path | str, key: str, inputs: Iterable[Path | str | None] = ()) -> None:
     """A figure may be written to a new file or over a PNG shardtune wrote, never inside an input."""
     path = Path(path).expanduser()
+    if path.suffix.lower() != ".png" and not path.is_dir():
+        raise BadInput(f"{key}: {path} must end in .png (the figure is written as a PNG)")
     for source in inputs:
         if source is not None and resolved(Path(source)) in resolved(path).parents:
             raise BadInput(f"{key}: {path} is inside the input {source}; write the figure somewhere else")

@@ -64,7 +64,12 @@ def parameter_options(
         key, sep, value = item.partition("=")
         if not sep:
             raise BadInput(f"--set {item}: expected KEY=VALUE")
-        options[key.strip().removeprefix("adapter.")] = parse_yaml(value)
+        key = key.strip().removeprefix("adapter.")
+        if key == "method":
+            raise BadInput(f"--set {item}: give the method with --method")
+        if key in ("rank", "targets") and locals()[key] is not None:
+            raise BadInput(f"--set {item}: --{key} gives adapter.{key} already; give it once")
+        options[key] = parse_yaml(value)
     return model, method or "lora", options, quantize
 
 
@@ -88,6 +93,15 @@ def parameter_report(
 
     if quantize is not None and quantize not in quant.QUANT_TYPES:
         raise BadInput(f"--quantize: expected one of {', '.join(quant.QUANT_TYPES)}, got {quantize!r}")
+    if not double_quant and quantize not in ("nf4", "fp4"):
+        raise BadInput(
+            f"--no-double-quant: applies to --quantize nf4 or fp4 only (quantize is {quantize or 'unset'})"
+        )
+    if compare:
+        known = {k for m in METHODS.values() for k in m.Options.model_fields}
+        unknown = sorted(k for k in (options or {}) if k not in known)
+        if unknown:
+            raise BadInput(f"--set adapter.{unknown[0]}: no method has this option")
     note = None
     if model is None:
         model = DEFAULT_MODEL
@@ -106,6 +120,8 @@ def parameter_report(
             if not compare:
                 raise
             rows.append({"method": name, "trainable": None, "base": None, "error": str(e)})
+    if all(r["trainable"] is None for r in rows):  # (--compare) no method takes these options
+        raise BadInput(rows[0]["error"])
     lora = next((r["trainable"] for r in rows if r["method"] == "lora"), None)
     for r in rows:
         r["vs_lora"] = r["trainable"] / lora if lora and r["trainable"] is not None else None
@@ -121,10 +137,6 @@ def parameter_report(
 def method_options(method: str, **kw) -> AdapterOptions:
     if method not in METHODS:
         raise BadInput(f"--method: unknown method {method!r}; available: {', '.join(METHODS)}")
-    from pydantic import ValidationError
+    from shardtune.recipe import adapter_section
 
-    try:
-        return METHODS[method].Options(method=method, **kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise BadInput(f"--set {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return adapter_section({**kw, "method": method})

@@ -193,6 +193,13 @@ class DataSection(Section):
             )
         if self.text_field != defaults["text_field"].default and self.format not in ("text", "auto"):
             raise RecipeError("data.text_field", f"applies to format: text only (format is {self.format})")
+        if self.task is not None:  # a builtin task generates its items, held-out ones included
+            for key in ("eval_split", "split", "format", "text_field"):
+                if getattr(self, key) != defaults[key].default:
+                    raise RecipeError(
+                        f"data.{key}",
+                        "applies to data.path or data.hub only (data.task generates its examples)",
+                    )
         return self
 
     @field_validator("task")
@@ -379,8 +386,17 @@ class Recipe(Section):
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two mistakes of YAML 1.1 mended: ``2e-4`` is a number (not the string
-    ``"2e-4"``), and a key given twice in one mapping is an error (not: the later one wins)."""
+    """PyYAML's safe loader with the mistakes of YAML 1.1 mended: numbers are YAML 1.2's (``2e-4`` is a
+    number, not the string ``"2e-4"``; ``010`` is ten, not octal eight; ``1:30`` is not ninety), and a
+    key given twice in one mapping is an error (not: the later one wins)."""
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        digits = text.lstrip("+-")
+        if digits[:2] in ("0o", "0x"):
+            return sign * int(digits[2:], 8 if digits[1] == "o" else 16)
+        return sign * int(digits, 10)
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -401,9 +417,17 @@ class DuplicateKey(yaml.YAMLError):
 
 
 RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
+    first: [
+        (tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+RecipeLoader.add_implicit_resolver(  # YAML 1.2 core schema integers
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
 RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
@@ -482,6 +506,21 @@ def recipe_from_dict(raw: dict, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
+class _AdapterOnly(BaseModel):
+    adapter: AdapterSection
+
+
+def adapter_section(options: dict):
+    """The ``adapter`` section alone (``options`` with its ``method``), validated as in a recipe: a
+    bad value is one line naming ``adapter.KEY`` (did-you-mean suggestions included)."""
+    raw = {"adapter": options}
+    check_integer_sizes(raw)
+    try:
+        return _AdapterOnly.model_validate(raw).adapter
+    except ValidationError as e:
+        raise first_recipe_error(e, raw) from None
+
+
 def check_integer_sizes(node, key: str = "") -> None:
     """Every integer of a recipe fits in 64 bits (what torch and the C libraries below it take): a
     larger one is refused naming its key, before any key's own range check could let it reach them."""
@@ -522,6 +561,12 @@ def apply_override(raw: dict, item: str) -> str | None:
         if not isinstance(nxt, dict):
             raise RecipeError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
         node = nxt
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and node[parts[-1]]:
+        first = next(iter(value), "KEY")
+        raise BadInput(
+            f"--set {item}: would replace the whole {key} section, dropping its other keys; set each key "
+            f"instead, e.g. --set {key}.{first}=..."
+        )
     note = None
     if parts == ["adapter", "method"] and value in METHODS and node.get("method") != value:
         known = METHODS[value].Options.model_fields

@@ -34,6 +34,10 @@ def routing_of(
     from shardtune.recipe import load_recipe
 
     if target.is_dir():
+        if overrides:
+            raise BadInput(
+                f"--set {overrides[0]}: {target} is a trained run, whose adapter is fixed; --set applies to a recipe"
+            )
         model, _, _ = load_adapted_model(target, base_model=base_model)
     else:
         if base_model is not None:

@@ -337,7 +337,101 @@ CASES = {
         lambda t, r: ["params", "--model", str(t / "gone")],
         "error: --model: <GONE> is not a directory",
     ),
+    "params --set adapter.method": (
+        lambda t, r: ["params", "-m", "tiny-llama", "--method", "lora", "--set", "adapter.method=fossil"],
+        "error: --set adapter.method=fossil: give the method with --method",
+    ),
+    "params --set a bad value": (
+        lambda t, r: ["params", "-m", "tiny-llama", "--set", "adapter.rank=0"],
+        "error: adapter.rank: must be a positive integer, got 0",
+    ),
+    "params --set a typo": (
+        lambda t, r: ["params", "-m", "tiny-llama", "--set", "adapter.rnak=2"],
+        "error: adapter.rnak: unknown key (did you mean 'rank'?)",
+    ),
+    "params --compare --set a typo": (
+        lambda t, r: ["params", "-m", "tiny-llama", "--compare", "--set", "adapter.rnak=2"],
+        "error: --set adapter.rnak: no method has this option",
+    ),
+    "params --compare where no method fits": (
+        lambda t, r: ["params", "-m", "tiny-llama", "--compare", "--set", "rank=100000"],
+        "error: ",
+    ),
+    "params --no-double-quant alone": (
+        lambda t, r: ["params", "-m", "tiny-llama", "--no-double-quant"],
+        "error: --no-double-quant: applies to --quantize nf4 or fp4 only",
+    ),
+    "params --targets given twice": (
+        lambda t, r: [
+            "params",
+            "-m",
+            "tiny-llama",
+            "--targets",
+            "q_proj",
+            "--set",
+            "adapter.targets=[v_proj]",
+        ],
+        "--targets gives adapter.targets already",
+    ),
+    "generate a prompt past the context": (
+        lambda t, r: ["generate", "-m", "tiny-gpt2", "a" * 3000, "--max-new-tokens", "5"],
+        "error: PROMPT: prompt 1 has 30",
+    ),
+    "generate an answer past the context": (
+        lambda t, r: ["generate", "-m", "tiny-gpt2", "hello", "--max-new-tokens", "5000"],
+        "error: --max-new-tokens: prompt 1 has",
+    ),
+    "eval --base of a plain model": (
+        lambda t, r: [
+            "eval",
+            "-m",
+            "tiny-llama",
+            "--data",
+            _write(t, "d.jsonl", b'{"text": "a"}\n'),
+            "--base",
+        ],
+        "error: --base: a plain model (--model) has no adapter to turn off",
+    ),
+    "eval --format without --data": (
+        lambda t, r: ["eval", str(r), "--format", "alpaca"],
+        "error: --format alpaca: applies to --data FILE only",
+    ),
+    "eval --metric on text records": (
+        lambda t, r: [
+            "eval",
+            str(r),
+            "--data",
+            _write(t, "d.jsonl", b'{"text": "a"}\n'),
+            "--metric",
+            "contains",
+        ],
+        "error: --metric contains: these examples have no completions to score",
+    ),
+    "routing --set on a trained run": (
+        lambda t, r: ["routing", str(r), "--set", "adapter.rank=3"],
+        "error: --set adapter.rank=3: ",
+    ),
+    "routing --plot not a png": (
+        lambda t, r: ["routing", str(r), "--plot", str(t / "heat.jpg")],
+        "must end in .png",
+    ),
+    "--set a whole section": (
+        lambda t, r: ["train", recipe_file(t), "--set", "train={lr: 3}"],
+        "error: --set train={lr: 3}: would replace the whole train section",
+    ),
+    "adapter.exclude that matches nothing": (
+        lambda t, r: ["train", recipe_file(t, adapter={"exclude": ["nonexistent"]})],
+        "error: adapter.exclude: ['nonexistent'] matches none of the layers",
+    ),
     # a key that would do nothing with the others as set
+    "data.eval_split of a task": (
+        lambda t, r: ["train", recipe_file(t), "--set", "data.eval_split=x.jsonl"],
+        "error: data.eval_split: applies to data.path or data.hub only",
+    ),
+    "data.format of a task": (
+        lambda t, r: ["train", recipe_file(t), "--set", "data.format=alpaca"],
+        "error: data.format: applies to data.path or data.hub only",
+    ),
     "model.revision of a builtin": (
         lambda t, r: ["train", recipe_file(t), "--set", "model.revision=main"],
         "error: model.revision: applies to hub ids only; model.name 'tiny-llama' is a builtin alias",
@@ -358,9 +452,7 @@ CASES = {
     "data.text_field with alpaca": (
         lambda t, r: [
             "train",
-            recipe_file(t),
-            "--set",
-            "data.format=alpaca",
+            recipe_file(t, data={"task": None, "path": "x.jsonl", "format": "alpaca"}),
             "--set",
             "data.text_field=body",
         ],

@@ -154,3 +154,84 @@ def test_offline_cached_hub_dataset(tmp_path, monkeypatch):
         BadInput, match=r"data.hub: .acme/missing. is not a hub dataset in the Hugging Face cache"
     ):
         load_examples(section(hub="acme/missing"))
+
+
+def _saved_datasets(tmp_path):
+    """A single ``datasets.Dataset`` and a DatasetDict (train: 10, test: 3) written by save_to_disk."""
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": f"Q{i}?", "completion": f"A{i}"} for i in range(10)])
+    ds.save_to_disk(str(tmp_path / "dsone"))
+    datasets.DatasetDict(train=ds, test=ds.select(range(3))).save_to_disk(str(tmp_path / "dsdict"))
+    return tmp_path / "dsone", tmp_path / "dsdict"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"prompt": "a", \n', r"data.eval_split: \S*held.jsonl line 1 is not valid JSON"),
+        (b"", r"data.eval_split: \S*held.jsonl is empty"),
+        (b"\n  \n\n", r"data.eval_split: \S*held.jsonl holds no examples"),
+        (
+            b'{"prompt": "a", "completion": "b"}\n"just a string"\n',
+            r"data.eval_split: \S* record 2 is a string",
+        ),
+    ],
+)
+def test_errors_in_the_eval_file_name_eval_split(tmp_path, content, message):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(10)])
+    (tmp_path / "held.jsonl").write_bytes(content)
+    with pytest.raises(BadInput, match=message):
+        load_examples(section(path=str(train), eval_split=str(tmp_path / "held.jsonl")))
+
+
+def test_held_out_splits_of_saved_datasets_never_overlap_training(tmp_path):
+    one, whole = _saved_datasets(tmp_path)
+    with pytest.raises(BadInput, match=r"data.eval_split: \S*dsdict has no split 'nope'; it has train, test"):
+        load_examples(section(path=str(whole), eval_split="nope"))
+    with pytest.raises(
+        BadInput, match=r"data.eval_split: is data.split \('train'\); held-out data must differ"
+    ):
+        load_examples(section(path=str(whole), eval_split="train"))
+    with pytest.raises(
+        BadInput, match=r"data.eval_split: \S*dsone is a single datasets.Dataset, which has no"
+    ):
+        load_examples(section(path=str(one), eval_split="test"))
+    train, held = load_examples(section(path=str(whole), eval_split="test", eval_samples=None))
+    assert len(train) == 10 and len(held) == 3
+
+
+def test_split_of_a_file_or_single_dataset_is_refused(tmp_path):
+    one, whole = _saved_datasets(tmp_path)
+    data = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    for path in (data, one):
+        with pytest.raises(
+            BadInput, match=r"data.split: applies to hub datasets and save_to_disk DatasetDict directories"
+        ):
+            load_examples(section(path=str(path), split="validation"))
+        train, held = load_examples(section(path=str(path), split="train"))  # the default: fine
+        assert train and held
+    train, held = load_examples(section(path=str(whole), split="test", eval_samples=1))
+    assert len(train) + len(held) == 3
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)]
+    (tmp_path / "a.jsonl").write_bytes(bom + "\n".join(json.dumps(r) for r in rows).encode())
+    (tmp_path / "a.json").write_bytes(bom + json.dumps(rows).encode())
+    (tmp_path / "a.csv").write_bytes(bom + b"prompt,completion\n" + b"".join(b"p,c\n" for _ in range(10)))
+    (tmp_path / "a.txt").write_bytes(bom + b"first line\nsecond line\n")
+    for name in ("a.jsonl", "a.json", "a.csv"):
+        train, held = load_examples(section(path=str(tmp_path / name)))
+        assert len(train) + len(held) == 10 and all(e.prompt.startswith("p") for e in train), name
+    train, _ = load_examples(section(path=str(tmp_path / "a.txt"), eval_samples=0))
+    assert [e.completion for e in train] == ["first line", "second line"]
+
+
+@pytest.mark.parametrize("record, kind", [([1, 2], "a list"), ("text", "a string"), (3, "a number")])
+def test_record_that_is_not_an_object(tmp_path, record, kind):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(BadInput, match=rf"data.path: \S*a.jsonl record 1 is {kind}, not an object \({{...}}"):
+        load_examples(section(path=str(path)))

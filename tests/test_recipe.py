@@ -144,3 +144,22 @@ def test_set_data_source_switches_source(tmp_path):
     recipe = load_recipe(path, ["data.hub=org/ds", "data.revision=v1", "data.task=reverse"])
     assert (recipe.data.task, recipe.data.hub, recipe.data.revision) == ("reverse", None, None)
     assert load_recipe(path, ["data.task=sort"]).data.num_samples == 128  # the same source: kept
+
+
+def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
+    """A leading zero is not octal (``010`` is ten), ``1:30`` is not sexagesimal ninety; ``0o``/``0x``
+    are octal/hex; ``2e-4`` is a number."""
+    from shardtune.recipe import parse_yaml
+
+    assert [parse_yaml(t) for t in ("010", "0o10", "0x1f", "-5", "1_000", "2e-4")] == [
+        10,
+        8,
+        31,
+        -5,
+        1000,
+        2e-4,
+    ]
+    assert parse_yaml("1:30") == "1:30"
+    raw = tiny_recipe(tmp_path)
+    text = yaml.safe_dump(raw).replace("rank: 4", "rank: 010")
+    assert load_recipe(write(tmp_path, text)).adapter.rank == 10

@@ -364,6 +364,23 @@ def test_an_export_may_replace_an_export_of_the_other_format(place):
     assert json.loads((Path(out) / MARKER).read_text())["kind"] == "export-shardtune"
 
 
+def test_an_empty_out_directory_keeps_its_mode_and_group(place):
+    """A shared (setgid) or read-only directory the user made for the output stays one."""
+    import stat as st
+
+    shared, read_only = place.tmp / "shared", place.tmp / "read-only"
+    shared.mkdir(mode=0o2770)
+    shared.chmod(0o2770)  # (mkdir's mode passes through the umask)
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    for out in (shared, read_only):
+        mode = st.S_IMODE(out.stat().st_mode)
+        assert runner.invoke(app, ["export", str(place.run), "--out", str(out)]).exit_code == 0
+        assert (out / "adapter_model.safetensors").is_file()
+        assert st.S_IMODE(out.stat().st_mode) == mode, oct(mode)
+    read_only.chmod(0o755)
+
+
 def test_rotating_checkpoints_deletes_only_what_shardtune_wrote(tmp_path, caplog):
     from shardtune.checkpoint import CHECKPOINT_FILES, rotate_checkpoints
 

@@ -83,6 +83,13 @@ def find_targets(
                     f"{pattern!r} matches no linear layer of this model; its linear layers are: {', '.join(kinds)}",
                 )
         chosen = [n for n in layers if any(_matches(n, p) for p in targets)]
+    # (one list may name several architectures' layers, e.g. [o_proj, c_proj]: one of them must match)
+    if exclude and not any(_matches(n, p) for n in chosen for p in exclude):
+        raise RecipeError(
+            "adapter.exclude",
+            f"{exclude} matches none of the layers adapter.targets selects; their types are: "
+            f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in chosen}))}",
+        )
     chosen = [n for n in chosen if not any(_matches(n, p) for p in exclude or [])]
     if not chosen:
         raise RecipeError(
