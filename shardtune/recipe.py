@@ -8,6 +8,7 @@ reported as one line that names the key path, e.g. ``adapter.rank: must be a pos
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import errno
 import re
@@ -630,7 +631,8 @@ def _is_int_field(loc: tuple, raw: dict) -> bool:
 
 def _describe(err: dict, raw: dict, loc: tuple) -> str:
     kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
-    got_text = f", got {got!r}"
+    # (YAML reads 2024-01-01 as a date: shown as written, not as Python's datetime.date(2024, 1, 1))
+    got_text = f", got {got.isoformat()} (a date)" if isinstance(got, datetime.date) else f", got {got!r}"
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":

@@ -415,6 +415,10 @@ CASES = {
         lambda t, r: ["routing", str(r), "--plot", str(t / "heat.jpg")],
         "must end in .png",
     ),
+    "a date for a number": (
+        lambda t, r: ["train", recipe_file(t), "--set", "train.lr=2024-01-01"],
+        "error: train.lr: must be a number, got 2024-01-01 (a date)",
+    ),
     "--set a whole section": (
         lambda t, r: ["train", recipe_file(t), "--set", "train={lr: 3}"],
         "error: --set train={lr: 3}: would replace the whole train section",
