@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import nn
@@ -35,7 +37,7 @@ from shardtune.fsdp import full_tensor, like_parameter
 from shardtune.models import load_model
 from shardtune.peftio import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_adapter, peft_meta, read_peft_weights
 from shardtune.quant import quantization_of
-from shardtune.recipe import ModelSection, Recipe, recipe_to_yaml
+from shardtune.recipe import ModelSection, Recipe, parse_yaml, recipe_to_yaml
 
 log = logging.getLogger("shardtune")
 
@@ -441,27 +443,38 @@ def _py_rng_from_json(data):
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """``latest`` → the newest checkpoint of the run (None if there is none); a path → that checkpoint."""
+    """``latest`` → the newest checkpoint of the run (None if there is none); a path → that checkpoint
+    (``--resume-from``: an empty value, or a run directory rather than one of its checkpoints, is refused)."""
     if resume is None:
         return None
     if resume == "latest":
         found = list_checkpoints(run_dir)
-        if not found:
-            return None
-        path = found[-1]
-    else:
-        path = Path(resume)
-        if not path.is_dir():
-            raise BadInput(f"--resume-from: {resume} is not a directory")
-        if not (path / ADAPTER_CONFIG).is_file():
-            raise BadInput(f"--resume-from: {resume} is not a checkpoint directory (no {ADAPTER_CONFIG})")
+        return found[-1] if found else None
+    if not resume.strip():
+        raise BadInput("--resume-from: the value is empty; give a checkpoint-N directory")
+    path = Path(resume)
+    if not path.is_dir():
+        raise BadInput(f"--resume-from: {resume} is not a directory")
+    found = list_checkpoints(path)
+    if not (path / TRAINER_STATE).is_file() and found:
+        raise BadInput(
+            f"--resume-from: {resume} is a run directory, not a checkpoint; its latest checkpoint is "
+            f"{found[-1]} (or continue the run with --resume)"
+        )
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise BadInput(f"--resume-from: {resume} is not a checkpoint directory (no {ADAPTER_CONFIG})")
+    if not (path / TRAINER_STATE).is_file() and not path.name.startswith("checkpoint-"):
+        raise BadInput(
+            f"--resume-from: {resume} is a run or adapter directory, not a checkpoint, and holds no "
+            "checkpoint-N to resume from"
+        )
     return path
 
 
-def check_checkpoint(directory: Path, options: AdapterOptions | None = None) -> int:
+def check_checkpoint(directory: Path, options: AdapterOptions | None = None, option: str = "--resume") -> int:
     """Read every file of a checkpoint (before a resumed run touches anything); return its step.
     Anything missing or broken, or an adapter other than ``options`` (the recipe's): one line naming
-    the file, and nothing is written."""
+    the file, and nothing is written. ``option``: the command-line option that named the checkpoint."""
     meta = read_adapter_config(directory)
     saved = adapter_options_from_config(meta, str(directory / ADAPTER_CONFIG))
     ours = options.model_dump() if options is not None else {}
@@ -478,21 +491,52 @@ def check_checkpoint(directory: Path, options: AdapterOptions | None = None) -> 
             f"recipe says adapter.{key} = {ours.get(key)!r}; resume with the recipe it was trained with"
         )
     read_adapter_weights(directory / ADAPTER_WEIGHTS)
-    state = read_trainer_state(directory)
+    state = read_trainer_state(directory, option)
+    _check_step_agrees(directory, state["step"], meta["step"])
     read_adapter_weights(directory / OPTIMIZER_FILE)
-    rng = read_adapter_weights(directory / RNG_FILE)
-    if "torch_cpu" not in rng:
-        raise BadInput(f"{directory / RNG_FILE}: holds no CPU random state; the file was edited")
+    _check_rng_file(directory / RNG_FILE)
     return state["step"]
 
 
-def read_trainer_state(directory: Path) -> dict:
-    """trainer_state.json of a checkpoint: counters, optimizer param groups, Python's RNG state."""
+def _check_step_agrees(directory: Path, step: int, adapter_step: int) -> None:
+    """trainer_state.json's step is the one the directory is named after and adapter.json records."""
+    path = directory / TRAINER_STATE
+    suffix = directory.name.removeprefix("checkpoint-")
+    if directory.name.startswith("checkpoint-") and suffix.isdigit() and int(suffix) != step:
+        raise BadInput(
+            f"{path}: key 'step' is {step} but the directory is {directory.name}; the file was edited"
+        )
+    if adapter_step != step:
+        raise BadInput(
+            f"{path}: key 'step' is {step} but {ADAPTER_CONFIG} records step {adapter_step}; "
+            "the file was edited"
+        )
+
+
+def _check_rng_file(path: Path) -> None:
+    """rng.safetensors: torch's CPU generator state (and any CUDA ones) as torch writes them."""
+    rng = read_adapter_weights(path)
+    if "torch_cpu" not in rng:
+        raise BadInput(f"{path}: holds no CPU random state; the file was edited")
+    want = torch.get_rng_state()
+    if rng["torch_cpu"].dtype != want.dtype or rng["torch_cpu"].shape != want.shape:
+        raise BadInput(
+            f"{path}: tensor 'torch_cpu' is not a CPU random state ({rng['torch_cpu'].dtype}, "
+            f"{tuple(rng['torch_cpu'].shape)}); the file was edited"
+        )
+    for name, value in rng.items():
+        if name.startswith("torch_cuda_") and (value.dtype != torch.uint8 or value.dim() != 1):
+            raise BadInput(f"{path}: tensor {name!r} is not a CUDA random state; the file was edited")
+
+
+def read_trainer_state(directory: Path, option: str = "--resume") -> dict:
+    """trainer_state.json of a checkpoint: counters, optimizer param groups, Python's RNG state, each
+    key checked (a wrong one is one line naming the file and the key, before a resumed run writes)."""
     path = directory / TRAINER_STATE
     for needed in (path, directory / OPTIMIZER_FILE):
         if not needed.is_file():
             raise BadInput(
-                f"--resume: {needed} not found: {directory} holds no complete training state (was it "
+                f"{option}: {needed} not found: {directory} holds no complete training state (was it "
                 "written by shardtune train with train.save_every?)"
             )
     try:
@@ -505,6 +549,260 @@ def read_trainer_state(directory: Path) -> dict:
         if key not in meta:
             raise BadInput(f"{path}: missing key {key!r}; the file was edited or cut short")
     for key in ("step", "epoch", "batch_in_epoch"):
-        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
-            raise BadInput(f"{path}: key {key!r} must be a whole number, got {meta[key]!r}")
+        if not _is_int(meta[key]) or meta[key] < 0:
+            raise BadInput(f"{path}: key {key!r} must be a whole number, got {_shown(meta[key])}")
+    if meta["epoch"] > meta["step"]:  # (every epoch takes at least one optimizer step)
+        raise BadInput(f"{path}: key 'epoch' is {meta['epoch']} but the checkpoint is at step {meta['step']}")
+    if "processes" in meta and (not _is_int(meta["processes"]) or meta["processes"] < 1):
+        raise BadInput(
+            f"{path}: key 'processes' must be a positive whole number, got {_shown(meta['processes'])}"
+        )
+    _check_param_groups(path, meta["param_groups"])
+    _check_python_rng(path, meta["python_rng"])
     return meta
+
+
+# What AdamW's param groups hold besides ``params`` (torch's state_dict): numbers, a pair, flags.
+GROUP_NUMBERS = ("lr", "eps", "weight_decay")
+GROUP_FLAGS = (
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+)
+
+
+def _check_param_groups(path: Path, groups) -> None:
+    """``param_groups``: a list of AdamW groups, each with its parameter numbers, finite non-negative
+    numbers for lr/eps/weight_decay, two betas in [0, 1) and true/false/null flags."""
+    if not isinstance(groups, list) or not groups:
+        raise BadInput(
+            f"{path}: key 'param_groups' must be a non-empty list of optimizer groups, got {_shown(groups)}"
+        )
+    for i, group in enumerate(groups):
+        where = f"param_groups[{i}]"
+        if not isinstance(group, dict):
+            raise BadInput(f"{path}: key {where!r} must be an object, got {_shown(group)}")
+        for key in ("params", "betas", *GROUP_NUMBERS):
+            if key not in group:
+                raise BadInput(f"{path}: missing key '{where}.{key}'; the file was edited or cut short")
+        params = group["params"]
+        if not isinstance(params, list) or not all(_is_int(p) and p >= 0 for p in params):
+            raise BadInput(
+                f"{path}: key '{where}.params' must be a list of parameter numbers, got {_shown(params)}"
+            )
+        for key, value in group.items():
+            _check_group_value(path, f"{where}.{key}", key, value)
+
+
+def _check_group_value(path: Path, where: str, key: str, value) -> None:
+    """One value of a param group, by what its key is (see :data:`GROUP_NUMBERS`, :data:`GROUP_FLAGS`)."""
+    if key == "params":
+        return
+    if key in GROUP_NUMBERS:
+        if not _is_number(value) or value < 0:
+            raise BadInput(f"{path}: key {where!r} must be a finite number ≥ 0, got {_shown(value)}")
+    elif key == "betas":
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(_is_number(b) and 0 <= b < 1 for b in value)
+        ):
+            raise BadInput(f"{path}: key {where!r} must be two numbers in [0, 1), got {_shown(value)}")
+    elif key in GROUP_FLAGS:
+        if value is not None and not isinstance(value, bool):
+            raise BadInput(f"{path}: key {where!r} must be true, false or null, got {_shown(value)}")
+    elif not (value is None or isinstance(value, (bool, str)) or _is_number(value)):
+        raise BadInput(f"{path}: key {where!r} must be a finite number, a string, true, false or null")
+
+
+def _check_python_rng(path: Path, data) -> None:
+    """``python_rng``: Python's ``random`` state as [version, [625 numbers], gauss], one that
+    ``random.setstate`` takes (tried on a throwaway generator)."""
+    import random
+
+    if not isinstance(data, list) or len(data) != 3 or not isinstance(data[1], list):
+        raise BadInput(
+            f"{path}: key 'python_rng' must be Python's random state [version, [numbers], gauss], "
+            f"got {_shown(data)}"
+        )
+    try:
+        random.Random().setstate(_py_rng_from_json(data))
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BadInput(f"{path}: key 'python_rng' is not a random state Python takes ({e})") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite JSON number (JSON as Python reads it also takes NaN and Infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value) -> str:
+    """A value as an error shows it: its repr, cut short (an RNG state is hundreds of numbers)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# What AdamW keeps per parameter (``state.<param number>.<name>`` in optimizer.safetensors).
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_optimizer_fits(directory: Path, params: list[torch.Tensor]) -> None:
+    """The checkpoint's optimizer state fits the adapter's trainable ``params`` (in the order AdamW
+    gets them): one group holding each parameter once, and for each parameter with a state, a step
+    and moments of its shape. Checked before a resumed run writes anything."""
+    state_path, tensors_path = directory / TRAINER_STATE, directory / OPTIMIZER_FILE
+    groups = read_trainer_state(directory)["param_groups"]
+    numbers = [n for group in groups for n in group["params"]]
+    if len(groups) != 1 or numbers != list(range(len(params))):
+        raise BadInput(
+            f"{state_path}: key 'param_groups' holds {len(groups)} group(s) of {len(numbers)} parameters "
+            f"numbered {_shown(numbers)}; this adapter has one group of {len(params)} "
+            f"(0 to {len(params) - 1}): "
+            "the optimizer state does not fit this adapter"
+        )
+    amsgrad = bool(groups[0].get("amsgrad"))
+    names: dict[int, set[str]] = {}
+    for key, value in read_adapter_weights(tensors_path).items():
+        idx, name = _optimizer_key(tensors_path, key, len(params))
+        _check_optimizer_tensor(tensors_path, key, name, value, params[idx])
+        names.setdefault(idx, set()).add(name)
+    needed = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    for idx, found in sorted(names.items()):
+        if needed - found:
+            raise BadInput(
+                f"{tensors_path}: parameter {idx} has no {', '.join(sorted(needed - found))}; "
+                "the file was edited"
+            )
+
+
+def _optimizer_key(path: Path, key: str, count: int) -> tuple[int, str]:
+    """(parameter number, name) of an optimizer.safetensors key ``state.<number>.<name>``."""
+    parts = key.split(".", 2)
+    if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or parts[2] not in ("step", *MOMENTS):
+        raise BadInput(
+            f"{path}: tensor {key!r} is not an AdamW state (state.<parameter>.<name>); the file was edited"
+        )
+    if int(parts[1]) >= count:
+        raise BadInput(f"{path}: tensor {key!r} is for parameter {parts[1]} but this adapter has {count}")
+    return int(parts[1]), parts[2]
+
+
+def _check_optimizer_tensor(
+    path: Path, key: str, name: str, value: torch.Tensor, param: torch.Tensor
+) -> None:
+    """A step is one floating-point number; a moment has its parameter's (whole) shape."""
+    if not value.is_floating_point():
+        raise BadInput(f"{path}: tensor {key!r} must be floating point, got {value.dtype}")
+    if name == "step" and value.numel() != 1:
+        raise BadInput(f"{path}: tensor {key!r} must be one number, got shape {tuple(value.shape)}")
+    if name != "step" and tuple(value.shape) != tuple(param.shape):
+        raise BadInput(
+            f"{path}: tensor {key!r} has shape {tuple(value.shape)} but the adapter's parameter has "
+            f"{tuple(param.shape)}: the optimizer state does not fit this adapter"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The same run: what a resumed run may not change (it would continue another run than the checkpoint's)
+
+# The base model as loaded: another one (or the same one loaded otherwise) is another run.
+SAME_MODEL_KEYS = ("name", "dtype", "quantize", "double_quant", "compute_dtype")
+# The optimizer steps' examples and their order: seed, and the micro-batches a step sums.
+SAME_TRAIN_KEYS = ("seed", "grad_accum")
+
+
+def check_same_run(directory: Path, recipe: Recipe, processes: int) -> None:
+    """The recipe describes the run the checkpoint is part of: the same base model (``model.name``,
+    ``dtype``, ``quantize`` and its options), the same ``data`` section, ``train.seed``,
+    ``train.grad_accum`` and global micro-batch (``train.batch_size`` × ``processes``, as the
+    checkpoint records them). Anything else (steps, epochs, schedule, saving, logging, evaluation)
+    may change. A difference: one line naming the key, the checkpoint's value and the recipe's."""
+    path = directory / RECIPE_FILE
+    saved = _saved_recipe(path)
+    meta = read_adapter_config(directory)
+    theirs_model = _section_values(saved, "model", ModelSection)
+    for key in SAME_MODEL_KEYS:
+        ours, theirs = getattr(recipe.model, key), theirs_model[key]
+        if key == "name" and _same_model(ours, [theirs, meta["base_model"]["name"]]):
+            continue
+        if ours != theirs:
+            _refuse_change(path, f"model.{key}", theirs, ours)
+    theirs_data = _section_values(saved, "data", type(recipe.data))
+    for key, ours in recipe.data.model_dump(mode="json").items():
+        theirs = theirs_data[key]
+        if key == "path" and ours is not None and theirs is not None and _same_path(ours, theirs):
+            continue
+        if ours != theirs:
+            _refuse_change(path, f"data.{key}", theirs, ours)
+    theirs_train = _section_values(saved, "train", type(recipe.train))
+    for key in SAME_TRAIN_KEYS:
+        if getattr(recipe.train, key) != theirs_train[key]:
+            _refuse_change(path, f"train.{key}", theirs_train[key], getattr(recipe.train, key))
+    _check_same_batch(directory, recipe.train.batch_size, theirs_train["batch_size"], processes)
+
+
+def _check_same_batch(directory: Path, ours: int, theirs, processes: int) -> None:
+    """The examples of a micro-batch over every process: ``batch_size`` × processes, as the checkpoint
+    recorded them (a checkpoint that does not record its processes: this run's number)."""
+    recorded = read_trainer_state(directory).get("processes", processes)
+    if theirs * recorded == ours * processes:
+        return
+    if recorded == processes:
+        _refuse_change(directory / RECIPE_FILE, "train.batch_size", theirs, ours)
+    raise BadInput(
+        f"train.batch_size: {ours} × {processes} processes is {ours * processes} examples a micro-batch, "
+        "but "
+        f"{directory} was trained with {theirs} × {recorded} = {theirs * recorded}; a resumed run must keep "
+        "the examples a step sees (batch_size × processes)"
+    )
+
+
+def _saved_recipe(path: Path) -> dict:
+    """The checkpoint's recipe.yaml as a mapping of sections (read, not validated: defaults may move)."""
+    try:
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{path}: not found; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise BadInput(f"{path}: cannot be read as a recipe ({e})") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(raw.get(s, {}), dict) for s in ("model", "data", "train")
+    ):
+        raise BadInput(f"{path}: not a recipe (a mapping of sections); the file was edited")
+    return raw
+
+
+def _section_values(saved: dict, section: str, model: type) -> dict:
+    """Every key of a saved recipe's section: its value, or the key's default where it is not written."""
+    values = saved.get(section, {})
+    return {
+        name: values.get(name, None if field.is_required() else field.get_default(call_default_factory=True))
+        for name, field in model.model_fields.items()
+    }
+
+
+def _same_model(name: str, recorded: list) -> bool:
+    """``model.name`` names the base the checkpoint records (its recipe's name, or the absolute path or
+    hub id adapter.json keeps): the same string, or the same local directory."""
+    return any(name == other or (isinstance(other, str) and _same_path(name, other)) for other in recorded)
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Two paths of one existing file or directory."""
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def _refuse_change(path: Path, key: str, theirs, ours) -> None:
+    raise BadInput(
+        f"{key}: the checkpoint was trained with {_shown(theirs)} ({path}) but the recipe says "
+        f"{_shown(ours)}; a resumed run must keep it (train a new run to change it)"
+    )

@@ -8,7 +8,8 @@
       Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights);
                                 train.compile: its decoder blocks compiled (on the first step)
       Trainer.setup_data        examples → token rows → loaders
-      Trainer.start_run         the run directory is written: replaced or created, recipe.yaml, train.log
+      Trainer.start_run         resumed: the checkpoint checked against model and data; then the run
+                                directory is written: replaced or created, recipe.yaml, train.log
       Trainer.setup_optimizer   LoRS gradient init, FSDP sharding, AdamW + schedule, Accelerate's prepare
       Trainer.restore_or_score  resumed: optimizer, RNG, data position; fresh: the base model's task score
       Trainer.loop              each optimizer step: train_step (per micro-batch), then at_interval
@@ -54,11 +55,15 @@ from shardtune.adapters.model import (
 )
 from shardtune.checkpoint import (
     RECIPE_FILE,
+    TRAINER_STATE,
     attach_weights,
     check_checkpoint,
+    check_optimizer_fits,
+    check_same_run,
     init_adapter_from,
     list_checkpoints,
     load_training_state,
+    read_trainer_state,
     resolve_resume,
     save_adapter,
     save_checkpoint,
@@ -91,7 +96,7 @@ class TrainResult:
     run_dir: str
     method: str
     steps: int
-    final_loss: float
+    final_loss: float | None  # None when no step was logged (JSON has no NaN)
     eval_loss: float | None
     trainable_parameters: int
     total_parameters: int
@@ -349,7 +354,16 @@ def build_data(
     train_rows, truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat)
     eval_rows, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat)
     if not train_rows:
-        raise BadInput("data: no training example has a token to learn from after truncation")
+        if truncated:
+            raise RecipeError(
+                "data.max_length",
+                f"{recipe.data.max_length} tokens leave no training example a token to learn from (their "
+                "prompts fill them); raise it",
+            )
+        source = recipe.data.task or recipe.data.path or recipe.data.hub
+        raise BadInput(
+            f"data: {source} has no training example with a token to learn from (empty completions?)"
+        )
     if truncated:
         reporter.warn(f"{truncated} of {len(train_examples)} examples truncated to data.max_length")
     if recipe.data.packing:
@@ -459,7 +473,9 @@ class Trainer:
         if resume == "latest" and self.resume_from is None:
             raise BadInput(f"--resume: {self.recipe.output.dir} has no checkpoint to resume from")
         if self.resume_from is not None:
-            self.resumed_step = check_checkpoint(self.resume_from, self.recipe.adapter)
+            option = "--resume" if resume == "latest" else "--resume-from"
+            self.resumed_step = check_checkpoint(self.resume_from, self.recipe.adapter, option)
+            check_same_run(self.resume_from, self.recipe, self.accelerator.num_processes)
         else:
             self.resumed_step = 0
         self.directory = RunDirectory(self.recipe, self.resume_from, self.main, self.recipe.logging.level)
@@ -568,15 +584,45 @@ class Trainer:
             )
 
     def setup_data(self) -> None:
-        """Token rows and loaders of the training and held-out examples."""
+        """Token rows and loaders of the training and held-out examples; the run's optimizer steps."""
         self.data = build_data(
             self.recipe, self.examples, self.tokenizer, self.accelerator.num_processes, self.reporter
         )
+        cfg = self.cfg
+        updates_per_epoch = max(1, len(self.data.loader) // self.accelerator.num_processes // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(updates_per_epoch * cfg.epochs))
+
+    def _check_resume_fits(self) -> None:
+        """Resumed: the checkpoint's position and optimizer state fit this run, checked before the run
+        directory is written — steps left to train, a batch inside the epoch, moments of the adapter's
+        shapes. Each misfit: one line naming the recipe key or the checkpoint's file and key."""
+        directory, step = self.resume_from, self.resumed_step
+        if directory is None:
+            return
+        if self.total_steps <= step:
+            cfg = self.cfg
+            key, value = ("train.max_steps", cfg.max_steps) if cfg.max_steps else ("train.epochs", cfg.epochs)
+            steps = "" if cfg.max_steps else f" ({self.total_steps} steps)"
+            raise BadInput(
+                f"{key}: {value}{steps} is not past the checkpoint's step {step} ({directory}); "
+                "raise it to train further"
+            )
+        # (Accelerate deals the loader's batches out to the processes in turn: each gets at most this many)
+        batches = math.ceil(len(self.data.loader) / self.accelerator.num_processes)
+        batch_in_epoch = read_trainer_state(directory)["batch_in_epoch"]
+        if batch_in_epoch > batches:
+            raise BadInput(
+                f"{directory / TRAINER_STATE}: key 'batch_in_epoch' is {batch_in_epoch} but an epoch "
+                f"of this run has {batches} batches; the file was edited"
+            )
+        check_optimizer_fits(directory, [p for p in self.model.parameters() if p.requires_grad])
 
     def start_run(self) -> None:
         """From here on the run directory is written: an earlier run it replaces is set aside, the
         metrics start (or are cut back to the checkpoint's step), recipe.yaml holds the resolved recipe;
-        experiment trackers (``logging.report_to``) start with the recipe as hyper-parameters."""
+        experiment trackers (``logging.report_to``) start with the recipe as hyper-parameters. A resumed
+        run's checkpoint is checked against the model and data first (:meth:`_check_resume_fits`)."""
+        self._check_resume_fits()
         self.directory.start(self.resumed_step)
         if self.main and self.recipe.logging.report_to:
             from shardtune.tracking import Trackers
@@ -596,8 +642,6 @@ class Trainer:
         if self.fsdp:
             self._shard()
         loader = self.data.loader
-        updates_per_epoch = max(1, len(loader) // accelerator.num_processes // cfg.grad_accum)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(updates_per_epoch * cfg.epochs))
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: the shards
         self.optimizer = adamw(self.params, cfg.lr, cfg.weight_decay, cfg.betas, sharded=self.fsdp)
         if self.fsdp:  # already sharded and placed; Accelerate must not wrap it again
@@ -730,7 +774,8 @@ class Trainer:
         step, cfg = self.position.step, self.cfg
         is_log_step = step % self.recipe.logging.every == 0 or step == self.total_steps or step == 1
         is_save_step = bool(cfg.save_every) and step % cfg.save_every == 0 and step < self.total_steps
-        stopping = self._stop_requested(at_sync_point=is_log_step or is_save_step)
+        # (SIGTERM at the last step: the run finishes; a checkpoint of it would leave nothing to resume)
+        stopping = self._stop_requested(at_sync_point=is_log_step or is_save_step) and step < self.total_steps
         if is_log_step or is_save_step or stopping:
             self._raise_if_diverged()  # before anything is logged or written
         if is_log_step:
@@ -739,7 +784,11 @@ class Trainer:
             self.reporter.step(step, {}, log_line=False)
         if is_save_step or stopping:
             checkpoint = self.save_checkpoint(
-                {"epoch": self.position.epoch, "batch_in_epoch": batch_in_epoch}
+                {
+                    "epoch": self.position.epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "processes": self.accelerator.num_processes,  # the global batch, checked on resume
+                }
             )
         if stopping:
             written = checkpoint or self.run_dir / f"checkpoint-{step}"  # (the main process wrote it)
@@ -854,8 +903,8 @@ class Trainer:
             run_dir=str(self.run_dir),
             method=self.recipe.adapter.method,
             steps=self.position.step,
-            final_loss=self.final_loss,
-            eval_loss=self.eval_loss,
+            final_loss=_finite_or_none(self.final_loss),
+            eval_loss=_finite_or_none(self.eval_loss),
             trainable_parameters=self.trainable,
             total_parameters=self.total,
             truncated_examples=self.data.truncated,
@@ -864,7 +913,7 @@ class Trainer:
             compile_seconds=self.compile_seconds,
             base_bytes=self.base_memory.stored_bytes,
             base_bytes_unquantized=self.base_memory.unquantized_bytes,
-            **self.scores,
+            **{k: _finite_or_none(v) for k, v in self.scores.items()},
         )
         if main:
             atomic_write_text(self.run_dir / RESULT_FILE, json.dumps(asdict(result), indent=2) + "\n")
@@ -894,6 +943,11 @@ class Trainer:
             f"{recipe.data.task} items (e.g. {result.samples[0]['prompt']!r} → {result.samples[0]['answer']!r})"
         )
         return result.accuracy
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """A result's number as JSON can hold it: NaN or infinity (nothing measured) becomes None (null)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _last_checkpoint(run_dir: Path) -> str:

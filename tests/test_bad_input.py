@@ -415,6 +415,10 @@ CASES = {
         lambda t, r: ["routing", str(r), "--plot", str(t / "heat.jpg")],
         "must end in .png",
     ),
+    "max_length that leaves nothing to learn": (
+        lambda t, r: ["train", recipe_file(t, data={"max_length": 2}), "-q"],
+        "error: data.max_length: 2 tokens leave no training example a token to learn from",
+    ),
     "a date for a number": (
         lambda t, r: ["train", recipe_file(t), "--set", "train.lr=2024-01-01"],
         "error: train.lr: must be a number, got 2024-01-01 (a date)",

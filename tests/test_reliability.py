@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,11 @@ import pytest
 import torch
 import yaml
 from conftest import copy_task, tiny_recipe
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 from shardtune.checkpoint import check_checkpoint, list_checkpoints
+from shardtune.cli import app
 from shardtune.errors import Diverged
 from shardtune.recipe import recipe_from_dict
 from shardtune.train import train
@@ -508,3 +511,179 @@ def test_the_launcher_passes_on_exit_codes_and_names_a_killed_process(monkeypatc
     monkeypatch.setattr(accelerate_launch, "launch_command", fails_with(-9))
     monkeypatch.setattr(launcher, "_killed", late_sigterm)
     assert launcher.main(argv) == 143 and capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# A resume that is refused: before the run directory is written, in one line naming the key or file
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoint-1..3 (to copy: each test edits its own)."""
+    tmp = tmp_path_factory.mktemp("four")
+    train(recipe_from_dict(resume_raw(tmp)))
+    return tmp / "run"
+
+
+def resume_raw(tmp_path: Path, **train_keys) -> dict:
+    train_section = {"max_steps": 4, "batch_size": 8, "save_every": 1, "keep_checkpoints": 5, **train_keys}
+    return tiny_recipe(
+        tmp_path,
+        data={"num_samples": 64, "eval_samples": 8, "max_length": 64},
+        train=train_section,
+        output={"dir": str(tmp_path / "run")},
+    )
+
+
+@pytest.fixture
+def copied(tmp_path, four_steps) -> tuple[Path, Path]:
+    """(recipe file, run) of a copy of the 4-step run."""
+    shutil.copytree(four_steps, tmp_path / "run")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(resume_raw(tmp_path)))
+    return recipe, tmp_path / "run"
+
+
+def files_of(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes().hex()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def refused_resume(args: list, expected: str) -> str:
+    """`shardtune train ARGS` exits 2 with one line holding ``expected``; no traceback."""
+    result = CliRunner().invoke(app, ["train", *map(str, args), "-q"])
+    err = result.stderr.strip()
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def edit_state(checkpoint: Path, change) -> None:
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+def shrink_a_moment(checkpoint: Path) -> None:
+    tensors = load_file(checkpoint / "optimizer.safetensors")
+    key = next(k for k in tensors if k.endswith(".exp_avg"))
+    tensors[key] = tensors[key][:1].clone()
+    save_file(tensors, checkpoint / "optimizer.safetensors")
+
+
+BROKEN_STATES = {
+    "python_rng null": (
+        lambda c: edit_state(c, lambda s: s.update(python_rng=None)),
+        "trainer_state.json: key 'python_rng'",
+    ),
+    "python_rng cut short": (
+        lambda c: edit_state(c, lambda s: s["python_rng"].__setitem__(1, [1, 2])),
+        "trainer_state.json: key 'python_rng'",
+    ),
+    "no param groups": (
+        lambda c: edit_state(c, lambda s: s.update(param_groups=[])),
+        "trainer_state.json: key 'param_groups'",
+    ),
+    "lr a string": (
+        lambda c: edit_state(c, lambda s: s["param_groups"][0].update(lr="x")),
+        "trainer_state.json: key 'param_groups[0].lr' must be a finite number",
+    ),
+    "too few parameters": (
+        lambda c: edit_state(c, lambda s: s["param_groups"][0].update(params=[0, 1])),
+        "the optimizer state does not fit this adapter",
+    ),
+    "a moment of another shape": (
+        shrink_a_moment,
+        "optimizer.safetensors: tensor 'state.0.exp_avg' has shape",
+    ),
+    "step not the directory's": (
+        lambda c: edit_state(c, lambda s: s.update(step=100)),
+        "trainer_state.json: key 'step' is 100 but the directory is checkpoint-2",
+    ),
+    "batch beyond the epoch": (
+        lambda c: edit_state(c, lambda s: s.update(batch_in_epoch=999)),
+        "trainer_state.json: key 'batch_in_epoch' is 999 but an epoch of this run has 8 batches",
+    ),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_STATES)
+def test_a_resume_refused_for_its_checkpoint_leaves_the_run_as_it_was(copied, broken):
+    recipe, run = copied
+    breaks, expected = BROKEN_STATES[broken]
+    breaks(run / "checkpoint-2")
+    before = files_of(run.parent)
+    refused_resume([recipe, "--resume-from", run / "checkpoint-2"], expected)
+    assert files_of(run.parent) == before  # metrics.jsonl not cut back, recipe.yaml not rewritten
+
+
+def test_a_resume_with_no_step_left_is_refused(copied):
+    recipe, run = copied
+    before = files_of(run.parent)
+    refused_resume(
+        [recipe, "--resume-from", run / "checkpoint-3", "--set", "train.max_steps=2"],
+        "train.max_steps: 2 is not past the checkpoint's step 3",
+    )
+    refused_resume([recipe, "--resume", "--set", "train.max_steps=3"], "train.max_steps: 3 is not past")
+    assert files_of(run.parent) == before
+
+
+def test_a_run_that_logged_no_loss_writes_null_not_nan(tmp_path, monkeypatch):
+    from shardtune.train import Trainer
+
+    monkeypatch.setattr(Trainer, "log_metrics", lambda self: None)  # as a run that trains no step
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(resume_raw(tmp_path, max_steps=1, save_every=0)))
+    result = CliRunner().invoke(app, ["train", str(recipe), "-q", "--json"])
+    assert result.exit_code == 0, result.output
+
+    def no_constant(name):
+        raise AssertionError(f"{name} in JSON")
+
+    for text in (result.stdout, (tmp_path / "run" / "result.json").read_text()):
+        assert json.loads(text, parse_constant=no_constant)["final_loss"] is None
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.name=tiny-qwen2", "model.name: the checkpoint was trained with 'tiny-llama'"),
+        ("model.dtype=bf16", "model.dtype: the checkpoint was trained with 'fp32'"),
+        ("data.task=reverse", "data.task: the checkpoint was trained with 'repeat'"),
+        ("data.num_samples=32", "data.num_samples: the checkpoint was trained with 64"),
+        ("train.seed=1", "train.seed: the checkpoint was trained with 0"),
+        ("train.batch_size=4", "train.batch_size: the checkpoint was trained with 8"),
+        ("train.grad_accum=2", "train.grad_accum: the checkpoint was trained with 1"),
+    ],
+)
+def test_a_resume_that_would_continue_another_run_is_refused(copied, override, message):
+    recipe, run = copied
+    before = files_of(run.parent)
+    err = refused_resume([recipe, "--resume", "--set", override], message)
+    assert "but the recipe says " + override.split("=")[1].strip("'") in err.replace("'", "")
+    assert files_of(run.parent) == before
+
+
+def test_a_resume_may_extend_the_run_and_change_its_schedule(copied):
+    recipe, run = copied
+    overrides = ["train.max_steps=6", "train.lr=0.001", "train.schedule=constant", "logging.every=1"]
+    args = ["train", str(recipe), "-q", "--resume", *[a for o in overrides for a in ("--set", o)]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "result.json").read_text())["steps"] == 6
+
+
+def test_resume_options_are_checked(copied):
+    recipe, run = copied
+    before = files_of(run.parent)
+    refused_resume(
+        [recipe, "--resume", "--resume-from", run / "checkpoint-3"], "--resume and --resume-from: give one"
+    )
+    refused_resume([recipe, "--resume-from", ""], "--resume-from: the value is empty")
+    err = refused_resume([recipe, "--resume-from", run], f"--resume-from: {run} is a run directory")
+    assert f"its latest checkpoint is {run / 'checkpoint-3'}" in err
+    assert files_of(run.parent) == before

@@ -29,8 +29,8 @@ def train(
             "--resume", help="Continue from the run's newest checkpoint (a given one: --resume-from DIR)."
         ),
     ] = False,
-    resume_from: Annotated[
-        Path | None, typer.Option("--resume-from", help="Continue from this checkpoint-N directory.")
+    resume_from: Annotated[  # (a str: typer makes an empty Path the current directory)
+        str | None, typer.Option("--resume-from", help="Continue from this checkpoint-N directory.")
     ] = None,
     nproc: Annotated[
         int,
@@ -68,6 +68,7 @@ def train(
     from shardtune.recipe import load_recipe, recipe_to_yaml
     from shardtune.tracking import check_trackers
 
+    check_resume_options(resume, resume_from)
     resolved = load_recipe(recipe, set_)
     say_notes(resolved, quiet)
     if dry_run:
@@ -81,16 +82,30 @@ def train(
     if (nproc > 1 or machine_count(launch_args) > 1) and launched_processes() == 1:
         forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
         forwarded += ["--resume"] if resume else []
-        forwarded += ["--resume-from", str(resume_from)] if resume_from else []
+        forwarded += ["--resume-from", resume_from] if resume_from is not None else []
         forwarded += ["--json"] if json_output else []
         forwarded += ["-q"] if quiet else []
         raise typer.Exit(launch(nproc, forwarded, launch_args, cpu=resolved.train.cpu))
     from shardtune.train import train as run_training
 
-    which = str(resume_from) if resume_from else ("latest" if resume else None)
+    which = resume_from if resume_from is not None else ("latest" if resume else None)
     result = run_training(resolved, Reporter.for_cli(quiet), resume=which)
     if json_output and process_rank() == 0:  # one summary, from the main process
         print_json(asdict(result))
+
+
+def check_resume_options(resume: bool, resume_from: str | None) -> None:
+    """``--resume`` (the newest checkpoint) and ``--resume-from DIR`` (that one) exclude each other, and
+    ``--resume-from`` needs a directory: an empty value would be the current one."""
+    from shardtune.errors import BadInput
+
+    if resume and resume_from is not None:
+        raise BadInput(
+            "--resume and --resume-from: give one (--resume continues from the run's newest checkpoint, "
+            "--resume-from DIR from that checkpoint)"
+        )
+    if resume_from is not None and not resume_from.strip():
+        raise BadInput("--resume-from: the value is empty; give a checkpoint-N directory")
 
 
 def compare(
