@@ -442,15 +442,16 @@ def _py_rng_from_json(data):
     return version, tuple(internal), gauss
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """``latest`` → the newest checkpoint of the run (None if there is none); a path → that checkpoint
-    (``--resume-from``: an empty value, or a run directory rather than one of its checkpoints, is refused)."""
+def resolve_resume(run_dir: Path, resume: str | Path | None) -> Path | None:
+    """The string ``latest`` (``--resume``) → the newest checkpoint of the run (None if there is none);
+    a path (``--resume-from``; a directory may be named ``latest``) → that checkpoint. An empty value,
+    or a run directory rather than one of its checkpoints, is refused."""
     if resume is None:
         return None
-    if resume == "latest":
+    if isinstance(resume, str) and resume == "latest":
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
-    if not resume.strip():
+    if not str(resume).strip():
         raise BadInput("--resume-from: the value is empty; give a checkpoint-N directory")
     path = Path(resume)
     if not path.is_dir():

@@ -110,7 +110,7 @@ class TrainResult:
     base_bytes_unquantized: int = 0  # the same in model.dtype, unquantized
 
 
-def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | None = None) -> TrainResult:
+def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | Path | None = None) -> TrainResult:
     """Train as the recipe says. ``resume``: ``"latest"`` (the run's newest checkpoint) or a checkpoint path."""
     started = time.perf_counter()
     with connect_processes(recipe.train) as accelerator:
@@ -466,7 +466,7 @@ class Trainer:
         self.trackers = None  # logging.report_to, on the main process
 
     @contextmanager
-    def run_directory(self, resume: str | None) -> Iterator[None]:
+    def run_directory(self, resume: str | Path | None) -> Iterator[None]:
         """Claim ``output.dir`` (checked on every process, locked by the main one; a checkpoint to
         resume from is read whole first) and catch SIGTERM; an error met inside goes to train.log."""
         self.resume_from = resolve_resume(Path(self.recipe.output.dir), resume)

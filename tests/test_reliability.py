@@ -687,3 +687,11 @@ def test_resume_options_are_checked(copied):
     err = refused_resume([recipe, "--resume-from", run], f"--resume-from: {run} is a run directory")
     assert f"its latest checkpoint is {run / 'checkpoint-3'}" in err
     assert files_of(run.parent) == before
+
+
+def test_resume_from_a_directory_named_latest_is_that_directory(copied, monkeypatch):
+    """(``latest`` is what --resume means inside; --resume-from latest names a directory)"""
+    recipe, run = copied
+    monkeypatch.chdir(run.parent)
+    (run.parent / "latest").mkdir()
+    refused_resume([recipe, "--resume-from", "latest"], "--resume-from: latest is not a checkpoint directory")

@@ -88,7 +88,8 @@ def train(
         raise typer.Exit(launch(nproc, forwarded, launch_args, cpu=resolved.train.cpu))
     from shardtune.train import train as run_training
 
-    which = resume_from if resume_from is not None else ("latest" if resume else None)
+    # (a Path: a checkpoint directory may be named "latest", which as a string means --resume)
+    which = Path(resume_from) if resume_from is not None else ("latest" if resume else None)
     result = run_training(resolved, Reporter.for_cli(quiet), resume=which)
     if json_output and process_rank() == 0:  # one summary, from the main process
         print_json(asdict(result))
