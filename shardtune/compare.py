@@ -38,7 +38,7 @@ from shardtune.fileio import (
     write_marker,
 )
 from shardtune.progress import Reporter
-from shardtune.recipe import Recipe, recipe_from_dict
+from shardtune.recipe import Recipe, apply_override, load_recipe, recipe_from_dict
 from shardtune.rundir import RUN_KINDS
 
 COMPARE_FILE = "compare.json"
@@ -170,7 +170,7 @@ def fit_budget(
 
 
 def fit_budgets(
-    recipe: Recipe, methods: list[str], budgets: list[Fraction], out_dir: Path
+    recipe: Recipe, methods: list[str], budgets: list[Fraction], out_dir: Path, extra: dict | None = None
 ) -> tuple[int, list[BudgetFit]]:
     """The reference count and, per budget and method, the fitted option (or why it is left out)."""
     from shardtune.models import load_config
@@ -180,23 +180,56 @@ def fit_budgets(
     fits, counts = [], {m: {} for m in methods}
     for budget in budgets:
         for method in methods:
-            adapter = method_recipe(recipe, method, out_dir).adapter.model_dump(mode="json")
+            adapter = method_recipe(recipe, method, out_dir, extra).adapter.model_dump(mode="json")
             options = {k: v for k, v in adapter.items() if k != "method"}
             fits.append(fit_budget(config, method, options, budget, reference, counted=counts[method]))
     return reference, fits
 
 
-def method_recipe(recipe: Recipe, method: str, out_dir: Path) -> Recipe:
+def compare_recipe(path: Path, overrides: list[str] | None, methods: list[str]) -> tuple[Recipe, dict]:
+    """The recipe ``compare`` trains, with the ``--set`` overrides, and apart from it the adapter
+    options that its own method lacks but a compared method has (``--set adapter.mode=mini`` on a LoRA
+    recipe, for FOSSIL), for :func:`method_recipe`. An adapter option given with ``--set`` that none of
+    the compared methods has is refused (it would change nothing); one no method has at all is the
+    recipe's unknown key."""
+    compared = list(METHODS) if methods == ["all"] else [m for m in methods if m in METHODS]
+    adapter_items, rest = {}, []
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        name = key.removeprefix("adapter.")
+        if key.startswith("adapter.") and "." not in name and name != "method":
+            adapter_items[name] = item
+        else:
+            rest.append(item)
+    own = type(load_recipe(path, rest).adapter).model_fields
+    theirs = {k for m in compared for k in METHODS[m].Options.model_fields}
+    apart = {k: item for k, item in adapter_items.items() if k not in own and k in theirs}
+    recipe = load_recipe(path, [*rest, *(item for k, item in adapter_items.items() if k not in apart)])
+    for name, item in adapter_items.items():
+        if name not in apart and name in own and name not in theirs:
+            raise BadInput(
+                f"--set {item}: none of the compared methods ({', '.join(compared)}) has this option"
+            )
+    extra: dict = {}
+    for item in apart.values():
+        apply_override(extra, item)
+    return recipe, extra.get("adapter", {})
+
+
+def method_recipe(recipe: Recipe, method: str, out_dir: Path, extra: dict | None = None) -> Recipe:
+    """The recipe with ``method``: the recipe's adapter options that method has, and of ``extra``
+    (``--set`` options the recipe's own method lacks, :func:`compare_recipe`) those it has."""
     raw = recipe.model_dump(mode="json")
     fields = METHODS[method].Options.model_fields
-    raw["adapter"] = {k: v for k, v in raw["adapter"].items() if k in fields and k != "method"} | {
-        "method": method
-    }
+    options = raw["adapter"] | (extra or {})
+    raw["adapter"] = {k: v for k, v in options.items() if k in fields and k != "method"} | {"method": method}
     raw["output"] = {"dir": str(out_dir / method), "overwrite": True}
     return recipe_from_dict(raw)
 
 
-def unfit_methods(recipe: Recipe, methods: list[str], out_dir: Path) -> dict[str, str]:
+def unfit_methods(
+    recipe: Recipe, methods: list[str], out_dir: Path, extra: dict | None = None
+) -> dict[str, str]:
     """Method → why its adapter cannot be built on the recipe's model (from the config, meta device)."""
     from shardtune.errors import ShardtuneError
     from shardtune.models import load_config
@@ -206,16 +239,16 @@ def unfit_methods(recipe: Recipe, methods: list[str], out_dir: Path) -> dict[str
     unfit = {}
     for method in methods:
         try:
-            count_trainable(config, method_recipe(recipe, method, out_dir).adapter)
+            count_trainable(config, method_recipe(recipe, method, out_dir, extra).adapter)
         except ShardtuneError as e:
             unfit[method] = str(e)
     return unfit
 
 
-def budget_recipe(recipe: Recipe, fit: BudgetFit, out_dir: Path) -> Recipe:
+def budget_recipe(recipe: Recipe, fit: BudgetFit, out_dir: Path, extra: dict | None = None) -> Recipe:
     """The method's recipe with its size option set for the budget; runs in ``<method>@<a>-<b>``."""
     label = f"{fit.method}@{str(fit.budget).replace('/', '-')}"
-    raw = method_recipe(recipe, fit.method, out_dir).model_dump(mode="json")
+    raw = method_recipe(recipe, fit.method, out_dir, extra).model_dump(mode="json")
     raw["adapter"][fit.option] = fit.value
     raw["output"]["dir"] = str(out_dir / label)
     return recipe_from_dict(raw)
@@ -227,7 +260,10 @@ def compare(
     reporter: Reporter,
     plot: Path | None = None,
     budgets: list[Fraction] | None = None,
+    extra: dict | None = None,
 ) -> dict:
+    """Train the recipe with each method (``extra``: adapter options for the methods that have them,
+    :func:`compare_recipe`); the rows, loss curves and what was left out, also in compare.json."""
     every = methods == ["all"]
     methods = list(METHODS) if every else methods
     unknown = [m for m in methods if m not in METHODS]
@@ -237,16 +273,16 @@ def compare(
     model = Path(recipe.model.name).expanduser()
     if plot is not None:
         check_plot_path(plot, "--plot", inputs=[model if model.is_dir() else None, recipe.data.path])
-    skipped = unfit_methods(recipe, methods, out_dir)
+    skipped = unfit_methods(recipe, methods, out_dir, extra)
     if skipped and not every:
         method, why = next(iter(skipped.items()))
         raise BadInput(f"--methods: {method} does not fit this model: {why}")
     methods = [m for m in methods if m not in skipped]
-    runs = [(m, method_recipe(recipe, m, out_dir), None) for m in methods]
+    runs = [(m, method_recipe(recipe, m, out_dir, extra), None) for m in methods]
     reference = None
     if budgets:
-        reference, fits = fit_budgets(recipe, methods, budgets, out_dir)
-        runs = [(f.method, budget_recipe(recipe, f, out_dir), f) for f in fits if f.value is not None]
+        reference, fits = fit_budgets(recipe, methods, budgets, out_dir, extra)
+        runs = [(f.method, budget_recipe(recipe, f, out_dir, extra), f) for f in fits if f.value is not None]
         skipped |= {f"{f.method}@{f.budget}": f.note for f in fits if f.value is None}
     check_output_dir(
         out_dir,

@@ -243,6 +243,27 @@ def test_compare_methods_side_by_side(tmp_path):
     saved = json.loads((tmp_path / "run" / "compare" / "compare.json").read_text())
     assert [s for s, _ in saved["curves"]["lora"]] == [1, 4]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_set_reaches_the_methods_that_have_the_option(tmp_path):
+    """On a LoRA recipe, --set adapter.mode=mini is FOSSIL's option: FOSSIL's run gets it, LoRA's does
+    not; an option none of the compared methods has is refused (it would change nothing)."""
+    path = write_recipe(
+        tmp_path, data={"task": "repeat", "num_samples": 16, "eval_samples": 4}, train={"max_steps": 1}
+    )
+    args = ["compare", str(path), "--methods", "fossil,lora", "-q", "--json"]
+    result = runner.invoke(app, [*args, "--set", "adapter.mode=mini", "--set", "adapter.mini_r=4"])
+    assert result.exit_code == 0, result.output
+    fossil = yaml.safe_load((tmp_path / "run" / "compare" / "fossil" / "recipe.yaml").read_text())
+    lora = yaml.safe_load((tmp_path / "run" / "compare" / "lora" / "recipe.yaml").read_text())
+    assert (fossil["adapter"]["mode"], fossil["adapter"]["mini_r"]) == ("mini", 4)
+    assert "mode" not in lora["adapter"]
+    refused = runner.invoke(app, ["compare", str(path), "--methods", "fossil", "--set", "adapter.alpha=32"])
+    assert refused.exit_code == 2
+    assert (
+        refused.stderr
+        == "error: --set adapter.alpha=32: none of the compared methods (fossil) has this option\n"
+    )
     result = runner.invoke(app, ["compare", str(path), "--methods", "lora,dora"])
     assert result.exit_code == 2 and "unknown method 'dora'" in result.stderr
     result = runner.invoke(app, ["compare", str(path), "--methods", "lora,vblora"])  # b = 256 ∤ 64

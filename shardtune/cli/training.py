@@ -136,24 +136,18 @@ def compare(
     quiet: QuietOption = False,
 ) -> None:
     """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
-    from shardtune.compare import parse_budgets, parse_methods
+    from shardtune.compare import compare_recipe, parse_budgets, parse_methods
     from shardtune.hub import check_recipe_sources
     from shardtune.progress import Reporter
-    from shardtune.recipe import load_recipe
 
     fractions = parse_budgets(budgets) if budgets is not None else None
-    resolved = load_recipe(recipe, set_)
+    names = parse_methods(methods)
+    resolved, other_options = compare_recipe(recipe, set_, names)
     say_notes(resolved, quiet)
     check_recipe_sources(resolved)
     from shardtune.compare import compare as run_compare
 
-    report = run_compare(
-        resolved,
-        parse_methods(methods),
-        Reporter.for_cli(quiet),
-        plot,
-        fractions,
-    )
+    report = run_compare(resolved, names, Reporter.for_cli(quiet), plot, fractions, other_options)
     if json_output:
         print_json(report["rows"])
         return
