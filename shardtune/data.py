@@ -59,15 +59,31 @@ def _read_text(path: Path, key: str) -> str:
         raise BadInput(f"{key}: {path} is not UTF-8 text (byte {e.start})") from None
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _one_value_per_key(pairs: list) -> dict:
+    """A JSON object, refusing a key given twice (JSON parsers keep the last value silently)."""
+    seen = {}
+    for name, value in pairs:
+        if name in seen:
+            raise _RepeatedKey(name)
+        seen[name] = value
+    return seen
+
+
 def _read_json_file(path: Path, key: str) -> list:
     """A .json file (a list of records, or ``{"data": [...]}``) or a .jsonl file (one record a line);
     ``key`` is the recipe key that named the file."""
     text = _read_text(path, key)
     if path.suffix == ".json":
         try:
-            records = json.loads(text)
+            records = json.loads(text, object_pairs_hook=_one_value_per_key)
         except json.JSONDecodeError as e:
             raise BadInput(f"{key}: {path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        except _RepeatedKey as e:
+            raise BadInput(f"{key}: {path}: a record gives key {e.args[0]!r} twice; keep one") from None
         if isinstance(records, dict) and isinstance(records.get("data"), list):
             records = records["data"]
         if not isinstance(records, list):
@@ -78,9 +94,11 @@ def _read_json_file(path: Path, key: str) -> list:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(json.loads(line, object_pairs_hook=_one_value_per_key))
         except json.JSONDecodeError as e:
             raise BadInput(f"{key}: {path} line {lineno} is not valid JSON ({e.msg})") from None
+        except _RepeatedKey as e:
+            raise BadInput(f"{key}: {path} line {lineno} gives key {e.args[0]!r} twice; keep one") from None
     return records
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shardtune.data import IGNORE, Example, encode, encode_all, load_examples, pack, segments
+from shardtune.data import IGNORE, Example, encode, encode_all, load_examples, pack, read_records, segments
 from shardtune.errors import BadInput
 from shardtune.models import byte_tokenizer
 from shardtune.recipe import DataSection
@@ -235,3 +235,13 @@ def test_record_that_is_not_an_object(tmp_path, record, kind):
     path.write_text(json.dumps(record) + "\n")
     with pytest.raises(BadInput, match=rf"data.path: \S*a.jsonl record 1 is {kind}, not an object \({{...}}"):
         load_examples(section(path=str(path)))
+
+
+def test_a_key_given_twice_in_a_record_is_refused(tmp_path):
+    """JSON parsers keep the last of two values silently; which one the user meant, only they know."""
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "prompt": "b", "completion": "c"}\n')
+    (tmp_path / "d.json").write_text('[{"prompt": "a", "completion": "c", "completion": "d"}]')
+    with pytest.raises(BadInput, match=r"d.jsonl line 1 gives key 'prompt' twice; keep one"):
+        read_records(DataSection(path=str(tmp_path / "d.jsonl")))
+    with pytest.raises(BadInput, match=r"d.json: a record gives key 'completion' twice; keep one"):
+        read_records(DataSection(path=str(tmp_path / "d.json")))
