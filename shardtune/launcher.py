@@ -171,6 +171,9 @@ def main(argv: list[str]) -> int:
     except SignalException as e:
         return 128 + int(e.sigval)
     finally:
+        # the processes are gone: a SIGTERM from now on (a scheduler repeats it) changes nothing, and
+        # must not turn their exit code into a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if own_log_dir:
             _remove_empty_dirs(args.log_dir)
 

@@ -562,12 +562,6 @@ def apply_override(raw: dict, item: str) -> str | None:
         if not isinstance(nxt, dict):
             raise RecipeError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
         node = nxt
-    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and node[parts[-1]]:
-        first = next(iter(value), "KEY")
-        raise BadInput(
-            f"--set {item}: would replace the whole {key} section, dropping its other keys; set each key "
-            f"instead, e.g. --set {key}.{first}=..."
-        )
     note = None
     if parts == ["adapter", "method"] and value in METHODS and node.get("method") != value:
         known = METHODS[value].Options.model_fields
@@ -580,6 +574,11 @@ def apply_override(raw: dict, item: str) -> str | None:
             note = f"adapter.method={value}: dropped {keys} (options of {old} that {value} does not have)"
     if len(parts) == 2 and parts[0] == "data" and parts[1] in DATA_SOURCE_KEYS and value is not None:
         note = _switch_data_source(node, parts[1])
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        dropped = sorted(k for k in node[parts[-1]] if k not in value)
+        if dropped:  # a whole section replaced: say which of its keys went (not silently)
+            keys = ", ".join(f"{key}.{k}" for k in dropped)
+            note = f"--set {key}={{...}} replaced the whole section: dropped {keys} (set one key with {key}.KEY=...)"
     node[parts[-1]] = value
     return note
 

@@ -618,10 +618,9 @@ class Trainer:
         check_optimizer_fits(directory, [p for p in self.model.parameters() if p.requires_grad])
 
     def start_run(self) -> None:
-        """From here on the run directory is written: an earlier run it replaces is set aside, the
-        metrics start (or are cut back to the checkpoint's step), recipe.yaml holds the resolved recipe;
-        experiment trackers (``logging.report_to``) start with the recipe as hyper-parameters. A resumed
-        run's checkpoint is checked against the model and data first (:meth:`_check_resume_fits`)."""
+        """A resumed run's checkpoint checked against model and data; then the run directory is written
+        (an earlier run set aside, metrics started or cut back, recipe.yaml) and trackers
+        (``logging.report_to``) start with the recipe as hyper-parameters."""
         self._check_resume_fits()
         self.directory.start(self.resumed_step)
         if self.main and self.recipe.logging.report_to:

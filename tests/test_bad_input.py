@@ -423,10 +423,6 @@ CASES = {
         lambda t, r: ["train", recipe_file(t), "--set", "train.lr=2024-01-01"],
         "error: train.lr: must be a number, got 2024-01-01 (a date)",
     ),
-    "--set a whole section": (
-        lambda t, r: ["train", recipe_file(t), "--set", "train={lr: 3}"],
-        "error: --set train={lr: 3}: would replace the whole train section",
-    ),
     "adapter.exclude that matches nothing": (
         lambda t, r: ["train", recipe_file(t, adapter={"exclude": ["nonexistent"]})],
         "error: adapter.exclude: ['nonexistent'] matches none of the layers",

@@ -142,9 +142,7 @@ def test_offline_and_not_cached_fails_at_once_naming_the_id_and_the_cache(hub, t
 def test_hub_errors_are_one_line(hub, tmp_path):
     env = hub_env(hub, tmp_path / "hf")
     done = shardtune("generate", "-m", "org/missing", "hi", env=env)
-    assert (
-        done.returncode == 2 and "error: model.name: the hub has no repository 'org/missing'" in done.stderr
-    )
+    assert done.returncode == 2 and "error: --model: the hub has no repository 'org/missing'" in done.stderr
     done = shardtune("train", recipe(tmp_path, model={"name": "org/tiny", "revision": "nope"}), env=env)
     assert done.returncode == 2
     assert "error: model.revision: 'nope' is not a branch, tag or commit of org/tiny" in done.stderr

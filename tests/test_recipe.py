@@ -163,3 +163,14 @@ def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
     raw = tiny_recipe(tmp_path)
     text = yaml.safe_dump(raw).replace("rank: 4", "rank: 010")
     assert load_recipe(write(tmp_path, text)).adapter.rank == 10
+
+
+def test_set_a_whole_section_says_which_keys_it_dropped(tmp_path):
+    path = write(tmp_path, tiny_recipe(tmp_path))
+    recipe = load_recipe(path, ["train={lr: 3}"])
+    assert recipe.train.lr == 3 and recipe.train.max_steps is None  # the section replaced, as asked
+    assert override_notes(recipe) == [
+        "--set train={...} replaced the whole section: dropped train.batch_size, train.max_steps, train.seed "
+        "(set one key with train.KEY=...)"
+    ]
+    assert override_notes(load_recipe(path, ["train={lr: 3, max_steps: 2, batch_size: 8, seed: 0}"])) == []

@@ -628,7 +628,7 @@ def test_numbers_written_as_yaml_writes_them_are_numbers(place):
 
     # and strings that look like numbers to YAML 1.2 stay strings through the resolved recipe.yaml
     raw = yaml.safe_load(Path(place.recipe()).read_text())
-    raw["model"]["revision"] = "1e5"
+    raw["model"].update(name="org/model", revision="1e5")  # (a revision needs a hub id)
     again = parse_yaml(recipe_to_yaml(recipe_from_dict(raw)))
     assert again["model"]["revision"] == "1e5" and ModelSection.model_validate(again["model"])
     path = Path(place.recipe())
