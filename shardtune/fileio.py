@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import glob
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -125,16 +127,32 @@ def exact_entries(directory: Path) -> list[str]:
     return found
 
 
-# The names shardtune gives an entry while writing it (fileio's atomic_write and atomic_directory):
-# ``.NAME.<random>.tmp``, ``.NAME.new-<random>``, ``.NAME.old-<random>``.
-TEMPORARY_FORMS = ("*.tmp", "new-*", "old-*")
+# The names shardtune gives an entry while writing it (fileio's atomic_write and atomic_directory,
+# with tempfile's 8 random characters): ``.NAME.<random>.tmp``, ``.NAME.new-<random>``,
+# ``.NAME.old-<random>``. Nothing else is a temporary name of shardtune's (``.NAME.old-mine`` is not).
+_RANDOM = "[a-z0-9_]{8}"
+TEMPORARY_FORMS = (rf"{_RANDOM}\.tmp", f"new-{_RANDOM}", f"old-{_RANDOM}")
+# In a pattern, ``[0-9]*`` is a number: one or more digits, nothing after them (``checkpoint-[0-9]*``
+# owns checkpoint-12, not a user's checkpoint-12-best or checkpoint-12.bak).
+NUMBER = "[0-9]*"
+
+
+@functools.lru_cache(maxsize=1024)
+def _component_regex(pattern: str) -> tuple[re.Pattern, re.Pattern]:
+    """(the entry, its temporary siblings) of one pattern component, as regular expressions."""
+
+    def body(glob_part: str) -> str:  # fnmatch's translation, without its (?s: ... )\Z frame
+        return fnmatch.translate(glob_part)[len("(?s:") : -len(")\\Z")]
+
+    entry = "[0-9]+".join(body(part) for part in pattern.split(NUMBER))
+    temporary = rf"\.(?:{entry})\.(?:{'|'.join(TEMPORARY_FORMS)})"
+    return re.compile(rf"(?s:{entry})\Z"), re.compile(rf"(?s:{temporary})\Z")
 
 
 def _name_matches(name: str, pattern: str) -> bool:
     """One path component against one pattern component: the entry itself or a temporary sibling of it."""
-    if fnmatch.fnmatchcase(name, pattern):
-        return True
-    return name.startswith(".") and any(fnmatch.fnmatchcase(name, f".{pattern}.{f}") for f in TEMPORARY_FORMS)
+    entry, temporary = _component_regex(pattern)
+    return bool(entry.match(name) or (name.startswith(".") and temporary.match(name)))
 
 
 def foreign_entries(

@@ -270,6 +270,18 @@ USERS_ADDITIONS = {
     "a file named like a temporary one": (_put(".train.log.bak"), "'.train.log.bak'"),
     "a directory in a checkpoint": (_put("checkpoint-4/mine/a.txt"), "'checkpoint-4/mine/'"),
     "a compare/ of their own": (_put("compare/results.csv"), "'compare/'"),
+    # named like a checkpoint, then more: a number is digits only
+    "a copy named checkpoint-N-best": (
+        _put("checkpoint-2-best", copy_of="checkpoint-2"),
+        "'checkpoint-2-best/'",
+    ),
+    "a copy named checkpoint-N.bak": (
+        _put("checkpoint-2.bak", copy_of="checkpoint-2"),
+        "'checkpoint-2.bak/'",
+    ),
+    # like shardtune's temporary names (.NAME.old-<8 random>, .NAME.<8 random>.tmp), but not them
+    "a file named .NAME.old-mine": (_put(".train.log.old-mine"), "'.train.log.old-mine'"),
+    "a file named .NAME.backup.tmp": (_put(".recipe.yaml.backup.tmp"), "'.recipe.yaml.backup.tmp'"),
 }
 
 
