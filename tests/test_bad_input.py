@@ -392,6 +392,16 @@ CASES = {
         ],
         "error: --base: a plain model (--model) has no adapter to turn off",
     ),
+    "eval on examples without a token": (
+        lambda t, r: [
+            "eval",
+            str(r),
+            "--data",
+            _write(t, "e.jsonl", b'{"text": ""}\n{"text": ""}\n'),
+            "--json",
+        ],
+        "no example has a token to measure",
+    ),
     "eval --format without --data": (
         lambda t, r: ["eval", str(r), "--format", "alpaca"],
         "error: --format alpaca: applies to --data FILE only",

@@ -314,3 +314,32 @@ def test_a_launched_process_leaves_with_its_exit_code_and_bad_input_is_said_once
     with pytest.raises(Left) as left:
         cli.main()
     assert left.value.args == (0,) and capsys.readouterr().out.startswith("shardtune ")
+
+
+def test_json_output_is_strict_json(capsys):
+    """A loss over nothing is NaN in Python, which JSON has not: null."""
+    from shardtune.cli.common import print_json
+
+    print_json({"loss": float("nan"), "rows": [float("inf"), 1.5, {"x": -float("inf")}], "n": 3})
+    assert capsys.readouterr().out == '{"loss": null, "rows": [null, 1.5, {"x": null}], "n": 3}\n'
+
+
+def test_a_finished_command_is_not_turned_into_exit_130_by_a_late_ctrl_c(monkeypatch, capsys):
+    """From the command line (``main``), once a command has done its work, SIGINT is ignored: its
+    output is complete and its exit code 0 stays true. A library caller's Ctrl-C is left alone."""
+    import signal
+
+    from shardtune.cli import common, main
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert runner.invoke(app, ["methods"]).exit_code == 0
+        assert signal.getsignal(signal.SIGINT) == before  # in-process (tests, libraries): untouched
+        monkeypatch.setattr(sys, "argv", ["shardtune", "methods"])
+        monkeypatch.setattr(common, "DONE_IGNORES_CTRL_C", False)
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code == 0 and "lora" in capsys.readouterr().out
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

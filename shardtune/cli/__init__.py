@@ -115,6 +115,9 @@ def root(
 
 
 def main() -> None:
+    from shardtune.cli import common
+
+    common.DONE_IGNORES_CTRL_C = True
     argv = sys.argv[1:]
     if launched_processes() == 1:
         app(args=argv, prog_name="shardtune")

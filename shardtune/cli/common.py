@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -57,8 +59,20 @@ def say_notes(recipe, quiet: bool = False) -> None:
 
 
 def print_json(data: object) -> None:
-    """One JSON document on one line of stdout."""
-    sys.stdout.write(json.dumps(data) + "\n")
+    """One JSON document on one line of stdout: strict JSON, so a number that is not finite (a loss
+    over no examples) is null, never NaN or Infinity, which JSON parsers reject."""
+    sys.stdout.write(json.dumps(finite_json(data), allow_nan=False) + "\n")
+
+
+def finite_json(data: object) -> object:
+    """``data`` with every non-finite float replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_json(v) for v in data]
+    return data
 
 
 def launched_processes() -> int:
@@ -141,13 +155,21 @@ def fail(
     raise typer.Exit(code)
 
 
+# Set by the command-line entry point (not by a library caller or a test runner in the same process):
+# once a command has done its work, Ctrl-C can no longer stop it, so its exit code stays 0.
+DONE_IGNORES_CTRL_C = False
+
+
 def handle_errors(fn):
     """One line and a stable exit code instead of a traceback (SHARDTUNE_DEBUG=1 shows tracebacks)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if DONE_IGNORES_CTRL_C:  # its output is complete: an exit code of 130 would say otherwise
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return result
         except ShardtuneError as e:
             fail(str(e), e.exit_code, isinstance(e, BadInput), e.once_per_machine)
         except KeyboardInterrupt:
