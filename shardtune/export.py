@@ -33,6 +33,7 @@ from shardtune.checkpoint import (
 from shardtune.errors import BadInput
 from shardtune.fileio import check_output_dir, output_kinds, write_output_dir
 from shardtune.models import load_model
+from shardtune.peftio import is_peft_adapter
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "vera", "vblora", "tiedlora", "prolora")
@@ -281,6 +282,11 @@ def export_native(
     inputs = _inputs(run_dir, base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs, **EXPORTED)
     if not (run_dir / ADAPTER_CONFIG).is_file():
+        if is_peft_adapter(run_dir):
+            raise BadInput(
+                f"--format shardtune: {run_dir} is a PEFT LoRA adapter, not a shardtune run; it is in PEFT's "
+                "format already (--format peft writes it again)"
+            )
         raise BadInput(f"{run_dir}: not a shardtune adapter directory (no {ADAPTER_CONFIG})")
     load_adapted_model(run_dir, base_model=base_model)  # validate before copying
 

@@ -33,6 +33,8 @@ def routing_of(
     from shardtune.models import load_model
     from shardtune.recipe import load_recipe
 
+    if not target.exists():
+        raise BadInput(f"{target}: no such run directory or recipe file")
     if target.is_dir():
         if overrides:
             raise BadInput(

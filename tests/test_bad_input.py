@@ -417,6 +417,10 @@ CASES = {
         ],
         "error: --metric contains: these examples have no completions to score",
     ),
+    "routing of nothing": (
+        lambda t, r: ["routing", str(t / "gone")],
+        "error: <GONE>: no such run directory or recipe file",
+    ),
     "routing --set on a trained run": (
         lambda t, r: ["routing", str(r), "--set", "adapter.rank=3"],
         "error: --set adapter.rank=3: ",

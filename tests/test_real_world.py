@@ -163,6 +163,10 @@ def test_a_peft_lora_is_accepted_wherever_a_run_is(tmp_path):
     ok(["routing", directory])
     refusal = runner.invoke(app, ["eval", str(directory)])
     assert refusal.exit_code == 2 and "give the examples with --data FILE" in refusal.stderr
+    native = runner.invoke(
+        app, ["export", str(directory), "--out", str(tmp_path / "n"), "--format", "shardtune"]
+    )
+    assert native.exit_code == 2 and "is a PEFT LoRA adapter, not a shardtune run" in native.stderr
 
 
 def test_training_starts_from_a_peft_lora(tmp_path):
