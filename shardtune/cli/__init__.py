@@ -117,8 +117,14 @@ def root(
 def main() -> None:
     from shardtune.cli import common
 
-    common.DONE_IGNORES_CTRL_C = True
-    argv = sys.argv[1:]
+    common.DONE_IGNORES_CTRL_C = True  # (for this command line only: not for a caller in the same process)
+    try:
+        _run_command_line(sys.argv[1:])
+    finally:
+        common.DONE_IGNORES_CTRL_C = False
+
+
+def _run_command_line(argv: list[str]) -> None:
     if launched_processes() == 1:
         app(args=argv, prog_name="shardtune")
         return
