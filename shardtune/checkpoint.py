@@ -170,7 +170,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = []
     for p in run_dir.glob("checkpoint-*"):
         suffix = p.name.split("-", 1)[1]
-        if p.is_dir() and suffix.isdigit() and (p / ADAPTER_CONFIG).is_file():
+        if p.is_dir() and suffix.isascii() and suffix.isdigit() and (p / ADAPTER_CONFIG).is_file():
             found.append((int(suffix), p))
     return [p for _, p in sorted(found)]
 

@@ -60,6 +60,7 @@ def parameter_options(
         options["rank"] = rank
     if targets is not None:
         options["targets"] = targets if targets == "all-linear" else targets.split(",")
+    given_as_options = {"rank": rank, "targets": targets}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -67,7 +68,7 @@ def parameter_options(
         key = key.strip().removeprefix("adapter.")
         if key == "method":
             raise BadInput(f"--set {item}: give the method with --method")
-        if key in ("rank", "targets") and locals()[key] is not None:
+        if given_as_options.get(key) is not None:
             raise BadInput(f"--set {item}: --{key} gives adapter.{key} already; give it once")
         options[key] = parse_yaml(value)
     return model, method or "lora", options, quantize

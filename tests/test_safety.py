@@ -393,6 +393,15 @@ def test_an_empty_out_directory_keeps_its_mode_and_group(place):
     read_only.chmod(0o755)
 
 
+def test_only_checkpoint_and_ascii_digits_is_a_checkpoint(tmp_path):
+    from shardtune.checkpoint import ADAPTER_CONFIG, list_checkpoints
+
+    for name in ("checkpoint-3", "checkpoint-12", "checkpoint-²", "checkpoint-2-best", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ADAPTER_CONFIG).write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-12"]
+
+
 def test_rotating_checkpoints_deletes_only_what_shardtune_wrote(tmp_path, caplog):
     from shardtune.checkpoint import CHECKPOINT_FILES, rotate_checkpoints
 
