@@ -10,13 +10,15 @@ adapted, the same assembled rank r for every method (MoS: budget R = r/4 or the 
 ShareLoRA: ShareA). LoRS needs a pruned model and is measured by benchmarks/lors_memory.py. "frozen
 base" is the same forward + backward with no adapter (gradients flow to the input embeddings only):
 the floor every adapter method pays. ``--ablations`` adds rows with one speed lever switched off
-(LoRA and FOSSIL without the fused layer, MoS with a gather per layer; and LoRA without its rank-r
-products, which does not train: what its step costs beside them). ``--floor`` adds two computed rows:
+(LoRA and FOSSIL without the fused layer, MoS with a gather per layer, LoRA's fused layer with its
+factors cast outside it, or with the update written before the base product; and LoRA without its rank-r products, which does not train: what its step
+costs beside them). ``--floor`` adds two computed rows:
 the frozen base plus the rank-r products of every adapted layer timed alone (:func:`floor_ms`), the time
 no rank-r adapter built on torch's matrix products gets under, once with their operands in cache
 (timed over and over) and once with them evicted before each call (read from memory, as a real step
 reads most of them). Variants run interleaved, round after round, and the median
-is reported, so machine noise hits all of them alike. ``--compile``: every variant's decoder blocks
+is reported, so machine noise hits all of them alike (their models, all resident, are frozen out of the
+garbage collector's walks first). ``--compile``: every variant's decoder blocks
 are compiled as ``train.compile`` does (the frozen base's too, so ratios compare compiled with
 compiled), plus a row "frozen base (eager)"; compile time is not in the step time (warm-up steps). Prints a table and writes JSON
 (benchmarks/results/step_time-<device>-<shape>.json unless --json is given; <device> names the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import platform
 import statistics
@@ -39,7 +42,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardtune.adapters import METHODS  # noqa: E402
+from shardtune.adapters import METHODS, fused  # noqa: E402
 from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter  # noqa: E402
 from shardtune.train import adamw, compile_blocks  # noqa: E402
 
@@ -100,6 +103,12 @@ ABLATIONS = {
     # LoRA's layers keep their bookkeeping but leave out the rank-r products (does not train: A and B
     # get zero gradients): what a LoRA step costs beside its products
     "lora (no products)": ("shardtune lora", "no products"),
+    # the fused layer as it was before its factors' casts moved inside: A and B cast by autograd (a copy
+    # each way per factor and step), the scale a pass of its own over h and dh, the update added after
+    "lora (casts outside)": ("shardtune lora", "casts outside"),
+    # tried and not kept: the update written first and the base product accumulated onto it (addmm_ with
+    # beta 1: no pass of its own over y and dx; less GPU time in kernels, a slower H200 step)
+    "lora (update first)": ("shardtune lora", "update first"),
 }
 
 
@@ -124,6 +133,83 @@ def _forward_without_products(layer, x):
     return _ProductsLeftOut.apply(x, layer.base_layer.weight, layer.base_layer.bias, a, b)
 
 
+class CastsOutside(torch.autograd.Function):
+    """The fused layer (LoRA's form) before its factors' casts moved inside (``_LowRankLinear``): ``a`` and
+    ``b`` arrive in the compute dtype, cast by autograd outside (so their gradients leave in it and are
+    cast back), and the scale is a pass of its own over ``h`` and ``dh``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        flat = x.reshape(-1, x.shape[-1])
+        h = torch.mm(flat, a.t()).mul_(scale)
+        y = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scale = scale
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a, b, h = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
+        dh = torch.mm(dy, b).mul_(ctx.scale)
+        db = torch.mm(dy.t(), h)
+        da = torch.mm(dh.t(), x.reshape(-1, x.shape[-1]))
+        dx = torch.mm(dy, weight).addmm_(dh, a) if ctx.needs_input_grad[0] else None
+        return None if dx is None else dx.view(x.shape), None, None, da, db, None
+
+
+class UpdateFirst(torch.autograd.Function):
+    """``_LowRankLinear`` (LoRA's form) with the update written first and the base product accumulated
+    onto it: ``y = h·Bᵀ`` then ``y += x·Wᵀ``, ``dx = s·g·A`` then ``dx += dy·W`` (``addmm_``, beta 1)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scale):
+        flat = x.reshape(-1, x.shape[-1])
+        ctx.dtypes = a.dtype, b.dtype
+        a, b = fused._autocast_copy(a, x.dtype), fused._autocast_copy(b, x.dtype)
+        h = fused._scaled_product(flat, a.t(), scale)
+        y = torch.addmm(bias, h, b.t()) if bias is not None else torch.mm(h, b.t())
+        y.addmm_(flat, weight.t())
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scale = scale
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, a, b, h = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
+        g = torch.mm(dy, b)
+        db = fused._gradient_product(dy.t(), h, ctx.dtypes[1])
+        da = fused._gradient_product(g.t(), x.reshape(-1, x.shape[-1]), ctx.dtypes[0], ctx.scale)
+        dx = fused._scaled_product(g, a, ctx.scale).addmm_(dy, weight) if ctx.needs_input_grad[0] else None
+        return None if dx is None else dx.view(x.shape), None, None, da, db, None
+
+
+def forward_update_first(layer, x):
+    """``layer(x)`` through :class:`UpdateFirst` (x, W and the bias cast as the fused layer casts them)."""
+    a, b, scale = layer.adapter.low_rank_factors()
+    operands = (x, layer.base_layer.weight, layer.base_layer.bias)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        operands = tuple(None if t is None else t.to(dtype) for t in operands)
+    with torch.autocast(device_type, enabled=False):
+        return UpdateFirst.apply(*operands, a, b, scale)
+
+
+def forward_casts_outside(layer, x):
+    """``layer(x)`` through :class:`CastsOutside`, every operand cast to the autocast dtype by autograd."""
+    a, b, scale = layer.adapter.low_rank_factors()
+    operands = (x, layer.base_layer.weight, layer.base_layer.bias, a, b)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        operands = tuple(None if t is None else t.to(dtype) for t in operands)
+    with torch.autocast(device_type, enabled=False):
+        return CastsOutside.apply(*operands, scale)
+
+
 def ablate(model, how: str) -> None:
     if how == "unfused":
         for layer in adapted_layers(model).values():  # the fused layer then never applies
@@ -133,6 +219,12 @@ def ablate(model, how: str) -> None:
     elif how == "no products":
         for layer in adapted_layers(model).values():
             layer.forward = functools.partial(_forward_without_products, layer)
+    elif how == "casts outside":
+        for layer in adapted_layers(model).values():
+            layer.forward = functools.partial(forward_casts_outside, layer)
+    elif how == "update first":
+        for layer in adapted_layers(model).values():
+            layer.forward = functools.partial(forward_update_first, layer)
 
 
 def projection_shapes(shape: str) -> dict[str, tuple[int, int]]:
@@ -331,8 +423,6 @@ def main() -> None:
     rows = {name: {"times": [], "peak_mem_gib": None} for name in specs}
     if args.device.startswith("cuda"):
         # Peak memory first, one variant alone on the GPU at a time (nothing else resident).
-        import gc
-
         for name, spec in specs.items():
             gc.collect()
             torch.cuda.empty_cache()
@@ -358,6 +448,10 @@ def main() -> None:
         sync(args.device)
         rows[name].update(step=step, trainable=trainable)
 
+    # Every variant's model stays resident while they take turns: out of the garbage collector's walks,
+    # so that one collection over many models' objects does not land in some variant's timed steps.
+    gc.collect()
+    gc.freeze()
     for _ in range(args.rounds):
         for _name, row in rows.items():
             sync(args.device)

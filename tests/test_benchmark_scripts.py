@@ -50,6 +50,23 @@ def test_step_time_with_ablations_writes_every_row(tmp_path):
     assert "mos (per-layer gather)" in done.stdout
 
 
+def test_profile_step_splits_each_variants_step_and_writes_json(tmp_path):
+    """``profile_step.py``: per variant the step's operators (kernels on a GPU) with their time and count,
+    and where an adapter spends more than the frozen base (its rank-r products among them)."""
+    out = tmp_path / "prof.json"
+    done = run(
+        "profile_step.py", "--variants", "frozen base,shardtune lora", "--steps", "1", "--batch", "1",
+        "--seq", "16", "--top", "40", "--json", str(out),
+    )  # fmt: skip
+    variants = json.loads(out.read_text())["variants"]
+    assert list(variants) == ["frozen base", "shardtune lora"]
+    frozen, lora = variants["frozen base"], variants["shardtune lora"]
+    assert 0 < frozen["count"] < lora["count"] and frozen["busy_ms"] > 0 and lora["wall_ms"] > 0
+    assert lora["names"]["aten::addmm_"]["count"] > frozen["names"].get("aten::addmm_", {"count": 0})["count"]
+    assert "shardtune lora: where it spends more than frozen base" in done.stdout
+    assert "aten::addmm_" in done.stdout.split("where it spends more")[1]
+
+
 def test_layer_time_checks_its_variants_and_writes_json(tmp_path):
     out = tmp_path / "lt.json"
     run("layer_time.py", "--tokens", "16", "--reps", "1", "--rounds", "1", "--json", str(out))
@@ -83,6 +100,23 @@ def test_each_ablation_switches_its_lever_off():
             for layer in kept_layers:
                 layer.enabled = False
             torch.testing.assert_close(model(input_ids=ids).logits, kept(input_ids=ids).logits)
+        elif how in ("casts outside", "update first"):  # the same gradients through earlier fused layers
+            ids = torch.randint(0, 4096, (1, 8))
+            for m in (model, kept):
+                torch.manual_seed(1)  # B non-zero, the same in both: A gets a gradient too
+                for layer in adapted_layers(m).values():
+                    torch.nn.init.normal_(layer.adapter.lora_B, std=0.02)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    m(input_ids=ids).logits.float().pow(2).mean().backward()
+            forward = {
+                "casts outside": step_time.forward_casts_outside,
+                "update first": step_time.forward_update_first,
+            }
+            for layer, kept_layer in zip(layers, kept_layers, strict=True):
+                assert layer.forward.func is forward[how]
+                for p, q in zip(layer.adapter.parameters(), kept_layer.adapter.parameters(), strict=True):
+                    assert p.grad.dtype == torch.float32
+                    torch.testing.assert_close(p.grad, q.grad, atol=3e-2 * q.grad.abs().max().item(), rtol=0)
         else:
             assert not model.shardtune_stores.assemble_per_step and kept.shardtune_stores.assemble_per_step
 

@@ -90,3 +90,18 @@ def test_a_bf16_training_run_on_cuda(method, tmp_path):
     result = json.loads(run.stdout)
     assert math.isfinite(result["final_loss"]) and math.isfinite(result["eval_loss"])
     assert result["eval_loss"] < 3.0, result  # the repeat task is learnt (untrained: about 5.3)
+
+
+def test_the_factor_gradients_are_written_in_fp32_by_the_product():
+    """On CUDA a bf16 product writes its fp32 result directly (``torch.mm(..., out_dtype=)``): A's and B's
+    gradients are never rounded to bf16 on their way to the fp32 parameters."""
+    from shardtune.adapters import fused
+
+    assert fused._writes_wider(torch.device("cuda"), torch.bfloat16)
+    m1 = torch.randn(16, 8192, device="cuda").bfloat16()
+    m2 = torch.randn(8192, 2048, device="cuda").bfloat16()
+    got = fused._gradient_product(m1, m2, torch.float32, alpha=2.0)
+    assert got.dtype == torch.float32
+    want = 2.0 * (m1.double() @ m2.double())
+    rounded = (2.0 * (m1 @ m2).float()).double()
+    assert (got.double() - want).abs().max() < (rounded - want).abs().max() / 8

@@ -195,3 +195,41 @@ def test_what_the_fused_layer_keeps_for_backward(method, keeps_x):
     )
     rank = OPTIONS[method]["rank"]
     assert per_token == sorted([(tokens, rank)] + ([tuple(x.shape)] if keeps_x else [])), per_token
+
+
+@pytest.mark.parametrize("method", ["lora", "mos", "sharelora", "fossil"])
+def test_under_autocast_the_factors_are_cast_inside_and_autocast_comes_back_on(method):
+    """Under autocast the fused layer takes the adapter's fp32 factors as they are (cast inside, their
+    gradients returned in fp32: no cast node of autograd's between the layer and the parameters), and
+    autocast is on again after the layer, also when the layer raises."""
+    model = build_tiny_model("tiny-llama")
+    inject_adapter(model, METHODS[method].Options(method=method, targets=["q_proj"], **OPTIONS[method]))
+    layer = next(iter(adapted_layers(model).values()))
+    x = torch.randn(2, 3, layer.adapter.in_features, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(2, 3, layer.adapter.in_features + 1, dtype=torch.bfloat16))
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+    assert type(y.grad_fn).__name__ == "_LowRankLinearBackward"
+    upstream = {type(fn).__name__ for fn, _ in y.grad_fn.next_functions if fn is not None}
+    assert "ToCopyBackward0" not in upstream, upstream
+    if method == "lora":  # the parameters themselves feed the layer
+        assert upstream == {"AccumulateGrad"}, upstream
+
+
+def test_a_factor_gradient_keeps_its_scale_and_dtype_without_a_wider_product():
+    """``_gradient_product``: ``alpha·m1·m2`` in the parameter's dtype, also where the device has no
+    product that writes a wider result (the CPU: computed in bf16, then cast)."""
+    from shardtune.adapters import fused
+
+    assert not fused._writes_wider(torch.device("cpu"), torch.bfloat16)
+    m1, m2 = torch.randn(4, 64), torch.randn(64, 3)
+    got = fused._gradient_product(m1.bfloat16(), m2.bfloat16(), torch.float32, alpha=3.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, 3.0 * m1.bfloat16().float() @ m2.bfloat16().float(), atol=0.3, rtol=2e-2)
+    same = fused._gradient_product(m1, m2, torch.float32, alpha=3.0)
+    torch.testing.assert_close(same, 3.0 * m1 @ m2, atol=1e-5, rtol=1e-5)

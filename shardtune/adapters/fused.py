@@ -5,19 +5,27 @@ While training without dropout, an adapted ``nn.Linear`` computes
     y = x·Wᵀ + bias + h·Bᵀ,      h = s·x·Aᵀ   (N×r, the small side)
 
 or, for FOSSIL's block sum (:meth:`LayerAdapter.block_sum_shard`: ``A = P``, the 0/1 matrix that is
-never built, ``B = Dᵀ``), ``h = P·x``. The backward, written out:
+never built, ``B = Dᵀ``), ``h = P·x``. The backward, written out with ``g = ∂L/∂h = dy·B``:
 
-    dB = dyᵀ·h       dh = s·dy·B       dA = dhᵀ·x       dx = dy·W + dh·A
-                                                        (FOSSIL: dx = dy·W + (dy·Dᵀ)·P, a broadcast add)
+    dB = dyᵀ·h       dA = s·gᵀ·x       dx = dy·W + s·g·A
+                                       (FOSSIL: dD = hᵀ·dy,  dx = dy·W + (dy·Dᵀ)·P, a broadcast add)
 
-with the two input-gradient terms accumulated in one (N, in) buffer instead of two tensors and an
-add. Saved for backward: the small ``h`` and the parameters, and ``x`` only where a gradient needs it
-(LoRA's ``dA``; a base weight that trains): FOSSIL keeps none of its (N, in) input. ``W`` and ``bias``
-get gradients only if they ask (a frozen base never does).
+The scale rides on the products (their ``alpha``), never as a pass of its own over an N×r tensor, and
+the two input-gradient terms accumulate in one (N, in) buffer instead of two tensors and an add. Saved
+for backward: the small ``h`` and the parameters, and ``x`` only where a gradient needs it (LoRA's
+``dA``; a base weight that trains): FOSSIL keeps none of its (N, in) input. ``W`` and ``bias`` get
+gradients only if they ask (a frozen base never does).
+
+Under autocast the adapter's factors come in their own dtype (fp32 parameters) and are cast to the
+compute dtype inside the function; their gradients go back in their own dtype, written so by the
+product itself where the device can (CUDA: a bf16 product with an fp32 result, cuBLAS accumulating in
+fp32 anyway), so no cast runs between a product and its parameter's gradient.
 
 Measured and not kept (docs/benchmarks.md): running the layers that read one input (q/k/v, gate/up)
 as one group, their down products stacked into one and their input gradients summed in place:
-0.3 % of a CPU step, not worth its bookkeeping.
+0.3 % of a CPU step, not worth its bookkeeping. Writing the update first and letting the base product
+accumulate onto it (``addmm_`` with beta 1, so no pass of its own over ``y`` and ``dx``): less GPU
+time in kernels, yet an H200 step 8 % slower (``lora (update first)`` in benchmarks/step_time.py).
 """
 
 from __future__ import annotations
@@ -65,18 +73,61 @@ def _add_block_sum_transposed(dx: torch.Tensor, ds: torch.Tensor) -> None:
         dx[:, full:] += ds[:, : n_in - full]
 
 
+# Devices (by type and input dtype) whose matrix product can write its result in a wider dtype
+# (``torch.mm(..., out_dtype=)``: CUDA's bf16/fp16 products with an fp32 result); probed once each.
+_WIDE_PRODUCTS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _writes_wider(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _WIDE_PRODUCTS:
+        if torch.compiler.is_compiling():  # no probing inside a traced region: the plain product then
+            return False
+        try:
+            probe = torch.ones(2, 2, dtype=dtype, device=device)
+            _WIDE_PRODUCTS[key] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):  # no such kernel here (the CPU's), or no such argument
+            _WIDE_PRODUCTS[key] = False
+    return _WIDE_PRODUCTS[key] and not torch.compiler.is_compiling()
+
+
+def _scaled_product(m1: torch.Tensor, m2: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``alpha·m1·m2`` in one product (``alpha`` rides on the GEMM; no pass of its own)."""
+    if alpha == 1.0:
+        return torch.mm(m1, m2)
+    out = torch.empty(m1.shape[0], m2.shape[1], dtype=m1.dtype, device=m1.device)
+    return out.addmm_(m1, m2, beta=0, alpha=alpha)  # beta 0: what ``out`` held is never read
+
+
+def _gradient_product(
+    m1: torch.Tensor, m2: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0
+) -> torch.Tensor:
+    """``alpha·m1·m2`` as a ``dtype`` tensor: a parameter's gradient in the parameter's own dtype."""
+    if m1.dtype == dtype:
+        return _scaled_product(m1, m2, alpha)
+    if _writes_wider(m1.device, m1.dtype):
+        out = torch.mm(m1, m2, out_dtype=dtype)
+    else:
+        out = torch.mm(m1, m2).to(dtype)
+    return out if alpha == 1.0 else out.mul_(alpha)  # the small (r, in) result
+
+
 class _LowRankLinear(torch.autograd.Function):
-    """The layer of the module docstring: ``apply(x, weight, bias, a, b, scale, block_rank)``.
+    """The layer of the module docstring: ``apply(x, weight, bias, a, b, scale, block_rank)``, with ``x``,
+    ``weight`` and ``bias`` in the compute dtype and ``a``, ``b`` in the adapter's own.
     ``block_rank`` 0: ``h = s·x·Aᵀ`` and ``b`` is B (out×r); r > 0: FOSSIL's block sum, ``a`` is None
     and ``b`` is the shard D (r×out)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scale, block_rank):
         flat = x.reshape(-1, x.shape[-1])
+        ctx.a_dtype, ctx.b_dtype = None if a is None else a.dtype, b.dtype
+        b = _autocast_copy(b, x.dtype)
         if block_rank:
             h = block_sum(flat, block_rank)
         else:
-            h = torch.mm(flat, a.t()).mul_(scale)
+            a = _autocast_copy(a, x.dtype)
+            h = _scaled_product(flat, a.t(), scale)
         y = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
         y.addmm_(h, b if block_rank else b.t())
         keep_x = a is not None or weight.requires_grad
@@ -93,18 +144,18 @@ class _LowRankLinear(torch.autograd.Function):
         dx = dw = dbias = da = db = None
         if ctx.block_rank:  # dD = hᵀ·dy;  dx = dy·W + (dy·Dᵀ)·P
             if need_b:
-                db = torch.mm(h.t(), dy)
+                db = _gradient_product(h.t(), dy, ctx.b_dtype)
             if need_x:
                 dx = torch.mm(dy, weight)
                 _add_block_sum_transposed(dx, torch.mm(dy, b.t()))
-        else:
-            dh = torch.mm(dy, b).mul_(ctx.scale) if need_x or need_a else None
+        else:  # g = dy·B;  dB = dyᵀ·h;  dA = s·gᵀ·x;  dx = dy·W + s·g·A
+            g = torch.mm(dy, b) if need_x or need_a else None
             if need_b:
-                db = torch.mm(dy.t(), h)
+                db = _gradient_product(dy.t(), h, ctx.b_dtype)
             if need_a:
-                da = torch.mm(dh.t(), flat)
+                da = _gradient_product(g.t(), flat, ctx.a_dtype, ctx.scale)
             if need_x:
-                dx = torch.mm(dy, weight).addmm_(dh, a)
+                dx = torch.mm(dy, weight).addmm_(g, a, alpha=ctx.scale)
         if need_w:
             dw = torch.mm(dy.t(), flat)
         if need_bias:
@@ -137,9 +188,20 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
         dtype = torch.get_autocast_dtype(device_type)
         if not all(t is None or t.dtype in _AUTOCASTS for t in operands):
             return None
-        x, weight, bias, a, b = (None if t is None else _autocast_copy(t, dtype) for t in operands)
-        with torch.autocast(device_type, enabled=False):
+        # the factors are cast inside (their gradients come back in their own dtype, with no cast between)
+        x, weight, bias = (
+            t if t is None or t.dtype == dtype else _autocast_copy(t, dtype) for t in operands[:3]
+        )
+        if torch.compiler.is_compiling():
+            with torch.autocast(device_type, enabled=False):
+                return _LowRankLinear.apply(x, weight, bias, a, b, scale, block_rank)
+        # eagerly, autocast switched off and on again directly: a third of the context manager's overhead,
+        # which a step pays once per adapted layer (steps of narrow models wait on the CPU)
+        torch.set_autocast_enabled(device_type, False)
+        try:
             return _LowRankLinear.apply(x, weight, bias, a, b, scale, block_rank)
+        finally:
+            torch.set_autocast_enabled(device_type, True)
     if any(t is not None and t.dtype != x.dtype for t in operands):
         return None
     return _LowRankLinear.apply(x, base.weight, base.bias, a, b, scale, block_rank)
