@@ -364,8 +364,22 @@ def build_data(
         raise BadInput(
             f"data: {source} has no training example with a token to learn from (empty completions?)"
         )
+    if eval_examples and not eval_rows:
+        raise BadInput(
+            f"data: none of the {len(eval_examples)} held-out examples has a token to score (empty "
+            "completions, or prompts that fill data.max_length)"
+        )
     if truncated:
         reporter.warn(f"{truncated} of {len(train_examples)} examples truncated to data.max_length")
+    for examples_of_a_kind, rows, kind, what in (
+        (train_examples, train_rows, "training", "to learn from"),
+        (eval_examples, eval_rows, "held-out", "to score"),
+    ):
+        if len(rows) < len(examples_of_a_kind):
+            reporter.warn(
+                f"{len(examples_of_a_kind) - len(rows)} of {len(examples_of_a_kind)} {kind} examples have no "
+                f"token {what} (an empty completion, or a prompt that fills data.max_length): left out"
+            )
     if recipe.data.packing:
         train_rows = pack(train_rows, recipe.data.max_length)
     reporter.info(

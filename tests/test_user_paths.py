@@ -124,3 +124,40 @@ def test_no_held_out_record_is_ever_trained_on(tmp_path, monkeypatch, second_fil
         assert example.completion not in seen, f"held-out {example} was trained on"
     trained = [e for e in train_examples if e.completion in seen]
     assert len(trained) == len(train_examples)  # 12 steps × 8 rows > 32: every training record was seen
+
+
+def test_examples_without_a_token_to_learn_from_are_left_out_with_a_warning(tmp_path):
+    """A record whose prompt fills data.max_length has nothing left to train or score: it is left out,
+    and stderr says how many of each kind were; a held-out set left with nothing to score is an error
+    (exit 2), not an eval_loss measured on nothing."""
+    from conftest import tiny_recipe
+
+    def prompt(i):
+        return "x" * 80 if i % 5 == 0 else f"q{i:02d}?"
+
+    rows = [{"prompt": prompt(i), "completion": f"a{i:02d}"} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"task": None, "path": str(tmp_path / "d.jsonl"), "eval_samples": 10}
+    raw = tiny_recipe(tmp_path, data=data, train={"max_steps": 1})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    done = run_cli("train", tmp_path / "r.yaml", "--json")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    training = next(line for line in lines if "training examples have no token to learn from" in line)
+    held = next(line for line in lines if "held-out examples have no token to score" in line)
+    counts = [int(line.removeprefix("warning: ").split()[0]) for line in (training, held)]
+    assert sum(counts) == 8, (training, held)
+    assert "of 30 training" in training and "of 10 held-out" in held, (training, held)
+    assert json.loads(done.stdout)["final_loss"] is not None
+
+    held_rows = [{"prompt": "x" * 80, "completion": "a"}] * 3
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_rows))
+    raw["data"] = {**raw["data"], "eval_split": str(tmp_path / "h.jsonl")}
+    raw["data"].pop("eval_samples")
+    raw["output"]["dir"] = str(tmp_path / "run2")
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump(raw))
+    done = run_cli("train", tmp_path / "r2.yaml")
+    assert done.returncode == 2, done.stderr
+    assert "none of the 3 held-out examples has a token to score" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: data: none of the 3"), done.stderr
+    assert "Traceback" not in done.stderr

@@ -105,7 +105,7 @@ def _gradient_product(
     """``alpha·m1·m2`` as a ``dtype`` tensor: a parameter's gradient in the parameter's own dtype."""
     if m1.dtype == dtype:
         return _scaled_product(m1, m2, alpha)
-    if _writes_wider(m1.device, m1.dtype):
+    if dtype == torch.float32 and _writes_wider(m1.device, m1.dtype):
         out = torch.mm(m1, m2, out_dtype=dtype)
     else:
         out = torch.mm(m1, m2).to(dtype)
