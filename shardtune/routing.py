@@ -208,9 +208,13 @@ def render(report: dict, console, max_layers: int = 8) -> None:
     else:
         console.print("no store is shared between layers (every layer owns its parameters)")
 
-    console.print(
-        f"per-layer shards (first {max_layers} layers; private marked *)", markup=False, soft_wrap=True
+    total = len(report["layers"])
+    shown = (
+        f"all {total} layers"
+        if max_layers >= total
+        else f"first {max_layers} of {total} layers; --layers for more"
     )
+    console.print(f"per-layer shards ({shown}; private marked *)", markup=False, soft_wrap=True)
     layers = Table()
     for col in ("layer", "A", "B"):
         layers.add_column(col)

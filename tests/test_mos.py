@@ -202,6 +202,11 @@ def test_routing_command_on_recipe_and_run(tmp_path):
     result = runner.invoke(app, ["routing", str(recipe), "--plot", str(tmp_path / "h.png")])
     assert result.exit_code == 0, result.output
     assert "routing summary" in result.output and (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    n = len(report["layers"])  # the per-layer table says how many of the layers it lists
+    assert f"first 8 of {n} layers; --layers for more" in result.output
+    for option, title in (("2", f"first 2 of {n} layers"), (str(n + 50), f"all {n} layers")):
+        result = runner.invoke(app, ["routing", str(recipe), "--layers", option])
+        assert result.exit_code == 0 and title in result.output, result.output
 
     # A trained run, and the simpler sharing of other methods.
     result = runner.invoke(app, ["train", str(recipe), "-q"])
