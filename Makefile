@@ -27,7 +27,7 @@ DEMO_ARGS ?=
 demo: setup
 	$(BIN)/shardtune train recipes/quickstart.yaml $(DEMO_ARGS)
 
-# Seeded bugs (benchmarks/mutants.py): not part of `make test`; ~15 min on 2 cores.
+# Seeded bugs (benchmarks/mutants.py): not part of `make test`; 15-20 min on 2 cores.
 mutants: setup
 	$(BIN)/python benchmarks/mutants.py
 
