@@ -186,28 +186,23 @@ class UpdateFirst(torch.autograd.Function):
         return None if dx is None else dx.view(x.shape), None, None, da, db, None
 
 
-def forward_update_first(layer, x):
-    """``layer(x)`` through :class:`UpdateFirst` (x, W and the bias cast as the fused layer casts them)."""
-    a, b, scale = layer.adapter.low_rank_factors()
-    operands = (x, layer.base_layer.weight, layer.base_layer.bias)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        operands = tuple(None if t is None else t.to(dtype) for t in operands)
-    with torch.autocast(device_type, enabled=False):
-        return UpdateFirst.apply(*operands, a, b, scale)
-
-
-def forward_casts_outside(layer, x):
-    """``layer(x)`` through :class:`CastsOutside`, every operand cast to the autocast dtype by autograd."""
+def forward_through(function, layer, x):
+    """``layer(x)`` through one of the earlier fused layers above (LoRA's form): under autocast x, W and
+    the bias are cast by autograd, and so are A and B for :class:`CastsOutside` (:class:`UpdateFirst`
+    casts its factors inside, as ``_LowRankLinear`` does)."""
     a, b, scale = layer.adapter.low_rank_factors()
     operands = (x, layer.base_layer.weight, layer.base_layer.bias, a, b)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        operands = tuple(None if t is None else t.to(dtype) for t in operands)
+        cast = 5 if function is CastsOutside else 3
+        operands = tuple(t if t is None or k >= cast else t.to(dtype) for k, t in enumerate(operands))
     with torch.autocast(device_type, enabled=False):
-        return CastsOutside.apply(*operands, scale)
+        return function.apply(*operands, scale)
+
+
+# the ablations that route every adapted layer through an earlier fused layer
+EARLIER_LAYERS = {"casts outside": CastsOutside, "update first": UpdateFirst}
 
 
 def ablate(model, how: str) -> None:
@@ -219,12 +214,9 @@ def ablate(model, how: str) -> None:
     elif how == "no products":
         for layer in adapted_layers(model).values():
             layer.forward = functools.partial(_forward_without_products, layer)
-    elif how == "casts outside":
+    elif how in EARLIER_LAYERS:
         for layer in adapted_layers(model).values():
-            layer.forward = functools.partial(forward_casts_outside, layer)
-    elif how == "update first":
-        for layer in adapted_layers(model).values():
-            layer.forward = functools.partial(forward_update_first, layer)
+            layer.forward = functools.partial(forward_through, EARLIER_LAYERS[how], layer)
 
 
 def projection_shapes(shape: str) -> dict[str, tuple[int, int]]:

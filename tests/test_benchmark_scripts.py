@@ -100,7 +100,7 @@ def test_each_ablation_switches_its_lever_off():
             for layer in kept_layers:
                 layer.enabled = False
             torch.testing.assert_close(model(input_ids=ids).logits, kept(input_ids=ids).logits)
-        elif how in ("casts outside", "update first"):  # the same gradients through earlier fused layers
+        elif how in step_time.EARLIER_LAYERS:  # the same gradients through earlier fused layers
             ids = torch.randint(0, 4096, (1, 8))
             for m in (model, kept):
                 torch.manual_seed(1)  # B non-zero, the same in both: A gets a gradient too
@@ -108,12 +108,9 @@ def test_each_ablation_switches_its_lever_off():
                     torch.nn.init.normal_(layer.adapter.lora_B, std=0.02)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     m(input_ids=ids).logits.float().pow(2).mean().backward()
-            forward = {
-                "casts outside": step_time.forward_casts_outside,
-                "update first": step_time.forward_update_first,
-            }
             for layer, kept_layer in zip(layers, kept_layers, strict=True):
-                assert layer.forward.func is forward[how]
+                assert layer.forward.func is step_time.forward_through
+                assert layer.forward.args[0] is step_time.EARLIER_LAYERS[how]
                 for p, q in zip(layer.adapter.parameters(), kept_layer.adapter.parameters(), strict=True):
                     assert p.grad.dtype == torch.float32
                     torch.testing.assert_close(p.grad, q.grad, atol=3e-2 * q.grad.abs().max().item(), rtol=0)
