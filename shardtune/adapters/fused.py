@@ -44,8 +44,11 @@ _CASTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _autocast_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, reusing the copy made earlier in this step for a trainable leaf (a parameter)."""
-    if t.dtype == dtype or not (t.is_leaf and t.requires_grad) or torch.compiler.is_compiling():
+    """``t.to(dtype)``, reusing the copy made earlier in this step for a trainable leaf (a parameter);
+    ``t`` itself when it has that dtype already (no call at all: this runs per layer and step)."""
+    if t.dtype == dtype:
+        return t
+    if not (t.is_leaf and t.requires_grad) or torch.compiler.is_compiling():
         return t.to(dtype)
     key = (t.data_ptr(), t.shape, t._version, dtype, t.device)
     copy = _CASTS.get(key)
@@ -79,16 +82,16 @@ _WIDE_PRODUCTS: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _writes_wider(device: torch.device, dtype: torch.dtype) -> bool:
+    if torch.compiler.is_compiling():  # no probing inside a traced region: the plain product there
+        return False
     key = (device.type, dtype)
     if key not in _WIDE_PRODUCTS:
-        if torch.compiler.is_compiling():  # no probing inside a traced region: the plain product then
-            return False
         try:
             probe = torch.ones(2, 2, dtype=dtype, device=device)
             _WIDE_PRODUCTS[key] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
         except (RuntimeError, TypeError):  # no such kernel here (the CPU's), or no such argument
             _WIDE_PRODUCTS[key] = False
-    return _WIDE_PRODUCTS[key] and not torch.compiler.is_compiling()
+    return _WIDE_PRODUCTS[key]
 
 
 def _scaled_product(m1: torch.Tensor, m2: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -189,9 +192,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
         if not all(t is None or t.dtype in _AUTOCASTS for t in operands):
             return None
         # the factors are cast inside (their gradients come back in their own dtype, with no cast between)
-        x, weight, bias = (
-            t if t is None or t.dtype == dtype else _autocast_copy(t, dtype) for t in operands[:3]
-        )
+        x, weight, bias = (None if t is None else _autocast_copy(t, dtype) for t in operands[:3])
         if torch.compiler.is_compiling():
             with torch.autocast(device_type, enabled=False):
                 return _LowRankLinear.apply(x, weight, bias, a, b, scale, block_rank)
