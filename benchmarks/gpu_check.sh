@@ -6,10 +6,11 @@
 #   2. the step-time benchmark on the 1B Llama shape (bf16 8×1024), with ablation rows and the floor;
 #   3. the same on the SmolLM2-135M shape (bf16 16×512);
 #   4. where the 1B step's time goes (benchmarks/profile_step.py: frozen base, LoRA, MoS);
-#   5. the 1B shape with compiled decoder blocks (the frozen base compiled and eager, LoRA, MoS): about
+#   5. the host time of one adapted layer (benchmarks/layer_overhead.py: what a step launches per layer);
+#   6. the 1B shape with compiled decoder blocks (the frozen base compiled and eager, LoRA, MoS): about
 #      3 minutes on an H200, most of it compiling (five variants did not finish in 170 s).
-# Stages 1-4 take about 6 minutes on an H100 or H200. GPU_CHECK_SKIP="compiled" (names, space-separated:
-# tests, 1b, smollm2, profile, compiled) leaves stages out: a lease too short for all of them.
+# Stages 1-5 take about 6 minutes on an H100 or H200. GPU_CHECK_SKIP="compiled" (names, space-separated:
+# tests, 1b, smollm2, profile, overhead, compiled) leaves stages out: a lease too short for all of them.
 # Usage (repo root, CUDA machine): bash benchmarks/gpu_check.sh OUT_DIR   → OUT_DIR/gpu_check.log + JSON
 set -uo pipefail
 out=${1:-runs/gpu}
@@ -41,6 +42,8 @@ shardtune mos,shardtune sharelora,lora (update first),mos (per-layer gather)" \
   --json "$out/step_time-cuda-smollm2-135m.json"
 stage 80 profile python3 benchmarks/profile_step.py --shape 1b --device cuda --dtype bf16 --batch 8 \
   --seq 1024 --variants "frozen base,shardtune lora,shardtune mos" --top 12 --json "$out/profile_step-cuda-1b.json"
+stage 40 overhead python3 benchmarks/layer_overhead.py --device cuda --reps 1000 --rounds 7 \
+  --json "$out/layer_overhead-cuda.json"
 stage "${COMPILE_SECONDS:-270}" compiled python3 benchmarks/step_time.py --shape 1b \
   --device cuda --dtype bf16 --batch 8 --seq 1024 --rank 16 --rounds 3 --steps 3 --compile \
   --only "frozen base,frozen base (eager),shardtune lora,shardtune mos" \

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +154,44 @@ def test_the_cold_floor_evicts_the_caches_before_each_timed_call(monkeypatch):
     step_time.per_call_ms(lambda: order.append("call"), "cpu", samples=2, calls=3)
     assert order == ["call"] * 9
     assert step_time.EVICT_BYTES >= 4 * 32 * 2**20  # 4× the CI CPU's L3, 5× an H100's L2
+
+
+def test_layer_overhead_times_every_variant_and_its_plain_function_computes_the_fused_layers_gradients(
+    tmp_path,
+):
+    out = tmp_path / "lo.json"
+    done = run("layer_overhead.py", "--reps", "5", "--rounds", "1", "--layers", "28", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == [
+        "nn.Linear (frozen)",
+        "bare autograd.Function",
+        "plain Function, LoRA's products",
+        "fused layer (_LowRankLinear)",
+        "AdaptedLinear (LoRA)",
+    ]
+    assert rows[0]["above_frozen_us"] == 0 and all(r["us"] > 0 for r in rows)
+    assert rows[-1]["ms_per_step"]["28"] == pytest.approx(28e-3 * rows[-1]["above_frozen_us"])
+    assert "AdaptedLinear (LoRA)" in done.stdout
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import layer_overhead
+
+    from shardtune.adapters.base import AdaptedLinear
+    from shardtune.adapters.lora import LoraAdapter
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 6, bias=False, dtype=torch.float64).requires_grad_(False)
+    layer = AdaptedLinear(base, LoraAdapter(8, 6, 4, scale=2.0).double(), fan_in_fan_out=False)
+    torch.nn.init.normal_(layer.adapter.lora_B)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 6, dtype=torch.float64)
+    wants = [x, layer.adapter.lora_A, layer.adapter.lora_B]
+    grads = {}
+    for name, fn in layer_overhead.variants(layer).items():
+        if "LoRA" in name or "fused" in name:
+            grads[name] = torch.autograd.grad(fn(x), wants, dy)
+    reference = grads.pop("AdaptedLinear (LoRA)")
+    assert len(grads) == 2
+    for got in grads.values():
+        for g, want in zip(got, reference, strict=True):
+            torch.testing.assert_close(g, want)
