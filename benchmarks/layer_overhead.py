@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.layer_time import interleaved_times  # noqa: E402
 from shardtune.adapters.base import AdaptedLinear  # noqa: E402
 from shardtune.adapters.fused import _LowRankLinear  # noqa: E402
 from shardtune.adapters.lora import LoraAdapter  # noqa: E402
@@ -108,15 +108,7 @@ def main() -> None:
     for fn in runs.values():
         for _ in range(args.reps // 10):
             one_pass(fn)
-    times = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.reps):
-                one_pass(fn)
-            sync()
-            times[name].append((time.perf_counter() - t0) / args.reps)
+    times = interleaved_times(runs, one_pass, args.rounds, args.reps, sync)
     frozen = statistics.median(times["nn.Linear (frozen)"])
     rows = []
     for name, t in times.items():

@@ -108,15 +108,21 @@ def time_variants(runs, x, dy, wants, args, shape_name, sync) -> dict[str, list[
     for fn in runs.values():
         for _ in range(3):
             step(fn)
+    return interleaved_times(runs, step, args.rounds, args.reps, sync)
+
+
+def interleaved_times(runs: dict, one_pass, rounds: int, reps: int, sync) -> dict[str, list[float]]:
+    """Seconds per ``one_pass(fn)`` of every variant, one list entry per round: each round times ``reps``
+    passes of each variant in turn (so a change in the machine's pace reaches every variant alike)."""
     times = {name: [] for name in runs}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, fn in runs.items():
             sync()
             t0 = time.perf_counter()
-            for _ in range(args.reps):
-                step(fn)
+            for _ in range(reps):
+                one_pass(fn)
             sync()
-            times[name].append((time.perf_counter() - t0) / args.reps)
+            times[name].append((time.perf_counter() - t0) / reps)
     return times
 
 
