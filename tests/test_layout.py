@@ -153,3 +153,15 @@ def test_the_cli_only_parses_and_calls_the_library():
         names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
         assert not {"torch", "transformers", "accelerate"} & {n.split(".")[0] for n in names}, path
+
+
+def test_the_catalog_names_what_the_registries_hold():
+    """Cheap listings and the recipe's checks read names from the catalog; the registries behind them
+    (adapter classes, task generators) hold the same names in the same order."""
+    from shardtune import catalog
+    from shardtune.adapters import METHODS
+    from shardtune.tasks import TASKS
+
+    assert list(catalog.TASKS) == list(TASKS)
+    assert all(TASKS[name].description == text for name, text in catalog.TASKS.items())
+    assert list(catalog.METHODS) == list(METHODS)
