@@ -32,7 +32,7 @@ mutants: setup
 	$(BIN)/python benchmarks/mutants.py
 
 docs: setup
-	$(BIN)/python -c "from shardtune.recipe import recipe_reference_markdown as r; print(r())" > docs/recipe-reference.md
+	$(BIN)/python -c "from shardtune.recipe.schema import recipe_reference_markdown as r; print(r())" > docs/recipe-reference.md
 
 lint: setup
 	$(BIN)/ruff check shardtune tests benchmarks

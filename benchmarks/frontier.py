@@ -9,9 +9,9 @@
 
 The budgets are fractions of a reference, LoRA of rank ``--rank`` on every linear layer; each method
 gets the value of its size option (rank; MoS: equivalent_rank, its per-layer rank stays ``--rank``)
-whose trainable count is nearest the budget (``shardtune.compare.fit_budget``, the same arithmetic as
+whose trainable count is nearest the budget (``shardtune.training.compare.fit_budget``, the same arithmetic as
 ``shardtune compare --budgets``); a method that cannot come within 25 % of a budget is left out of it
-(said on stderr). Every run trains through ``shardtune.train.train`` on the same task items, steps,
+(said on stderr). Every run trains through ``shardtune.training.loop.train`` on the same task items, steps,
 batch and seed. Learning rates: each method tries ``--lrs`` (default: per method, below) at the
 ``--sweep-at`` budget(s) and keeps the one with the lowest validation loss (``--select score``: the
 best validation score, ties broken by the loss); every other budget trains with the rate chosen at
@@ -40,9 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardtune.compare import fit_budgets, parse_budgets, plot_frontier  # noqa: E402
-from shardtune.recipe import recipe_from_dict  # noqa: E402
-from shardtune.tasks import TASKS  # noqa: E402
+from shardtune.data.tasks import TASKS  # noqa: E402
+from shardtune.recipe.schema import recipe_from_dict  # noqa: E402
+from shardtune.training.compare import fit_budgets, parse_budgets, plot_frontier  # noqa: E402
 
 # A small grid per method around what its paper or our quickstart uses.
 # The lowest rate of each was added after a longer run (120 steps of 8) chose the lowest of the first
@@ -153,8 +153,8 @@ def measure(model, tokenizer, examples, args) -> dict:
     """Exact-match score and token-weighted loss of ``model`` on ``examples``."""
     from torch.utils.data import DataLoader
 
-    from shardtune.data import Collator, encode_all
-    from shardtune.evaluate import heldout_loss, score_task
+    from shardtune.data.examples import Collator, encode_all
+    from shardtune.inspection.evaluate import heldout_loss, score_task
 
     score = score_task(model, tokenizer, examples, False, MAX_NEW_TOKENS.get(args.task, 32), 32)
     features, _ = encode_all(examples, tokenizer, args.max_length, False)
@@ -190,10 +190,10 @@ def run_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
 
 
 def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
-    from shardtune.checkpoint import load_adapted_model
-    from shardtune.compare import method_recipe
-    from shardtune.progress import Reporter
-    from shardtune.train import train
+    from shardtune.artifacts.checkpoint import load_adapted_model
+    from shardtune.core.progress import Reporter
+    from shardtune.training.compare import method_recipe
+    from shardtune.training.loop import train
 
     label = str(fit.budget).replace("/", "-")
     raw = json.loads(json.dumps(raw))
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     load_reused(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from shardtune.models import load_model
+    from shardtune.models.loading import load_model
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = parse_budgets(args.budgets)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _example(pair):
-    from shardtune.data import Example
+    from shardtune.data.examples import Example
 
     return Example(*pair)
 

@@ -28,7 +28,7 @@ stage() {  # stage SECONDS NAME COMMAND...
   timeout "$seconds" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$log"
 }
-python3 -c "import torch, transformers, peft, shardtune.train; print('torch', torch.__version__, \
+python3 -c "import torch, transformers, peft, shardtune.training.loop; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name())" \
   2>&1 | tee -a "$log" || exit 1
 stage 150 tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_paths.py

@@ -33,7 +33,7 @@ from benchmarks.step_time import SHAPES, TARGETS, build_base, step_fn, sync  # n
 from shardtune.adapters import METHODS  # noqa: E402
 from shardtune.adapters.lors import LorsAdapter  # noqa: E402
 from shardtune.adapters.model import adapted_layers, inject_adapter  # noqa: E402
-from shardtune.prune import prune_model  # noqa: E402
+from shardtune.artifacts.prune import prune_model  # noqa: E402
 
 
 def naive_forward(self, x, base):

@@ -32,8 +32,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shardtune.models import load_model  # noqa: E402
-from shardtune.prune import calibration_batches, prune_model, sparsity_of  # noqa: E402
+from shardtune.artifacts.prune import calibration_batches, prune_model, sparsity_of  # noqa: E402
+from shardtune.models.loading import load_model  # noqa: E402
 
 CALIBRATION_MODULES = [
     "argparse", "logging/__init__", "subprocess", "threading", "pathlib", "unittest/case", "http/client",

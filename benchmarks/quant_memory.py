@@ -4,7 +4,7 @@
     python benchmarks/quant_memory.py --device cuda --shape 1b --dtype bf16 --batch 4 --seq 1024
 
 A random Llama of the given shape is saved once to a temporary model directory; every variant loads
-it through shardtune's own loading path (``shardtune.models.load_model``: unquantized, or quantized by
+it through shardtune's own loading path (``shardtune.models.loading.load_model``: unquantized, or quantized by
 bitsandbytes through transformers' ``BitsAndBytesConfig``), adapts all seven projections of every
 block (LoRA at rank 16, or MoS at the same rank with budget R = r/4), and runs forward + backward +
 AdamW steps. ``--dtype`` is the unquantized base's dtype and the 4-bit layers' compute dtype.
@@ -84,9 +84,9 @@ def release_freed_memory() -> None:
 
 def run_variant(args) -> dict:
     """One variant in this (fresh) process: load, adapt, train; memory and per-round step times."""
-    from shardtune import quant
     from shardtune.adapters.model import adapter_named_parameters, inject_adapter
-    from shardtune.models import load_model
+    from shardtune.models import quant
+    from shardtune.models.loading import load_model
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -154,7 +154,7 @@ def run_variant(args) -> dict:
 
 
 def save_random_model(shape: str, directory: Path) -> None:
-    from shardtune.models import byte_tokenizer
+    from shardtune.models.loading import byte_tokenizer
 
     model = build_base(shape, torch.float32, "cpu")
     model.save_pretrained(directory)

@@ -4,7 +4,7 @@
 
 Targets (issue 15): `--help`, `methods`, `models`, `tasks` under 0.5 s; `params` under 2.5 s; an
 offline run that names a model missing from the cache fails in well under 2 s. `params` reads the
-model's layout from shardtune's cache once it has counted on that model (shardtune.layout); the row
+model's layout from shardtune's cache once it has counted on that model (shardtune.inspection.layout); the row
 "no layout cached" runs each time with an empty SHARDTUNE_CACHE, the first count on a model. Prints a
 table and writes benchmarks/results/startup-<machine>.json.
 """

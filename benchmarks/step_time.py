@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardtune.adapters import METHODS, fused  # noqa: E402
 from shardtune.adapters.model import adapted_layers, count_parameters, inject_adapter  # noqa: E402
-from shardtune.train import adamw, compile_blocks  # noqa: E402
+from shardtune.training.loop import adamw, compile_blocks  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab

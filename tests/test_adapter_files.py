@@ -20,10 +20,10 @@ from shardtune.adapters.model import (
     adapter_state_dict,
     inject_adapter,
 )
-from shardtune.checkpoint import load_adapted_model, save_adapter
-from shardtune.models import build_tiny_model
-from shardtune.recipe import recipe_from_dict
-from shardtune.train import train
+from shardtune.artifacts.checkpoint import load_adapted_model, save_adapter
+from shardtune.models.loading import build_tiny_model
+from shardtune.recipe.schema import recipe_from_dict
+from shardtune.training.loop import train
 
 IDS = torch.randint(4, 260, (2, 11), generator=torch.Generator().manual_seed(7))
 MOS = {"equivalent_rank": 3, "private_rank": 1, "shards_per_vector": 2}
@@ -142,7 +142,7 @@ def test_resume_ends_bit_for_bit_where_the_uninterrupted_run_ends(reference_run,
 
 
 def test_checkpoints_are_ordered_by_step_and_latest_is_the_highest(tmp_path):
-    from shardtune.checkpoint import list_checkpoints, resolve_resume
+    from shardtune.artifacts.checkpoint import list_checkpoints, resolve_resume
 
     for step in (2, 10, 9, 100):
         (tmp_path / f"checkpoint-{step}").mkdir()

@@ -17,8 +17,8 @@ from shardtune.adapters.model import (
     merge_adapter,
     unmerge_adapter,
 )
-from shardtune.errors import RecipeError
-from shardtune.models import build_tiny_model
+from shardtune.core.errors import RecipeError
+from shardtune.models.loading import build_tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -345,7 +345,7 @@ def test_fossil_bat_checks_block_sizes_and_routing():
         inject_adapter(
             build_tiny_model("tiny-llama"), options("fossil", rank=32, mode="bat", targets=["down_proj"])
         )
-    from shardtune.routing import routing_report
+    from shardtune.inspection.routing import routing_report
 
     report = routing_report(bat_model(rank=8, targets=["v_proj"]))
     b = report["layers"][0]["matrices"]["B"]

@@ -98,12 +98,12 @@ def test_missing_recipe_file_exit_2(tmp_path):
 
 
 def test_an_internal_error_is_one_line_with_the_traceback_in_train_log(tmp_path, monkeypatch):
-    import shardtune.train
+    import shardtune.training.loop
 
     def broken(*args, **kwargs):
         raise RuntimeError("the model loader broke\nsecond line")
 
-    monkeypatch.setattr(shardtune.train, "load_model", broken)
+    monkeypatch.setattr(shardtune.training.loop, "load_model", broken)
     result = runner.invoke(app, ["train", str(write_recipe(tmp_path)), "-q"])
     assert result.exit_code == 1
     assert result.stderr.strip() == (
@@ -187,8 +187,8 @@ def test_generate_and_eval_commands(tmp_path):
     assert result.exit_code == 0, result.output
     answers = json.loads(result.stdout)
     assert [a["prompt"] for a in answers] == ["twice xy =", "twice zz ="]
-    from shardtune.checkpoint import load_adapted_model
-    from shardtune.models import load_model
+    from shardtune.artifacts.checkpoint import load_adapted_model
+    from shardtune.models.loading import load_model
 
     tuned, tok, _ = load_adapted_model(tmp_path / "run")
     for a in answers:  # greedy decoding of the chat-rendered prompt, one token at a time, written here

@@ -13,10 +13,10 @@ from test_reliability import copy_task, same_adapter, shardtune, two_processes, 
 from typer.testing import CliRunner
 
 from shardtune.cli import app
-from shardtune.errors import RecipeError
-from shardtune.progress import Reporter
-from shardtune.recipe import recipe_from_dict
-from shardtune.train import compile_blocks, train
+from shardtune.core.errors import RecipeError
+from shardtune.core.progress import Reporter
+from shardtune.recipe.schema import recipe_from_dict
+from shardtune.training.loop import compile_blocks, train
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_compiled_blocks_train_the_same_adapter(tmp_path, capsys, method, checkp
 
 
 def test_every_decoder_block_is_compiled_and_a_model_without_blocks_is_refused():
-    from shardtune.models import build_tiny_model
+    from shardtune.models.loading import build_tiny_model
 
     model = build_tiny_model("tiny-llama")
     assert compile_blocks(model) == ["LlamaDecoderLayer"]
@@ -63,9 +63,9 @@ def test_every_decoder_block_is_compiled_and_a_model_without_blocks_is_refused()
 
 
 def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_training(tmp_path, monkeypatch):
-    import shardtune.train
+    import shardtune.training.loop
 
-    monkeypatch.setattr(shardtune.train.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shardtune.training.loop.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     recipe = recipe_from_dict(tiny_recipe(tmp_path, train={"compile": True}))
     with pytest.raises(RecipeError, match=r"train.compile: compiling on the CPU needs a C\+\+ compiler"):

@@ -18,8 +18,8 @@ from conftest import TINY_OPTIONS, randomize_adapter
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import adapted_layers, inject_adapter
-from shardtune.models import build_tiny_model
-from shardtune.train import enable_gradient_checkpointing
+from shardtune.models.loading import build_tiny_model
+from shardtune.training.loop import enable_gradient_checkpointing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,11 +6,20 @@ import json
 
 import pytest
 
-from shardtune.data import IGNORE, Example, encode, encode_all, load_examples, pack, read_records, segments
-from shardtune.errors import BadInput
-from shardtune.models import byte_tokenizer
-from shardtune.recipe import DataSection
-from shardtune.tasks import TASKS, exact_match
+from shardtune.core.errors import BadInput
+from shardtune.data.examples import (
+    IGNORE,
+    Example,
+    encode,
+    encode_all,
+    load_examples,
+    pack,
+    read_records,
+    segments,
+)
+from shardtune.data.tasks import TASKS, exact_match
+from shardtune.models.loading import byte_tokenizer
+from shardtune.recipe.schema import DataSection
 
 ROWS = [{"instruction": f"Say {i}", "input": "" if i % 2 else "loudly", "output": f"{i}!"} for i in range(30)]
 

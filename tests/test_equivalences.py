@@ -11,10 +11,10 @@ from conftest import copy_task, tiny_options, tiny_recipe
 from safetensors.torch import load_file
 
 from shardtune.adapters.model import adapted_layers, adapter_named_parameters, inject_adapter
-from shardtune.models import build_tiny_model
-from shardtune.prune import prune_model
-from shardtune.recipe import recipe_from_dict
-from shardtune.train import train
+from shardtune.artifacts.prune import prune_model
+from shardtune.models.loading import build_tiny_model
+from shardtune.recipe.schema import recipe_from_dict
+from shardtune.training.loop import train
 
 peft = pytest.importorskip("peft")
 IDS = torch.randint(4, 260, (2, 11), generator=torch.Generator().manual_seed(7))
@@ -149,8 +149,8 @@ def run_dir_with(tmp_path, model_name, **adapter):
 
 
 def load_in_peft(tmp_path, run_dir, model_name):
-    from shardtune.checkpoint import load_adapted_model
-    from shardtune.export import export_peft
+    from shardtune.artifacts.checkpoint import load_adapted_model
+    from shardtune.artifacts.export import export_peft
 
     export_peft(run_dir, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -214,9 +214,9 @@ def test_heldout_loss_is_the_token_weighted_mean_over_every_batch():
     from torch.nn.functional import cross_entropy
     from torch.utils.data import DataLoader
 
-    from shardtune.data import Collator, Example, encode_all
-    from shardtune.evaluate import heldout_loss
-    from shardtune.models import byte_tokenizer
+    from shardtune.data.examples import Collator, Example, encode_all
+    from shardtune.inspection.evaluate import heldout_loss
+    from shardtune.models.loading import byte_tokenizer
 
     tok = byte_tokenizer()
     examples = [Example("p" * n, "c" * (9 - n)) for n in range(1, 8)]
@@ -235,8 +235,8 @@ def test_heldout_loss_is_the_token_weighted_mean_over_every_batch():
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time():
-    from shardtune.evaluate import generate
-    from shardtune.models import byte_tokenizer
+    from shardtune.inspection.evaluate import generate
+    from shardtune.models.loading import byte_tokenizer
 
     tok = byte_tokenizer()
     model = model_for("lora", adapter={})

@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from typer.testing import CliRunner
 
 from shardtune.adapters.model import adapter_named_parameters
-from shardtune.checkpoint import load_adapted_model
+from shardtune.artifacts.checkpoint import load_adapted_model
 from shardtune.cli import app
-from shardtune.models import build_tiny_model
-from shardtune.params import count_trainable, method_options
+from shardtune.inspection.params import count_trainable, method_options
+from shardtune.models.loading import build_tiny_model
 
 runner = CliRunner()
 peft = pytest.importorskip("peft")
@@ -198,7 +198,7 @@ def test_params_match_paper_figures(method, options, paper):
 @pytest.mark.parametrize("method", list(TINY_OPTIONS))
 def test_params_equal_instantiated_counts(method):
     from shardtune.adapters.model import inject_adapter
-    from shardtune.models import TINY_CONFIGS
+    from shardtune.models.loading import TINY_CONFIGS
 
     options = method_options(method, targets="all-linear", **TINY_OPTIONS[method])
     model = build_tiny_model("tiny-llama")

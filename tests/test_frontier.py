@@ -16,8 +16,8 @@ from conftest import TINY_OPTIONS, tiny_recipe
 from typer.testing import CliRunner
 
 from shardtune.cli import app
-from shardtune.errors import BadInput
-from shardtune.tasks import FACT_CITIES, TASKS, exact_match
+from shardtune.core.errors import BadInput
+from shardtune.data.tasks import FACT_CITIES, TASKS, exact_match
 
 ROOT = Path(__file__).parents[1]
 runner = CliRunner()
@@ -55,7 +55,7 @@ def test_sort_holds_out_lists_never_trained_on_and_scores_exact_answers():
 
 
 def test_translate_holds_out_new_sentences_translated_word_by_word_from_a_fixed_lexicon():
-    from shardtune.tasks import LEXICON
+    from shardtune.data.tasks import LEXICON
 
     assert len(LEXICON) == len(set(LEXICON.values())) == 80  # a bijection: no two words share a translation
     assert not set(LEXICON) & set(LEXICON.values())  # no word is its own (or another's) translation
@@ -84,8 +84,8 @@ def test_an_unswept_budget_takes_the_rate_of_the_nearest_swept_budget():
 
 
 def test_load_examples_uses_the_task_split():
-    from shardtune.data import load_examples
-    from shardtune.recipe import DataSection
+    from shardtune.data.examples import load_examples
+    from shardtune.recipe.schema import DataSection
 
     train, held = load_examples(DataSection(task="facts", num_samples=50, eval_samples=20, seed=1))
     assert len(train) == 50 and len(held) == 20 and set(held) <= set(train)
@@ -94,7 +94,7 @@ def test_load_examples_uses_the_task_split():
 
 
 def test_parse_budgets():
-    from shardtune.compare import parse_budgets
+    from shardtune.training.compare import parse_budgets
 
     assert parse_budgets("1/32, 1/8,0.5,1") == [Fraction(1, 32), Fraction(1, 8), Fraction(1, 2), 1]
     for bad, why in (
@@ -111,10 +111,10 @@ def test_parse_budgets():
 def test_budget_arithmetic_is_nearest_and_counted(method):
     """Every method on tiny-llama: the fitted option gives the reported count, within the tolerance of
     the budget, and no neighbouring value comes nearer; an unreachable budget says why."""
-    from shardtune.compare import BUDGET_TOLERANCE, fit_budget, reference_count
-    from shardtune.errors import ShardtuneError
-    from shardtune.models import load_config
-    from shardtune.params import count_trainable, method_options
+    from shardtune.core.errors import ShardtuneError
+    from shardtune.inspection.params import count_trainable, method_options
+    from shardtune.models.loading import load_config
+    from shardtune.training.compare import BUDGET_TOLERANCE, fit_budget, reference_count
 
     config = load_config("tiny-llama")
     options = {k: v for k, v in TINY_OPTIONS[method].items()} | {"targets": "all-linear", "rank": 8}
@@ -144,8 +144,8 @@ def test_budget_arithmetic_is_nearest_and_counted(method):
 
 def test_budget_arithmetic_on_smollm2_sizes_mos_at_an_eighth():
     """MoS at 1/8 of LoRA rank 16 (all linear layers of SmolLM2-135M) is equivalent_rank 2, exactly."""
-    from shardtune.compare import fit_budget, reference_count
-    from shardtune.models import load_config
+    from shardtune.models.loading import load_config
+    from shardtune.training.compare import fit_budget, reference_count
 
     config = load_config("smollm2-135m-instruct")
     options = {"rank": 16, "targets": "all-linear"}

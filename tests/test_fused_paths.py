@@ -13,7 +13,7 @@ from conftest import randomize_adapter
 from shardtune.adapters import METHODS
 from shardtune.adapters.base import add_low_rank
 from shardtune.adapters.model import adapted_layers, inject_adapter
-from shardtune.models import build_tiny_model
+from shardtune.models.loading import build_tiny_model
 
 OPTIONS = {
     "lora": {"rank": 4, "alpha": 12},

@@ -49,7 +49,7 @@ def checksum(model) -> str:
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
     """org/tiny: main = tiny-llama (seed 0), tag v1 = another seed; org/ds: a prompt/completion data set."""
-    from shardtune.models import build_tiny_model, byte_tokenizer
+    from shardtune.models.loading import build_tiny_model, byte_tokenizer
 
     tmp = tmp_path_factory.mktemp("repos")
     files, sums = {}, {}
@@ -109,7 +109,7 @@ def test_a_hub_model_downloads_once_then_comes_from_the_cache_and_runs_record_it
 def test_a_revision_is_pinned(hub, repos, tmp_path):
     _, sums, _ = repos
     code = (
-        "from shardtune.models import load_model; import hashlib\n"
+        "from shardtune.models.loading import load_model; import hashlib\n"
         "m, _ = load_model('org/tiny', revision='v1'); d = hashlib.sha256()\n"
         "for n, p in sorted(m.state_dict().items()): d.update(n.encode() + p.detach().float().numpy().tobytes())\n"
         "print(d.hexdigest()[:16])"

@@ -13,8 +13,8 @@ from torch import nn
 from shardtune.adapters import METHODS
 from shardtune.adapters.lors import gradient_init
 from shardtune.adapters.model import adapted_layers, adapter_named_parameters, inject_adapter
-from shardtune.models import build_tiny_model
-from shardtune.prune import prune_model
+from shardtune.artifacts.prune import prune_model
+from shardtune.models.loading import build_tiny_model
 
 D_IN = 256  # wide enough that the sample statistics of A are tight
 

@@ -87,15 +87,59 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circles():
     graph = import_graph()
-    assert graph["shardtune.train"] >= {"shardtune.checkpoint", "shardtune.fsdp", "shardtune.adapters.model"}
+    assert graph["shardtune.training.loop"] >= {
+        "shardtune.artifacts.checkpoint",
+        "shardtune.training.fsdp",
+        "shardtune.adapters.model",
+    }
     assert cycles(graph) == []
 
 
 def test_the_cycle_finder_finds_a_circle():
     graph = import_graph()
-    graph["shardtune.fsdp"].add("shardtune.recipe")  # the circle this layout broke
-    graph["shardtune.recipe"].add("shardtune.adapters.model")
-    assert any({"shardtune.fsdp", "shardtune.recipe"} <= set(c) for c in cycles(graph))
+    graph["shardtune.models.dtensor"].add("shardtune.recipe.schema")  # the circle an early layout had
+    graph["shardtune.recipe.schema"].add("shardtune.adapters.model")
+    assert any({"shardtune.models.dtensor", "shardtune.recipe.schema"} <= set(c) for c in cycles(graph))
+
+
+# The layers, lowest first: a package may import its own modules and the packages before it.
+LAYERS = ["core", "models", "adapters", "recipe", "data", "artifacts", "inspection", "training", "cli"]
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted(
+        (mod, target)
+        for mod, targets in graph.items()
+        for target in targets
+        if layer_of(mod) is not None and layer_of(target) is not None and layer_of(target) > layer_of(mod)
+    )
+
+
+def test_the_folders_are_layers_and_imports_go_down():
+    graph = import_graph()
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert packages == set(LAYERS)
+    assert {p.name for p in PACKAGE.glob("*.py")} == {
+        "__init__.py",
+        "__main__.py",
+    }  # no module outside a layer
+    for layer in LAYERS:
+        doc = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and "May import" in doc, layer
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = import_graph()
+    graph["shardtune.adapters.model"].add(
+        "shardtune.training.fsdp"
+    )  # the edge the DTensor helpers' move removed
+    assert upward_imports(graph) == [("shardtune.adapters.model", "shardtune.training.fsdp")]
 
 
 def functions(path: Path):
@@ -104,7 +148,9 @@ def functions(path: Path):
             yield node
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "cli").glob("*.py")) + [PACKAGE / "train.py"], ids=str)
+@pytest.mark.parametrize(
+    "path", sorted((PACKAGE / "cli").glob("*.py")) + [PACKAGE / "training" / "loop.py"], ids=str
+)
 def test_no_long_functions_in_the_loop_or_the_cli(path):
     long = [(f.name, f.end_lineno - f.lineno + 1) for f in functions(path) if f.end_lineno - f.lineno >= 80]
     assert long == []
@@ -113,10 +159,10 @@ def test_no_long_functions_in_the_loop_or_the_cli(path):
 def test_train_reads_as_named_phases_with_docstrings():
     """`train()` calls the Trainer's phases in the order the module docstring lists them; each phase,
     and the per-step and per-interval pieces, say what they do in a docstring."""
-    import shardtune.train as train_module
+    import shardtune.training.loop as train_module
 
-    source = (PACKAGE / "train.py").read_text(encoding="utf-8")
-    body = next(f for f in functions(PACKAGE / "train.py") if f.name == "train")
+    source = (PACKAGE / "training" / "loop.py").read_text(encoding="utf-8")
+    body = next(f for f in functions(PACKAGE / "training" / "loop.py") if f.name == "train")
     called = [
         n.func.attr
         for n in ast.walk(body)
@@ -158,9 +204,9 @@ def test_the_cli_only_parses_and_calls_the_library():
 def test_the_catalog_names_what_the_registries_hold():
     """Cheap listings and the recipe's checks read names from the catalog; the registries behind them
     (adapter classes, task generators) hold the same names in the same order."""
-    from shardtune import catalog
     from shardtune.adapters import METHODS
-    from shardtune.tasks import TASKS
+    from shardtune.core import catalog
+    from shardtune.data.tasks import TASKS
 
     assert list(catalog.TASKS) == list(TASKS)
     assert all(TASKS[name].description == text for name, text in catalog.TASKS.items())

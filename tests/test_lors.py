@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from shardtune.adapters import METHODS
 from shardtune.adapters.lors import LorsLinearFunction
 from shardtune.adapters.model import adapted_layers, find_targets, inject_adapter, merge_adapter
+from shardtune.artifacts.prune import prune_model, sparsity_of
 from shardtune.cli import app
-from shardtune.models import build_tiny_model
-from shardtune.prune import prune_model, sparsity_of
+from shardtune.models.loading import build_tiny_model
 
 runner = CliRunner()
 
@@ -143,7 +143,7 @@ def test_prune_then_train_lors_with_gradient_init(tmp_path):
     ]
     assert losses[-1] < 0.7 * losses[0]
 
-    from shardtune.checkpoint import load_adapted_model
+    from shardtune.artifacts.checkpoint import load_adapted_model
 
     model, _, _ = load_adapted_model(tmp_path / "run")
     merge_adapter(model)
@@ -256,7 +256,7 @@ def obs_reference(w, h, sparsity, nm, blocksize, percdamp=0.01):
     "sparsity, nm, blocksize", [(0.5, None, 8), (0.3, None, 128), (None, (2, 4), 8), (None, (1, 4), 16)]
 )
 def test_sparsegpt_equals_the_direct_obs_formula(sparsity, nm, blocksize):
-    from shardtune.prune import sparsegpt_prune
+    from shardtune.artifacts.prune import sparsegpt_prune
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 24, generator=g) @ torch.randn(24, 24, generator=g)  # correlated inputs
@@ -272,7 +272,7 @@ def test_sparsegpt_equals_the_direct_obs_formula(sparsity, nm, blocksize):
 
 
 def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
-    from shardtune.prune import prune_mask, sparsegpt_prune
+    from shardtune.artifacts.prune import prune_mask, sparsegpt_prune
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(500, 64, generator=g) @ torch.randn(64, 64, generator=g) + 0.5
@@ -291,7 +291,7 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
 def test_sequential_calibration_feeds_each_block_the_pruned_outputs():
     """The captured block inputs replay the model; each block's statistics come from the outputs of
     the blocks before it *after* they were pruned."""
-    from shardtune.prune import _block_inputs, _run_block, calibration_statistics, decoder_blocks
+    from shardtune.artifacts.prune import _block_inputs, _run_block, calibration_statistics, decoder_blocks
 
     model = build_tiny_model("tiny-llama")
     model.eval()

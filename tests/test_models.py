@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardtune import models
-from shardtune.errors import BadInput
-from shardtune.models import build_tiny_model, load_model
+from shardtune.core.errors import BadInput
+from shardtune.models import loading as models
+from shardtune.models.loading import build_tiny_model, load_model
 
 
 def test_local_directory_and_errors(tmp_path):

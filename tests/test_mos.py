@@ -12,9 +12,9 @@ from shardtune.adapters.model import (
     count_parameters,
     inject_adapter,
 )
-from shardtune.errors import RecipeError
-from shardtune.models import build_tiny_model
-from shardtune.train import enable_gradient_checkpointing
+from shardtune.core.errors import RecipeError
+from shardtune.models.loading import build_tiny_model
+from shardtune.training.loop import enable_gradient_checkpointing
 
 
 def authors_delta(
@@ -241,8 +241,8 @@ def test_routing_command_on_recipe_and_run(tmp_path):
 def test_routing_plot_without_matplotlib(tmp_path, monkeypatch):
     import builtins
 
-    from shardtune.errors import BadInput
-    from shardtune.routing import plot, routing_report
+    from shardtune.core.errors import BadInput
+    from shardtune.inspection.routing import plot, routing_report
 
     real_import = builtins.__import__
 

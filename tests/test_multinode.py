@@ -21,9 +21,9 @@ import yaml
 from conftest import TINY_OPTIONS, copy_task, tiny_recipe
 from test_reliability import same_adapter
 
-from shardtune.checkpoint import check_checkpoint, list_checkpoints
-from shardtune.recipe import recipe_from_dict
-from shardtune.train import train
+from shardtune.artifacts.checkpoint import check_checkpoint, list_checkpoints
+from shardtune.recipe.schema import recipe_from_dict
+from shardtune.training.loop import train
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -158,7 +158,7 @@ os._exit(0)
 SLOW_LAUNCHER = """
 import os, sys, time
 from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
-from shardtune import launcher
+from shardtune.training import launcher
 
 class Slow:
     # the store as machine 1's launcher sees it on a busy machine: descheduled after each write
@@ -470,7 +470,7 @@ def test_bad_timeouts_and_machine_flags_are_one_line_and_exit_2(tmp_path, args, 
 
 
 def test_nproc_is_per_machine():
-    from shardtune.launcher import launch_command
+    from shardtune.training.launcher import launch_command
 
     flags = "--num_machines 3 --machine_rank 2 --main_process_ip 10.0.0.1 --main_process_port 29500"
     command, env = launch_command(2, ["r.yaml"], flags, cpu=True)
@@ -484,7 +484,7 @@ def test_heartbeats_name_a_silent_process_and_only_a_silent_one(monkeypatch):
     (explain() says nothing); once rank 2 stops, rank 0's watch names it (and its machine)."""
     import torch.distributed as dist
 
-    from shardtune.peers import PeerWatch
+    from shardtune.training.peers import PeerWatch
 
     port = free_port()
     server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
@@ -507,7 +507,7 @@ def test_heartbeats_name_a_silent_process_and_only_a_silent_one(monkeypatch):
 def test_the_store_gone_after_a_loss_names_the_lost_process_not_machine_0():
     """3 machines × 1 process, seen from process 2: process 1 went silent, then machine 0 (which named
     it) left and its store with it. Process 1 is named; with no earlier silence, machine 0 is."""
-    from shardtune.peers import PeerWatch
+    from shardtune.training.peers import PeerWatch
 
     watch = PeerWatch(20.0, 2, 3, 1, ("127.0.0.1", 1))  # never started: its state is set by hand
     now = time.monotonic()

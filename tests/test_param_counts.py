@@ -1,4 +1,4 @@
-"""`params` counts on a model's layout (shardtune.layout), not on the model: the counts equal those of
+"""`params` counts on a model's layout (shardtune.inspection.layout), not on the model: the counts equal those of
 the instantiated model for every method and architecture, and a cached layout spares transformers."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 from conftest import CONV1D_UNSUPPORTED, TINY_OPTIONS
 
 from shardtune.adapters.model import inject_adapter, trainable_share
-from shardtune.errors import ShardtuneError
-from shardtune.layout import ModelLayout, layout_of, model_layout
-from shardtune.models import TINY_CONFIGS, build_tiny_model
-from shardtune.params import count_on_layout, count_trainable, method_options
+from shardtune.core.errors import ShardtuneError
+from shardtune.inspection.layout import ModelLayout, layout_of, model_layout
+from shardtune.inspection.params import count_on_layout, count_trainable, method_options
+from shardtune.models.loading import TINY_CONFIGS, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = sorted(TINY_CONFIGS)

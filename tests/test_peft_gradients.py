@@ -10,7 +10,7 @@ import torch
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import adapted_layers, inject_adapter
-from shardtune.models import build_tiny_model
+from shardtune.models.loading import build_tiny_model
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -12,7 +12,7 @@ Tolerances, measured on the tiny models with fp32 adapters (bitsandbytes 0.50, C
   activations too: logits within 0.35 (measured 0.27 on logits of magnitude ~6).
 * ``Q(W)`` itself is checked against the formats' formulas written out here (codes unpacked by hand,
   NF4 levels from the QLoRA paper) on the layers whose ``in_features`` is a multiple of 64; see
-  :mod:`shardtune.quant` for bitsandbytes' CPU kernel on the others.
+  :mod:`shardtune.models.quant` for bitsandbytes' CPU kernel on the others.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
-from shardtune import quant
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import (
     adapted_layers,
@@ -40,13 +39,14 @@ from shardtune.adapters.model import (
     inject_adapter,
     load_adapter_state_dict,
 )
-from shardtune.checkpoint import load_adapted_model, save_adapter
+from shardtune.artifacts.checkpoint import load_adapted_model, save_adapter
 from shardtune.cli import app
-from shardtune.errors import BadInput, RecipeError
-from shardtune.layout import layout_of
-from shardtune.models import TINY_CONFIGS, build_tiny_model, load_model
-from shardtune.recipe import recipe_from_dict
-from shardtune.train import train
+from shardtune.core.errors import BadInput, RecipeError
+from shardtune.inspection.layout import layout_of
+from shardtune.models import quant
+from shardtune.models.loading import TINY_CONFIGS, build_tiny_model, load_model
+from shardtune.recipe.schema import recipe_from_dict
+from shardtune.training.loop import train
 
 runner = CliRunner()
 IDS = torch.randint(4, 260, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -80,7 +80,7 @@ def quantized(name="tiny-llama", quantization=NF4):
 
 
 def by_hand(layer) -> torch.Tensor:
-    """``Q(W)`` from the codes and scales, as the formats are defined (shardtune.quant's docstring)."""
+    """``Q(W)`` from the codes and scales, as the formats are defined (shardtune.models.quant's docstring)."""
     w, state = layer.weight, getattr(layer.weight, "quant_state", None)
     if state is None:  # int8: q·s_o/127
         scales = w.SCB if w.SCB is not None else layer.state.SCB
@@ -150,7 +150,7 @@ def test_dequantized_weights_follow_the_formats(name, quantization):
     for layer_name, layer in layers.items():
         dense = quant.dense_weight(layer)
         if layer.in_features % 64 and quantization.kind != "int8":
-            continue  # bitsandbytes' CPU kernel: see shardtune.quant
+            continue  # bitsandbytes' CPU kernel: see shardtune.models.quant
         torch.testing.assert_close(dense, by_hand(layer), atol=1e-6, rtol=0)
         w = original[layer_name].weight
         w = w.T if isinstance(original[layer_name], Conv1D) else w  # the codes hold W as (out, in)
@@ -176,7 +176,7 @@ def test_compute_dtype_and_double_quant_reach_the_layers(tmp_path):
 
 def test_pruned_zeros_stay_zeros_and_the_codes_stay_frozen():
     """4-bit formats have an exact 0 (LoRS's mask survives), and training never touches the codes."""
-    from shardtune.prune import prune_model
+    from shardtune.artifacts.prune import prune_model
 
     model = build_tiny_model("tiny-llama")
     prune_model(model, "magnitude", pattern="2:4")
@@ -552,7 +552,7 @@ def test_merge_of_a_base_saved_quantized_dequantizes_it(tmp_path):
     """A model directory saved in NF4 has no original weights: auto dequantizes, original is refused."""
     base = quantized()
     base.save_pretrained(tmp_path / "nf4-base")
-    from shardtune.models import byte_tokenizer
+    from shardtune.models.loading import byte_tokenizer
 
     byte_tokenizer().save_pretrained(tmp_path / "nf4-base")
     raw = tiny_recipe(tmp_path, model={"name": str(tmp_path / "nf4-base")}, train={"max_steps": 3})

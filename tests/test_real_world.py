@@ -42,7 +42,7 @@ def ok(args: list) -> object:
 @pytest.fixture(scope="module")
 def local_base(tmp_path_factory) -> Path:
     """A tiny model saved as a Hugging Face directory (a local base model)."""
-    from shardtune.models import build_tiny_model, byte_tokenizer
+    from shardtune.models.loading import build_tiny_model, byte_tokenizer
 
     path = tmp_path_factory.mktemp("base") / "tiny-base"
     build_tiny_model("tiny-llama").save_pretrained(path)
@@ -86,7 +86,7 @@ def test_a_run_records_its_base_absolutely_and_works_from_anywhere_and_after_a_m
 def test_an_exported_peft_adapter_loads_with_auto_peft_model_from_its_recorded_base(alias, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
-    from shardtune.checkpoint import load_adapted_model
+    from shardtune.artifacts.checkpoint import load_adapted_model
 
     raw = tiny_recipe(tmp_path, model={"name": alias}, train={"max_steps": 3})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
@@ -101,7 +101,7 @@ def test_an_exported_peft_adapter_loads_with_auto_peft_model_from_its_recorded_b
 
 
 def test_the_embedded_model_exports_its_hub_id():
-    from shardtune.export import peft_base_model
+    from shardtune.artifacts.export import peft_base_model
 
     got = peft_base_model({"name": "smollm2-135m-instruct", "source": "builtin"})
     assert got["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -120,7 +120,7 @@ def peft_adapter(tmp_path: Path, alias: str, **config) -> tuple[object, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from shardtune.models import saved_builtin
+    from shardtune.models.loading import saved_builtin
 
     base = AutoModelForCausalLM.from_pretrained(str(saved_builtin(alias)))  # as PEFT users load a base
     lora = LoraConfig(init_lora_weights=False, **config)
@@ -141,7 +141,7 @@ def peft_adapter(tmp_path: Path, alias: str, **config) -> tuple[object, Path]:
     ],
 )
 def test_a_peft_lora_gives_the_same_logits_in_shardtune(alias, config, tmp_path):
-    from shardtune.checkpoint import load_adapted_model
+    from shardtune.artifacts.checkpoint import load_adapted_model
 
     peft_model, directory = peft_adapter(tmp_path, alias, **config)
     ours, _, meta = load_adapted_model(directory)
@@ -256,7 +256,7 @@ def test_eval_a_plain_model_on_your_own_data_with_exact_and_contains(tmp_path):
 
 
 def test_contains_scoring_counts_what_exact_misses():
-    from shardtune.tasks import contains, exact_match
+    from shardtune.data.tasks import contains, exact_match
 
     assert contains("The answer is 42.", "42") and not exact_match("The answer is 42.", "42")
     assert exact_match("42\nmore", "42") and not contains("4 2", "42")
@@ -299,7 +299,7 @@ def test_nothing_wraps_or_truncates_in_a_pipe(tmp_path):
 
 
 def test_the_routing_summary_table_has_one_header_per_value_as_in_json(tmp_path):
-    from shardtune.routing import SUMMARY_COLUMNS, summary_rows
+    from shardtune.inspection.routing import SUMMARY_COLUMNS, summary_rows
 
     raw = tiny_recipe(tmp_path, adapter={"method": "mos", "rank": 4, "equivalent_rank": 4, "private_rank": 1})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
@@ -376,7 +376,7 @@ def test_train_and_params_print_the_same_share_of_trainable_parameters(tmp_path)
 
 
 def test_dtypes_have_short_names_and_the_long_ones_are_synonyms(tmp_path):
-    from shardtune.recipe import recipe_from_dict
+    from shardtune.recipe.schema import recipe_from_dict
 
     for long, short in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
         raw = tiny_recipe(tmp_path, model={"dtype": long}, adapter={"method": "lora", "dtype": long})

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from conftest import tiny_recipe
 
-from shardtune.errors import BadInput, RecipeError
-from shardtune.recipe import load_recipe, override_notes, recipe_from_dict
+from shardtune.core.errors import BadInput, RecipeError
+from shardtune.recipe.schema import load_recipe, override_notes, recipe_from_dict
 
 
 def write(tmp_path, raw, name="recipe.yaml"):
@@ -125,7 +125,7 @@ def test_shipped_recipes_validate():
 def test_recipe_reference_doc_is_current():
     from pathlib import Path
 
-    from shardtune.recipe import recipe_reference_markdown
+    from shardtune.recipe.schema import recipe_reference_markdown
 
     doc = Path(__file__).parents[1] / "docs" / "recipe-reference.md"
     assert doc.read_text() == recipe_reference_markdown() + "\n", "run `make docs`"
@@ -149,7 +149,7 @@ def test_set_data_source_switches_source(tmp_path):
 def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
     """A leading zero is not octal (``010`` is ten), ``1:30`` is not sexagesimal ninety; ``0o``/``0x``
     are octal/hex; ``2e-4`` is a number."""
-    from shardtune.recipe import parse_yaml
+    from shardtune.recipe.schema import parse_yaml
 
     assert [parse_yaml(t) for t in ("010", "0o10", "0x1f", "-5", "1_000", "2e-4")] == [
         10,

@@ -20,11 +20,11 @@ from conftest import copy_task, tiny_recipe
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from shardtune.checkpoint import check_checkpoint, list_checkpoints
+from shardtune.artifacts.checkpoint import check_checkpoint, list_checkpoints
 from shardtune.cli import app
-from shardtune.errors import Diverged
-from shardtune.recipe import recipe_from_dict
-from shardtune.train import train
+from shardtune.core.errors import Diverged
+from shardtune.recipe.schema import recipe_from_dict
+from shardtune.training.loop import train
 
 ROOT = Path(__file__).parents[1]
 
@@ -349,7 +349,7 @@ def test_fsdp_composes_with_bf16_checkpointing_lors_init_and_scoring(tmp_path):
     log = (run / "train.log").read_text()
     assert "FSDP over 2 processes: 2 units (LlamaDecoderLayer)" in log
     assert "initialised from the dense gradient" in log and "tuned model: exact match" in log
-    from shardtune.checkpoint import load_adapted_model
+    from shardtune.artifacts.checkpoint import load_adapted_model
 
     model, _, meta = load_adapted_model(run)  # whole tensors, loadable in one process
     assert meta["trainable_parameters"] == result["trainable_parameters"]
@@ -363,7 +363,7 @@ def test_fsdp_on_one_process_trains_unsharded_and_says_so(tmp_path):
 
 
 def test_unconnected_processes_are_refused(tmp_path, monkeypatch):
-    from shardtune.errors import BadInput
+    from shardtune.core.errors import BadInput
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # but no rendezvous (MASTER_ADDR, RANK, …)
     with pytest.raises(BadInput, match="2 processes were launched but cannot connect: .*MASTER_ADDR"):
@@ -395,7 +395,7 @@ def test_torchrun_on_cpus_trains_like_nproc(tmp_path):
 
 
 def test_nproc_hands_multi_node_flags_to_accelerate_launch(monkeypatch):
-    from shardtune import launcher
+    from shardtune.training import launcher
 
     execs = []
 
@@ -409,7 +409,7 @@ def test_nproc_hands_multi_node_flags_to_accelerate_launch(monkeypatch):
         launcher.launch(8, ["r.yaml", "--set", "train.lr=1e-3"], flags, cpu=False)
     path, command, env = execs[0]
     assert path == command[0] == sys.executable
-    launch_at = command.index("shardtune.launcher")  # accelerate launch, ending in an exit code
+    launch_at = command.index("shardtune.training.launcher")  # accelerate launch, ending in an exit code
     assert command[launch_at + 1 : launch_at + 3] == ["--num_processes", "16"]  # 8 on each of 2 machines
     joined = " ".join(command)
     assert flags in joined and joined.index(flags) > joined.index("--main_process_port 0")  # the user's win
@@ -448,7 +448,7 @@ def test_a_silent_process_that_leaves_first_does_not_cut_the_first_ones_line(tmp
     the first one before it has printed (and exit 2 with nothing said); the launcher lets it end."""
     (tmp_path / "worker.py").write_text(SAYS_WHY_LAST)
     done = subprocess.run(
-        [sys.executable, "-m", "shardtune.launcher", "--num_processes", "2", "--num_machines", "1"]
+        [sys.executable, "-m", "shardtune.training.launcher", "--num_processes", "2", "--num_machines", "1"]
         + ["--multi_gpu", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
         + [str(tmp_path / "worker.py")],
         cwd=ROOT,
@@ -464,7 +464,7 @@ def test_sigterm_stays_caught_after_an_error_in_one_of_several_processes():
     """A process of several that leaves the loop with an error is about to print why: a late SIGTERM
     (the launcher's copy, torch's agent stopping the others) must not kill it. Alone, or on success,
     the previous handler comes back."""
-    from shardtune.train import StopFlag
+    from shardtune.training.loop import StopFlag
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -487,7 +487,7 @@ def test_the_launcher_passes_on_exit_codes_and_names_a_killed_process(monkeypatc
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from shardtune import launcher
+    from shardtune.training import launcher
 
     def fails_with(code):
         def launch_command(args):
@@ -633,7 +633,7 @@ def test_a_resume_with_no_step_left_is_refused(copied):
 
 
 def test_a_run_that_logged_no_loss_writes_null_not_nan(tmp_path, monkeypatch):
-    from shardtune.train import Trainer
+    from shardtune.training.loop import Trainer
 
     monkeypatch.setattr(Trainer, "log_metrics", lambda self: None)  # as a run that trains no step
     recipe = tmp_path / "recipe.yaml"

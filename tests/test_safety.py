@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from shardtune.cli import app
-from shardtune.fileio import MARKER, exclusive_lock, lock_beside
+from shardtune.core.fileio import MARKER, exclusive_lock, lock_beside
 
 ROOT = Path(__file__).parents[1]
 runner = CliRunner()
@@ -394,7 +394,7 @@ def test_an_empty_out_directory_keeps_its_mode_and_group(place):
 
 
 def test_only_checkpoint_and_ascii_digits_is_a_checkpoint(tmp_path):
-    from shardtune.checkpoint import ADAPTER_CONFIG, list_checkpoints
+    from shardtune.artifacts.checkpoint import ADAPTER_CONFIG, list_checkpoints
 
     for name in ("checkpoint-3", "checkpoint-12", "checkpoint-²", "checkpoint-2-best", "checkpoint-x"):
         (tmp_path / name).mkdir()
@@ -403,7 +403,7 @@ def test_only_checkpoint_and_ascii_digits_is_a_checkpoint(tmp_path):
 
 
 def test_rotating_checkpoints_deletes_only_what_shardtune_wrote(tmp_path, caplog):
-    from shardtune.checkpoint import CHECKPOINT_FILES, rotate_checkpoints
+    from shardtune.artifacts.checkpoint import CHECKPOINT_FILES, rotate_checkpoints
 
     ours, theirs, newest = (tmp_path / f"checkpoint-{n}" for n in (1, 2, 3))
     for d in (ours, theirs, newest):
@@ -423,12 +423,12 @@ def test_an_interrupted_write_leaves_the_old_output_whole(place, monkeypatch):
     out = place.tmp / "peft"
     assert runner.invoke(app, ["export", str(place.run), "--out", str(out)]).exit_code == 0
     before = place.snapshot()
-    import shardtune.export
+    import shardtune.artifacts.export
 
     def broken(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shardtune.export, "save_file", broken)
+    monkeypatch.setattr(shardtune.artifacts.export, "save_file", broken)
     refused(["export", str(place.run), "--out", str(out), "--overwrite"], "No space left on device")
     assert place.snapshot() == before
 
@@ -439,7 +439,7 @@ def test_an_interrupted_write_leaves_the_old_output_whole(place, monkeypatch):
 def test_a_crash_while_replacing_leaves_the_old_or_the_new_tree_whole(tmp_path, monkeypatch, crash_at):
     """replace_directory: interrupted at any step, the target (or, on systems without an atomic
     exchange, the set-aside sibling) holds one whole tree."""
-    from shardtune import fileio
+    from shardtune.core import fileio
 
     final, new = tmp_path / "out", tmp_path / ".out.new-x"
     for d, word in ((final, "old"), (new, "new")):
@@ -645,7 +645,7 @@ def test_recipe_values_are_strict(place, case):
 
 
 def test_numbers_written_as_yaml_writes_them_are_numbers(place):
-    from shardtune.recipe import ModelSection, parse_yaml, recipe_from_dict, recipe_to_yaml
+    from shardtune.recipe.schema import ModelSection, parse_yaml, recipe_from_dict, recipe_to_yaml
 
     # and strings that look like numbers to YAML 1.2 stay strings through the resolved recipe.yaml
     raw = yaml.safe_load(Path(place.recipe()).read_text())
@@ -921,12 +921,12 @@ def test_rank_without_world_size_is_one_process(place, monkeypatch):
 
 @pytest.mark.parametrize("value", ["0", "false", "no", "off", ""])
 def test_shardtune_debug_off_values_keep_the_one_line(place, monkeypatch, value):
-    import shardtune.train
+    import shardtune.training.loop
 
     def broken(*a, **kw):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(shardtune.train, "load_model", broken)
+    monkeypatch.setattr(shardtune.training.loop, "load_model", broken)
     monkeypatch.setenv("SHARDTUNE_DEBUG", value)
     refused(
         ["train", place.recipe(output={"dir": str(place.tmp / "r")})], "internal error: RuntimeError: boom", 1
@@ -1004,7 +1004,7 @@ BASE_CASES = [(r, b) for r in BASE_READERS for b in BASE_BREAKAGES]
 @pytest.fixture(scope="module")
 def saved_base(tmp_path_factory) -> Path:
     """tiny-llama saved as a model directory (safetensors weights, config, tokenizer)."""
-    from shardtune.models import load_model
+    from shardtune.models.loading import load_model
 
     where = tmp_path_factory.mktemp("base") / "tiny"
     model, tokenizer = load_model("tiny-llama")
@@ -1072,7 +1072,7 @@ def test_generate_refuses_what_it_cannot_answer(place, args, message):
 
 def test_rotating_checkpoints_never_follows_a_link_named_like_a_checkpoint(tmp_path):
     """checkpoint-1 → a user's directory of checkpoint-like files: rotation deletes nothing there."""
-    from shardtune.checkpoint import CHECKPOINT_FILES, rotate_checkpoints
+    from shardtune.artifacts.checkpoint import CHECKPOINT_FILES, rotate_checkpoints
 
     theirs = tmp_path / "elsewhere"
     theirs.mkdir()

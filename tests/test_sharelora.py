@@ -13,8 +13,8 @@ from shardtune.adapters.model import (
     count_parameters,
     inject_adapter,
 )
-from shardtune.errors import RecipeError
-from shardtune.models import build_tiny_model
+from shardtune.core.errors import RecipeError
+from shardtune.models.loading import build_tiny_model
 
 LLAMA_7B = LlamaConfig(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
@@ -141,7 +141,7 @@ def test_check_refuses_mixed_sizes_in_one_group():
 
 
 def test_routing_shows_shared_factor():
-    from shardtune.routing import routing_report
+    from shardtune.inspection.routing import routing_report
 
     model = build_tiny_model("tiny-llama")
     inject_adapter(model, tiny_options("sharelora", share="a", targets=["q_proj"]))
@@ -155,7 +155,7 @@ def test_routing_shows_shared_factor():
 
 def mha_llama():
     """A tiny LLaMA without grouped-query attention: q, k and v all 64 → 64."""
-    from shardtune.models import TINY_CONFIGS
+    from shardtune.models.loading import TINY_CONFIGS
 
     config = TINY_CONFIGS["tiny-llama"]()
     config.num_key_value_heads = 4

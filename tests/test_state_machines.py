@@ -24,8 +24,8 @@ from shardtune.adapters.model import (
     merge_adapter,
     unmerge_adapter,
 )
-from shardtune.models import build_tiny_model, byte_tokenizer
-from shardtune.prune import prune_model
+from shardtune.artifacts.prune import prune_model
+from shardtune.models.loading import build_tiny_model, byte_tokenizer
 
 IDS = torch.randint(4, 260, (2, 11), generator=torch.Generator().manual_seed(7))
 TOL = dict(atol=5e-5, rtol=1e-5)  # W·x + ΔW·x vs (W + ΔW)·x in fp32
@@ -137,8 +137,8 @@ def test_merge_into_a_bf16_base_is_computed_in_fp32_and_rounded_once():
 def test_merge_save_merge(tmp_path, method):
     """Saving a merged model writes the adapter itself (not merged weights); loading it on a fresh base
     and merging gives the same weights and logits as the first merge."""
-    from shardtune.checkpoint import load_adapted_model, save_adapter
-    from shardtune.recipe import recipe_from_dict
+    from shardtune.artifacts.checkpoint import load_adapted_model, save_adapter
+    from shardtune.recipe.schema import recipe_from_dict
 
     model = adapted(method, "tiny-llama")
     unmerged_state = adapter_state_dict(model)
@@ -173,9 +173,9 @@ def test_merge_run_twice_writes_the_same_model(tmp_path):
     """`shardtune merge` leaves the run as it was: a second merge of the same run gives the same weights."""
     from transformers import AutoModelForCausalLM
 
-    from shardtune.export import merge_run
-    from shardtune.recipe import recipe_from_dict
-    from shardtune.train import train
+    from shardtune.artifacts.export import merge_run
+    from shardtune.recipe.schema import recipe_from_dict
+    from shardtune.training.loop import train
 
     train(recipe_from_dict(tiny_recipe(tmp_path, adapter={"method": "mos", **TINY_OPTIONS["mos"]})))
     run = tmp_path / "run"

@@ -16,9 +16,9 @@ from shardtune.adapters.model import (
     count_parameters,
     inject_adapter,
 )
-from shardtune.errors import RecipeError
-from shardtune.models import build_tiny_model
-from shardtune.params import count_trainable, method_options
+from shardtune.core.errors import RecipeError
+from shardtune.inspection.params import count_trainable, method_options
+from shardtune.models.loading import build_tiny_model
 
 IDS = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(4))
 LLAMA2_7B = LlamaConfig(

@@ -10,11 +10,11 @@ from conftest import CONV1D_UNSUPPORTED, TINY_OPTIONS, TINY_TRAIN, tiny_recipe
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import adapter_named_parameters, inject_adapter
-from shardtune.checkpoint import attach_adapter, list_checkpoints, load_adapted_model
-from shardtune.errors import BadInput
-from shardtune.models import build_tiny_model
-from shardtune.recipe import recipe_from_dict
-from shardtune.train import train
+from shardtune.artifacts.checkpoint import attach_adapter, list_checkpoints, load_adapted_model
+from shardtune.core.errors import BadInput
+from shardtune.models.loading import build_tiny_model
+from shardtune.recipe.schema import recipe_from_dict
+from shardtune.training.loop import train
 
 
 def run(tmp_path, **sections):
@@ -145,8 +145,8 @@ def test_refuses_to_clobber_a_run(tmp_path):
 
 
 def test_data_file_with_prompt_masking(tmp_path):
-    from shardtune.data import IGNORE, Example, encode
-    from shardtune.models import byte_tokenizer
+    from shardtune.data.examples import IGNORE, Example, encode
+    from shardtune.models.loading import byte_tokenizer
 
     path = tmp_path / "data.jsonl"
     rows = [{"prompt": f"say {i} =", "completion": f" {i}"} for i in range(50)]
@@ -197,7 +197,7 @@ def test_packing_and_truncation_reported(tmp_path):
 def test_adamw_is_fused_unless_sharded():
     """The adapter's AdamW runs torch's fused kernel on unsharded CPU/CUDA parameters (one pass per
     step, not a dozen small ops per tensor), with the same update as the default implementation."""
-    from shardtune.train import adamw
+    from shardtune.training.loop import adamw
 
     def run(sharded: bool) -> tuple[torch.Tensor, torch.optim.Optimizer]:
         torch.manual_seed(0)

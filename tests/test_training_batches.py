@@ -1,7 +1,7 @@
 """What the model is trained on: the tensors of collated, padded batches.
 
 Expected token ids and labels are written out here from the tokenizer alone (prompt ids masked with -100,
-completion ids + EOS trained, BOS masked) and compared with what ``shardtune.data`` and the training
+completion ids + EOS trained, BOS masked) and compared with what ``shardtune.data.examples`` and the training
 loader produce: pad positions (-100 labels, 0 attention mask), a tokenizer that adds BOS, chat turns
 (loss on assistant turns only), packing (masks kept across rows), truncation, held-out split, data order.
 """
@@ -15,11 +15,20 @@ import torch
 from conftest import tiny_recipe
 from tokenizers import processors
 
-from shardtune.data import IGNORE, Collator, Example, encode, encode_all, load_examples, pack, prompt_ids
-from shardtune.models import byte_tokenizer
-from shardtune.progress import Reporter
-from shardtune.recipe import DataSection, recipe_from_dict
-from shardtune.train import EpochSampler, build_data
+from shardtune.core.progress import Reporter
+from shardtune.data.examples import (
+    IGNORE,
+    Collator,
+    Example,
+    encode,
+    encode_all,
+    load_examples,
+    pack,
+    prompt_ids,
+)
+from shardtune.models.loading import byte_tokenizer
+from shardtune.recipe.schema import DataSection, recipe_from_dict
+from shardtune.training.loop import EpochSampler, build_data
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -107,7 +116,7 @@ def test_chat_rows_train_on_assistant_turns_only():
     ]
     ids = [t for text, _ in pieces for t in raw(tok, text)]
     labels = [t if trained else IGNORE for text, trained in pieces for t in raw(tok, text)]
-    from shardtune.data import record_to_example
+    from shardtune.data.examples import record_to_example
 
     example = record_to_example({"messages": messages}, "messages", "test")
     feat, _ = encode(example, tok, 256)

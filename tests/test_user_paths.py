@@ -69,8 +69,8 @@ def test_mos_trains_on_the_tiny_recipe_without_choosing_a_budget_and_records_it(
 
 
 def test_the_own_data_example_is_valid_and_holds_nothing_out():
-    from shardtune.data import load_examples
-    from shardtune.recipe import load_recipe
+    from shardtune.data.examples import load_examples
+    from shardtune.recipe.schema import load_recipe
 
     recipe = load_recipe(ROOT / "examples/own-data/recipe.yaml")
     assert recipe.data.eval_samples == 0
@@ -82,9 +82,9 @@ def _trained_rows(recipe_dict: dict, monkeypatch) -> list[str]:
     """Train in-process and return every token row the model saw in training mode."""
     from transformers import LlamaForCausalLM
 
-    from shardtune.models import byte_tokenizer
-    from shardtune.recipe import recipe_from_dict
-    from shardtune.train import train
+    from shardtune.models.loading import byte_tokenizer
+    from shardtune.recipe.schema import recipe_from_dict
+    from shardtune.training.loop import train
 
     tokenizer = byte_tokenizer()
     seen: list[str] = []
@@ -115,8 +115,8 @@ def test_no_held_out_record_is_ever_trained_on(tmp_path, monkeypatch, second_fil
     raw["data"].pop("task")
     raw["data"].pop("num_samples")  # (the task's key: refused with a file)
     seen = "\n".join(_trained_rows(raw, monkeypatch))
-    from shardtune.data import load_examples
-    from shardtune.recipe import recipe_from_dict
+    from shardtune.data.examples import load_examples
+    from shardtune.recipe.schema import recipe_from_dict
 
     train_examples, held = load_examples(recipe_from_dict(raw).data)
     assert len(held) == 8 and held

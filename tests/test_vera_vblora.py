@@ -14,9 +14,9 @@ from shardtune.adapters.model import (
     count_parameters,
     inject_adapter,
 )
-from shardtune.errors import RecipeError
-from shardtune.models import build_tiny_model
-from shardtune.params import count_trainable, method_options
+from shardtune.core.errors import RecipeError
+from shardtune.inspection.params import count_trainable, method_options
+from shardtune.models.loading import build_tiny_model
 
 peft = pytest.importorskip("peft")
 IDS = torch.randint(4, 200, (2, 11), generator=torch.Generator().manual_seed(3))
@@ -98,9 +98,9 @@ def test_vera_trains_only_the_vectors():
 
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_vera_projection_persistence(tmp_path, save_projection):
-    from shardtune.checkpoint import load_adapted_model
-    from shardtune.recipe import recipe_from_dict
-    from shardtune.train import train
+    from shardtune.artifacts.checkpoint import load_adapted_model
+    from shardtune.recipe.schema import recipe_from_dict
+    from shardtune.training.loop import train
 
     raw = tiny_recipe(
         tmp_path,
@@ -208,7 +208,7 @@ def test_vblora_checks_sizes():
 
 
 def test_routing_views():
-    from shardtune.routing import routing_report
+    from shardtune.inspection.routing import routing_report
 
     model = build_tiny_model("tiny-llama")
     inject_adapter(model, tiny_options("vera", targets=["q_proj", "v_proj"]))

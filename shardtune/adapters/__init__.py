@@ -1,4 +1,7 @@
-"""Adapter methods, one file each, and the registry that maps a recipe's `adapter.method` to them."""
+"""Adapter methods, one file each, and the registry that maps a recipe's `adapter.method` to them.
+
+May import: ``shardtune.core``, ``shardtune.models``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from shardtune.adapters.sharelora import ShareLora
 from shardtune.adapters.tiedlora import TiedLora
 from shardtune.adapters.vblora import Vblora
 from shardtune.adapters.vera import Vera
-from shardtune.catalog import METHODS as SUMMARIES
+from shardtune.core.catalog import METHODS as SUMMARIES
 
 METHODS: dict[str, AdapterMethod] = {
     m.name: m for m in (Lora(), Fossil(), Mos(), ShareLora(), Lors(), Vera(), Vblora(), TiedLora(), ProLora())
@@ -22,7 +25,7 @@ for _name, _method in METHODS.items():
 
 
 def get_method(name: str) -> AdapterMethod:
-    from shardtune.errors import RecipeError
+    from shardtune.core.errors import RecipeError
 
     try:
         return METHODS[name]

@@ -33,14 +33,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from torch import nn
 
 from shardtune.adapters.fused import fused_forward
-from shardtune.errors import BadInput
-from shardtune.quant import is_quantized_linear
+from shardtune.core.errors import BadInput
+from shardtune.models.dtypes import DTYPES  # noqa: F401 - re-exported: adapters name dtypes by it
+from shardtune.models.quant import is_quantized_linear
 
 STORES_ATTR = "shardtune_stores"
 
 DTypeName = Literal["fp32", "bf16", "fp16", "auto"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPES.update({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16})  # synonyms
 
 
 # The seeds torch.Generator.manual_seed takes (a random routing, projection or task draw).
@@ -49,7 +48,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 def dtype_synonyms(value):
     """Long torch names (``float32``, ``bfloat16``, ``float16``) as synonyms of fp32, bf16, fp16."""
-    from shardtune.catalog import DTYPE_SYNONYMS
+    from shardtune.core.catalog import DTYPE_SYNONYMS
 
     return DTYPE_SYNONYMS.get(value.strip().lower(), value) if isinstance(value, str) else value
 
@@ -205,7 +204,7 @@ class AdaptedLinear(nn.Module):
     """A frozen linear layer plus its adapter: ``y = base(x) + Δ(x)``.
 
     Works for ``nn.Linear``, for GPT-2's ``Conv1D`` (weight stored transposed) and for bitsandbytes'
-    quantized ``Linear4bit`` / ``Linear8bitLt`` (``model.quantize``; see :mod:`shardtune.quant`): the
+    quantized ``Linear4bit`` / ``Linear8bitLt`` (``model.quantize``; see :mod:`shardtune.models.quant`): the
     adapter is always expressed in the (out, in) orientation; only :meth:`merge` cares about the layout
     (and refuses a quantized layer: merge dequantizes the base first).
 
@@ -308,7 +307,7 @@ class AdapterMethod:
         """Fill options left unset to be chosen from the targets (in place: the run records them)."""
 
     def check(self, options: AdapterOptions, targets: list[Target]) -> None:
-        """Raise :class:`shardtune.errors.RecipeError` if the options cannot work on these targets."""
+        """Raise :class:`shardtune.core.errors.RecipeError` if the options cannot work on these targets."""
 
     def largest_rank(self, options: AdapterOptions, target: Target) -> int:
         """The largest ``adapter.rank`` that fits ``target``: a rank-r update of an out×in weight

@@ -58,8 +58,8 @@ from torch import nn
 
 from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target, add_low_rank
 from shardtune.adapters.fused import block_sum
-from shardtune.errors import RecipeError
-from shardtune.quant import dense_weight, is_quantized_linear
+from shardtune.core.errors import RecipeError
+from shardtune.models.quant import dense_weight, is_quantized_linear
 
 
 class FossilOptions(AdapterOptions):

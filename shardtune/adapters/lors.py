@@ -52,7 +52,7 @@ from shardtune.adapters.base import (
     adapted_layers,
     adapter_disabled,
 )
-from shardtune.quant import dense_weight, is_quantized_linear
+from shardtune.models.quant import dense_weight, is_quantized_linear
 
 
 class LorsOptions(AdapterOptions):
@@ -153,7 +153,7 @@ class LorsAdapter(LayerAdapter):
     def __init__(self, target: Target, options: LorsOptions):
         super().__init__(target.in_features, target.out_features)
         if target.fan_in_fan_out:
-            from shardtune.errors import RecipeError
+            from shardtune.core.errors import RecipeError
 
             raise RecipeError(
                 "adapter.method", f"lors supports nn.Linear layers only; {target.name} is a Conv1D"

@@ -24,9 +24,9 @@ from shardtune.adapters.base import (  # noqa: F401  (adapted_layers & co. are u
     adapter_disabled,
     set_adapter_enabled,
 )
-from shardtune.errors import BadInput, RecipeError
-from shardtune.fsdp import full_tensor, like_parameter
-from shardtune.quant import logical_numel
+from shardtune.core.errors import BadInput, RecipeError
+from shardtune.models.dtensor import full_tensor, like_parameter
+from shardtune.models.quant import logical_numel
 
 
 def _conv1d_if_loaded() -> type | None:

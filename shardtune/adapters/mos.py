@@ -58,7 +58,7 @@ from shardtune.adapters.base import (
     adapted_layers,
     add_low_rank,
 )
-from shardtune.errors import RecipeError
+from shardtune.core.errors import RecipeError
 
 
 class MosOptions(AdapterOptions):

@@ -37,7 +37,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import nn
 
 from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
-from shardtune.errors import RecipeError
+from shardtune.core.errors import RecipeError
 
 
 class ProLoraOptions(AdapterOptions):

@@ -144,7 +144,7 @@ class ShareLora(AdapterMethod):
         return out
 
     def check(self, options: ShareLoraOptions, targets: list[Target]) -> None:
-        from shardtune.errors import RecipeError
+        from shardtune.core.errors import RecipeError
 
         sizes: dict[str, set] = {}
         for t in targets:

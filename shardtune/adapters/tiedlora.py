@@ -162,7 +162,7 @@ class TiedLora(AdapterMethod):
     Options = TiedLoraOptions
 
     def check(self, options: TiedLoraOptions, targets: list[Target]) -> None:
-        from shardtune.errors import RecipeError
+        from shardtune.core.errors import RecipeError
 
         shapes: dict[str, set] = {}
         for t in targets:

@@ -31,7 +31,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from shardtune.adapters.base import AdapterMethod, AdapterOptions, LayerAdapter, Target
-from shardtune.errors import RecipeError
+from shardtune.core.errors import RecipeError
 
 
 class VbloraOptions(AdapterOptions):

@@ -3,8 +3,10 @@
 One module per command group — :mod:`~shardtune.cli.training` (train, compare),
 :mod:`~shardtune.cli.artifacts` (merge, export, prune), :mod:`~shardtune.cli.inspection` (generate,
 eval, routing, params, listings) — registered on one Typer app here. Every command turns a
-:class:`shardtune.errors.ShardtuneError` into one line on stderr and its exit code
+:class:`shardtune.core.errors.ShardtuneError` into one line on stderr and its exit code
 (:mod:`~shardtune.cli.common`, docs/cli.md); ``--json`` prints one JSON object on stdout for scripts.
+
+May import: every layer of shardtune (the top one; nothing imports it but ``shardtune.__main__``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ except ImportError:  # pragma: no cover
 import shardtune
 from shardtune.cli import artifacts, inspection, training
 from shardtune.cli.common import err_console, handle_errors, launched_processes, out_console, warnings_to_log
-from shardtune.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from shardtune.core.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
 
 class Commands(typer.core.TyperGroup):

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from shardtune.cli.common import JsonOption, out_console, print_json, print_table
-from shardtune.errors import BadInput
+from shardtune.core.errors import BadInput
 
 # A string, not a Path: `--out ""` must reach the check as empty, not as "." (the current directory).
 OutOption = Annotated[str, typer.Option("--out", "-o", help="Output directory (written atomically).")]
@@ -41,7 +41,7 @@ def merge(
     json_output: JsonOption = False,
 ) -> None:
     """Merge the adapter into its base model (in fp32) → a plain transformers model directory."""
-    from shardtune.export import merge_run
+    from shardtune.artifacts.export import merge_run
 
     result = merge_run(run_dir, out, dtype, overwrite, base_model, base_weights)
     if json_output:
@@ -67,7 +67,7 @@ def export(
     json_output: JsonOption = False,
 ) -> None:
     """Write the adapter in another format: `peft` (PEFT/vLLM/transformers-loadable LoRA) or `shardtune`."""
-    from shardtune.export import export_native, export_peft
+    from shardtune.artifacts.export import export_native, export_peft
 
     if format == "peft":
         result = export_peft(run_dir, out, overwrite, base_model)
@@ -112,7 +112,7 @@ def prune(
     """Prune a model's linear layers (magnitude, Wanda or SparseGPT; ratio or N:M) into a new model directory for LoRS."""
     from rich.table import Table
 
-    from shardtune.prune import prune_to_directory
+    from shardtune.artifacts.prune import prune_to_directory
 
     report = prune_to_directory(model, out, method, sparsity, pattern, recipe, samples, dtype, overwrite)
     if json_output:

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from shardtune.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, ShardtuneError
+from shardtune.core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, ShardtuneError
 
 # Not a terminal (a pipe, a file): nothing is wrapped or truncated — a width no line reaches.
 UNBOUNDED = 1 << 20
@@ -51,7 +51,7 @@ def print_table(title: str, table) -> None:
 
 def say_notes(recipe, quiet: bool = False) -> None:
     """What the --set overrides changed besides their keys (e.g. a method switch), on stderr."""
-    from shardtune.recipe import override_notes
+    from shardtune.recipe.schema import override_notes
 
     if not quiet:
         for note in override_notes(recipe):

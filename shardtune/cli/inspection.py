@@ -35,7 +35,7 @@ def generate(
     json_output: JsonOption = False,
 ) -> None:
     """Answer PROMPT with a base model and (optionally) a trained adapter."""
-    from shardtune.evaluate import answer_prompts
+    from shardtune.inspection.evaluate import answer_prompts
 
     answers = answer_prompts(prompt, adapter, model, chat, max_new_tokens, temperature, trust_remote_code)
     if json_output:
@@ -81,7 +81,7 @@ def eval_command(
     """
     from rich.table import Table
 
-    from shardtune.evaluate import evaluate
+    from shardtune.inspection.evaluate import evaluate
 
     result = evaluate(run_dir, model, base_model, data, data_format, metric, samples, base)
     if result.get("note"):
@@ -124,7 +124,7 @@ def routing(
 
     MoS shows its routed pools; ShareLoRA and FOSSIL their simpler sharing; LoRA owns everything.
     """
-    from shardtune import routing as routing_lib
+    from shardtune.inspection import routing as routing_lib
 
     report = routing_lib.routing_of(target, set_, plot_to=plot, base_model=base_model)
     if json_output:
@@ -174,7 +174,7 @@ def params(
     (meta device; no weights loaded)."""
     from rich.table import Table
 
-    from shardtune.params import parameter_options, parameter_report
+    from shardtune.inspection.params import parameter_options, parameter_report
 
     model_key = "model.name" if model is None and recipe is not None else "--model"
     model, method, options, quantize = parameter_options(model, method, rank, targets, set_, recipe, quantize)
@@ -208,7 +208,7 @@ def params(
 
 def models(json_output: JsonOption = False) -> None:
     """List the builtin model aliases usable as model.name."""
-    from shardtune.catalog import builtin_models
+    from shardtune.core.catalog import builtin_models
 
     found = builtin_models()
     if json_output:
@@ -220,7 +220,7 @@ def models(json_output: JsonOption = False) -> None:
 
 def tasks(json_output: JsonOption = False) -> None:
     """List the builtin generated tasks usable as data.task."""
-    from shardtune.tasks import TASKS
+    from shardtune.data.tasks import TASKS
 
     if json_output:
         print_json({n: t.description for n, t in TASKS.items()})
@@ -231,7 +231,7 @@ def tasks(json_output: JsonOption = False) -> None:
 
 def methods(json_output: JsonOption = False) -> None:
     """List the adapter methods usable as adapter.method."""
-    from shardtune.catalog import METHODS
+    from shardtune.core.catalog import METHODS
 
     if json_output:
         print_json(METHODS)

@@ -62,11 +62,11 @@ def train(
     """
     from dataclasses import asdict
 
-    from shardtune.hub import check_recipe_sources
-    from shardtune.launcher import launch, machine_count
-    from shardtune.progress import Reporter
-    from shardtune.recipe import load_recipe, recipe_to_yaml
-    from shardtune.tracking import check_trackers
+    from shardtune.core.progress import Reporter
+    from shardtune.models.hub import check_recipe_sources
+    from shardtune.recipe.schema import load_recipe, recipe_to_yaml
+    from shardtune.training.launcher import launch, machine_count
+    from shardtune.training.tracking import check_trackers
 
     check_resume_options(resume, resume_from)
     resolved = load_recipe(recipe, set_)
@@ -86,7 +86,7 @@ def train(
         forwarded += ["--json"] if json_output else []
         forwarded += ["-q"] if quiet else []
         raise typer.Exit(launch(nproc, forwarded, launch_args, cpu=resolved.train.cpu))
-    from shardtune.train import train as run_training
+    from shardtune.training.loop import train as run_training
 
     # (a Path: a checkpoint directory may be named "latest", which as a string means --resume)
     which = Path(resume_from) if resume_from is not None else ("latest" if resume else None)
@@ -98,7 +98,7 @@ def train(
 def check_resume_options(resume: bool, resume_from: str | None) -> None:
     """``--resume`` (the newest checkpoint) and ``--resume-from DIR`` (that one) exclude each other, and
     ``--resume-from`` needs a directory: an empty value would be the current one."""
-    from shardtune.errors import BadInput
+    from shardtune.core.errors import BadInput
 
     if resume and resume_from is not None:
         raise BadInput(
@@ -136,16 +136,16 @@ def compare(
     quiet: QuietOption = False,
 ) -> None:
     """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
-    from shardtune.compare import compare_recipe, parse_budgets, parse_methods
-    from shardtune.hub import check_recipe_sources
-    from shardtune.progress import Reporter
+    from shardtune.core.progress import Reporter
+    from shardtune.models.hub import check_recipe_sources
+    from shardtune.training.compare import compare_recipe, parse_budgets, parse_methods
 
     fractions = parse_budgets(budgets) if budgets is not None else None
     names = parse_methods(methods)
     resolved, other_options = compare_recipe(recipe, set_, names)
     say_notes(resolved, quiet)
     check_recipe_sources(resolved)
-    from shardtune.compare import compare as run_compare
+    from shardtune.training.compare import compare as run_compare
 
     report = run_compare(resolved, names, Reporter.for_cli(quiet), plot, fractions, other_options)
     if json_output:

@@ -1,7 +1,7 @@
 """A training run's directory (``output.dir``) through its life.
 
 ``claim`` — before anything is loaded. Every process checks the target
-(:func:`shardtune.fileio.check_output_dir`: never the current directory, an input, someone else's
+(:func:`shardtune.core.fileio.check_output_dir`: never the current directory, an input, someone else's
 files, …) so that all stop alike. An existing run that will be replaced (``output.overwrite``) or
 continued (``--resume``) is locked by the main process; a second run into the same directory cannot
 get the lock (it exits 2 naming the holder), and the kernel drops it when a process dies, so
@@ -31,15 +31,15 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from shardtune.checkpoint import (
+from shardtune.artifacts.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINT_FILES,
     RECIPE_FILE,
     list_checkpoints,
 )
-from shardtune.errors import BadInput
-from shardtune.fileio import (
+from shardtune.core.errors import BadInput
+from shardtune.core.fileio import (
     LOCK,
     atomic_write_text,
     check_output_dir,
@@ -49,8 +49,8 @@ from shardtune.fileio import (
     resolved,
     write_marker,
 )
-from shardtune.recipe import Recipe, recipe_to_yaml
-from shardtune.tracking import LOGS, PROJECT
+from shardtune.recipe.schema import Recipe, recipe_to_yaml
+from shardtune.training.tracking import LOGS, PROJECT
 
 log = logging.getLogger("shardtune")
 

@@ -28,8 +28,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from shardtune.adapters import METHODS
-from shardtune.errors import BadInput
-from shardtune.fileio import (
+from shardtune.core.errors import BadInput
+from shardtune.core.fileio import (
     atomic_write_text,
     check_output_dir,
     check_plot_path,
@@ -37,9 +37,9 @@ from shardtune.fileio import (
     save_figure,
     write_marker,
 )
-from shardtune.progress import Reporter
-from shardtune.recipe import Recipe, apply_override, load_recipe, recipe_from_dict
-from shardtune.rundir import RUN_KINDS
+from shardtune.core.progress import Reporter
+from shardtune.recipe.schema import Recipe, apply_override, load_recipe, recipe_from_dict
+from shardtune.training.rundir import RUN_KINDS
 
 COMPARE_FILE = "compare.json"
 COMPARE_ENTRIES = [*METHODS, *(f"{m}@*" for m in METHODS), COMPARE_FILE]  # run directories, summary
@@ -97,7 +97,7 @@ class BudgetFit:
 
 def reference_count(config, options: dict) -> int:
     """Trainable parameters of the reference: LoRA with ``options``' rank and targets."""
-    from shardtune.params import count_trainable, method_options
+    from shardtune.inspection.params import count_trainable, method_options
 
     fields = METHODS["lora"].Options.model_fields
     lora = {k: v for k, v in options.items() if k in fields and k != "method"}
@@ -118,8 +118,8 @@ def fit_budget(
     method, so two probes give an estimate and its neighbours are counted exactly; past the largest
     value that fits the model (e.g. a rank above a layer's size) the largest that does is taken.
     ``counted``: value → count of earlier calls with the same method and options (filled in)."""
-    from shardtune.errors import ShardtuneError
-    from shardtune.params import count_trainable, method_options
+    from shardtune.core.errors import ShardtuneError
+    from shardtune.inspection.params import count_trainable, method_options
 
     knob = METHODS[method].budget_option
     target = max(1, round(budget * reference))
@@ -173,7 +173,7 @@ def fit_budgets(
     recipe: Recipe, methods: list[str], budgets: list[Fraction], out_dir: Path, extra: dict | None = None
 ) -> tuple[int, list[BudgetFit]]:
     """The reference count and, per budget and method, the fitted option (or why it is left out)."""
-    from shardtune.models import load_config
+    from shardtune.models.loading import load_config
 
     config = load_config(recipe.model.name, recipe.model.trust_remote_code)
     reference = reference_count(config, recipe.adapter.model_dump(mode="json"))
@@ -231,9 +231,9 @@ def unfit_methods(
     recipe: Recipe, methods: list[str], out_dir: Path, extra: dict | None = None
 ) -> dict[str, str]:
     """Method → why its adapter cannot be built on the recipe's model (from the config, meta device)."""
-    from shardtune.errors import ShardtuneError
-    from shardtune.models import load_config
-    from shardtune.params import count_trainable
+    from shardtune.core.errors import ShardtuneError
+    from shardtune.inspection.params import count_trainable
+    from shardtune.models.loading import load_config
 
     config = load_config(recipe.model.name, recipe.model.trust_remote_code)
     unfit = {}
@@ -329,7 +329,7 @@ def compare(
 
 def _train_row(recipe: Recipe, reporter: Reporter) -> tuple[dict, list]:
     """Train one run: its row of the table and its loss curve."""
-    from shardtune.train import train
+    from shardtune.training.loop import train
 
     result = train(recipe, reporter)
     metrics = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]

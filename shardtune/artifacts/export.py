@@ -19,21 +19,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from shardtune import quant
 from shardtune.adapters.base import STORES_ATTR
 from shardtune.adapters.model import adapted_layers, merge_adapter
-from shardtune.catalog import canonical_dtype
-from shardtune.checkpoint import (
+from shardtune.artifacts.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     RECIPE_FILE,
     attach_adapter,
     load_adapted_model,
 )
-from shardtune.errors import BadInput
-from shardtune.fileio import check_output_dir, output_kinds, write_output_dir
-from shardtune.models import load_model
-from shardtune.peftio import is_peft_adapter
+from shardtune.artifacts.peftio import is_peft_adapter
+from shardtune.core.catalog import canonical_dtype
+from shardtune.core.errors import BadInput
+from shardtune.core.fileio import check_output_dir, output_kinds, write_output_dir
+from shardtune.models import quant
+from shardtune.models.loading import load_model
 
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOW_RANK_METHODS = ("lora", "fossil", "mos", "sharelora", "vera", "vblora", "tiedlora", "prolora")
@@ -48,7 +48,7 @@ EXPORTED = {"what": "an exported adapter", "kinds": output_kinds("export-peft", 
 def _inputs(run_dir: Path, base_model: str | None = None) -> list[Path | None]:
     """What merge/export read: the run (or checkpoint, or PEFT adapter) and, when it is a local
     directory, its base model."""
-    from shardtune.checkpoint import adapter_source
+    from shardtune.artifacts.checkpoint import adapter_source
 
     if not run_dir.is_dir():
         raise BadInput(f"{run_dir}: no such run or adapter directory")
@@ -121,8 +121,8 @@ def _base_for_merge(
     """The run's base (``base_model``: another copy of it) in fp32 with its adapter attached, and where
     the base's weights came from: ``original`` (as stored, unquantized) or ``dequantized`` (the
     quantized base, dequantized)."""
-    from shardtune.checkpoint import base_model_errors, recorded_base
-    from shardtune.models import load_config
+    from shardtune.artifacts.checkpoint import base_model_errors, recorded_base
+    from shardtune.models.loading import load_config
 
     meta, section = recorded_base(run_dir, base_model)
     quantization = quant.quantization_of(section)
@@ -173,13 +173,13 @@ def peft_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
 def peft_base_model(record: dict) -> dict:
     """``base_model_name_or_path`` (and ``revision``) for PEFT: the hub id of an embedded or hub model,
     the absolute path of a local one, and for a tiny builtin the directory it is saved to once."""
-    from shardtune.catalog import EMBEDDED
+    from shardtune.core.catalog import EMBEDDED
 
     name = record["name"]
     if record.get("source") == "builtin":
         if name in EMBEDDED:
             return {"base_model_name_or_path": EMBEDDED[name][2], "revision": None}
-        from shardtune.models import saved_builtin
+        from shardtune.models.loading import saved_builtin
 
         return {"base_model_name_or_path": str(saved_builtin(name)), "revision": None}
     return {"base_model_name_or_path": name, "revision": record.get("revision")}

@@ -11,7 +11,7 @@ How a loss ends the run, bounded by ``train.timeout_s`` (T):
 * a process that dies (killed, crashed, its machine rebooted) closes its connections, and the
   collective the others are in fails at once (gloo: "Connection reset by peer"). The training loop
   then asks :meth:`PeerWatch.explain`, which names the processes silent for ``4 × interval``: the
-  run stops with :class:`~shardtune.errors.ProcessLost` within seconds.
+  run stops with :class:`~shardtune.core.errors.ProcessLost` within seconds.
 * a machine that vanishes without closing anything (power, network) leaves the others waiting inside
   a collective. Once its processes have been silent for T, the thread stops this process itself:
   one line naming them, exit code 4 (the collective would only end at its own timeout, and under
@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from shardtune.errors import EXIT_LOST
+from shardtune.core.errors import EXIT_LOST
 
 log = logging.getLogger("shardtune")
 

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from shardtune.adapters.base import STORES_ATTR
-from shardtune.errors import RecipeError
+from shardtune.core.errors import RecipeError
+from shardtune.models.dtensor import is_sharded
 
 
 def block_classes(
@@ -104,24 +105,3 @@ def shard_model(
         # sharded by the root unit (no block owns them): each is a DTensor now
         "root_store_tensors": sum(is_sharded(p) for p in stores.parameters()) if stores is not None else 0,
     }
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind a shard (a collective under FSDP), or ``t`` itself."""
-    return t.full_tensor() if is_sharded(t) else t
-
-
-def like_parameter(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out as ``param`` is: this process's shard when ``param`` is sharded."""
-    if not is_sharded(param):
-        return full.to(param.device)
-    from torch.distributed.tensor import distribute_tensor
-
-    # Every process holds the same ``full`` (read from the same file): no broadcast needed.
-    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from shardtune.catalog import TASKS as DESCRIPTIONS
-from shardtune.errors import BadInput
+from shardtune.core.catalog import TASKS as DESCRIPTIONS
+from shardtune.core.errors import BadInput
 
 Pair = tuple[str, str]
 HELDOUT_SEED_OFFSET = 1_000_003  # held-out items: this much past data.seed

@@ -1,5 +1,5 @@
 """Base models: builtin aliases, local directories and hub ids (downloaded on first use, as
-transformers does; see :mod:`shardtune.hub` for the cache, revisions and offline mode).
+transformers does; see :mod:`shardtune.models.hub` for the cache, revisions and offline mode).
 
 Builtin tiny aliases (``tiny-llama``, ``tiny-qwen2``, ``tiny-mistral``, ``tiny-gpt2``) are random
 models built from transformers configs with a fixed seed, so the same alias always gives the same
@@ -22,11 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from shardtune import hub, quant
-from shardtune.adapters.base import DTYPES
-from shardtune.catalog import EMBEDDED, builtin_models
-from shardtune.errors import BadInput, first_line
-from shardtune.quant import Quantization
+from shardtune.core.catalog import EMBEDDED, builtin_models
+from shardtune.core.errors import BadInput, first_line
+from shardtune.models import hub, quant
+from shardtune.models.dtypes import DTYPES
+from shardtune.models.quant import Quantization
 
 if TYPE_CHECKING:  # transformers' modeling code is imported where a model is built (not by `params`)
     from transformers import (
@@ -138,7 +138,7 @@ def embedded_model_dir(alias: str) -> Path:
 
 def _cached_model(alias: str, make: Callable[[Path], None]) -> Path:
     """``cache_dir()/models/ALIAS``, made once by ``make(target)`` (which writes it atomically)."""
-    from shardtune.fileio import check_output_dir, file_lock, output_kinds
+    from shardtune.core.fileio import check_output_dir, file_lock, output_kinds
 
     target = cache_dir() / "models" / alias
     if _converted(target):
@@ -161,7 +161,7 @@ def _converted(target: Path) -> bool:
 def _convert_gguf(alias: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shardtune.fileio import atomic_directory
+    from shardtune.core.fileio import atomic_directory
 
     gguf_path = embedded_gguf(alias)
     try:
@@ -219,7 +219,7 @@ def build_tiny_model(alias: str, dtype: torch.dtype = torch.float32, seed: int =
 def saved_builtin(alias: str) -> Path:
     """A builtin model as a Hugging Face directory that any tool loads: the embedded model's converted
     cache, or a tiny model saved once into the cache (the same weights every time)."""
-    from shardtune.fileio import atomic_directory
+    from shardtune.core.fileio import atomic_directory
 
     if alias in EMBEDDED:
         return embedded_model_dir(alias)
@@ -241,11 +241,11 @@ def load_model(
     device: torch.device | str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Resolve ``model.name`` to a model and its tokenizer: a builtin alias, a local directory, or a hub
-    id (downloaded on first use, then read from the cache; :mod:`shardtune.hub`). The model carries
-    ``shardtune_base``: how a run records it (:func:`shardtune.hub.base_model_record`).
+    id (downloaded on first use, then read from the cache; :mod:`shardtune.models.hub`). The model carries
+    ``shardtune_base``: how a run records it (:func:`shardtune.models.hub.base_model_record`).
 
     ``quantization`` (``model.quantize``): the linear layers loaded quantized by bitsandbytes, on
-    ``device`` (default: the GPU if there is one), see :mod:`shardtune.quant`.
+    ``device`` (default: the GPU if there is one), see :mod:`shardtune.models.quant`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

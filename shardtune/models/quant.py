@@ -20,7 +20,7 @@ The formats, for ``W ∈ R^{out×in}`` with ``n = out·in`` entries taken row-ma
 * ``int8`` (LLM.int8()) — one scale per output row, ``s_o = max_i |W_oi|``: ``q = round(127·W/s_o)``,
   ``Q(W) = q·s_o/127``.
 
-Bytes held per quantized layer (what :func:`base_memory` measures and :meth:`shardtune.layout.ModelLayout.base_memory`
+Bytes held per quantized layer (what :func:`base_memory` measures and :meth:`shardtune.inspection.layout.ModelLayout.base_memory`
 computes from a config alone; ``b = ⌈n/64⌉`` blocks):
 
     4-bit:  ⌈n/2⌉ codes + 16·4 (levels) + 4·b (fp32 scales)                         ≈ 4.5 bits/weight
@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from shardtune.errors import RecipeError, first_line
+from shardtune.core.errors import RecipeError, first_line
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install shardtune[quant]"

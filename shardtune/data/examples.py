@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shardtune.errors import BadInput, RecipeError, first_line
-from shardtune.recipe import DataSection
-from shardtune.tasks import TASKS
+from shardtune.core.errors import BadInput, RecipeError, first_line
+from shardtune.data.tasks import TASKS
+from shardtune.recipe.schema import DataSection
 
 IGNORE = -100
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -163,7 +163,7 @@ def _load_hub_dataset(repo_id: str, split: str, revision: str | None, split_key:
     from the datasets cache, else from its snapshot in the hub cache."""
     import datasets
 
-    from shardtune import hub
+    from shardtune.models import hub
 
     if not hub.offline():
         try:

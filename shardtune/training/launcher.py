@@ -2,7 +2,7 @@
 per machine (``--launch-args "--num_machines M --machine_rank R ..."`` for several).
 
 :func:`launch` builds that command and becomes it (``exec``: the `shardtune` process is replaced, so
-a signal sent to the command reaches the launcher itself). `python -m shardtune.launcher ARGS`
+a signal sent to the command reaches the launcher itself). `python -m shardtune.training.launcher ARGS`
 (what it runs) is `accelerate launch ARGS` — torch's elastic agent starting and watching this
 machine's processes — with five differences:
 
@@ -41,7 +41,7 @@ import tempfile
 import time
 from datetime import timedelta
 
-from shardtune.errors import BadInput, first_line
+from shardtune.core.errors import BadInput, first_line
 
 # torchelastic's keys of the exit barrier below (its own use another prefix)
 FINISHED = "shardtune/launcher/finished"
@@ -61,7 +61,7 @@ def launch_command(
     flags = launch_flags(launch_args)
     machines = _machines(flags)
     env = dict(os.environ)
-    command = [sys.executable, "-m", "shardtune.launcher", "--num_processes", str(nproc * machines)]
+    command = [sys.executable, "-m", "shardtune.training.launcher", "--num_processes", str(nproc * machines)]
     command += ["--multi_gpu", "--main_process_port", "0", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # the recipe sets precision itself
     if cpu or not torch.cuda.is_available():
@@ -130,7 +130,7 @@ def _flag_values(flags: list[str]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# python -m shardtune.launcher
+# python -m shardtune.training.launcher
 
 
 def main(argv: list[str]) -> int:

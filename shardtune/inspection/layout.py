@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shardtune.quant import BaseMemory, Quantization, quantized_layer_bytes
+from shardtune.models.quant import BaseMemory, Quantization, quantized_layer_bytes
 
 LAYOUT_VERSION = 1  # bump when what a layout holds, or how linear_layers chooses, changes
 
@@ -58,7 +58,7 @@ class ModelLayout:
 
     def base_memory(self, quantization: Quantization | None, dtype: torch.dtype) -> BaseMemory:
         """The base's weight memory: the linear layers a quantizer converts (every ``nn.Linear`` /
-        ``Conv1D`` but the output head and tied weights) at :func:`shardtune.quant.quantized_layer_bytes`
+        ``Conv1D`` but the output head and tied weights) at :func:`shardtune.models.quant.quantized_layer_bytes`
         when ``quantization`` is given, every other parameter in ``dtype``."""
         size = dtype.itemsize
         converted = [s for s in self.linears if s.quantizable] if quantization is not None else []
@@ -93,10 +93,10 @@ def layout_of(config) -> ModelLayout:
 
 def model_layout(name: str, trust_remote_code: bool = False, keep: bool = True) -> ModelLayout:
     """The layout of the model ``model.name`` names: from the cache when its config is known without
-    transformers (:func:`shardtune.models.config_fingerprint`), else from its config — then cached
+    transformers (:func:`shardtune.models.loading.config_fingerprint`), else from its config — then cached
     (``keep``; a caller that may still refuse the command keeps it itself, with :func:`keep_layout`,
     once it succeeds: a refused command writes nothing)."""
-    from shardtune.models import load_config
+    from shardtune.models.loading import load_config
 
     path = _cache_path(name, trust_remote_code)
     if path is not None:
@@ -115,7 +115,7 @@ def keep_layout(name: str, layout: ModelLayout, trust_remote_code: bool = False)
     path = _cache_path(name, trust_remote_code)
     if path is None or path.exists():
         return
-    from shardtune.fileio import atomic_write_text
+    from shardtune.core.fileio import atomic_write_text
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def _cache_path(name: str, trust_remote_code: bool) -> Path | None:
     """Where ``name``'s layout is cached; None for what is never cached (remote code, hub ids, …)."""
     from importlib.metadata import version
 
-    from shardtune.models import cache_dir, config_fingerprint
+    from shardtune.models.loading import cache_dir, config_fingerprint
 
     fingerprint = None if trust_remote_code else config_fingerprint(name)
     if fingerprint is None:
@@ -144,7 +144,7 @@ def build_layout(config) -> ModelLayout:
     from transformers.quantizers.base import get_keys_to_not_convert
 
     from shardtune.adapters.model import _linear_shape, linear_layers
-    from shardtune.quant import config_dtype, logical_numel
+    from shardtune.models.quant import config_dtype, logical_numel
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from shardtune.adapters.model import adapter_disabled
-from shardtune.data import (
+from shardtune.core.errors import BadInput, named_as
+from shardtune.data.examples import (
     Collator,
     Example,
     all_examples,
@@ -21,8 +22,7 @@ from shardtune.data import (
     prompt_text,
     uses_chat,
 )
-from shardtune.errors import BadInput, named_as
-from shardtune.tasks import METRICS
+from shardtune.data.tasks import METRICS
 
 
 @torch.no_grad()
@@ -135,8 +135,8 @@ def answer_prompts(
     trust_remote_code: bool = False,
 ) -> list[dict]:
     """``[{"prompt", "answer"}]`` from a base model (``model``) and/or a run's adapter (``adapter``)."""
-    from shardtune.checkpoint import load_adapted_model
-    from shardtune.models import load_model
+    from shardtune.artifacts.checkpoint import load_adapted_model
+    from shardtune.models.loading import load_model
 
     # (before loading anything)
     if not math.isfinite(temperature):
@@ -192,8 +192,8 @@ def evaluate(
     model (``model``). The examples: ``data`` (every record of a file; scored with ``metric`` when
     records have a completion), else the run's held-out examples (a builtin task scores exact match).
     ``base``: the base model too, adapter off."""
-    from shardtune.checkpoint import load_adapted_model
-    from shardtune.models import load_model
+    from shardtune.artifacts.checkpoint import load_adapted_model
+    from shardtune.models.loading import load_model
 
     if metric not in METRICS:
         raise BadInput(f"--metric: expected one of {', '.join(METRICS)}, got {metric!r}")
@@ -256,9 +256,9 @@ def evaluate(
 
 def _run_recipe(run_dir: Path | None, data):
     """The recipe of a shardtune run (its held-out data and settings); None for a PEFT adapter or a plain model."""
-    from shardtune.checkpoint import RECIPE_FILE, read_adapter_config
-    from shardtune.peftio import is_peft_adapter
-    from shardtune.recipe import load_recipe
+    from shardtune.artifacts.checkpoint import RECIPE_FILE, read_adapter_config
+    from shardtune.artifacts.peftio import is_peft_adapter
+    from shardtune.recipe.schema import load_recipe
 
     if run_dir is None:
         return None
@@ -284,7 +284,7 @@ def _examples(recipe, data, data_format: str, metric: str, samples: int | None):
     """(examples, whether to score them, settings) for :func:`evaluate`."""
     from pydantic import ValidationError
 
-    from shardtune.recipe import DataSection, EvalSection, first_recipe_error
+    from shardtune.recipe.schema import DataSection, EvalSection, first_recipe_error
 
     if data is not None:
         raw = {"path": str(data), "format": data_format}

@@ -2,8 +2,8 @@
 
     train(recipe)
       connect_processes         Accelerate: one process, or the launched ones (DDP; FSDP shards over them)
-      Trainer.run_directory     output.dir checked and locked (shardtune.rundir), SIGTERM → checkpoint + exit,
-                                heartbeats (shardtune.peers): a lost process stops the others, naming it
+      Trainer.run_directory     output.dir checked and locked (shardtune.training.rundir), SIGTERM → checkpoint + exit,
+                                heartbeats (shardtune.training.peers): a lost process stops the others, naming it
       Trainer.read_data         the training and held-out examples, read and checked before any model loads
       Trainer.setup_model       the frozen base model with the adapter (resumed: the checkpoint's weights);
                                 train.compile: its decoder blocks compiled (on the first step)
@@ -17,9 +17,9 @@
       Trainer.finish            held-out loss and task score, final adapter, result.json
 
 Accelerate handles the device, DDP, bf16 autocast and gradient accumulation; with
-``train.strategy: fsdp`` the model is sharded by :mod:`shardtune.fsdp` and Accelerate prepares only
+``train.strategy: fsdp`` the model is sharded by :mod:`shardtune.training.fsdp` and Accelerate prepares only
 the optimizer and the data. Everything a checkpoint needs to resume exactly (adapter, optimizer,
-RNG states, data position) is in :mod:`shardtune.checkpoint`.
+RNG states, data position) is in :mod:`shardtune.artifacts.checkpoint`.
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
-from shardtune import quant
-from shardtune.adapters.base import DTYPES
 from shardtune.adapters.model import (
     adapter_disabled,
     adapter_named_parameters,
@@ -53,7 +51,7 @@ from shardtune.adapters.model import (
     inject_adapter,
     trainable_share,
 )
-from shardtune.checkpoint import (
+from shardtune.artifacts.checkpoint import (
     RECIPE_FILE,
     TRAINER_STATE,
     attach_weights,
@@ -69,8 +67,7 @@ from shardtune.checkpoint import (
     save_checkpoint,
     take_snapshot,
 )
-from shardtune.data import Collator, Example, encode_all, load_examples, pack, uses_chat
-from shardtune.errors import (
+from shardtune.core.errors import (
     BadInput,
     Diverged,
     Interrupted,
@@ -79,14 +76,18 @@ from shardtune.errors import (
     ShardtuneError,
     Terminated,
 )
-from shardtune.evaluate import heldout_loss, score_task
-from shardtune.fileio import atomic_write_text
-from shardtune.fsdp import block_classes, full_tensor, shard_model
-from shardtune.models import load_model
-from shardtune.peers import PeerWatch, collective_timeout, who
-from shardtune.progress import Reporter
-from shardtune.recipe import Recipe, TrainSection
-from shardtune.rundir import METRICS_FILE, RESULT_FILE, RunDirectory
+from shardtune.core.fileio import atomic_write_text
+from shardtune.core.progress import Reporter
+from shardtune.data.examples import Collator, Example, encode_all, load_examples, pack, uses_chat
+from shardtune.inspection.evaluate import heldout_loss, score_task
+from shardtune.models import quant
+from shardtune.models.dtensor import full_tensor
+from shardtune.models.dtypes import DTYPES
+from shardtune.models.loading import load_model
+from shardtune.recipe.schema import Recipe, TrainSection
+from shardtune.training.fsdp import block_classes, shard_model
+from shardtune.training.peers import PeerWatch, collective_timeout, who
+from shardtune.training.rundir import METRICS_FILE, RESULT_FILE, RunDirectory
 
 log = logging.getLogger("shardtune")
 
@@ -156,7 +157,7 @@ def _accelerator(cfg: TrainSection) -> Accelerator:
             cpu=cfg.cpu or cpu_only,
             gradient_accumulation_steps=cfg.grad_accum,
             # How long a collective may wait for the other processes (gloo and NCCL alike): longer
-            # than the heartbeats take to name a lost machine (shardtune.peers), so that they do.
+            # than the heartbeats take to name a lost machine (shardtune.training.peers), so that they do.
             kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout(cfg.timeout_s))],
         )
     except (ValueError, RuntimeError) as e:
@@ -638,7 +639,7 @@ class Trainer:
         self._check_resume_fits()
         self.directory.start(self.resumed_step)
         if self.main and self.recipe.logging.report_to:
-            from shardtune.tracking import Trackers
+            from shardtune.training.tracking import Trackers
 
             self.trackers = Trackers(
                 self.recipe.logging.report_to, self.run_dir, self.recipe.model_dump(mode="json")

@@ -1,7 +1,7 @@
 """What a recipe can name — adapter methods, builtin models and tasks — as plain data, so that `shardtune
 methods`, `models`, `tasks` and `--help` answer without importing torch or transformers.
 
-The adapter classes (``shardtune.adapters``) and the model loaders (``shardtune.models``) read their
+The adapter classes (``shardtune.adapters``) and the model loaders (``shardtune.models.loading``) read their
 names and one-line summaries from here; a test checks that both sides list the same names.
 """
 
@@ -22,7 +22,7 @@ METHODS = {
 }
 
 # data.task → one-line description, in the order `shardtune tasks` lists them (the generators and
-# scorers are in shardtune.tasks, which reads the descriptions from here).
+# scorers are in shardtune.data.tasks, which reads the descriptions from here).
 TASKS = {
     "reverse": "reverse a short string of letters a-f (tiny models learn it)",
     "repeat": "write a short string of letters x-z twice (the easiest smoke task)",
@@ -47,7 +47,7 @@ EMBEDDED = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# Tiny random models built in code (shardtune.models.TINY_CONFIGS holds their configs).
+# Tiny random models built in code (shardtune.models.loading.TINY_CONFIGS holds their configs).
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2")
 
 
@@ -69,7 +69,7 @@ DTYPE_SYNONYMS = {
 
 def canonical_dtype(value: object, key: str, allowed: tuple[str, ...] = DTYPE_NAMES) -> str:
     """``value`` as one of ``allowed`` (short names; long torch names accepted), or a one-line error."""
-    from shardtune.errors import BadInput
+    from shardtune.core.errors import BadInput
 
     name = DTYPE_SYNONYMS.get(value.strip().lower(), value) if isinstance(value, str) else value
     if name not in allowed:

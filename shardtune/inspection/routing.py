@@ -13,8 +13,8 @@ from pathlib import Path
 from torch import nn
 
 from shardtune.adapters.model import adapted_layers
-from shardtune.errors import BadInput
-from shardtune.fileio import check_plot_path, save_figure
+from shardtune.core.errors import BadInput
+from shardtune.core.fileio import check_plot_path, save_figure
 
 
 def routing_of(
@@ -29,9 +29,9 @@ def routing_of(
     if plot_to is not None:
         check_plot_path(plot_to, "--plot", inputs=[target if target.is_dir() else None])
     from shardtune.adapters.model import inject_adapter
-    from shardtune.checkpoint import load_adapted_model
-    from shardtune.models import load_model
-    from shardtune.recipe import load_recipe
+    from shardtune.artifacts.checkpoint import load_adapted_model
+    from shardtune.models.loading import load_model
+    from shardtune.recipe.schema import load_recipe
 
     if not target.exists():
         raise BadInput(f"{target}: no such run directory or recipe file")

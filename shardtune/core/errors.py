@@ -94,7 +94,7 @@ class Interrupted(ShardtuneError):
 
 
 class ProcessLost(ShardtuneError):
-    """Another process of the run stopped answering (:mod:`shardtune.peers`); the message names it."""
+    """Another process of the run stopped answering (:mod:`shardtune.training.peers`); the message names it."""
 
     exit_code = EXIT_LOST
     once_per_machine = True

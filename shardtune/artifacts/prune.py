@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from shardtune.adapters.model import find_targets
-from shardtune.errors import BadInput, named_as
+from shardtune.core.errors import BadInput, named_as
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -337,9 +337,9 @@ def prune_to_directory(
 ) -> dict:
     """Load ``model``, prune it (Wanda and SparseGPT calibrate on the first ``samples`` examples of
     ``recipe``'s data) and write it to ``out``; return :func:`prune_model`'s report with ``out``."""
-    from shardtune.catalog import canonical_dtype
-    from shardtune.fileio import check_output_dir, output_kinds
-    from shardtune.models import load_model
+    from shardtune.core.catalog import canonical_dtype
+    from shardtune.core.fileio import check_output_dir, output_kinds
+    from shardtune.models.loading import load_model
 
     dtype = canonical_dtype(dtype, "--dtype")
     local = Path(model).expanduser()
@@ -360,8 +360,8 @@ def calibration_batches(recipe: Path, tokenizer, samples: int):
     training (prompt and completion alike; padding is masked)."""
     from torch.utils.data import DataLoader
 
-    from shardtune.data import Collator, encode_all, load_examples, uses_chat
-    from shardtune.recipe import load_recipe
+    from shardtune.data.examples import Collator, encode_all, load_examples, uses_chat
+    from shardtune.recipe.schema import load_recipe
 
     data = load_recipe(recipe).data
     examples, _ = load_examples(data)
@@ -373,7 +373,7 @@ def calibration_batches(recipe: Path, tokenizer, samples: int):
 
 def save_model_dir(model: nn.Module, tokenizer, out: Path, overwrite: bool = False, inputs=()) -> None:
     """Write a HF model directory atomically (temp dir, then rename), marked as shardtune's."""
-    from shardtune.fileio import write_output_dir
+    from shardtune.core.fileio import write_output_dir
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)

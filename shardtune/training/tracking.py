@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from shardtune.errors import RecipeError
+from shardtune.core.errors import RecipeError
 
 # tracker → (a module that must import, what to pip install)
 PACKAGES = {

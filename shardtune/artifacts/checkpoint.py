@@ -31,13 +31,19 @@ from shardtune.adapters.model import (
     inject_adapter,
     load_adapter_state_dict,
 )
-from shardtune.errors import BadInput, named_as
-from shardtune.fileio import atomic_directory, atomic_write, atomic_write_text, read_safetensors
-from shardtune.fsdp import full_tensor, like_parameter
-from shardtune.models import load_model
-from shardtune.peftio import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_adapter, peft_meta, read_peft_weights
-from shardtune.quant import quantization_of
-from shardtune.recipe import ModelSection, Recipe, parse_yaml, recipe_to_yaml
+from shardtune.artifacts.peftio import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    is_peft_adapter,
+    peft_meta,
+    read_peft_weights,
+)
+from shardtune.core.errors import BadInput, named_as
+from shardtune.core.fileio import atomic_directory, atomic_write, atomic_write_text, read_safetensors
+from shardtune.models.dtensor import full_tensor, like_parameter
+from shardtune.models.loading import load_model
+from shardtune.models.quant import quantization_of
+from shardtune.recipe.schema import ModelSection, Recipe, parse_yaml, recipe_to_yaml
 
 log = logging.getLogger("shardtune")
 
@@ -233,7 +239,7 @@ def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def adapter_source(directory: Path) -> tuple[dict, AdapterOptions]:
     """(metadata, options) of an adapter directory: a shardtune run or checkpoint (adapter.json), or a
-    PEFT LoRA adapter (adapter_config.json, read by :mod:`shardtune.peftio`)."""
+    PEFT LoRA adapter (adapter_config.json, read by :mod:`shardtune.artifacts.peftio`)."""
     if is_peft_adapter(directory):
         meta = peft_meta(directory)
         return meta, METHODS["lora"].Options.model_validate(meta["options"])

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shardtune.catalog import EMBEDDED, TINY_MODELS
-from shardtune.errors import BadInput
+from shardtune.core.catalog import EMBEDDED, TINY_MODELS
+from shardtune.core.errors import BadInput
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 

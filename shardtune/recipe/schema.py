@@ -30,7 +30,7 @@ from pydantic import (
 
 from shardtune.adapters import METHODS
 from shardtune.adapters.base import SEED_MAX, SEED_MIN, dtype_synonyms
-from shardtune.errors import BadInput, RecipeError
+from shardtune.core.errors import BadInput, RecipeError
 
 
 class Section(BaseModel):
@@ -81,7 +81,7 @@ class ModelSection(Section):
     @field_validator("revision")
     @classmethod
     def _revision_of_hub_ids_only(cls, value, info):
-        from shardtune import hub
+        from shardtune.models import hub
 
         name = info.data.get("name")
         if value is not None and isinstance(name, str) and not hub.is_hub_id(name):
@@ -206,7 +206,7 @@ class DataSection(Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str | None) -> str | None:
-        from shardtune.catalog import TASKS
+        from shardtune.core.catalog import TASKS
 
         if value is not None and value not in TASKS:
             raise ValueError(f"unknown task {value!r}; available: {', '.join(TASKS)}")
@@ -750,7 +750,7 @@ def recipe_reference_markdown() -> str:
     out = [
         "# Recipe reference",
         "",
-        "Generated from `shardtune/recipe.py` and the adapter option models by `make docs`; a test fails",
+        "Generated from `shardtune/recipe/schema.py` and the adapter option models by `make docs`; a test fails",
         "when this file is out of date. Every key can be overridden with `--set section.key=value`.",
         "",
     ]

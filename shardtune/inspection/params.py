@@ -1,10 +1,10 @@
 """Parameter counts and base memory from a model's config alone: `shardtune params`, `compare --budgets`.
 
 * :func:`count_trainable` — trainable parameters of a method on a model: the adapter is injected into
-  the meta skeleton of the config's :class:`~shardtune.layout.ModelLayout` (no weights, no modeling code
+  the meta skeleton of the config's :class:`~shardtune.inspection.layout.ModelLayout` (no weights, no modeling code
   once the layout is cached; well under a second even for a 70B config).
 * :func:`parameter_report` — the rows `params` prints: count, share of the base, ratio to LoRA, and the
-  base's weight memory (:meth:`shardtune.layout.ModelLayout.base_memory`), quantized or not.
+  base's weight memory (:meth:`shardtune.inspection.layout.ModelLayout.base_memory`), quantized or not.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from shardtune import quant
 from shardtune.adapters import METHODS, AdapterOptions
 from shardtune.adapters.model import inject_adapter, trainable_share
-from shardtune.errors import BadInput, named_as
-from shardtune.layout import ModelLayout, keep_layout, layout_of, model_layout, skeleton
+from shardtune.core.errors import BadInput, named_as
+from shardtune.inspection.layout import ModelLayout, keep_layout, layout_of, model_layout, skeleton
+from shardtune.models import quant
 
 
 def count_trainable(config, options: AdapterOptions) -> tuple[int, int]:
@@ -47,7 +47,7 @@ def parameter_options(
     """(model, method, adapter options, quantize) for `params`: the recipe's model, adapter and
     ``model.quantize`` (when given) with the command line's options on top; ``--set KEY=VALUE`` values
     are read as YAML, as recipes are."""
-    from shardtune.recipe import load_recipe, parse_yaml
+    from shardtune.recipe.schema import load_recipe, parse_yaml
 
     options: dict = {}
     if recipe is not None:
@@ -86,11 +86,11 @@ def parameter_report(
 ) -> dict:
     """Trainable parameters of ``method`` (or, ``compare``, of every method with the options it
     understands) on ``model``'s config: rows with the count, the share of the base and the ratio to LoRA;
-    and the base's weight memory (:meth:`shardtune.layout.ModelLayout.base_memory`) in the config's dtype,
+    and the base's weight memory (:meth:`shardtune.inspection.layout.ModelLayout.base_memory`) in the config's dtype,
     quantized as ``quantize`` (nf4 | fp4 | int8) when given. ``model_key``: where ``model`` came from, as
     a bad one is named (``--model``, or ``model.name`` of a recipe)."""
-    from shardtune.catalog import DEFAULT_MODEL
-    from shardtune.errors import ShardtuneError
+    from shardtune.core.catalog import DEFAULT_MODEL
+    from shardtune.core.errors import ShardtuneError
 
     if quantize is not None and quantize not in quant.QUANT_TYPES:
         raise BadInput(f"--quantize: expected one of {', '.join(quant.QUANT_TYPES)}, got {quantize!r}")
@@ -138,6 +138,6 @@ def parameter_report(
 def method_options(method: str, **kw) -> AdapterOptions:
     if method not in METHODS:
         raise BadInput(f"--method: unknown method {method!r}; available: {', '.join(METHODS)}")
-    from shardtune.recipe import adapter_section
+    from shardtune.recipe.schema import adapter_section
 
     return adapter_section({**kw, "method": method})

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from shardtune.adapters.lora import LoraOptions
-from shardtune.errors import BadInput
-from shardtune.fileio import read_safetensors
+from shardtune.core.errors import BadInput
+from shardtune.core.fileio import read_safetensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from shardtune.errors import BadInput, first_line
+from shardtune.core.errors import BadInput, first_line
 
 MARKER = ".shardtune-output.json"
 LOCK = ".shardtune.lock"
