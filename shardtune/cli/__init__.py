@@ -27,10 +27,11 @@ except ImportError:  # pragma: no cover
 import shardtune
 from shardtune.cli import artifacts, inspection, training
 from shardtune.cli.common import err_console, handle_errors, launched_processes, out_console, warnings_to_log
+from shardtune.cli.help import PlainCommand, PlainGroup
 from shardtune.core.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
 
-class Commands(typer.core.TyperGroup):
+class Commands(PlainGroup):
     """The command group; a usage error (unknown command or option, a missing or bad value) is one
     line ``error: …`` with a hint and exit code 2, like every other bad input."""
 
@@ -66,7 +67,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
 
 COMMANDS = {
@@ -82,9 +83,11 @@ COMMANDS = {
     "models": inspection.models,
     "tasks": inspection.tasks,
     "methods": inspection.methods,
+    "recipes": training.recipes,
+    "init": training.init,
 }
 for _name, _command in COMMANDS.items():
-    app.command(_name)(handle_errors(_command))
+    app.command(_name, cls=PlainCommand)(handle_errors(_command))
 
 
 def _version(value: bool) -> None:
@@ -108,7 +111,7 @@ def root(
 ) -> None:
     """Fine-tune language models with shard-sharing low-rank adapters.
 
-    Start with [bold]shardtune train recipes/tiny.yaml[/bold]; see docs/ for recipes and methods.
+    Start with shardtune recipes and shardtune train tiny; see docs/ for recipes and methods.
     """
     warnings_to_log()
     if offline:  # before anything imports huggingface_hub, which reads it once

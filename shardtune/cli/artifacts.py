@@ -60,7 +60,10 @@ def export(
     run_dir: RunArgument,
     out: OutOption,
     format: Annotated[
-        str, typer.Option("--format", "-f", help="peft (a standard LoRA adapter) or shardtune.")
+        str,
+        typer.Option(
+            "--format", "-f", metavar="peft|shardtune", help="peft (a standard LoRA adapter) or shardtune."
+        ),
     ] = "peft",
     overwrite: OverwriteOption = False,
     base_model: BaseModelOption = None,

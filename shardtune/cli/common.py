@@ -41,6 +41,12 @@ SetOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Run the model repository's own Python code (only for a model you trust)."
+    ),
+]
 
 
 def print_table(title: str, table) -> None:

@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from shardtune.cli.common import JsonOption, SetOption, err_console, out_console, print_json, print_table
+from shardtune.cli.common import (
+    JsonOption,
+    SetOption,
+    TrustRemoteCodeOption,
+    err_console,
+    out_console,
+    print_json,
+    print_table,
+)
 
 
 def generate(
@@ -26,12 +34,14 @@ def generate(
             help="Base model (with -a: instead of the one the adapter records).",
         ),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Stop each answer after this many tokens.")
+    ] = 128,
     temperature: Annotated[float, typer.Option(help="0 (default) is greedy decoding.", min=0.0)] = 0.0,
     chat: Annotated[
         bool, typer.Option("--chat/--no-chat", help="Apply the tokenizer's chat template.")
     ] = True,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code.")] = False,
+    trust_remote_code: TrustRemoteCodeOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Answer PROMPT with a base model and (optionally) a trained adapter."""
@@ -166,8 +176,14 @@ def params(
     quantize: Annotated[
         str | None, typer.Option(help="Base weight memory quantized as model.quantize: nf4, fp4 or int8.")
     ] = None,
-    double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant")] = True,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    double_quant: Annotated[
+        bool,
+        typer.Option(
+            "--double-quant/--no-double-quant",
+            help="With --quantize nf4/fp4: count the quantization constants quantized again (model.double_quant).",
+        ),
+    ] = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Trainable parameters of a method on a model, and the base's weight memory, from its config alone

@@ -11,6 +11,7 @@ from shardtune.cli.common import (
     JsonOption,
     QuietOption,
     SetOption,
+    err_console,
     launched_processes,
     out_console,
     print_json,
@@ -21,7 +22,14 @@ from shardtune.cli.common import (
 
 
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
+    recipe: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RECIPE",
+            help="Recipe YAML file, or the name of a shipped recipe (`shardtune recipes`).",
+            show_default=False,
+        ),
+    ],
     set_: SetOption = None,
     resume: Annotated[
         bool,
@@ -111,7 +119,11 @@ def check_resume_options(resume: bool, resume_from: str | None) -> None:
 
 def compare(
     recipe: Annotated[
-        Path, typer.Argument(help="Recipe YAML file (its adapter keys are shared where they apply).")
+        Path,
+        typer.Argument(
+            metavar="RECIPE",
+            help="Recipe YAML file or a shipped recipe's name (its adapter keys are shared where they apply).",
+        ),
     ],
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods, or all (every method that fits the model).")
@@ -178,3 +190,62 @@ def comparison_table(report: dict):
         }
         table.add_row(*(cells[c] for c in columns))
     return table
+
+
+def recipes(json_output: JsonOption = False) -> None:
+    """List the recipes shipped with shardtune: name, model, method and what each is for.
+
+    Train one by name (shardtune train quickstart) or copy it to edit (shardtune init quickstart).
+    """
+    from shardtune.recipe.shipped import shipped_recipes
+
+    found = shipped_recipes()
+    if json_output:
+        print_json({name: r.as_dict() for name, r in found.items()})
+        return
+    rows = [("name", "model", "method", "summary")] + [
+        (r.name, r.model, r.method, r.summary) for r in found.values()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3]
+        out_console.print(line.rstrip(), markup=False, soft_wrap=True)
+
+
+def init(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A shipped recipe (`shardtune recipes`).")],
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="PATH",
+            help="Where to write the copy: a file, or a directory for NAME.yaml [default: NAME.yaml here].",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace PATH if it is a copy that shardtune init wrote (nothing else)."
+        ),
+    ] = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Write a copy of a shipped recipe to edit, then train it with shardtune train PATH.
+
+    An existing file is never replaced unless it is an earlier copy written by init and --overwrite is
+    given. Prints the path written.
+    """
+    from shardtune.recipe.shipped import init_recipe
+
+    written = init_recipe(name, path, overwrite)
+    if json_output:
+        print_json({"recipe": name.removesuffix(".yaml"), "path": str(written)})
+    else:
+        out_console.print(str(written), markup=False, soft_wrap=True)
+    if not quiet:
+        err_console.print(
+            f"wrote {written}, a copy of the shipped recipe {name}; train it with: shardtune train {written}",
+            markup=False,
+            soft_wrap=True,
+        )

@@ -32,9 +32,11 @@ def routing_of(
     from shardtune.artifacts.checkpoint import load_adapted_model
     from shardtune.models.loading import load_model
     from shardtune.recipe.schema import load_recipe
+    from shardtune.recipe.shipped import recipe_path
 
+    target = recipe_path(target)  # a shipped recipe's name reads that recipe
     if not target.exists():
-        raise BadInput(f"{target}: no such run directory or recipe file")
+        raise BadInput(f"{target}: no such run directory or recipe file (nor a shipped recipe's name)")
     if target.is_dir():
         if overrides:
             raise BadInput(

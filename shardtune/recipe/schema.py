@@ -31,6 +31,7 @@ from pydantic import (
 from shardtune.adapters import METHODS
 from shardtune.adapters.base import SEED_MAX, SEED_MIN, dtype_synonyms
 from shardtune.core.errors import BadInput, RecipeError
+from shardtune.recipe.shipped import is_bare_name, recipe_path
 
 
 class Section(BaseModel):
@@ -456,8 +457,9 @@ def parse_yaml(text: str):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; raise :class:`RecipeError` / :class:`BadInput`."""
-    path = Path(path)
+    """Read, override and validate a recipe (a file, or a shipped recipe's name); raise
+    :class:`RecipeError` / :class:`BadInput`."""
+    path = recipe_path(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
@@ -466,6 +468,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise BadInput(f"{path}: is a directory, not a recipe file") from None
     except FileNotFoundError:
         problem = "a symbolic link to nothing" if path.is_symlink() else "recipe file not found"
+        if not path.is_symlink() and is_bare_name(str(path)):
+            problem += " (nor a shipped recipe's name: see `shardtune recipes`)"
         raise BadInput(f"{path}: {problem}") from None
     except PermissionError:
         raise BadInput(f"{path}: cannot be read (permission denied)") from None
