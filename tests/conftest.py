@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -18,6 +19,39 @@ else:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]
+
+# make test runs the suite on 2 workers (pytest-xdist, --dist loadgroup). These run on one worker, one
+# after another: a module whose fixture is an expensive run its tests share (made once, not once per
+# worker), and each docs page, whose blocks run in order in one scratch directory.
+ONE_WORKER_MODULES = ("tests/test_multinode.py",)
+DOCS_BLOCK = re.compile(
+    r"tests/test_docs_commands\.py::test_the_documented_commands_run\[(?P<page>[^:\]]+):\d+\]$"
+)
+
+
+def worker_group(nodeid: str) -> str:
+    """The unit of work a worker takes whole: the module, the docs page, or the test itself."""
+    path = nodeid.partition("::")[0]
+    if path in ONE_WORKER_MODULES:
+        return path
+    block = DOCS_BLOCK.match(nodeid)
+    return f"docs:{block['page']}" if block else nodeid
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` by :func:`worker_group` (xdist's own reads ``xdist_group`` marks through
+    ``item._nodeid``, which pytest 9 no longer uses, so its groups fall apart); the largest groups
+    are handed out first."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 # Options that are valid on the 2-layer tiny models for every method (MoS needs a pool large

@@ -211,3 +211,17 @@ def test_the_catalog_names_what_the_registries_hold():
     assert list(catalog.TASKS) == list(TASKS)
     assert all(TASKS[name].description == text for name, text in catalog.TASKS.items())
     assert list(catalog.METHODS) == list(METHODS)
+
+
+def test_make_test_keeps_shared_work_on_one_worker():
+    """The units make test's workers take whole: a docs page, the multi-node module, else one test."""
+    from conftest import worker_group
+
+    page = "tests/test_docs_commands.py::test_the_documented_commands_run[docs/getting-started.md:{}]"
+    assert worker_group(page.format(25)) == worker_group(page.format(238)) == "docs:docs/getting-started.md"
+    readme = "tests/test_docs_commands.py::test_the_documented_commands_run[README.md:55]"
+    assert worker_group(readme) == "docs:README.md"
+    multinode = "tests/test_multinode.py::test_nproc_is_per_machine"
+    assert worker_group(multinode) == "tests/test_multinode.py"
+    alone = "tests/test_cli.py::test_help_texts"
+    assert worker_group(alone) == alone

@@ -26,9 +26,6 @@ from shardtune.recipe.schema import recipe_from_dict
 from shardtune.training.loop import train
 
 ROOT = Path(__file__).parents[1]
-# One worker for the whole module (make test): its module fixture is a 2-machine run, and its
-# timeouts assume no second multi-process run beside it.
-pytestmark = pytest.mark.xdist_group("multinode")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TIMEOUT_S = 20  # train.timeout_s of these runs: heartbeats every 0.5 s; a dead process is named within ~2 s
