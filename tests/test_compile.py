@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import TINY_OPTIONS, tiny_recipe
-from test_reliability import copy_task, same_adapter, shardtune, two_processes, write
+from test_reliability import copy_task, same_adapter, train_here, two_processes, write
 from typer.testing import CliRunner
 
 from shardtune.cli import app
@@ -91,7 +91,7 @@ def test_compiled_blocks_under_ddp_train_what_one_eager_process_trains(tmp_path)
     }
     one = write(tmp_path, "one", **sections)
     two = write(tmp_path, "two", **{**sections, "train": {"max_steps": 4, "batch_size": 4, "compile": True}})
-    assert shardtune(one, "-q").wait(timeout=300) == 0
+    train_here(one)
     two_processes(two)
     same_adapter(tmp_path / "one", tmp_path / "two", atol=1e-4)
     assert json.loads((tmp_path / "two" / "result.json").read_text())["compile_seconds"] > 0

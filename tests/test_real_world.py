@@ -322,7 +322,7 @@ def test_the_routing_summary_table_has_one_header_per_value_as_in_json(tmp_path)
     [
         (["trian"], "error: No such command 'trian'"),
         (["train", "--bogus"], "error: No such option: --bogus"),
-        (["train"], "error: Missing argument 'recipe'"),
+        (["train"], "error: Missing argument 'RECIPE'"),
         (["params", "--rank", "many"], "error: Invalid value for '--rank'"),
         (
             ["train", "r.yaml", "--resume", "runs/x"],

@@ -189,7 +189,8 @@ def test_vblora_factors_are_topk_mixtures_of_the_bank():
     torch.testing.assert_close(a, a_ref)
     torch.testing.assert_close(b, b_ref)
     x = torch.randn(5, 64)
-    torch.testing.assert_close(adapter.delta(x), x @ (b_ref @ a_ref).T, atol=1e-6, rtol=1e-5)
+    # x·Aᵀ·Bᵀ and x·(B·A)ᵀ round differently: a few 1e-6 apart (which depends on the thread count)
+    torch.testing.assert_close(adapter.delta(x), x @ (b_ref @ a_ref).T, atol=1e-5, rtol=1e-5)
     # the bank gets the gradient of every layer (it is one parameter at the model root)
     assert [n for n, _ in adapter_named_parameters(model)][0] == "shardtune_stores.bank"
     assert (
