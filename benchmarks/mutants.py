@@ -700,6 +700,22 @@ MUTANTS: list[Mutant] = [
     m("help-type-names", "shardtune/cli/help.py",
       "    if param.metavar:\n        return param.metavar\n", "    if param.metavar:\n        return param.metavar\n    return '<str>'\n",
       "tests/test_help.py", why="--out <str> instead of --out DIR"),
+    # --- pipes and plain tables (issue 34) ----------------------------------------------------------
+    m("pipe-rich-exits-1", "shardtune/cli/common.py",
+      "    def on_broken_pipe(self) -> None:\n        self.quiet = True", "    def on_broken_pipe_(self) -> None:\n        self.quiet = True",
+      "tests/test_pipes.py", "-k", "leaves_at_once", why="shardtune models | head -1 exits 1 under pipefail"),
+    m("pipe-help-exits-1", "shardtune/cli/__init__.py",
+      '            if e.code != 1 or type(sys.stdout).__name__ != "PacifyFlushWrapper" or not reader_gone():',
+      "            if True:",
+      "tests/test_pipes.py", "-k", "leaves_at_once", why="shardtune --help | head -1 exits 1"),
+    m("tables-boxed-in-pipes", "shardtune/cli/common.py",
+      "        if self.is_terminal or not any(isinstance(o, Table) for o in objects):",
+      "        if True:",
+      "tests/test_pipes.py", "-k", "plain_text", why="box drawing in a pipe"),
+    m("params-title-repr", "shardtune/cli/inspection.py",
+      '    settings = ", ".join(f"{key} {value}" for key, value in options.items()) if options else ""',
+      '    settings = str(options) if options else ""',
+      "tests/test_pipes.py", "-k", "plain_text", why="the params title shows a Python dict"),
 ]
 # fmt: on
 

@@ -26,7 +26,16 @@ except ImportError:  # pragma: no cover
 
 import shardtune
 from shardtune.cli import artifacts, inspection, training
-from shardtune.cli.common import err_console, handle_errors, launched_processes, out_console, warnings_to_log
+from shardtune.cli.common import (
+    err_console,
+    handle_errors,
+    launched_processes,
+    out_console,
+    reader_gone,
+    silence_stdout,
+    stdout_flushed,
+    warnings_to_log,
+)
 from shardtune.cli.help import PlainCommand, PlainGroup
 from shardtune.core.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
@@ -38,8 +47,17 @@ class Commands(PlainGroup):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
+        except SystemExit as e:
+            # typer ends a write into a closed stdout (`shardtune --help | head -1`) with exit 1
+            if e.code != 1 or type(sys.stdout).__name__ != "PacifyFlushWrapper" or not reader_gone():
+                raise
+            silence_stdout()
+            code = 0
         except click_exceptions.NoArgsIsHelpError as e:
-            out_console.print(e.ctx.get_help(), markup=False)
+            try:
+                out_console.print(e.ctx.get_help(), markup=False)
+            except BrokenPipeError:
+                silence_stdout()
             code = 0
         except click_exceptions.UsageError as e:
             command = e.ctx.command_path if e.ctx is not None else "shardtune"
@@ -54,9 +72,10 @@ class Commands(PlainGroup):
             code = e.exit_code
         except typer.Abort:
             code = EXIT_INTERRUPTED
+        code = stdout_flushed(code if isinstance(code, int) else 0)
         if not standalone_mode:
             return code
-        sys.exit(code if isinstance(code, int) else 0)
+        sys.exit(code)
 
 
 app = typer.Typer(

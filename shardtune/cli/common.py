@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import math
@@ -20,11 +21,48 @@ from shardtune.core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, Shar
 UNBOUNDED = 1 << 20
 
 
+def silence_stdout() -> None:
+    """What is still to be printed goes nowhere, not even at exit (where Python would flush it into
+    the closed pipe and complain on stderr)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class ReaderConsole(Console):
+    """A console for readers that may not be people: not on a terminal, a table is plain aligned text
+    under one header line (no box drawing, the same columns); a reader that leaves early (``| head``)
+    is done: from then on nothing is printed, and the command goes on to its end (rich's own default
+    is to exit 1 on the spot)."""
+
+    def print(self, *objects, **kwargs) -> None:
+        from rich.table import Table
+
+        if self.is_terminal or not any(isinstance(o, Table) for o in objects):
+            super().print(*objects, **kwargs)
+            return
+        for table in objects:
+            if isinstance(table, Table):
+                table.box, table.show_edge, table.pad_edge = None, False, False
+        plain = io.StringIO()
+        Console(file=plain, width=self.width, no_color=True, highlight=False).print(*objects, **kwargs)
+        text = "\n".join(line.rstrip() for line in plain.getvalue().splitlines())
+        super().print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        if not self.stderr:
+            silence_stdout()
+
+
 def console(stderr: bool) -> Console:
     """A rich console on stdout (results) or stderr (everything else); unbounded when not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
     terminal = hasattr(stream, "isatty") and stream.isatty()
-    return Console(stderr=stderr, highlight=False, width=None if terminal else UNBOUNDED)
+    return ReaderConsole(stderr=stderr, highlight=False, width=None if terminal else UNBOUNDED)
 
 
 err_console = console(stderr=True)
@@ -67,7 +105,12 @@ def say_notes(recipe, quiet: bool = False) -> None:
 def print_json(data: object) -> None:
     """One JSON document on one line of stdout: strict JSON, so a number that is not finite (a loss
     over no examples) is null, never NaN or Infinity, which JSON parsers reject."""
-    sys.stdout.write(json.dumps(finite_json(data), allow_nan=False) + "\n")
+    text = json.dumps(finite_json(data), allow_nan=False) + "\n"
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader is done (`| head -c 10`): not an error
+        silence_stdout()
 
 
 def finite_json(data: object) -> object:
@@ -161,6 +204,29 @@ def fail(
     raise typer.Exit(code)
 
 
+def reader_gone() -> bool:
+    """stdout is a pipe or socket whose reader has closed it (``shardtune models | head -1``)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
+        return False
+
+
+def stdout_flushed(code: int) -> int:
+    """``code`` once stdout is flushed; a reader that left before the end is done, not an error."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+    except (OSError, ValueError):
+        pass
+    return code
+
+
 # Set by the command-line entry point (not by a library caller or a test runner in the same process):
 # once a command has done its work, Ctrl-C can no longer stop it, so its exit code stays 0.
 DONE_IGNORES_CTRL_C = False
@@ -183,6 +249,10 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except Exception as e:
+            if isinstance(e, BrokenPipeError) and reader_gone():
+                # stdout's reader is done (`| head`): not an error; exit 0 (docs/cli.md, exit codes)
+                silence_stdout()
+                raise typer.Exit(0) from None
             if debugging():
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -99,8 +99,9 @@ def eval_command(
     if json_output:
         print_json(result)
         return
-    title = f"{result['run_dir']} ({result['method']}, step {result['step']})" if run_dir else result["model"]
-    title = f"{title} on {result['data']}"
+    step = f" at step {result['step']}" if result.get("step") is not None else ""
+    title = f"{result['run_dir']}: {result['method']} adapter{step}" if run_dir else result["model"]
+    title = f"{title}; data: {result['data']}"
     table = Table()
     for col in ("model", "eval loss", "perplexity", "score"):
         table.add_column(col, justify="right" if col != "model" else "left")
@@ -202,7 +203,8 @@ def params(
     if json_output:
         print_json(report)
         return
-    title = f"trainable parameters on {report['model']}" + (f" ({options})" if options else "")
+    settings = ", ".join(f"{key} {value}" for key, value in options.items()) if options else ""
+    title = f"trainable parameters on {report['model']}" + (f" ({settings})" if settings else "")
     table = Table()
     columns = ["method", "trainable", "% of base", "× LoRA"]
     errors = any(r["trainable"] is None for r in report["methods"])
