@@ -716,6 +716,9 @@ MUTANTS: list[Mutant] = [
       '    settings = ", ".join(f"{key} {value}" for key, value in options.items()) if options else ""',
       '    settings = str(options) if options else ""',
       "tests/test_pipes.py", "-k", "plain_text", why="the params title shows a Python dict"),
+    m("hub-down-retries-for-minutes", "shardtune/models/hub.py",
+      "        _probed[url] = why", "        _probed[url] = None",
+      "tests/test_hub.py", "-k", "unreachable", why="a down hub is retried for 80 s, 24 lines on stderr"),
 ]
 # fmt: on
 

@@ -3,11 +3,14 @@ first download, cache reuse, revision pinning, HF_TOKEN, offline failures, and w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +181,45 @@ def test_a_hub_dataset_downloads_and_is_reused_offline(hub, tmp_path):
         empty.returncode == 2
         and "data.hub: 'org/ds' is not a hub dataset in the Hugging Face cache" in empty.stderr
     )
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connections are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def silent_server():
+    """A server on 127.0.0.1 that accepts connections and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_unreachable_hub_falls_back_to_the_cache_within_seconds(hub, tmp_path):
+    """Hub down (refused, or accepting and never answering) with the model cached: the cache is used
+    as HF_HUB_OFFLINE=1 would, with one note, in seconds; with nothing cached: one line, exit 2."""
+    home = tmp_path / "hf"
+    first = shardtune("params", "--model", "org/tiny", "--json", env=hub_env(hub, home))
+    assert first.returncode == 0, first.stderr
+    counted = json.loads(first.stdout)["methods"][0]["trainable"]
+    with silent_server() as silent:
+        for url in (f"http://127.0.0.1:{closed_port()}", silent):
+            env = {**hub_env(hub, home), "HF_ENDPOINT": url}
+            started = time.monotonic()
+            done = shardtune("params", "--model", "org/tiny", "--json", env=env)
+            took = time.monotonic() - started
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["methods"][0]["trainable"] == counted
+            assert len(done.stderr.splitlines()) == 1 and "comes from the cache" in done.stderr
+            assert took < 10, took
+            started = time.monotonic()
+            missing = shardtune(
+                "params", "--model", "org/tiny", env={**env, "HF_HOME": str(tmp_path / "empty")}
+            )
+            assert time.monotonic() - started < 10
+            assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1
+            assert "cannot reach the hub" in missing.stderr and "org/tiny" in missing.stderr

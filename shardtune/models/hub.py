@@ -67,9 +67,76 @@ def cached_commit(repo_id: str, revision: str | None, repo_type: str = "model") 
 
 
 def check_available(key: str, repo_id: str, revision: str | None, repo_type: str = "model") -> None:
-    """Offline and not in the cache: one line now, before anything heavy is loaded."""
-    if offline() and is_hub_id(repo_id) and cached_commit(repo_id, revision, repo_type) is None:
+    """Offline and not in the cache: one line now, before anything heavy is loaded. Online but the
+    hub does not answer (:func:`unreachable`): the cached copy, as offline (one note on stderr), or one
+    line if there is none — within seconds, not the minutes of huggingface_hub's retries."""
+    if not is_hub_id(repo_id):
+        return
+    if not offline():
+        why = unreachable()
+        if why is None:
+            return
+        if cached_commit(repo_id, revision, repo_type) is None:
+            raise BadInput(
+                f"{key}: cannot reach the hub at {endpoint()} ({why}), and {repo_id!r} is not in the "
+                f"Hugging Face cache ({cache_location()}); check the network or HF_ENDPOINT"
+            )
+        go_offline(f"the hub at {endpoint()} does not answer ({why}): {repo_id} comes from the cache")
+        return
+    if cached_commit(repo_id, revision, repo_type) is None:
         raise not_cached(key, repo_id, revision, repo_type)
+
+
+# How long the hub may take to answer one request before it counts as unreachable (a cached model is
+# then used as HF_HUB_OFFLINE=1 would).
+PROBE_TIMEOUT_S = 3.0
+_probed: dict[str, str | None] = {}
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def unreachable() -> str | None:
+    """Why the hub endpoint gives no answer within PROBE_TIMEOUT_S (refused, no answer, no such
+    host), or None when it answers (any HTTP status is an answer). Asked once per process."""
+    import urllib.error
+    import urllib.request
+
+    url = endpoint()
+    if url not in _probed:
+        why = None
+        try:
+            urllib.request.urlopen(urllib.request.Request(url + "/", method="HEAD"), timeout=PROBE_TIMEOUT_S)
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            why = (
+                "no answer" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason)
+            )
+        _probed[url] = why
+    return _probed[url]
+
+
+def go_offline(note: str) -> None:
+    """From now on this process (and what it starts) reads the hub from the cache only."""
+    import os
+    import sys
+
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    sys.stderr.write(f"note: {note} (as HF_HUB_OFFLINE=1)\n")
 
 
 def not_cached(key: str, repo_id: str, revision: str | None, repo_type: str = "model") -> BadInput:
