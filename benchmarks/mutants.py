@@ -719,6 +719,9 @@ MUTANTS: list[Mutant] = [
     m("hub-down-retries-for-minutes", "shardtune/models/hub.py",
       "        _probed[url] = why", "        _probed[url] = None",
       "tests/test_hub.py", "-k", "unreachable", why="a down hub is retried for 80 s, 24 lines on stderr"),
+    m("library-bars-in-pipes", "shardtune/cli/__init__.py",
+      "    if not sys.stderr.isatty():\n        quiet_libraries()\n", "",
+      "tests/test_pipes.py", "-k", "progress_bars", why="the GGUF conversion draws a tqdm bar with \\r into a log file"),
 ]
 # fmt: on
 

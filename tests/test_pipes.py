@@ -136,3 +136,19 @@ def test_tables_in_a_pipe_are_plain_text_under_one_header_line(place):
     assert lines[2].startswith("adapter ") and not BOXES & set(evaluated.stdout)
     for output in (params.stdout, evaluated.stdout):
         assert "None" not in output and "{" not in output
+
+
+def test_library_progress_bars_stay_off_outside_a_terminal():
+    """tqdm bars (the GGUF conversion, hub downloads) draw with carriage returns: not into a pipe or a
+    log file. The root command turns them off before the libraries load; the libraries' own bars here
+    then print nothing."""
+    code = (
+        "from shardtune.cli import app; app(['models'], standalone_mode=False)\n"
+        "from tqdm import tqdm; list(tqdm(range(3), desc='plain tqdm'))\n"
+        "from transformers.utils import logging; list(logging.tqdm(range(3), desc='transformers'))\n"
+        "from huggingface_hub.utils import tqdm as hub_tqdm; list(hub_tqdm(range(3), desc='hub'))\n"
+    )
+    env = {k: v for k, v in ENV.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("smollm2-135m-instruct")
+    assert done.stderr == ""

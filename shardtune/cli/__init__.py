@@ -31,6 +31,7 @@ from shardtune.cli.common import (
     handle_errors,
     launched_processes,
     out_console,
+    quiet_libraries,
     reader_gone,
     silence_stdout,
     stdout_flushed,
@@ -133,6 +134,8 @@ def root(
     Start with shardtune recipes and shardtune train tiny; see docs/ for recipes and methods.
     """
     warnings_to_log()
+    if not sys.stderr.isatty():
+        quiet_libraries()
     if offline:  # before anything imports huggingface_hub, which reads it once
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -158,6 +158,22 @@ def debugging() -> bool:
     return os.environ.get("SHARDTUNE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def quiet_libraries() -> None:
+    """No library progress bars (tqdm: huggingface_hub downloads, the GGUF conversion, datasets):
+    they draw with carriage returns, which a log file or a pipe keeps as garbage. Called before the
+    libraries are imported: when stderr is not a terminal, and for -q."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    try:  # already imported (a caller in the same process): tell them too
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    except AttributeError:  # pragma: no cover
+        pass
+
+
 def warnings_to_log() -> None:
     """Library warnings go to shardtune's log (a run's train.log), never to stderr, which carries
     shardtune's own words only; SHARDTUNE_DEBUG shows them as Python does. Both kinds: the ``warnings``

@@ -17,6 +17,7 @@ from shardtune.cli.common import (
     print_json,
     print_table,
     process_rank,
+    quiet_libraries,
     say_notes,
 )
 
@@ -76,6 +77,8 @@ def train(
     from shardtune.training.launcher import launch, machine_count
     from shardtune.training.tracking import check_trackers
 
+    if quiet:
+        quiet_libraries()
     check_resume_options(resume, resume_from)
     resolved = load_recipe(recipe, set_)
     say_notes(resolved, quiet)
