@@ -21,16 +21,18 @@ from shardtune.cli.common import (
     say_notes,
 )
 
+RecipeArgument = Annotated[
+    Path,
+    typer.Argument(
+        metavar="RECIPE",
+        help="Recipe YAML file, or the name of a shipped recipe (`shardtune recipes`).",
+        show_default=False,
+    ),
+]
+
 
 def train(
-    recipe: Annotated[
-        Path,
-        typer.Argument(
-            metavar="RECIPE",
-            help="Recipe YAML file, or the name of a shipped recipe (`shardtune recipes`).",
-            show_default=False,
-        ),
-    ],
+    recipe: RecipeArgument,
     set_: SetOption = None,
     resume: Annotated[
         bool,
