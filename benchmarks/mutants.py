@@ -679,7 +679,7 @@ MUTANTS: list[Mutant] = [
       "tests/test_docs_commands.py", "-k", "getting", why="the documented own-data example no longer runs"),
     # --- shipped recipes, init, help (issue 33) ------------------------------------------------------
     m("recipe-name-not-resolved", "shardtune/recipe/shipped.py",
-      "    return found.path if found is not None else path", "    return path",
+      "    return shipped_file(str(arg)) or path", "    return path",
       "tests/test_shipped_recipes.py", "-k", "shipped_name", why="shardtune train quickstart: recipe file not found"),
     m("init-replaces-a-users-file", "shardtune/recipe/shipped.py",
       "            return f.readline().startswith(INIT_MARK)", "            return True",

@@ -55,10 +55,7 @@ class Commands(PlainGroup):
             silence_stdout()
             code = 0
         except click_exceptions.NoArgsIsHelpError as e:
-            try:
-                out_console.print(e.ctx.get_help(), markup=False)
-            except BrokenPipeError:
-                silence_stdout()
+            out_console.print(e.ctx.get_help(), markup=False)  # (a closed stdout: the console goes quiet)
             code = 0
         except click_exceptions.UsageError as e:
             command = e.ctx.command_path if e.ctx is not None else "shardtune"

@@ -265,10 +265,6 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except Exception as e:
-            if isinstance(e, BrokenPipeError) and reader_gone():
-                # stdout's reader is done (`| head`): not an error; exit 0 (docs/cli.md, exit codes)
-                silence_stdout()
-                raise typer.Exit(0) from None
             if debugging():
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""

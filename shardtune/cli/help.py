@@ -80,17 +80,16 @@ def option_help(param, ctx) -> str:
     return record[1] if record else ""
 
 
-def first_sentence(text: str) -> str:
+def first_paragraph(text: str) -> str:
     """The first paragraph of a docstring, whole, as one line."""
     paragraph = text.strip().split("\n\n")[0]
     return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 def usage_pieces(command, ctx) -> list[str]:
-    pieces = (
-        ["[OPTIONS]"] if any(isinstance(p, typer.core.TyperOption) for p in command.get_params(ctx)) else []
-    )
-    for param in command.get_params(ctx):
+    params = command.get_params(ctx)
+    pieces = ["[OPTIONS]"] if any(isinstance(p, typer.core.TyperOption) for p in params) else []
+    for param in params:
         if isinstance(param, typer.core.TyperArgument):
             word = value_word(param) + ("..." if param.nargs != 1 else "")
             pieces.append(word if param.required else f"[{word}]")
@@ -134,5 +133,5 @@ class PlainGroup(typer.core.TyperGroup):
     """The command group: plain ``--help`` listing every command with its whole first sentence."""
 
     def format_help(self, ctx, formatter) -> None:
-        rows = [(name, first_sentence(self.commands[name].help or "")) for name in self.list_commands(ctx)]
+        rows = [(name, first_paragraph(self.commands[name].help or "")) for name in self.list_commands(ctx)]
         write_help(self, ctx, formatter, commands=rows)

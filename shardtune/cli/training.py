@@ -123,13 +123,7 @@ def check_resume_options(resume: bool, resume_from: str | None) -> None:
 
 
 def compare(
-    recipe: Annotated[
-        Path,
-        typer.Argument(
-            metavar="RECIPE",
-            help="Recipe YAML file or a shipped recipe's name (its adapter keys are shared where they apply).",
-        ),
-    ],
+    recipe: RecipeArgument,
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods, or all (every method that fits the model).")
     ] = "all",
@@ -152,7 +146,10 @@ def compare(
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed."""
+    """Train the recipe with each method on the same data and steps; compare eval loss, task score, size, speed.
+
+    The recipe's adapter options reach every compared method that has them.
+    """
     from shardtune.core.progress import Reporter
     from shardtune.models.hub import check_recipe_sources
     from shardtune.training.compare import compare_recipe, parse_budgets, parse_methods

@@ -26,15 +26,16 @@ def routing_of(
     """:func:`routing_report` of a run or checkpoint directory (``base_model``: another copy of its base),
     or of a recipe's adapter before training; with ``plot_to``, also the overlap heatmaps there
     (:func:`plot`)."""
+    from shardtune.recipe.shipped import recipe_path
+
+    target = recipe_path(target)  # a shipped recipe's name reads that recipe
     if plot_to is not None:
         check_plot_path(plot_to, "--plot", inputs=[target if target.is_dir() else None])
     from shardtune.adapters.model import inject_adapter
     from shardtune.artifacts.checkpoint import load_adapted_model
     from shardtune.models.loading import load_model
     from shardtune.recipe.schema import load_recipe
-    from shardtune.recipe.shipped import recipe_path
 
-    target = recipe_path(target)  # a shipped recipe's name reads that recipe
     if not target.exists():
         raise BadInput(f"{target}: no such run directory or recipe file (nor a shipped recipe's name)")
     if target.is_dir():

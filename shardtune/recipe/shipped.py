@@ -38,30 +38,31 @@ class ShippedRecipe:
         return {"model": self.model, "method": self.method, "summary": self.summary, "path": str(self.path)}
 
 
+def shipped_names() -> list[str]:
+    """The shipped recipes' names, sorted."""
+    return sorted(path.stem for path in SHIPPED_DIR.glob(f"*{SUFFIX}"))
+
+
+def shipped_file(name: str) -> Path | None:
+    """The file of the shipped recipe ``name`` (``quickstart`` or ``quickstart.yaml``), if there is one."""
+    path = SHIPPED_DIR / (name.removesuffix(SUFFIX) + SUFFIX)
+    return path if is_bare_name(name) and path.is_file() else None
+
+
 def shipped_recipes() -> dict[str, ShippedRecipe]:
-    """Name → recipe, sorted by name."""
+    """Name → recipe with its summary, model and method (each file read): for the listing."""
     found = {}
-    for path in sorted(SHIPPED_DIR.glob(f"*{SUFFIX}")):
+    for name in shipped_names():
+        path = SHIPPED_DIR / (name + SUFFIX)
         text = path.read_text(encoding="utf-8")
         first = text.splitlines()[0] if text else ""
         raw = yaml.safe_load(text) or {}
-        found[path.stem] = ShippedRecipe(
-            name=path.stem,
+        found[name] = ShippedRecipe(
+            name=name,
             path=path,
             summary=first.removeprefix("#").strip(),
             model=str((raw.get("model") or {}).get("name", "")),
             method=str((raw.get("adapter") or {}).get("method", "")),
-        )
-    return found
-
-
-def shipped_recipe(name: str) -> ShippedRecipe:
-    """The shipped recipe ``name`` (``quickstart`` or ``quickstart.yaml``), or a one-line error."""
-    recipes = shipped_recipes()
-    found = recipes.get(name.removesuffix(SUFFIX))
-    if found is None:
-        raise BadInput(
-            f"{name}: not a shipped recipe; shipped: {', '.join(recipes)} (see `shardtune recipes`)"
         )
     return found
 
@@ -74,10 +75,9 @@ def recipe_path(arg: str | Path) -> Path:
     """The file a recipe argument names: the path itself when something is there (or when it is not a
     bare name), else the shipped recipe of that name (``quickstart``, ``quickstart.yaml``)."""
     path = Path(arg)
-    if path.exists() or path.is_symlink() or not is_bare_name(str(arg)):
+    if path.exists() or path.is_symlink():
         return path
-    found = shipped_recipes().get(str(arg).removesuffix(SUFFIX))
-    return found.path if found is not None else path
+    return shipped_file(str(arg)) or path
 
 
 def init_recipe(name: str, destination: str | Path | None = None, overwrite: bool = False) -> Path:
@@ -86,10 +86,15 @@ def init_recipe(name: str, destination: str | Path | None = None, overwrite: boo
 
     An existing file is replaced only with ``overwrite`` and only when it is a copy ``init`` wrote (its
     first line is shardtune's); nothing else is ever replaced. The copy is written atomically."""
-    recipe = shipped_recipe(name)
-    target = Path(destination).expanduser() if destination is not None else Path(recipe.name + SUFFIX)
+    source = shipped_file(name)
+    if source is None:
+        raise BadInput(
+            f"{name}: not a shipped recipe; shipped: {', '.join(shipped_names())} (see `shardtune recipes`)"
+        )
+    stem = source.stem
+    target = Path(destination).expanduser() if destination is not None else Path(stem + SUFFIX)
     if target.is_dir() and not target.is_symlink():
-        target = target / (recipe.name + SUFFIX)
+        target = target / (stem + SUFFIX)
     if target.is_symlink():
         raise BadInput(f"{target}: is a symbolic link; name the file itself")
     if target.exists():
@@ -106,10 +111,10 @@ def init_recipe(name: str, destination: str | Path | None = None, overwrite: boo
     from shardtune import __version__
 
     header = (
-        f"{INIT_MARK}{recipe.name}: a copy of the shipped recipe (shardtune {__version__}); edit freely.\n"
+        f"{INIT_MARK}{stem}: a copy of the shipped recipe (shardtune {__version__}); edit freely.\n"
         f"#   shardtune train {target.name}\n"
     )
-    atomic_write_text(target, header + recipe.path.read_text(encoding="utf-8"))
+    atomic_write_text(target, header + source.read_text(encoding="utf-8"))
     return target
 
 
