@@ -23,7 +23,7 @@ TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gpt2"]
 # make test runs the suite on 2 workers (pytest-xdist, --dist loadgroup). These run on one worker, one
 # after another: a module whose fixture is an expensive run its tests share (made once, not once per
 # worker), and each docs page, whose blocks run in order in one scratch directory.
-ONE_WORKER_MODULES = ("tests/test_multinode.py",)
+ONE_WORKER_MODULES = ("tests/test_multinode.py", "tests/test_slurm.py")
 DOCS_BLOCK = re.compile(
     r"tests/test_docs_commands\.py::test_the_documented_commands_run\[(?P<page>[^:\]]+):\d+\]$"
 )

@@ -520,6 +520,17 @@ def test_the_launcher_passes_on_exit_codes_and_names_a_killed_process(monkeypatc
     monkeypatch.setattr(launcher, "_killed", late_sigterm)
     assert launcher.main(argv) == 143 and capsys.readouterr().err == ""
 
+    def sigterm_while_finishing(top):  # a scheduler's repeated SIGTERM as the launcher cleans up
+        launcher._forward_to_processes(signal.SIGTERM, None)
+
+    for outcome, code in ((lambda args: None, 0), (fails_with(143), 143)):
+        monkeypatch.setattr(accelerate_launch, "launch_command", outcome)
+        monkeypatch.setattr(launcher, "_remove_empty_dirs", sigterm_while_finishing)
+        assert launcher.main(argv) == code and capsys.readouterr().err == ""
+    monkeypatch.setattr(launcher, "_finishing", False)  # the processes run, and none is left: stopped
+    with pytest.raises(SignalException):
+        launcher._forward_to_processes(signal.SIGTERM, None)
+
 
 # ---------------------------------------------------------------------------------------------------
 # A resume that is refused: before the run directory is written, in one line naming the key or file

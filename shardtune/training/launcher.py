@@ -135,11 +135,11 @@ def _flag_values(flags: list[str]) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     """`accelerate launch ARGV`, ending in an exit code (module docstring)."""
-    from accelerate.commands.launch import launch_command as accelerate_launch
     from accelerate.commands.launch import launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    global _finishing
+    _finishing = False
     args = launch_command_parser().parse_args(argv)
     # torch's agent makes a directory for its logs in every launch (``torchelastic_*``, left behind,
     # empty: shardtune redirects nothing); unless the user names one, it is ours, removed at the end
@@ -158,24 +158,45 @@ def main(argv: list[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        try:
-            accelerate_launch(args)
-        except ChildFailedError as e:
-            rank, failure = e.get_first_failure()
-            if failure.exitcode >= 0:
-                return failure.exitcode
-            return _killed(rank, -failure.exitcode)
-        return 0
-    # SIGINT, SIGHUP, SIGQUIT (or SIGTERM once no process is left: while the failure above is read,
-    # too, where it would otherwise end in a traceback): stopped
-    except SignalException as e:
+        return _launch_and_read_the_outcome(args)
+    except SignalException as e:  # a SIGTERM in the instant between the outcome and `_finishing`
         return 128 + int(e.sigval)
     finally:
         # the processes are gone: a SIGTERM from now on (a scheduler repeats it) changes nothing, and
         # must not turn their exit code into a traceback
+        _finishing = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if own_log_dir:
             _remove_empty_dirs(args.log_dir)
+
+
+# Set once the launch has an outcome: from then on a SIGTERM is no longer raised in the launcher (where
+# it would land in the middle of its exit, as a traceback), whatever instant it comes in.
+_finishing = False
+
+
+def _launch_and_read_the_outcome(args) -> int:
+    from accelerate.commands.launch import launch_command as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    global _finishing
+    try:
+        try:
+            accelerate_launch(args)
+        except ChildFailedError as e:
+            _finishing = True
+            rank, failure = e.get_first_failure()
+            if failure.exitcode >= 0:
+                return failure.exitcode
+            return _killed(rank, -failure.exitcode)
+        _finishing = True
+        return 0
+    # SIGINT, SIGHUP, SIGQUIT (or SIGTERM once no process is left: while the failure above is read,
+    # too, where it would otherwise end in a traceback): stopped
+    except SignalException as e:
+        _finishing = True
+        return 128 + int(e.sigval)
 
 
 def _remove_empty_dirs(top: str) -> None:
@@ -199,7 +220,9 @@ def _killed(rank: int, number: int) -> int:
 
 def _forward_to_processes(signum, _frame) -> None:
     """SIGTERM to the launcher: hand it to this machine's processes and keep waiting for them (when
-    none is left, stop here)."""
+    none is left, stop here, unless the launch is already finishing)."""
+    if _finishing:
+        return
     workers = _workers()
     if not workers:
         from torch.distributed.elastic.multiprocessing.api import SignalException
