@@ -109,12 +109,9 @@ class LocalSlurm:
                 daemon.wait()
 
     def _daemon(self, command: list[str]) -> None:
+        # (in the test's process group: a test run killed as a whole takes the daemons with it)
         log = open(self.folder / f"{command[0]}.out", "w")  # noqa: SIM115 (kept open with the daemon)
-        self.daemons.append(
-            subprocess.Popen(
-                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
+        self.daemons.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT))
 
     def _wait_for_idle_node(self, timeout: float = 60) -> None:
         deadline, state = time.monotonic() + timeout, ""

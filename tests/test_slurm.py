@@ -117,7 +117,7 @@ def test_at_its_time_limit_the_job_checkpoints_requeues_itself_and_resumes(slurm
     """The multi-node script runs here on one node (`--nodes=1`: one srun task, one machine of the
     rendezvous): its warning stops the job step with `scancel --signal=TERM`, not srun."""
     job, log = submit(slurm, long_run, tmp_path, "--time=1", "--signal=B:USR1@40", "--nodes=1", script=script)
-    final = slurm.wait(job, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"}, timeout=600)
+    final = slurm.wait(job, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"}, timeout=400)
     text = log.read_text()
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", text[-3000:]
     restarts = int(final["Restarts"])
@@ -142,7 +142,7 @@ def test_a_preempted_job_checkpoints_is_requeued_by_slurm_and_resumes(slurm, sho
         assert slurm.job(job)["JobState"] in {"PENDING", "RUNNING"} and time.monotonic() < deadline
         time.sleep(0.2)
     slurm.run("scontrol", "requeue", str(job))  # as a pre-emption with PreemptMode=REQUEUE does
-    final = slurm.wait(job, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"}, timeout=600)
+    final = slurm.wait(job, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"}, timeout=300)
     text = log.read_text()
     assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", text[-3000:]
     assert "DUE TO JOB REQUEUE" in text

@@ -53,6 +53,9 @@ RECIPE_FILE = "recipe.yaml"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+BEST_DIR = "best"  # output.keep_best: the adapter of the best evaluation so far
+BEST_FILE = "best.json"  # in it: {"step", "metric", "value"}
+BEST_FILES = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE, BEST_FILE]
 # What a checkpoint-N directory holds (all of it shardtune's).
 CHECKPOINT_FILES = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE, TRAINER_STATE, OPTIMIZER_FILE, RNG_FILE]
 FORMAT = "shardtune-adapter"
@@ -143,6 +146,25 @@ def save_checkpoint(
         else:
             atomic_write_text(tmp / TRAINER_STATE, json.dumps({"step": step}) + "\n")
     rotate_checkpoints(run_dir, keep)
+    return final
+
+
+def save_best(
+    model: nn.Module, recipe: Recipe, run_dir: Path, step: int, tensors: dict, metric: str, value: float
+) -> Path | None:
+    """``run_dir/best``: the adapter files of step ``step`` (as a run directory holds them, so eval,
+    generate, merge and export take it) and best.json, replacing the earlier best as a whole. A
+    ``best`` that holds files shardtune did not write is kept as it is, with a warning (None)."""
+    final = run_dir / BEST_DIR
+    foreign = sorted(p.name for p in final.iterdir() if p.name not in BEST_FILES) if final.is_dir() else []
+    if final.is_symlink() or final.exists() and not final.is_dir() or foreign:
+        what = ", ".join(foreign) or "a link or file"
+        log.warning("kept %s as it is: it holds %s, which shardtune did not write", final, what)
+        return None
+    with atomic_directory(final) as tmp:
+        save_adapter(model, recipe, tmp, step, tensors)
+        best = {"step": step, "metric": metric, "value": value}
+        atomic_write_text(tmp / BEST_FILE, json.dumps(best) + "\n")
     return final
 
 
@@ -406,7 +428,8 @@ def save_training_state(directory: Path, snapshot: TrainingSnapshot, counters: d
 
 
 def load_training_state(directory: Path, optimizer) -> dict:
-    """Restore optimizer and RNG states from a checkpoint; return its counters (step, epoch, batch).
+    """Restore optimizer and RNG states from a checkpoint; return its counters (step, epoch, batch, and
+    the judged evaluations, :mod:`shardtune.training.selection`, None in a checkpoint without).
 
     The moments are laid out as the optimizer's parameters are (this process's shard under FSDP),
     whatever strategy wrote them.
@@ -435,7 +458,7 @@ def load_training_state(directory: Path, optimizer) -> dict:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     random.setstate(_py_rng_from_json(meta["python_rng"]))
-    return {k: meta[k] for k in ("step", "epoch", "batch_in_epoch")}
+    return {k: meta.get(k) for k in ("step", "epoch", "batch_in_epoch", "selection")}
 
 
 def _py_rng_to_json(state):

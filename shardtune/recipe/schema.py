@@ -13,7 +13,7 @@ import difflib
 import errno
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -230,6 +230,23 @@ class FsdpSection(Section):
     )
 
 
+Metric = Literal["eval_loss", "task_score"]
+
+
+class EarlyStoppingSection(Section):
+    """``train.early_stopping``: stop a run whose held-out metric stopped improving."""
+
+    patience: PositiveInt = Field(
+        description="Stop after this many evaluations in a row without an improvement of more than min_delta."
+    )
+    min_delta: float = Field(0.0, ge=0, description="An improvement counts only when larger than this.")
+    metric: Metric = Field(
+        "eval_loss",
+        description="`eval_loss` (lower is better; evaluated every eval.every steps) or `task_score` "
+        "(higher is better; every eval.score_every steps).",
+    )
+
+
 class TrainSection(Section):
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides `epochs` when set.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is not set).")
@@ -274,6 +291,12 @@ class TrainSection(Section):
     fsdp: FsdpSection = Field(
         default_factory=FsdpSection, description="Options of `strategy: fsdp` (table `train.fsdp` below)."
     )
+    early_stopping: EarlyStoppingSection | None = Field(
+        None,
+        description="`{patience: N, min_delta: D, metric: eval_loss|task_score}`: stop once the metric has not "
+        "improved by more than D in N evaluations in a row; the result and the run directory say why. Resume keeps the "
+        "best value and the count.",
+    )
     timeout_s: float = Field(
         600,
         ge=1,
@@ -315,7 +338,15 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    every: int = Field(0, ge=0, description="Held-out loss every N steps (0: only at the end).")
+    every: int = Field(
+        0, ge=0, description="Held-out loss every N steps, whatever logging.every is (0: only at the end)."
+    )
+    score_every: int = Field(
+        0,
+        ge=0,
+        description="Task score (exact match of greedy answers on held-out items, builtin tasks) every N "
+        "steps during training (0: never during training).",
+    )
     score: bool = Field(
         False,
         description="After training, exact-match score of greedy answers on held-out items (builtin tasks).",
@@ -333,6 +364,16 @@ class OutputSection(Section):
         False,
         description="Replace an earlier run in `dir` (one shardtune wrote; it is deleted once the new run "
         "finishes). Never replaces anything else.",
+    )
+    keep_best: bool = Field(
+        False,
+        description="Keep the adapter of the best evaluation so far in the run's `best/` (a run directory's "
+        "adapter files, for eval, generate, merge, export), judged by output.best_metric.",
+    )
+    best_metric: Metric = Field(
+        "eval_loss",
+        description="What output.keep_best judges by: `eval_loss` (lowest; every eval.every steps and at "
+        "the end) or `task_score` (highest; every eval.score_every steps).",
     )
 
     @field_validator("dir")
@@ -376,10 +417,30 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _scoring_needs_a_task(self):
-        if (self.eval.score or self.eval.score_base) and self.data.task is None:
+        if (self.eval.score or self.eval.score_base or self.eval.score_every) and self.data.task is None:
             raise ValueError(
-                "eval.score and eval.score_base need a builtin task (data.task) to score against"
+                "eval.score, eval.score_base and eval.score_every need a builtin task (data.task) to score "
+                "against"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _selection_needs_evaluations(self):
+        """output.keep_best and train.early_stopping judge evaluations made during training."""
+        wanted = []
+        if self.output.keep_best:
+            wanted.append(("output.keep_best", self.output.best_metric))
+        if self.train.early_stopping is not None:
+            wanted.append(("train.early_stopping", self.train.early_stopping.metric))
+        for key, metric in wanted:
+            if metric == "eval_loss" and not self.eval.every:
+                raise ValueError(f"{key} judges eval_loss, evaluated every eval.every steps: set eval.every")
+            if metric == "eval_loss" and self.data.eval_samples == 0:
+                raise ValueError(f"{key} judges eval_loss on held-out examples: data.eval_samples is 0")
+            if metric == "task_score" and not self.eval.score_every:
+                raise ValueError(
+                    f"{key} judges task_score, scored every eval.score_every steps: set eval.score_every"
+                )
         return self
 
 
@@ -763,8 +824,10 @@ def recipe_reference_markdown() -> str:
             continue
         out += [f"## `{name}`", "", *table(field.annotation), ""]
         for sub_name, sub in field.annotation.model_fields.items():  # nested sections, e.g. train.fsdp
-            if isinstance(sub.annotation, type) and issubclass(sub.annotation, Section):
-                out += [f"### `{name}.{sub_name}`", "", *table(sub.annotation), ""]
+            # (an optional one, `Section | None`, too)
+            found = [t for t in (sub.annotation, *get_args(sub.annotation)) if isinstance(t, type)]
+            for section in [t for t in found if issubclass(t, Section)][:1]:
+                out += [f"### `{name}.{sub_name}`", "", *table(section), ""]
     out += ["## `adapter`", "", "Keys shared by every method:", ""]
     from shardtune.adapters.base import AdapterOptions
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast, set_seed
 from torch.utils.data import DataLoader
 
 from shardtune.adapters.model import (
@@ -52,6 +52,7 @@ from shardtune.adapters.model import (
     trainable_share,
 )
 from shardtune.artifacts.checkpoint import (
+    BEST_DIR,
     RECIPE_FILE,
     TRAINER_STATE,
     attach_weights,
@@ -64,6 +65,7 @@ from shardtune.artifacts.checkpoint import (
     read_trainer_state,
     resolve_resume,
     save_adapter,
+    save_best,
     save_checkpoint,
     take_snapshot,
 )
@@ -88,6 +90,7 @@ from shardtune.recipe.schema import Recipe, TrainSection
 from shardtune.training.fsdp import block_classes, shard_model
 from shardtune.training.peers import PeerWatch, collective_timeout, who
 from shardtune.training.rundir import METRICS_FILE, RESULT_FILE, RunDirectory
+from shardtune.training.selection import Selection
 
 log = logging.getLogger("shardtune")
 
@@ -109,6 +112,8 @@ class TrainResult:
     compile_seconds: float = 0.0  # train.compile: the first optimizer step (compiling), not in train_seconds
     base_bytes: int = 0  # the frozen base's parameters as held (quantized layers as codes + scales)
     base_bytes_unquantized: int = 0  # the same in model.dtype, unquantized
+    best: dict | None = None  # output.keep_best: {"dir", "step", "metric", "value"}
+    stopped_early: str | None = None  # train.early_stopping: why the run ended before its last step
 
 
 def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | Path | None = None) -> TrainResult:
@@ -479,6 +484,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.compile_seconds = 0.0
         self.trackers = None  # logging.report_to, on the main process
+        self.selection = Selection()  # output.keep_best, train.early_stopping (training.selection)
+        self.stopped_early: str | None = None
 
     @contextmanager
     def run_directory(self, resume: str | Path | None) -> Iterator[None]:
@@ -711,6 +718,7 @@ class Trainer:
         if self.resume_from is not None:
             counters = load_training_state(self.resume_from, self.optimizer)
             self.position = Position(counters["step"], counters["epoch"], counters["batch_in_epoch"])
+            self.selection = Selection.from_json(counters["selection"])
             self.reporter.info(f"resumed from {self.resume_from} at step {self.position.step}")
         elif self.recipe.eval.score_base and (self.main or self.fsdp):
             with adapter_disabled(self.accelerator.unwrap_model(self.model)) as base:
@@ -730,8 +738,10 @@ class Trainer:
                     if self.cfg.compile and not self.compile_seconds:
                         self._compiled(started)
                     self.at_interval(batch_in_epoch)
-                    if position.step >= self.total_steps:
+                    if position.step >= self.total_steps or self.stopped_early:
                         break
+            if self.stopped_early:
+                break
             position.epoch, position.skip = position.epoch + 1, 0
         self.reporter.stop()
         self._raise_if_diverged()
@@ -784,24 +794,35 @@ class Trainer:
             group["lr"] = self.lr
 
     def at_interval(self, batch_in_epoch: int) -> None:
-        """After an optimizer step: log (and evaluate), checkpoint, and stop on SIGTERM, each when due."""
-        step, cfg = self.position.step, self.cfg
+        """After an optimizer step: log, evaluate (and judge), checkpoint, and stop on SIGTERM, each
+        when due."""
+        step, cfg, every = self.position.step, self.cfg, self.recipe.eval
         is_log_step = step % self.recipe.logging.every == 0 or step == self.total_steps or step == 1
+        is_eval_step = bool(every.every) and step % every.every == 0 and len(self.data.eval_rows) > 0
+        is_score_step = bool(every.score_every) and step % every.score_every == 0
         is_save_step = bool(cfg.save_every) and step % cfg.save_every == 0 and step < self.total_steps
         # (SIGTERM at the last step: the run finishes; a checkpoint of it would leave nothing to resume)
         stopping = self._stop_requested(at_sync_point=is_log_step or is_save_step) and step < self.total_steps
-        if is_log_step or is_save_step or stopping:
+        if is_log_step or is_save_step or stopping or is_eval_step or is_score_step:
             self._raise_if_diverged()  # before anything is logged or written
+        evaluations = self.evaluate(is_eval_step, is_score_step)
         if is_log_step:
-            self.log_metrics()
+            self.log_metrics(evaluations)
         else:
-            self.reporter.step(step, {}, log_line=False)
+            if evaluations:
+                self.write_metrics({"step": step, **evaluations})
+            self.reporter.step(step, evaluations, log_line=bool(evaluations))
+        if evaluations:
+            self.judge(step, evaluations)
+        if self.stopped_early:
+            return  # the run ends at this step: finish writes its adapter (a checkpoint would resume nothing)
         if is_save_step or stopping:
             checkpoint = self.save_checkpoint(
                 {
                     "epoch": self.position.epoch,
                     "batch_in_epoch": batch_in_epoch,
                     "processes": self.accelerator.num_processes,  # the global batch, checked on resume
+                    "selection": self.selection.to_json(),
                 }
             )
         if stopping:
@@ -810,6 +831,52 @@ class Trainer:
                 f"stopped by SIGTERM at step {step}; checkpoint written to {written}; "
                 f"continue with: {self.resume_command()}"
             )
+
+    def evaluate(self, held_out_loss: bool, task_score: bool) -> dict[str, float]:
+        """The held-out loss and the task score, as due (the same numbers on every process)."""
+        found = {}
+        if held_out_loss:
+            self.eval_loss = heldout_loss(self.model, self.eval_loader, accelerator_sum(self.accelerator))
+            found["eval_loss"] = self.eval_loss
+        if task_score:
+            model = self.accelerator.unwrap_model(self.model)
+            score = self._score(model, f"step {self.position.step}") if self.main or self.fsdp else None
+            found["task_score"] = self._from_main(score)
+        return found
+
+    def judge(self, step: int, evaluations: dict[str, float]) -> None:
+        """output.keep_best: a better evaluation replaces ``best/``; train.early_stopping: the run stops
+        once its metric has not improved for ``patience`` evaluations."""
+        out, early = self.recipe.output, self.cfg.early_stopping
+        metric = out.best_metric
+        if out.keep_best and metric in evaluations:
+            if self.selection.improves_best(metric, step, evaluations[metric]):
+                self.save_best(step, metric, evaluations[metric])
+        if early is not None and early.metric in evaluations:
+            value = evaluations[early.metric]
+            exhausted = self.selection.exhausted(early.metric, value, early.patience, early.min_delta)
+            if exhausted and step < self.total_steps:  # (at the last step the run ends anyway)
+                self.stopped_early = (
+                    f"{early.metric} did not improve by more than {early.min_delta:g} in {early.patience} "
+                    f"evaluations (best {self.selection.reference:.6g}); stopped at step {step} of "
+                    f"{self.total_steps}"
+                )
+                self.reporter.info(f"early stopping: {self.stopped_early}")
+
+    def save_best(self, step: int, metric: str, value: float) -> None:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        tensors = adapter_state_dict(unwrapped) if self.main or self.fsdp else None
+        if self.main:
+            written = save_best(unwrapped, self.recipe, self.run_dir, step, tensors, metric, value)
+            if written is not None:
+                self.reporter.info(f"best so far: {metric} {value:.6g} at step {step}, in {written}")
+
+    def _from_main(self, value: float | None) -> float:
+        """The main process's number on every process (a score computed there alone)."""
+        if self.accelerator.num_processes == 1:
+            return float(value)
+        shared = torch.tensor([value if value is not None else 0.0], device=self.accelerator.device)
+        return float(broadcast(shared, from_process=0).item())
 
     def interrupted_message(self) -> str:
         """Ctrl-C: after which step the run stopped, its last checkpoint and, where there is one, the
@@ -856,9 +923,9 @@ class Trainer:
                 f"data (last good checkpoint: {_last_checkpoint(self.run_dir)})"
             )
 
-    def log_metrics(self) -> None:
+    def log_metrics(self, evaluations: dict[str, float]) -> None:
         """One metrics.jsonl line and progress update: mean loss since the last one, lr, gradient
-        norm, tokens/s, and the held-out loss when ``eval.every`` says so."""
+        norm, tokens/s, and the evaluations of this step."""
         step = self.position.step
         mean_loss, tokens_per_s = self.tally.take(self.accelerator)
         self.final_loss = mean_loss
@@ -868,17 +935,18 @@ class Trainer:
             "lr": self.lr,
             "grad_norm": float(full_tensor(self.grad_norm)) if self.grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
+            **evaluations,
         }
-        every = self.recipe.eval.every
-        if every and step % every == 0 and len(self.data.eval_rows):
-            self.eval_loss = heldout_loss(self.model, self.eval_loader, accelerator_sum(self.accelerator))
-            metrics["eval_loss"] = self.eval_loss
+        self.write_metrics(metrics)
+        self.reporter.step(step, {k: v for k, v in metrics.items() if v is not None}, log_line=True)
+
+    def write_metrics(self, metrics: dict) -> None:
+        """A line of metrics.jsonl, and the same to the experiment trackers (main process)."""
         if self.main:
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
             if self.trackers is not None:
-                self.trackers.log(metrics, step)
-        self.reporter.step(step, {k: v for k, v in metrics.items() if v is not None}, log_line=True)
+                self.trackers.log(metrics, metrics["step"])
 
     def save_checkpoint(self, counters: dict) -> Path | None:
         """``checkpoint-<step>`` with everything needed to resume exactly; the main process writes it
@@ -908,6 +976,7 @@ class Trainer:
             )
         if self.recipe.eval.score and (main or self.fsdp):
             self.scores["task_score"] = self._score(accelerator.unwrap_model(self.model), "tuned model")
+        self.judge_the_end()
         accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(self.model)
         tensors = adapter_state_dict(unwrapped) if main or self.fsdp else None
@@ -928,12 +997,34 @@ class Trainer:
             base_bytes=self.base_memory.stored_bytes,
             base_bytes_unquantized=self.base_memory.unquantized_bytes,
             **{k: _finite_or_none(v) for k, v in self.scores.items()},
+            best=self._best(),
+            stopped_early=self.stopped_early,
         )
         if main:
             atomic_write_text(self.run_dir / RESULT_FILE, json.dumps(asdict(result), indent=2) + "\n")
             self.directory.finish()
         self.reporter.info(f"adapter written to {self.run_dir}")
         return result
+
+    def judge_the_end(self) -> None:
+        """output.keep_best: the final evaluations count too (the last step may be the best)."""
+        out = self.recipe.output
+        if not out.keep_best:
+            return
+        if out.best_metric == "eval_loss":
+            value = self.eval_loss  # all-reduced: the same on every process (None: nothing held out)
+        elif self.recipe.eval.score:
+            value = self._from_main(self.scores.get("task_score"))
+        else:
+            return
+        if value is not None and self.selection.improves_best(out.best_metric, self.position.step, value):
+            self.save_best(self.position.step, out.best_metric, value)
+
+    def _best(self) -> dict | None:
+        best = self.selection.best.get(self.recipe.output.best_metric)
+        if not self.recipe.output.keep_best or best is None:
+            return None
+        return {"dir": str(self.run_dir / BEST_DIR), "metric": self.recipe.output.best_metric, **best}
 
     def _score(self, model, who: str) -> float:
         """Exact-match score on the held-out items; under FSDP every process generates in lockstep."""

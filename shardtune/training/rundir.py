@@ -34,6 +34,8 @@ from pathlib import Path
 from shardtune.artifacts.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    BEST_DIR,
+    BEST_FILES,
     CHECKPOINT_FILES,
     RECIPE_FILE,
     list_checkpoints,
@@ -67,6 +69,7 @@ RUN_ENTRIES = [
     LOG_FILE,
     RESULT_FILE,
     *(f"checkpoint-[0-9]*/{name}" for name in CHECKPOINT_FILES),
+    *(f"{BEST_DIR}/{name}" for name in BEST_FILES),
     "compare",  # `shardtune compare`'s runs: an output with its own marker
     # experiment trackers' files: TensorBoard's event files, and the hparams accelerate writes
     f"{LOGS}/{PROJECT}/events.out.tfevents.*",
