@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import CONV1D_UNSUPPORTED, TINY_OPTIONS, TINY_TRAIN, tiny_recipe
 from shardtune.adapters import METHODS
 from shardtune.adapters.model import adapter_named_parameters, inject_adapter
 from shardtune.artifacts.checkpoint import attach_adapter, list_checkpoints, load_adapted_model
-from shardtune.core.errors import BadInput
+from shardtune.core.errors import BadInput, RecipeError
 from shardtune.models.loading import build_tiny_model
 from shardtune.recipe.schema import recipe_from_dict
 from shardtune.training.loop import train
@@ -120,6 +121,40 @@ def test_bf16_and_grad_accum_and_schedules(tmp_path):
     # The rate each step used: warm-up reaches the peak at step 2 (step 1 already learns), then falls
     # linearly towards 0 after the last step.
     assert lrs == pytest.approx([0.5e-2, 1e-2, 1e-2, 0.75e-2, 0.5e-2, 0.25e-2])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_warmup_ratio_and_min_lr_shape_the_whole_schedule(tmp_path, schedule):
+    """lr 1e-2, min_lr 1e-3, warm-up 25% of 8 steps (2): every step's rate, written out by hand."""
+    run(
+        tmp_path,
+        train={"schedule": schedule, "warmup_ratio": 0.25, "min_lr": 1e-3, "max_steps": 8},
+        logging={"every": 1},
+    )
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    decay = [(done - 2) / 6 for done in range(2, 8)]  # steps 3..8: progress after the warm-up
+    shape = (
+        [0.5 * (1 + math.cos(math.pi * p)) for p in decay] if schedule == "cosine" else [1 - p for p in decay]
+    )
+    assert lrs == pytest.approx([0.5e-2, 1e-2, *(1e-3 + 9e-3 * f for f in shape)])
+    assert lrs[-1] > 1e-3  # the floor comes after the last step
+
+
+@pytest.mark.parametrize(
+    "train_keys, message",
+    [
+        (
+            {"warmup_steps": 2, "warmup_ratio": 0.1},
+            "train: warmup_steps and warmup_ratio are both set; keep one",
+        ),
+        ({"min_lr": 0.1, "lr": 0.01}, "train: min_lr 0.1 is above lr 0.01"),
+        ({"warmup_ratio": 1.0}, "train.warmup_ratio"),
+    ],
+)
+def test_warmup_and_floor_mistakes_are_one_line(tmp_path, train_keys, message):
+    with pytest.raises(RecipeError) as found:
+        recipe_from_dict(tiny_recipe(tmp_path, train=train_keys))
+    assert message in str(found.value) and "\n" not in str(found.value)
 
 
 def test_epochs_determine_steps(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import errno
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args
@@ -258,9 +259,20 @@ class TrainSection(Section):
     warmup_steps: int = Field(
         0, ge=0, description="Linear warm-up: step k of the first N uses lr·k/N (the first step learns)."
     )
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Warm-up as a share of the run's steps: ⌈ratio × steps⌉ steps (instead of warmup_steps).",
+    )
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine",
-        description="After warm-up: cosine or linear decay towards 0 after the last step, or constant.",
+        description="After warm-up: cosine or linear decay towards min_lr after the last step, or constant.",
+    )
+    min_lr: float = Field(
+        0.0,
+        ge=0,
+        description="Where cosine and linear decay end (after the last step): lr(t) = min_lr + (lr − min_lr)·f(t).",
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping by global norm; 0 disables.")
     # (accelerate's set_seed seeds NumPy too, which takes 0 … 2³² − 1)
@@ -319,6 +331,18 @@ class TrainSection(Section):
         if not all(0 <= b < 1 for b in value):
             raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _one_warmup_and_a_floor_below_the_peak(self):
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("warmup_steps and warmup_ratio are both set; keep one")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr:g} is above lr {self.lr:g}; the decay ends below the peak")
+        return self
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps of a run of ``total_steps``: warmup_steps, or ⌈warmup_ratio × total_steps⌉."""
+        return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio else self.warmup_steps
 
     @model_validator(mode="after")
     def _fsdp_options_need_fsdp(self):

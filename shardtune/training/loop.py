@@ -223,11 +223,13 @@ def _collective_failed(error: BaseException) -> bool:
 # SIGTERM and the learning rate
 
 
-def lr_factor(done: int, warmup: int, total: int, schedule: str) -> float:
+def lr_factor(done: int, warmup: int, total: int, schedule: str, floor: float = 0.0) -> float:
     """The learning rate of optimizer step ``done + 1`` as a share of ``train.lr``.
 
-    Warm-up: step k of the first W rises linearly to k/W (the first step already learns), then
-    ``cosine`` falls to 0 after the last step, ``linear`` likewise in a straight line, ``constant`` stays.
+    Warm-up: step k of the first W rises linearly to k/W (the first step already learns); then, with
+    progress p = (done − W) / (total − W) and ``floor`` = min_lr / lr, ``cosine`` falls as
+    floor + (1 − floor)·½(1 + cos πp), ``linear`` as floor + (1 − floor)·(1 − p), both reaching the
+    floor after the last step; ``constant`` stays at 1.
     """
     if done < warmup:
         return (done + 1) / warmup
@@ -235,8 +237,8 @@ def lr_factor(done: int, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     progress = (done - warmup) / max(1, total - warmup)
     if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * max(0.0, 1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, betas, sharded: bool = False):
@@ -789,7 +791,8 @@ class Trainer:
     def _set_lr(self) -> None:
         """The learning rate of the step about to be taken (a function of the step: resumes exactly)."""
         cfg = self.cfg
-        self.lr = cfg.lr * lr_factor(self.position.step, cfg.warmup_steps, self.total_steps, cfg.schedule)
+        warmup, floor = cfg.warmup_for(self.total_steps), cfg.min_lr / cfg.lr
+        self.lr = cfg.lr * lr_factor(self.position.step, warmup, self.total_steps, cfg.schedule, floor)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
 
