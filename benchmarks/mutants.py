@@ -754,6 +754,23 @@ MUTANTS: list[Mutant] = [
     m("best-lost-at-the-end", "shardtune/training/loop.py",
       "        self.judge_the_end()\n", "",
       "tests/test_selection.py", "-k", "keep_best_holds", why="the last step's evaluation never becomes best/"),
+    m("lr-floor-ignored", "shardtune/training/loop.py",
+      "    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))",
+      "    return 0.5 * (1.0 + math.cos(math.pi * progress))",
+      "tests/test_train.py", "-k", "min_lr", why="train.min_lr has no effect on the cosine decay"),
+    m("lora-plus-ratio-ignored", "shardtune/training/loop.py",
+      '        scales["B"] = cfg.lr_ratio_b\n', "",
+      "tests/test_param_groups.py", "-k", "lora_plus", why="train.lr_ratio_b: B learns at A's rate"),
+    m("group-rate-not-scheduled", "shardtune/training/loop.py",
+      '            group["lr"] = self.lr * group.get("lr_scale", 1.0)', '            group["lr"] = self.lr',
+      "tests/test_param_groups.py", "-k", "vblora", why="the schedule overwrites every group's own rate"),
+    m("eight-bit-is-plain-adamw", "shardtune/training/loop.py",
+      '    kind = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit\n    return kind(',
+      '    kind = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit\n    return torch.optim.AdamW(',
+      "tests/test_optimizers.py", "-k", "reference and 8bit", why="adamw_8bit trains with 32-bit AdamW"),
+    m("shared-qmap-saved-once", "shardtune/artifacts/checkpoint.py",
+      "                if value.data_ptr() in seen:", "                if False:",
+      "tests/test_optimizers.py", "-k", "resumes", why="an 8-bit checkpoint cannot be written"),
 ]
 # fmt: on
 

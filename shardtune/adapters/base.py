@@ -288,6 +288,25 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
         set_adapter_enabled(model, True)
 
 
+ROLES = ("A", "B", "bank", "logits", "shard", "scale")
+
+
+def parameter_role(name: str) -> str:
+    """What an adapter parameter is, from the last part of its name: ``A`` (lora_A…, A_<kind> of a
+    cross-layer store), ``B`` (likewise), ``bank`` (VB-LoRA's vectors), ``logits`` (VB-LoRA's mixtures),
+    ``shard`` (FOSSIL) or ``scale`` (the vectors of VeRA and Tied-LoRA)."""
+    last = name.rsplit(".", 1)[-1]
+    if last.startswith(("lora_A", "A_")):
+        return "A"
+    if last.startswith(("lora_B", "B_")):
+        return "B"
+    if last.startswith("logits"):
+        return "logits"
+    if last in ("bank", "shard"):
+        return last
+    return "scale"
+
+
 class AdapterMethod:
     """A registered method: its recipe options and how it builds stores and layer adapters.
 
@@ -302,6 +321,9 @@ class AdapterMethod:
     rank_options: ClassVar[tuple[str, ...]] = ("rank",)
     # The integer option that scales the trainable parameters (`shardtune compare --budgets` sets it).
     budget_option: ClassVar[str] = "rank"
+    # Learning rates by parameter role (:func:`parameter_role`) as multiples of ``train.lr``, where the
+    # method's paper prescribes them; ``train.param_groups`` overrides them.
+    lr_scales: ClassVar[dict[str, float]] = {}
 
     def resolve(self, options: AdapterOptions, targets: list[Target]) -> None:
         """Fill options left unset to be chosen from the targets (in place: the run records them)."""

@@ -113,12 +113,16 @@ class TrainingSnapshot:
     adapter: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor] | None = None
     param_groups: list | None = None
+    optimizer_numbers: dict[str, int | float] | None = (
+        None  # state kept as plain numbers (bitsandbytes' step)
+    )
 
 
 def take_snapshot(model: nn.Module, optimizer=None) -> TrainingSnapshot:
     snapshot = TrainingSnapshot(adapter_state_dict(model))
     if optimizer is not None:
         snapshot.optimizer, snapshot.param_groups = optimizer_tensors(optimizer)
+        snapshot.optimizer_numbers = optimizer_numbers(optimizer)
     return snapshot
 
 
@@ -400,13 +404,36 @@ def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list]:
     Under FSDP each moment is gathered from its shards (every process must call this).
     """
     state = optimizer.state_dict()
-    tensors = {
-        f"state.{idx}.{key}": full_tensor(value.detach()).cpu().contiguous()
-        for idx, entry in state["state"].items()
-        for key, value in entry.items()
-        if isinstance(value, torch.Tensor)
-    }
+    tensors, seen = {}, set()
+    for idx, entry in state["state"].items():
+        for key, value in _flat_state(entry).items():
+            if isinstance(value, torch.Tensor):
+                value = full_tensor(value.detach()).cpu().contiguous()
+                if value.data_ptr() in seen:  # one table shared by every parameter (bitsandbytes' qmap)
+                    value = value.clone()
+                seen.add(value.data_ptr())
+                tensors[f"state.{idx}.{key}"] = value
     return tensors, state["param_groups"]
+
+
+def _flat_state(entry: dict) -> dict:
+    """A parameter's optimizer state with nested dicts opened (bitsandbytes' state_dict wraps its 8-bit
+    states in one, for FSDP; its load_state_dict takes them flat as well)."""
+    flat = {}
+    for key, value in entry.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def optimizer_numbers(optimizer) -> dict[str, int | float]:
+    """The optimizer state that is a plain number, not a tensor (bitsandbytes counts steps in an int),
+    keyed ``<param index>.<name>``: trainer_state.json keeps it."""
+    return {
+        f"{idx}.{key}": value
+        for idx, entry in optimizer.state_dict()["state"].items()
+        for key, value in _flat_state(entry).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def save_training_state(directory: Path, snapshot: TrainingSnapshot, counters: dict) -> None:
@@ -422,6 +449,7 @@ def save_training_state(directory: Path, snapshot: TrainingSnapshot, counters: d
     meta = {
         **counters,
         "param_groups": snapshot.param_groups,
+        "optimizer_numbers": snapshot.optimizer_numbers or {},
         "python_rng": _py_rng_to_json(random.getstate()),
     }
     atomic_write_text(directory / TRAINER_STATE, json.dumps(meta) + "\n")
@@ -446,6 +474,9 @@ def load_training_state(directory: Path, optimizer) -> dict:
         if idx < len(params) and value.shape == params[idx].shape and value.dim() > 0:
             value = like_parameter(value, params[idx])  # a moment of the parameter's shape
         state.setdefault(idx, {})[name] = value
+    for key, number in meta.get("optimizer_numbers", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = number
     try:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError) as e:
@@ -616,7 +647,7 @@ def _check_param_groups(path: Path, groups) -> None:
         where = f"param_groups[{i}]"
         if not isinstance(group, dict):
             raise BadInput(f"{path}: key {where!r} must be an object, got {_shown(group)}")
-        for key in ("params", "betas", *GROUP_NUMBERS):
+        for key in ("params", *GROUP_NUMBERS):  # (and betas, for the optimizers that have them)
             if key not in group:
                 raise BadInput(f"{path}: missing key '{where}.{key}'; the file was edited or cut short")
         params = group["params"]
@@ -632,7 +663,10 @@ def _check_group_value(path: Path, where: str, key: str, value) -> None:
     """One value of a param group, by what its key is (see :data:`GROUP_NUMBERS`, :data:`GROUP_FLAGS`)."""
     if key == "params":
         return
-    if key in GROUP_NUMBERS:
+    if key == "eps" and isinstance(value, list):  # Adafactor: (eps1 or null, eps2)
+        if not all(v is None or _is_number(v) and v >= 0 for v in value):
+            raise BadInput(f"{path}: key {where!r} must hold finite numbers ≥ 0 or null, got {_shown(value)}")
+    elif key in GROUP_NUMBERS:
         if not _is_number(value) or value < 0:
             raise BadInput(f"{path}: key {where!r} must be a finite number ≥ 0, got {_shown(value)}")
     elif key == "betas":
@@ -680,31 +714,63 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# What AdamW keeps per parameter (``state.<param number>.<name>`` in optimizer.safetensors).
+# What each optimizer keeps per parameter (``state.<param number>.<name>`` in optimizer.safetensors):
+# the tensors it always has, those of its parameter's shape, and the others it may have.
+OPTIMIZER_STATES = {
+    "adamw": {
+        "needed": {"step", "exp_avg", "exp_avg_sq"},
+        "param_shaped": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+        "other": set(),
+    },
+    "adafactor": {"needed": {"step"}, "param_shaped": {"variance"}, "other": {"row_var", "col_var"}},
+    "adamw_8bit": {  # bitsandbytes: the moments (8-bit codes, or float32 for small tensors), their scales
+        "needed": {"state1", "state2"},
+        "param_shaped": {"state1", "state2"},
+        "other": {
+            "qmap1",
+            "qmap2",
+            "absmax1",
+            "absmax2",
+            "max1",
+            "max2",
+            "new_max1",
+            "new_max2",
+            "unorm_vec",
+        },
+    },
+}
+OPTIMIZER_STATES["paged_adamw_8bit"] = OPTIMIZER_STATES["adamw_8bit"]
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def check_optimizer_fits(directory: Path, params: list[torch.Tensor]) -> None:
-    """The checkpoint's optimizer state fits the adapter's trainable ``params`` (in the order AdamW
-    gets them): one group holding each parameter once, and for each parameter with a state, a step
-    and moments of its shape. Checked before a resumed run writes anything."""
+def check_optimizer_fits(
+    directory: Path, expected: list[list[torch.Tensor]], optimizer: str = "adamw"
+) -> None:
+    """The checkpoint's optimizer state fits the adapter's trainable parameters, grouped as AdamW gets
+    them (``expected``: the groups, each its parameters in order; one group unless ``train.param_groups``
+    and the like split them): the same groups, numbering each parameter once in that order, and for each
+    parameter with a state, a step and moments of its shape. Checked before a resumed run writes anything."""
     state_path, tensors_path = directory / TRAINER_STATE, directory / OPTIMIZER_FILE
     groups = read_trainer_state(directory)["param_groups"]
+    params = [p for group in expected for p in group]
     numbers = [n for group in groups for n in group["params"]]
-    if len(groups) != 1 or numbers != list(range(len(params))):
+    sizes = [len(group["params"]) for group in groups]
+    if sizes != [len(group) for group in expected] or numbers != list(range(len(params))):
         raise BadInput(
-            f"{state_path}: key 'param_groups' holds {len(groups)} group(s) of {len(numbers)} parameters "
-            f"numbered {_shown(numbers)}; this adapter has one group of {len(params)} "
-            f"(0 to {len(params) - 1}): "
-            "the optimizer state does not fit this adapter"
+            f"{state_path}: key 'param_groups' holds {len(groups)} group(s) of {_shown(sizes)} parameters "
+            f"numbered {_shown(numbers)}; this adapter has {len(expected)} group(s) of "
+            f"{_shown([len(group) for group in expected])} (0 to {len(params) - 1}): "
+            "the optimizer state does not fit this adapter (or train.param_groups, train.lr_ratio_b or "
+            "the method's rates group it otherwise)"
         )
     amsgrad = bool(groups[0].get("amsgrad"))
+    kinds = OPTIMIZER_STATES[optimizer]
     names: dict[int, set[str]] = {}
     for key, value in read_adapter_weights(tensors_path).items():
-        idx, name = _optimizer_key(tensors_path, key, len(params))
-        _check_optimizer_tensor(tensors_path, key, name, value, params[idx])
+        idx, name = _optimizer_key(tensors_path, key, len(params), optimizer)
+        _check_optimizer_tensor(tensors_path, key, name, value, params[idx], name in kinds["param_shaped"])
         names.setdefault(idx, set()).add(name)
-    needed = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    needed = set(kinds["needed"]) | ({"max_exp_avg_sq"} if amsgrad else set())
     for idx, found in sorted(names.items()):
         if needed - found:
             raise BadInput(
@@ -713,12 +779,15 @@ def check_optimizer_fits(directory: Path, params: list[torch.Tensor]) -> None:
             )
 
 
-def _optimizer_key(path: Path, key: str, count: int) -> tuple[int, str]:
+def _optimizer_key(path: Path, key: str, count: int, optimizer: str = "adamw") -> tuple[int, str]:
     """(parameter number, name) of an optimizer.safetensors key ``state.<number>.<name>``."""
+    kinds = OPTIMIZER_STATES[optimizer]
+    known = {"step"} | kinds["needed"] | kinds["param_shaped"] | kinds["other"]
     parts = key.split(".", 2)
-    if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or parts[2] not in ("step", *MOMENTS):
+    if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit() or parts[2] not in known:
         raise BadInput(
-            f"{path}: tensor {key!r} is not an AdamW state (state.<parameter>.<name>); the file was edited"
+            f"{path}: tensor {key!r} is not a state of {optimizer} (state.<parameter>.<name>, name one of "
+            f"{', '.join(sorted(known))}); the file was edited or train.optimizer changed"
         )
     if int(parts[1]) >= count:
         raise BadInput(f"{path}: tensor {key!r} is for parameter {parts[1]} but this adapter has {count}")
@@ -726,14 +795,17 @@ def _optimizer_key(path: Path, key: str, count: int) -> tuple[int, str]:
 
 
 def _check_optimizer_tensor(
-    path: Path, key: str, name: str, value: torch.Tensor, param: torch.Tensor
+    path: Path, key: str, name: str, value: torch.Tensor, param: torch.Tensor, param_shaped: bool = True
 ) -> None:
-    """A step is one floating-point number; a moment has its parameter's (whole) shape."""
-    if not value.is_floating_point():
+    """A step is one floating-point number; a moment has its parameter's (whole) shape; 8-bit codes
+    are bytes, everything else floating point."""
+    if not (
+        value.is_floating_point() or value.dtype == torch.uint8 and param_shaped and name.startswith("state")
+    ):
         raise BadInput(f"{path}: tensor {key!r} must be floating point, got {value.dtype}")
     if name == "step" and value.numel() != 1:
         raise BadInput(f"{path}: tensor {key!r} must be one number, got shape {tuple(value.shape)}")
-    if name != "step" and tuple(value.shape) != tuple(param.shape):
+    if name != "step" and param_shaped and tuple(value.shape) != tuple(param.shape):
         raise BadInput(
             f"{path}: tensor {key!r} has shape {tuple(value.shape)} but the adapter's parameter has "
             f"{tuple(param.shape)}: the optimizer state does not fit this adapter"
@@ -745,8 +817,9 @@ def _check_optimizer_tensor(
 
 # The base model as loaded: another one (or the same one loaded otherwise) is another run.
 SAME_MODEL_KEYS = ("name", "dtype", "quantize", "double_quant", "compute_dtype")
-# The optimizer steps' examples and their order: seed, and the micro-batches a step sums.
-SAME_TRAIN_KEYS = ("seed", "grad_accum")
+# The optimizer steps' examples and their order (seed, and the micro-batches a step sums), and the
+# optimizer whose state the checkpoint holds.
+SAME_TRAIN_KEYS = ("seed", "grad_accum", "optimizer")
 
 
 def check_same_run(directory: Path, recipe: Recipe, processes: int) -> None:

@@ -248,13 +248,46 @@ class EarlyStoppingSection(Section):
     )
 
 
+class ParamGroupSection(Section):
+    """``train.param_groups.ROLE``: the learning rate and weight decay of one role of parameters."""
+
+    lr_scale: float | None = Field(
+        None, gt=0, description="The role's learning rate as a multiple of train.lr (the schedule applies)."
+    )
+    weight_decay: float | None = Field(
+        None, ge=0, description="The role's weight decay (unset: train.weight_decay)."
+    )
+
+
+Role = Literal["A", "B", "bank", "logits", "shard", "scale"]
+
+
 class TrainSection(Section):
     max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides `epochs` when set.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is not set).")
     batch_size: PositiveInt = Field(8, description="Examples per micro-batch per process.")
     grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"] = Field(
+        "adamw",
+        description="`adamw` (torch), `adamw_8bit` and `paged_adamw_8bit` (bitsandbytes: 8-bit moments, "
+        "`pip install 'shardtune[quant]'`; paged needs CUDA and falls back to unpaged elsewhere), `adafactor` "
+        "(torch: factored second moments, no first moment; betas unused).",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
+    lr_ratio_b: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+ (arXiv 2402.12354): B matrices learn at this multiple of train.lr (A at train.lr), "
+        "e.g. 16. Methods with A and B factors only.",
+    )
+    param_groups: dict[Role, ParamGroupSection] = Field(
+        default_factory=dict,
+        description="Learning rate and weight decay by parameter role: `A`, `B`, `bank`, `logits` (VB-LoRA), "
+        "`shard` (FOSSIL), `scale` (VeRA, Tied-LoRA vectors), e.g. `{logits: {lr_scale: 10}}`. Methods "
+        "whose paper prescribes rates start from them (VB-LoRA: logits at 10 × train.lr, as its bank 1e-3 "
+        "and logits 1e-2).",
+    )
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     warmup_steps: int = Field(
         0, ge=0, description="Linear warm-up: step k of the first N uses lr·k/N (the first step learns)."
@@ -331,6 +364,21 @@ class TrainSection(Section):
         if not all(0 <= b < 1 for b in value):
             raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _eight_bit_not_with_fsdp(self):
+        if self.optimizer.endswith("8bit") and self.strategy == "fsdp":
+            raise ValueError(
+                f"optimizer: {self.optimizer} does not work with strategy: fsdp (bitsandbytes quantizes whole "
+                "tensors, not shards); use adamw or adafactor, or strategy: ddp"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_rate_for_b(self):
+        if self.lr_ratio_b is not None and "B" in self.param_groups and self.param_groups["B"].lr_scale:
+            raise ValueError("lr_ratio_b and param_groups.B.lr_scale both set B's learning rate; keep one")
+        return self
 
     @model_validator(mode="after")
     def _one_warmup_and_a_floor_below_the_peak(self):

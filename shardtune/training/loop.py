@@ -44,6 +44,8 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast, set_seed
 from torch.utils.data import DataLoader
 
+from shardtune.adapters import METHODS
+from shardtune.adapters.base import parameter_role
 from shardtune.adapters.model import (
     adapter_disabled,
     adapter_named_parameters,
@@ -241,12 +243,71 @@ def lr_factor(done: int, warmup: int, total: int, schedule: str, floor: float = 
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float, betas, sharded: bool = False):
-    """AdamW over the adapter's parameters: torch's fused kernel (one pass over every tensor, not a
-    dozen small ops per tensor) where it applies, i.e. unsharded parameters on CPU or CUDA; the
-    default implementation for FSDP's sharded ones. Same update rule either way."""
-    fused = not sharded and bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+def adamw(params: list, lr: float, weight_decay: float, betas, sharded: bool = False):
+    """AdamW over the adapter's parameters (a list of tensors, or of param groups: :func:`param_groups`):
+    torch's fused kernel (one pass over every tensor, not a dozen small ops per tensor) where it
+    applies, i.e. unsharded parameters on CPU or CUDA; the default implementation for FSDP's sharded
+    ones. Same update rule either way."""
+    tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+    fused = not sharded and bool(tensors) and all(p.device.type in ("cpu", "cuda") for p in tensors)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+
+
+def make_optimizer(params: list, cfg: TrainSection, sharded: bool = False):
+    """``train.optimizer`` over ``params`` (tensors or param groups), at ``train.lr`` (the schedule sets
+    each step's rate): torch's AdamW (:func:`adamw`) or Adafactor, or bitsandbytes' 8-bit AdamW."""
+    if cfg.optimizer == "adamw":
+        return adamw(params, cfg.lr, cfg.weight_decay, cfg.betas, sharded=sharded)
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise RecipeError(
+            "train.optimizer", f"{cfg.optimizer} needs bitsandbytes: pip install 'shardtune[quant]'"
+        ) from None
+    # (paged on the CPU: bitsandbytes falls back to unpaged, with a warning that goes to train.log)
+    kind = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainSection, method: str) -> list:
+    """The trainable parameters as AdamW takes them: a plain list (one group, in the model's order) when
+    every role learns alike, else one group per role (sorted by name) with its ``lr_scale`` (a multiple
+    of the scheduled rate: the method's paper, ``train.lr_ratio_b``, ``train.param_groups``) and weight
+    decay. A role the recipe names that this method does not have is one line."""
+    roles: dict[str, list] = {}
+    for name, p in named:
+        roles.setdefault(parameter_role(name), []).append(p)
+    scales = {**METHODS[method].lr_scales}
+    if cfg.lr_ratio_b is not None:
+        scales["B"] = cfg.lr_ratio_b
+    decays = {}
+    asked = {f"param_groups.{role}": role for role in cfg.param_groups}
+    if cfg.lr_ratio_b is not None:
+        asked["lr_ratio_b"] = "B"
+    for key, role in asked.items():
+        if role not in roles:
+            raise RecipeError(
+                f"train.{key}", f"{method} has no {role} parameters (its roles: {', '.join(sorted(roles))})"
+            )
+    for role, group in cfg.param_groups.items():
+        if group.lr_scale is not None:
+            scales[role] = group.lr_scale
+        if group.weight_decay is not None:
+            decays[role] = group.weight_decay
+    if not any(role in scales or role in decays for role in roles):
+        return [p for _, p in named]
+    return [
+        {
+            "params": roles[role],
+            "role": role,
+            "lr_scale": scales.get(role, 1.0),
+            "lr": cfg.lr * scales.get(role, 1.0),
+            "weight_decay": decays.get(role, cfg.weight_decay),
+        }
+        for role in sorted(roles)
+    ]
 
 
 def compile_blocks(model: torch.nn.Module, reset: bool = True) -> list[str]:
@@ -639,7 +700,11 @@ class Trainer:
                 f"{directory / TRAINER_STATE}: key 'batch_in_epoch' is {batch_in_epoch} but an epoch "
                 f"of this run has {batches} batches; the file was edited"
             )
-        check_optimizer_fits(directory, [p for p in self.model.parameters() if p.requires_grad])
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = param_groups(named, self.cfg, self.recipe.adapter.method)  # the optimizer's order
+        split = bool(groups) and isinstance(groups[0], dict)
+        expected = [g["params"] for g in groups] if split else [groups]
+        check_optimizer_fits(directory, expected, self.cfg.optimizer)
 
     def start_run(self) -> None:
         """A resumed run's checkpoint checked against model and data; then the run directory is written
@@ -665,8 +730,11 @@ class Trainer:
         if self.fsdp:
             self._shard()
         loader = self.data.loader
-        self.params = [p for p in self.model.parameters() if p.requires_grad]  # after sharding: the shards
-        self.optimizer = adamw(self.params, cfg.lr, cfg.weight_decay, cfg.betas, sharded=self.fsdp)
+        # after sharding: the shards
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        groups = param_groups(named, cfg, self.recipe.adapter.method)
+        self.optimizer = make_optimizer(groups, cfg, sharded=self.fsdp)
         if self.fsdp:  # already sharded and placed; Accelerate must not wrap it again
             self.optimizer, self.loader, self.eval_loader = accelerator.prepare(
                 self.optimizer, loader, self.data.eval_loader
@@ -794,7 +862,7 @@ class Trainer:
         warmup, floor = cfg.warmup_for(self.total_steps), cfg.min_lr / cfg.lr
         self.lr = cfg.lr * lr_factor(self.position.step, warmup, self.total_steps, cfg.schedule, floor)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+            group["lr"] = self.lr * group.get("lr_scale", 1.0)
 
     def at_interval(self, batch_in_epoch: int) -> None:
         """After an optimizer step: log, evaluate (and judge), checkpoint, and stop on SIGTERM, each
