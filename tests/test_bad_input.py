@@ -107,9 +107,11 @@ CASES = {
             recipe_file(t),
             "--set",
             "eval.score=true",
+            "--set",
+            "data.format=text",
             *data_file(t, "d.jsonl", b'{"text": "a"}\n'),
         ],
-        "eval.score and eval.score_base need a builtin task",
+        "eval.score, eval.score_base and eval.score_every need examples with answers",
     ),
     "bad --set syntax": (
         lambda t, r: ["train", recipe_file(t), "--set", "train.lr"],

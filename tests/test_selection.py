@@ -15,7 +15,7 @@ import yaml
 from conftest import tiny_recipe
 from safetensors.torch import load_file
 
-from shardtune.core.errors import RecipeError
+from shardtune.core.errors import BadInput, RecipeError
 from shardtune.recipe.schema import recipe_from_dict
 from shardtune.training.loop import train
 from shardtune.training.selection import Selection
@@ -51,6 +51,36 @@ def test_the_task_score_comes_every_score_every_steps(tmp_path):
     ]
     assert [step for step, _ in scored] == [3, 6]
     assert all(0 <= score <= 1 for _, score in scored)
+
+
+def test_data_with_completions_is_scored_too_by_the_metric_asked(tmp_path):
+    rows = [{"prompt": f"Capital of country {i}?", "completion": f"City {i % 3}"} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    raw = tiny_recipe(
+        tmp_path,
+        data={"task": None, "path": str(tmp_path / "d.jsonl"), "eval_samples": 8},
+        train={"max_steps": 4},
+        eval={"score_every": 2, "score": True, "metric": "contains", "max_new_tokens": 6},
+    )
+    result = train(recipe_from_dict(raw))
+    assert steps_with(tmp_path / "run", "task_score") == [2, 4] and result.task_score is not None
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "answer contains the completion" in log and "on held-out examples" in log
+    text = tiny_recipe(
+        tmp_path / "t", data={"task": None, "path": str(tmp_path / "d.jsonl"), "format": "text"}
+    )
+    with pytest.raises(RecipeError, match="not format: text"):
+        recipe_from_dict({**text, "eval": {"score": True}})
+    (tmp_path / "plain.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"line {i}"}) for i in range(40)) + "\n"
+    )
+    plain = tiny_recipe(
+        tmp_path / "p", data={"task": None, "path": str(tmp_path / "plain.jsonl")}, eval={"score_every": 2}
+    )
+    with pytest.raises(
+        BadInput, match="eval.score_every: the examples are plain text"
+    ):  # found by reading them
+        train(recipe_from_dict(plain))
 
 
 def test_keep_best_holds_the_adapter_of_the_best_evaluation(tmp_path):
@@ -213,7 +243,10 @@ def test_two_processes_judge_as_one(tmp_path, strategy):
         ),
         ({"train": {"early_stopping": {"patience": 0}}}, "patience"),
         ({"train": {"early_stopping": {"patience": 2, "min_delta": -1}}}, "min_delta"),
-        ({"eval": {"score_every": 2}, "data": {"task": None, "path": "x.jsonl"}}, "eval.score_every"),
+        (
+            {"eval": {"score_every": 2}, "data": {"task": None, "path": "x.jsonl", "format": "text"}},
+            "eval.score_every",
+        ),
     ],
 )
 def test_selection_without_its_evaluations_is_one_line(tmp_path, sections, key):

@@ -416,15 +416,20 @@ class EvalSection(Section):
     score_every: int = Field(
         0,
         ge=0,
-        description="Task score (exact match of greedy answers on held-out items, builtin tasks) every N "
-        "steps during training (0: never during training).",
+        description="The task score (as eval.score) every N steps during training (0: never during training).",
     )
     score: bool = Field(
         False,
-        description="After training, exact-match score of greedy answers on held-out items (builtin tasks).",
+        description="After training, the task score: greedy answers on the held-out items (a builtin task's, or "
+        "of data with completions) scored by eval.metric.",
     )
     score_base: bool = Field(False, description="Also score the base model (adapter off) before training.")
     max_new_tokens: PositiveInt = Field(32, description="Generation length limit when scoring.")
+    metric: Literal["exact", "contains"] = Field(
+        "exact",
+        description="How a greedy answer is scored: `exact` (its first line equals the completion, or a chat's "
+        "last assistant turn) or `contains` (it holds the completion anywhere).",
+    )
     batch_size: PositiveInt = Field(16, description="Examples per batch when evaluating and scoring.")
 
 
@@ -488,11 +493,13 @@ class Recipe(Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @model_validator(mode="after")
-    def _scoring_needs_a_task(self):
-        if (self.eval.score or self.eval.score_base or self.eval.score_every) and self.data.task is None:
+    def _scoring_needs_answers(self):
+        scoring = self.eval.score or self.eval.score_base or self.eval.score_every
+        if scoring and self.data.task is None and self.data.format == "text":
             raise ValueError(
-                "eval.score, eval.score_base and eval.score_every need a builtin task (data.task) to score "
-                "against"
+                "eval.score, eval.score_base and eval.score_every need examples with answers to score against: "
+                "a builtin task (data.task) or data with completions (prompt_completion, alpaca, messages), "
+                "not format: text"
             )
         return self
 

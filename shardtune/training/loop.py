@@ -615,6 +615,16 @@ class Trainer:
     def read_data(self) -> None:
         """Read and check the training and held-out examples (a bad data file fails before a model loads)."""
         self.examples = load_examples(self.recipe.data)
+        scoring = [k for k in ("score", "score_base", "score_every") if getattr(self.recipe.eval, k)]
+        # (plain text is an Example with the whole text as its completion and no prompt)
+        if scoring and any(not (e.prompt or e.messages) for e in self.examples[0] + self.examples[1]):
+            raise BadInput(
+                f"eval.{scoring[0]}: the examples are plain text, with no completion to score an answer "
+                "against; score a builtin task (data.task) or data with completions (prompt_completion, "
+                "alpaca, messages)"
+            )
+        if scoring and not self.examples[1]:
+            raise BadInput(f"eval.{scoring[0]}: no held-out examples to score (data.eval_samples is 0)")
 
     def setup_model(self) -> None:
         """Load the frozen base model and inject the adapter (resumed: the checkpoint's adapter weights)."""
@@ -1100,8 +1110,6 @@ class Trainer:
     def _score(self, model, who: str) -> float:
         """Exact-match score on the held-out items; under FSDP every process generates in lockstep."""
         recipe = self.recipe
-        if recipe.data.task is None:
-            raise BadInput("eval.score: exact-match scoring needs a builtin task (data.task)")
         examples = self.data.eval_examples
         if not examples:
             raise BadInput("eval.score: no held-out examples to score (data.eval_samples is 0)")
@@ -1113,10 +1121,13 @@ class Trainer:
             recipe.eval.max_new_tokens,
             recipe.eval.batch_size,
             synced=self.fsdp,
+            metric=recipe.eval.metric,
         )
+        how = "exact match" if recipe.eval.metric == "exact" else "answer contains the completion"
+        items = f"{recipe.data.task} items" if recipe.data.task else "examples"
         self.reporter.info(
-            f"{who}: exact match {result.correct}/{result.total} = {100 * result.accuracy:.1f}% on held-out "
-            f"{recipe.data.task} items (e.g. {result.samples[0]['prompt']!r} → {result.samples[0]['answer']!r})"
+            f"{who}: {how} {result.correct}/{result.total} = {100 * result.accuracy:.1f}% on held-out "
+            f"{items} (e.g. {result.samples[0]['prompt']!r} → {result.samples[0]['answer']!r})"
         )
         return result.accuracy
 
