@@ -771,6 +771,15 @@ MUTANTS: list[Mutant] = [
     m("shared-qmap-saved-once", "shardtune/artifacts/checkpoint.py",
       "                if value.data_ptr() in seen:", "                if False:",
       "tests/test_optimizers.py", "-k", "resumes", why="an 8-bit checkpoint cannot be written"),
+    m("tracker-run-name-dropped", "shardtune/training/tracking.py",
+      '        "wandb": {"name": run_name, "tags": list(logging.tags)},', '        "wandb": {"tags": list(logging.tags)},',
+      "tests/test_real_world.py", "-k", "wandb_gets", why="logging.run_name never reaches wandb"),
+    m("tracker-project-fixed", "shardtune/training/tracking.py",
+      "                tracker = tracker_class(logging.project, **kwargs)", "                tracker = tracker_class(PROJECT, **kwargs)",
+      "tests/test_real_world.py", "-k", "wandb_gets", why="every run lands in the wandb project shardtune"),
+    m("dry-run-skips-trackers", "shardtune/cli/training.py",
+      "    check_trackers(resolved.logging.report_to)  # (a dry run says it too)\n", "",
+      "tests/test_real_world.py", "-k", "missing_tracker", why="--dry-run accepts report_to: [wandb] without wandb"),
 ]
 # fmt: on
 

@@ -418,6 +418,80 @@ def test_tensorboard_receives_the_recipe_and_every_metric(tmp_path):
     assert hparams and yaml.safe_load(hparams[0].read_text())["train.max_steps"] == 4
 
 
+def fake_wandb(monkeypatch) -> dict:
+    """A stand-in ``wandb`` module that records what Accelerate's tracker hands it."""
+    import importlib.machinery
+    import types
+
+    calls: dict = {"log": []}
+
+    class Run:
+        def log(self, values, step=None, **kwargs):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    module.init = init
+    module.config = types.SimpleNamespace(update=lambda values, **_: calls.__setitem__("config", values))
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return calls
+
+
+def test_wandb_gets_the_project_the_run_name_the_tags_and_its_own_kwargs(tmp_path, monkeypatch):
+    from shardtune.recipe.schema import recipe_from_dict
+    from shardtune.training.loop import train
+
+    calls = fake_wandb(monkeypatch)
+    logging = {
+        "every": 1,
+        "report_to": ["wandb"],
+        "project": "dates",
+        "run_name": "fossil-r8",
+        "tags": ["a", "b"],
+    }
+    raw = tiny_recipe(tmp_path, train={"max_steps": 2}, logging=logging)
+    train(recipe_from_dict(raw))
+    assert calls["init"] == {"project": "dates", "name": "fossil-r8", "tags": ["a", "b"]}
+    assert [step for step, _ in calls["log"]] == [1, 2] and calls["finished"]
+    assert calls["config"]["logging.project"] == "dates" and calls["config"]["train.max_steps"] == 2
+
+    calls = fake_wandb(monkeypatch)
+    logging = {"report_to": ["wandb"], "tracker_kwargs": {"wandb": {"entity": "team", "tags": ["c"]}}}
+    train(recipe_from_dict(tiny_recipe(tmp_path / "b", train={"max_steps": 1}, logging=logging)))
+    # the defaults: project shardtune, the run directory's name; the tracker's own kwargs win
+    assert calls["init"] == {"project": "shardtune", "name": "run", "tags": ["c"], "entity": "team"}
+
+
+def test_tensorboard_files_the_run_under_its_project(tmp_path):
+    from shardtune.recipe.schema import recipe_from_dict
+    from shardtune.training.loop import train
+
+    logging = {"every": 1, "report_to": ["tensorboard"], "project": "sweep-7"}
+    train(recipe_from_dict(tiny_recipe(tmp_path, train={"max_steps": 2}, logging=logging)))
+    assert list((tmp_path / "run" / "logs" / "sweep-7").glob("events.out.tfevents.*"))
+    # the run is still shardtune's own: --overwrite replaces it
+    train(recipe_from_dict(tiny_recipe(tmp_path, train={"max_steps": 1}, output={"overwrite": True})))
+
+
+def test_tracker_kwargs_for_a_tracker_not_in_use_is_one_line(tmp_path):
+    raw = tiny_recipe(
+        tmp_path, logging={"report_to": ["tensorboard"], "tracker_kwargs": {"wandb": {"entity": "x"}}}
+    )
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--dry-run"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: logging: tracker_kwargs names wandb, which report_to does not list (tensorboard)"
+    )
+
+
 def test_a_missing_tracker_package_is_one_line_naming_what_to_install(tmp_path, monkeypatch):
     import importlib.util
 
@@ -427,10 +501,11 @@ def test_a_missing_tracker_package_is_one_line_naming_what_to_install(tmp_path, 
     )
     raw = tiny_recipe(tmp_path, logging={"report_to": "wandb"})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
-    result = runner.invoke(app, ["train", str(tmp_path / "r.yaml")])
-    assert result.exit_code == 2
-    assert result.stderr.strip() == (
-        "error: logging.report_to: wandb needs the wandb package: pip install wandb "
-        "(or pip install 'shardtune[wandb]')"
-    )
-    assert not (tmp_path / "run").exists()
+    for dry_run in ([], ["--dry-run"]):  # a dry run checks it too
+        result = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), *dry_run])
+        assert result.exit_code == 2
+        assert result.stderr.strip() == (
+            "error: logging.report_to: wandb needs the wandb package: pip install wandb "
+            "(or pip install 'shardtune[wandb]')"
+        )
+        assert result.stdout == "" and not (tmp_path / "run").exists()

@@ -84,6 +84,7 @@ def train(
     check_resume_options(resume, resume_from)
     resolved = load_recipe(recipe, set_)
     say_notes(resolved, quiet)
+    check_trackers(resolved.logging.report_to)  # (a dry run says it too)
     if dry_run:
         if json_output:
             print_json(resolved.model_dump(mode="json"))
@@ -91,7 +92,6 @@ def train(
             out_console.print(recipe_to_yaml(resolved), markup=False, end="")
         return
     check_recipe_sources(resolved)  # offline and not cached: said now, before torch loads
-    check_trackers(resolved.logging.report_to)
     if (nproc > 1 or machine_count(launch_args) > 1) and launched_processes() == 1:
         forwarded = [str(recipe)] + [a for item in set_ or [] for a in ("--set", item)]
         forwarded += ["--resume"] if resume else []

@@ -14,7 +14,7 @@ import errno
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -476,10 +476,36 @@ class LoggingSection(Section):
         "package (`pip install 'shardtune[tensorboard]'`).",
     )
 
-    @field_validator("report_to", mode="before")
+    project: str = Field(
+        "shardtune",
+        min_length=1,
+        description="Where the trackers file the run: the wandb or comet_ml project, the mlflow or aim "
+        "experiment, the folder under the run's logs/ for tensorboard.",
+    )
+    run_name: str | None = Field(
+        None, description="The run's name in wandb and mlflow (unset: the run directory's name)."
+    )
+    tags: list[str] = Field(default_factory=list, description="The run's tags in wandb and mlflow.")
+    tracker_kwargs: dict[TrackerName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="More keyword arguments for a tracker's start, e.g. `{wandb: {entity: my-team, group: "
+        "sweep-3}}` (wandb.init), `{mlflow: {description: ...}}`; they win over project, run_name and tags.",
+    )
+
+    @field_validator("report_to", "tags", mode="before")
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _kwargs_of_trackers_in_use(self):
+        unused = [name for name in self.tracker_kwargs if name not in self.report_to]
+        if unused:
+            raise ValueError(
+                f"tracker_kwargs names {', '.join(unused)}, which report_to does not list "
+                f"({', '.join(self.report_to) or 'none'})"
+            )
+        return self
 
 
 class Recipe(Section):

@@ -725,9 +725,7 @@ class Trainer:
         if self.main and self.recipe.logging.report_to:
             from shardtune.training.tracking import Trackers
 
-            self.trackers = Trackers(
-                self.recipe.logging.report_to, self.run_dir, self.recipe.model_dump(mode="json")
-            )
+            self.trackers = Trackers(self.recipe.logging, self.run_dir, self.recipe.model_dump(mode="json"))
 
     def setup_optimizer(self) -> None:
         """LoRS gradient init (a fresh run), FSDP sharding, AdamW, Accelerate's prepare."""

@@ -52,7 +52,7 @@ from shardtune.core.fileio import (
     write_marker,
 )
 from shardtune.recipe.schema import Recipe, recipe_to_yaml
-from shardtune.training.tracking import LOGS, PROJECT
+from shardtune.training.tracking import LOGS
 
 log = logging.getLogger("shardtune")
 
@@ -72,9 +72,10 @@ RUN_ENTRIES = [
     *(f"{BEST_DIR}/{name}" for name in BEST_FILES),
     "compare",  # `shardtune compare`'s runs: an output with its own marker
     # experiment trackers' files: TensorBoard's event files, and the hparams accelerate writes
-    f"{LOGS}/{PROJECT}/events.out.tfevents.*",
-    f"{LOGS}/{PROJECT}/*/events.out.tfevents.*",
-    f"{LOGS}/{PROJECT}/*/hparams.yml",
+    # (in the folder of logging.project)
+    f"{LOGS}/*/events.out.tfevents.*",
+    f"{LOGS}/*/*/events.out.tfevents.*",
+    f"{LOGS}/*/*/hparams.yml",
 ]
 # The kinds of output a run replaces (output.overwrite), with what this version writes in them (a run
 # an older version marked is judged by these entries too).
