@@ -780,6 +780,20 @@ MUTANTS: list[Mutant] = [
     m("dry-run-skips-trackers", "shardtune/cli/training.py",
       "    check_trackers(resolved.logging.report_to)  # (a dry run says it too)\n", "",
       "tests/test_real_world.py", "-k", "missing_tracker", why="--dry-run accepts report_to: [wandb] without wandb"),
+    m("vera-exported-dense", "shardtune/artifacts/export.py",
+      "    native = method in NATIVE_PEFT and not dense", "    native = False",
+      "tests/test_export.py", "-k", "loads_in_peft and vera", why="VeRA's savings lost in its PEFT export"),
+    m("vblora-topk-weights-unnormalised", "shardtune/artifacts/export.py",
+      '                tensors[f"{key}_topk_weights"] = torch.softmax(logits, dim=-1)[:, :, :-1]',
+      '                tensors[f"{key}_topk_weights"] = logits[:, :, :-1]',
+      "tests/test_export.py", "-k", "loads_in_peft and vblora", why="PEFT rebuilds other mixtures from the top-k file"),
+    m("vllm-rank-power-of-two", "shardtune/artifacts/export.py",
+      "    return next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), None)",
+      "    return max(8, 1 << (rank - 1).bit_length())",
+      "tests/test_export.py", "-k", "vllm_line", why="--max-lora-rank 1024, which vLLM refuses"),
+    m("init-from-export-unscaled", "shardtune/artifacts/checkpoint.py",
+      "        if rescale_b is not None and rescale_b != 1.0:", "        if False:",
+      "tests/test_export.py", "-k", "own_peft", why="an own export starts the run from another update"),
 ]
 # fmt: on
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_OPTIONS, tiny_recipe
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 from typer.testing import CliRunner
 
@@ -65,15 +66,25 @@ def test_export_peft_loads_in_peft_with_equal_logits(tmp_path, method, model, ad
     base = build_tiny_model(model)
     with torch.no_grad():
         assert (ours - base(IDS).logits).abs().max() > 1e-4  # the trained adapter changes the model
-    result = runner.invoke(
-        app, ["export", str(run_dir), "--format", "peft", "--out", str(tmp_path / "peft"), "--json"]
-    )
-    assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"]
-    loaded = peft.PeftModel.from_pretrained(build_tiny_model(model), str(tmp_path / "peft"))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(IDS).logits, ours, atol=1e-5, rtol=1e-5)
+    # VeRA and VB-LoRA: PEFT's own type (their shared stores kept), and on request a dense LoRA
+    native = {"vera": "VERA", "vblora": "VBLORA"}.get(method)
+    stored = {}
+    for form in ("peft", "peft-lora") if native else ("peft",):
+        out = tmp_path / form
+        result = runner.invoke(app, ["export", str(run_dir), "--format", form, "--out", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "adapter_config.json").read_text())
+        if form == "peft" and native:
+            assert config["peft_type"] == native
+        else:
+            assert config["peft_type"] == "LORA" and config["lora_alpha"] == config["r"]
+        stored[form] = json.loads(result.stdout)["stored_parameters"]
+        assert stored[form] == sum(t.numel() for t in load_file(out / "adapter_model.safetensors").values())
+        loaded = peft.PeftModel.from_pretrained(build_tiny_model(model), str(out))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(IDS).logits, ours, atol=1e-5, rtol=1e-5)
+    if native:  # what defines the method: fewer numbers than its dense LoRA form
+        assert stored["peft"] < stored["peft-lora"]
 
 
 def test_export_refuses_lors_and_unknown_formats(tmp_path):
@@ -262,3 +273,67 @@ def test_params_cli_compare_and_70b(tmp_path):
     assert result.exit_code == 0 and "mos" in result.output
     result = runner.invoke(app, ["params", "--model", "nope/none", "--method", "lora"])
     assert result.exit_code == 2 and "--model: 'nope/none' is not a builtin alias" in result.stderr
+
+
+def test_the_vllm_line_takes_a_rank_vllm_accepts_and_the_pinned_revision(tmp_path):
+    from shardtune.artifacts.export import vllm_command, vllm_max_lora_rank
+
+    accepted = [vllm_max_lora_rank(r) for r in range(1, 1025)]
+    assert accepted[:1] == [1] and set(accepted[1:8]) == {8} and set(accepted[8:16]) == {16}
+    assert {r: accepted[r - 1] for r in (17, 33, 65, 129, 257, 300, 320, 321, 512)} == {
+        17: 32,
+        33: 64,
+        65: 128,
+        129: 256,
+        257: 320,
+        300: 320,
+        320: 320,
+        321: 512,
+        512: 512,
+    }
+    assert set(accepted[512:]) == {None}  # vLLM serves no LoRA above rank 512
+    line = vllm_command("org/model", tmp_path / "a", 16, revision="0123abc")
+    assert line.startswith("vllm serve org/model --revision 0123abc --enable-lora") and line.endswith("16")
+    assert "--revision" not in vllm_command("org/model", tmp_path / "a", 16)
+
+
+def test_vera_exported_as_peft_says_vllm_needs_the_lora_form(tmp_path):
+    run_dir = trained_run(tmp_path, "vera")
+    result = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "vera")])
+    assert result.exit_code == 0, result.output
+    assert "written as a PEFT VERA adapter" in result.stdout
+    assert (
+        "not served by vLLM: vLLM serves LoRA adapters only: write this vera adapter with --format peft-lora"
+        in (result.stdout)
+    )
+    result = runner.invoke(app, ["export", str(run_dir), "-f", "peft-lora", "--out", str(tmp_path / "lora")])
+    assert "serve with: vllm serve" in result.stdout
+
+
+def test_an_own_peft_export_starts_a_run_of_the_same_recipe(tmp_path):
+    """The export folds the scale α/r into B and writes α = r; init_from with the recipe's α rescales B,
+    so the run starts from the exported update."""
+    from safetensors.torch import load_file as load
+
+    run_dir = trained_run(tmp_path, "lora", alpha=16.0)
+    assert runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "peft")]).exit_code == 0
+    raw = tiny_recipe(
+        tmp_path / "again",
+        adapter={
+            "method": "lora",
+            **TINY_OPTIONS["lora"],
+            "alpha": 16.0,
+            "init_from": str(tmp_path / "peft"),
+        },
+        train={"max_steps": 1, "lr": 1e-12},
+    )
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["train", str(tmp_path / "again.yaml"), "-q"])
+    assert result.exit_code == 0, result.output
+    first, again = (
+        load(run_dir / "adapter.safetensors"),
+        load(tmp_path / "again" / "run" / "adapter.safetensors"),
+    )
+    assert first.keys() == again.keys()
+    for key in first:
+        torch.testing.assert_close(again[key], first[key], atol=1e-8, rtol=1e-6)

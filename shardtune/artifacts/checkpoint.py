@@ -301,8 +301,20 @@ def init_adapter_from(model: nn.Module, directory: Path) -> None:
     ours: AdapterOptions = model.shardtune_options
     if source.method != ours.method:
         raise BadInput(f"{key}: {directory} holds a {source.method} adapter; adapter.method is {ours.method}")
+    # A PEFT LoRA's update is s·B·A with its own scale s (an export of shardtune's folds the recipe's
+    # scale into B and writes α = r): with the same rank, B is rescaled to this recipe's scale, so
+    # the update, and the model, are the ones the file holds.
+    rescale_b = None
+    free = ("init_from", "dropout", "dtype", "targets", "exclude", "init")
+    if meta["format"] == "peft" and getattr(source, "rank", None) == getattr(ours, "rank", None):
+        from shardtune.adapters.lora import lora_scale
+
+        rescale_b = lora_scale(source.alpha, source.rank, source.rslora) / lora_scale(
+            ours.alpha, ours.rank, ours.rslora
+        )
+        free += ("alpha", "rslora")
     for name, value in source.model_dump().items():
-        if name in ("init_from", "dropout", "dtype", "targets", "exclude", "init"):
+        if name in free:
             continue  # free to differ: they do not change what the weights mean
         if getattr(ours, name, value) != value:
             raise BadInput(
@@ -312,7 +324,10 @@ def init_adapter_from(model: nn.Module, directory: Path) -> None:
     if saved and sorted(saved) != sorted(model.shardtune_targets):
         raise BadInput(f"{key}: {directory} adapts other layers than adapter.targets selects")
     if meta["format"] == "peft":
-        load_adapter_state_dict(model, read_peft_weights(directory), str(directory / PEFT_WEIGHTS))
+        state = read_peft_weights(directory)
+        if rescale_b is not None and rescale_b != 1.0:
+            state = {k: v * rescale_b if k.endswith("lora_B") else v for k, v in state.items()}
+        load_adapter_state_dict(model, state, str(directory / PEFT_WEIGHTS))
     else:
         load_adapter_state_dict(
             model, read_adapter_weights(directory / ADAPTER_WEIGHTS), str(directory / ADAPTER_WEIGHTS)

@@ -195,10 +195,82 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(short) if selected == set(names) else sorted(names)
 
 
+# Methods PEFT has a type of its own for: `--format peft` writes them as that type (their shared stores
+# kept, as small as the method makes them); `--format peft-lora` writes them as a dense LoRA.
+NATIVE_PEFT = ("vera", "vblora")
+
+
+def peft_native(model: nn.Module, method: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """PEFT's own VERA or VBLORA tensors and config keys for the adapter ``model`` carries: the shared
+    store once (VeRA's projections vera_A, vera_B, when the run saves them; VB-LoRA's bank) and each
+    layer's vectors (λ_d, λ_b) or logits, under PEFT's names — the same layouts shardtune computes
+    with, so PEFT computes the same update."""
+    options, stores = model.shardtune_options, model.shardtune_stores
+    tensors: dict[str, torch.Tensor] = {}
+    if method == "vera":
+        if options.save_projection:
+            tensors["base_model.vera_A"] = stores.vera_A
+            tensors["base_model.vera_B"] = stores.vera_B
+        for name, layer in adapted_layers(model).items():
+            tensors[f"base_model.model.{name}.vera_lambda_d"] = layer.adapter.lambda_d
+            tensors[f"base_model.model.{name}.vera_lambda_b"] = layer.adapter.lambda_b
+        config = {
+            "peft_type": "VERA",
+            "r": options.rank,
+            "projection_prng_key": options.projection_seed,
+            "save_projection": options.save_projection,
+            "vera_dropout": 0.0,
+            "d_initial": options.d_initial,
+            "init_weights": True,
+        }
+    else:
+        # PEFT's save_only_topk_weights form, which is what the paper stores: per sub-vector the k bank
+        # indices (in the smallest integer type that holds h) and the first k − 1 softmax weights
+        # (the last is 1 minus their sum); PEFT rebuilds logits with exactly that top-k softmax
+        tensors["base_model.vblora_vector_bank"] = stores.bank
+        h = options.num_vectors
+        index_dtype = next(t for bound, t in INDEX_TYPES if h < bound)
+        for name, layer in adapted_layers(model).items():
+            for side in ("A", "B"):
+                logits, indices = getattr(layer.adapter, f"logits_{side}").detach().float().topk(options.topk)
+                key = f"base_model.model.{name}.vblora_logits_{side}"
+                tensors[f"{key}_topk_indices"] = indices.to(index_dtype)
+                tensors[f"{key}_topk_weights"] = torch.softmax(logits, dim=-1)[:, :, :-1]
+        config = {
+            "peft_type": "VBLORA",
+            "r": options.rank,
+            "num_vectors": options.num_vectors,
+            "vector_length": options.vector_length,
+            "topk": options.topk,
+            "save_only_topk_weights": True,
+            "vblora_dropout": 0.0,
+            "init_vector_bank_bound": options.init_vector_bank_bound,
+            "init_logits_std": options.init_logits_std,
+            "exclude_modules": None,
+        }
+    return {k: _stored(v) for k, v in tensors.items()}, config
+
+
+# The integer type PEFT stores VB-LoRA's bank indices in: the smallest that holds every index below h.
+INDEX_TYPES = ((2**8, torch.uint8), (2**15, torch.int16), (2**31, torch.int32), (2**63, torch.int64))
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as the export file keeps it: floats in fp32, indices as they are; its own memory."""
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.is_floating_point() else tensor).contiguous().clone()
+
+
 def export_peft(
-    run_dir: str | Path, out: str | Path, overwrite: bool = False, base_model: str | None = None
+    run_dir: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    base_model: str | None = None,
+    dense: bool = False,
 ) -> dict:
-    """The run's adapter as a standard PEFT LoRA adapter directory (see the module docstring)."""
+    """The run's adapter as a PEFT adapter directory (see the module docstring): VeRA and VB-LoRA as
+    PEFT's own VERA and VBLORA types unless ``dense``, every other low-rank method (and those, with
+    ``dense``) as a standard LoRA."""
     inputs = _inputs(Path(run_dir), base_model)
     check_output_dir(out, "--out", replace=overwrite, inputs=inputs, **EXPORTED)
     model, _, meta = load_adapted_model(run_dir, base_model=base_model)
@@ -219,23 +291,31 @@ def export_peft(
     if len(set(fifo.values())) > 1:
         raise BadInput("export: the adapter mixes Conv1D and Linear layers; PEFT needs one fan_in_fan_out")
     names = list(adapted_layers(model))
-    config = {
-        "peft_type": "LORA",
+    common = {
         "task_type": "CAUSAL_LM",
         # what PEFT/transformers load the base from: a hub id or an absolute path, never an alias
         **peft_base_model(model.shardtune_base),
-        "r": rank,
-        "lora_alpha": rank,  # the scale is folded into lora_B: α/r = 1
         "target_modules": _target_modules(model, names),
-        "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": next(iter(fifo.values())),
-        "use_rslora": False,
-        "use_dora": False,
         "modules_to_save": None,
-        "init_lora_weights": True,
         "inference_mode": True,
     }
+    native = method in NATIVE_PEFT and not dense
+    if native:
+        tensors, extra = peft_native(model, method)
+        config = {**common, **extra}
+    else:
+        config = {
+            **common,
+            "peft_type": "LORA",
+            "r": rank,
+            "lora_alpha": rank,  # the scale is folded into lora_B: α/r = 1
+            "lora_dropout": 0.0,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+        }
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -245,31 +325,48 @@ def export_peft(
         out, write, "export-peft", overwrite, inputs, what=EXPORTED["what"], replaces=EXPORTED["kinds"]
     )
     stored = sum(p.numel() for p in tensors.values())
+    base, revision = config["base_model_name_or_path"], config.get("revision")
+    if native:
+        serve, why = (
+            None,
+            f"vLLM serves LoRA adapters only: write this {method} adapter with --format peft-lora",
+        )
+    elif vllm_max_lora_rank(rank) is None:
+        serve, why = None, f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; this adapter has rank {rank}"
+    else:
+        serve, why = vllm_command(base, Path(out), rank, revision), None
     return {
         "out": str(out),
-        "format": "peft",
+        "format": "peft-lora" if dense else "peft",
+        "peft_type": config["peft_type"],
         "method": method,
-        "r": rank,
+        "r": config["r"],
         "layers": len(names),
         "stored_parameters": stored,
-        "base_model_name_or_path": config["base_model_name_or_path"],
-        "serve": vllm_command(config["base_model_name_or_path"], Path(out), rank),
+        "base_model_name_or_path": base,
+        "serve": serve,
+        "serve_note": why,
     }
 
 
-def vllm_max_lora_rank(rank: int) -> int:
-    """The smallest ``--max-lora-rank`` vLLM accepts (8, 16, 32, 64, …) that holds ``rank``."""
-    return max(8, 1 << (rank - 1).bit_length())
+# The --max-lora-rank values vLLM accepts.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def vllm_command(base: str, adapter: Path, rank: int) -> str:
-    """A ``vllm serve`` command line that serves the base with this PEFT LoRA adapter (named after its
-    directory), with the rank it needs."""
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds ``rank`` (None above its largest)."""
+    return next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), None)
+
+
+def vllm_command(base: str, adapter: Path, rank: int, revision: str | None = None) -> str:
+    """A ``vllm serve`` command line that serves the base (at its pinned revision) with this PEFT LoRA
+    adapter (named after its directory), with the rank it needs."""
     import shlex
 
     name = adapter.resolve().name or "adapter"
+    pinned = f" --revision {shlex.quote(revision)}" if revision else ""
     return (
-        f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules "
+        f"vllm serve {shlex.quote(base)}{pinned} --enable-lora --lora-modules "
         f"{shlex.quote(f'{name}={adapter.resolve()}')} --max-lora-rank {vllm_max_lora_rank(rank)}"
     )
 

@@ -62,32 +62,41 @@ def export(
     format: Annotated[
         str,
         typer.Option(
-            "--format", "-f", metavar="peft|shardtune", help="peft (a standard LoRA adapter) or shardtune."
+            "--format",
+            "-f",
+            metavar="peft|peft-lora|shardtune",
+            help="peft (PEFT's own type: VERA and VBLORA for VeRA and VB-LoRA, LORA for the rest), peft-lora "
+            "(a standard LoRA for every low-rank method, for servers that take LoRA only) or shardtune.",
         ),
     ] = "peft",
     overwrite: OverwriteOption = False,
     base_model: BaseModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Write the adapter in another format: `peft` (PEFT/vLLM/transformers-loadable LoRA) or `shardtune`."""
+    """Write the adapter in another format: `peft` (loaded by PEFT and transformers; LoRA ones by vLLM too),
+    `peft-lora` (a dense LoRA of any low-rank method) or `shardtune`."""
     from shardtune.artifacts.export import export_native, export_peft
 
-    if format == "peft":
-        result = export_peft(run_dir, out, overwrite, base_model)
+    if format in ("peft", "peft-lora"):
+        result = export_peft(run_dir, out, overwrite, base_model, dense=format == "peft-lora")
     elif format == "shardtune":
         result = export_native(run_dir, out, overwrite, base_model)
     else:
-        raise BadInput(f"--format: unknown format {format!r}; available: peft, shardtune")
+        raise BadInput(f"--format: unknown format {format!r}; available: peft, peft-lora, shardtune")
     if json_output:
         print_json(result)
-    elif format == "peft":
+    elif format != "shardtune":
         out_console.print(
-            f"{result['method']} adapter written as a PEFT LoRA (r={result['r']}, {result['layers']} layers) "
-            f"to {out}; base: {result['base_model_name_or_path']}",
+            f"{result['method']} adapter written as a PEFT {result['peft_type']} adapter (r={result['r']}, "
+            f"{result['layers']} layers, {result['stored_parameters']:,} numbers) to {out}; "
+            f"base: {result['base_model_name_or_path']}",
             markup=False,
             soft_wrap=True,
         )
-        out_console.print(f"serve with: {result['serve']}", markup=False, soft_wrap=True)
+        if result["serve"]:
+            out_console.print(f"serve with: {result['serve']}", markup=False, soft_wrap=True)
+        else:
+            out_console.print(f"not served by vLLM: {result['serve_note']}", markup=False, soft_wrap=True)
     else:
         out_console.print(f"adapter copied to {out}", markup=False)
 
