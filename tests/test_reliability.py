@@ -654,7 +654,9 @@ def test_a_resume_with_no_step_left_is_refused(copied):
 def test_a_run_that_logged_no_loss_writes_null_not_nan(tmp_path, monkeypatch):
     from shardtune.training.loop import Trainer
 
-    monkeypatch.setattr(Trainer, "log_metrics", lambda self: None)  # as a run that trains no step
+    monkeypatch.setattr(
+        Trainer, "log_metrics", lambda self, evaluations: None
+    )  # as a run that trains no step
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(resume_raw(tmp_path, max_steps=1, save_every=0)))
     result = CliRunner().invoke(app, ["train", str(recipe), "-q", "--json"])

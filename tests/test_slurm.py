@@ -36,25 +36,34 @@ class Run:
 
     recipe: Path
     nproc: int
-    uninterrupted: dict[str, torch.Tensor]
+    uninterrupted: dict[str, torch.Tensor] | None = None
 
 
-def a_run(folder: Path, steps: int, nproc: int, log_every: int) -> Run:
+def a_recipe(folder: Path, steps: int, log_every: int) -> Path:
     data = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
     data["train"].update({"max_steps": steps, "batch_size": 4, "save_every": 100_000, "keep_checkpoints": 2})
     data["logging"]["every"] = log_every
-    recipe = folder / "r.yaml"
-    recipe.write_text(yaml.safe_dump(data))
-    done = subprocess.run(  # the same script, outside Slurm, never stopped
+    (folder / "r.yaml").write_text(yaml.safe_dump(data))
+    return folder / "r.yaml"
+
+
+def uninterrupted(run: Run, folder: Path) -> subprocess.Popen:
+    """The same script, outside Slurm, never stopped (its adapter: :func:`finish_uninterrupted`)."""
+    return subprocess.Popen(
         ["bash", str(SCRIPT)],
-        env=job_env(recipe, folder / "uninterrupted", nproc),
+        env=job_env(run.recipe, folder / "uninterrupted", run.nproc),
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return Run(recipe, nproc, load_file(folder / "uninterrupted" / "adapter.safetensors"))
+
+
+def finish_uninterrupted(run: Run, process: subprocess.Popen, folder: Path) -> Run:
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    run.uninterrupted = load_file(folder / "uninterrupted" / "adapter.safetensors")
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +76,29 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def long_run(slurm, tmp_path_factory) -> Run:
-    """One process (as on one GPU), steps enough that one minute cannot finish them (about 140 steps/s
-    here; the warning of a one-minute job comes at most about 50 s after its start)."""
-    return a_run(tmp_path_factory.mktemp("long"), steps=8000, nproc=1, log_every=500)
+def time_limited(slurm, tmp_path_factory) -> dict[str, tuple]:
+    """Both scripts submitted at once with a one-minute time limit on a run longer than that: one
+    process each (as on one GPU), 8,000 steps (at most about 140 steps/s here, and the warning of a
+    one-minute job comes at most about 50 s after its start: no start can finish them). The
+    uninterrupted run trains meanwhile. {script name: (job, its log, its folder, the run)}."""
+    folder = tmp_path_factory.mktemp("long")
+    run = Run(a_recipe(folder, steps=8000, log_every=500), nproc=1)
+    jobs = {}
+    for script in (SCRIPT, MULTI_NODE):
+        where = folder / script.stem
+        where.mkdir()
+        job, log = submit(slurm, run, where, "--time=1", "--signal=B:USR1@40", "--nodes=1", script=script)
+        jobs[script.stem] = (job, log, where, run)
+    finish_uninterrupted(run, uninterrupted(run, folder), folder)
+    return jobs
 
 
 @pytest.fixture(scope="module")
 def short_run(slurm, tmp_path_factory) -> Run:
     """Two processes (the launcher hands the SIGTERM on), a few seconds of steps."""
-    return a_run(tmp_path_factory.mktemp("short"), steps=600, nproc=2, log_every=50)
+    folder = tmp_path_factory.mktemp("short")
+    run = Run(a_recipe(folder, steps=600, log_every=50), nproc=2)
+    return finish_uninterrupted(run, uninterrupted(run, folder), folder)
 
 
 def job_env(recipe: Path, run: Path, nproc: int) -> dict[str, str]:
@@ -112,11 +134,11 @@ def assert_same_adapter(run: Path, uninterrupted: dict[str, torch.Tensor]) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", [SCRIPT, MULTI_NODE], ids=["one-node", "multi-node-on-one"])
-def test_at_its_time_limit_the_job_checkpoints_requeues_itself_and_resumes(slurm, long_run, tmp_path, script):
+@pytest.mark.parametrize("script", [SCRIPT.stem, MULTI_NODE.stem], ids=["one-node", "multi-node-on-one"])
+def test_at_its_time_limit_the_job_checkpoints_requeues_itself_and_resumes(slurm, time_limited, script):
     """The multi-node script runs here on one node (`--nodes=1`: one srun task, one machine of the
     rendezvous): its warning stops the job step with `scancel --signal=TERM`, not srun."""
-    job, log = submit(slurm, long_run, tmp_path, "--time=1", "--signal=B:USR1@40", "--nodes=1", script=script)
+    job, log, folder, run = time_limited[script]
     final = slurm.wait(job, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"}, timeout=400)
     text = log.read_text()
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", text[-3000:]
@@ -131,7 +153,7 @@ def test_at_its_time_limit_the_job_checkpoints_requeues_itself_and_resumes(slurm
     assert "DUE TO TIME LIMIT" not in text  # requeued before Slurm's own kill
     ends = [record["JobState"] for record in slurm.completions() if record["JobId"] == str(job)]
     assert ends == ["PENDING"] * restarts + ["COMPLETED"]  # jobcomp: each requeue, then the end
-    assert_same_adapter(tmp_path / "run", long_run.uninterrupted)
+    assert_same_adapter(folder / "run", run.uninterrupted)
 
 
 @pytest.mark.slow
