@@ -3,14 +3,29 @@
 Options show the word a value stands for (``--rank RANK``, ``--out DIR``), never a Python type; a
 yes/no option is a bare flag; arguments are named as the usage line names them; every command's one
 line in ``shardtune --help`` is its whole first sentence (wrapped, never cut with ``…``); paragraphs are
-wrapped to the terminal's width (80 columns in a pipe), and nothing is drawn in boxes.
+wrapped to the terminal's width (80 columns in a pipe) without breaking a hyphenated word, and
+nothing is drawn in boxes.
 """
 
 from __future__ import annotations
 
 import re
 
+import typer._click._textwrap
 import typer.core
+
+
+class _WholeWords(typer._click._textwrap.TextWrapper):
+    """The help's wrapper (typer's copy of click's), never breaking a line inside a hyphenated word:
+    `peft-lora`, `--max-lora-rank` and `low-rank` stay whole (and can be copied whole)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["break_on_hyphens"] = False
+        super().__init__(*args, **kwargs)
+
+
+# (typer's wrap_text imports its TextWrapper from there at each call)
+typer._click._textwrap.TextWrapper = _WholeWords
 
 # What a value placeholder may look like: words in capitals (RANK, KEY=VALUE, A,B) or a list of the
 # literal choices (peft|shardtune).
