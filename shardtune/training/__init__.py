@@ -6,6 +6,7 @@
 * ``fsdp`` — ``train.strategy: fsdp`` (FSDP2 units, the root with the shared stores);
 * ``rundir`` — a run directory's life (claimed, locked, started, finished);
 * ``tracking`` — experiment trackers;
+* ``selection`` — judging evaluations during training: the best one (``best/``), early stopping;
 * ``compare`` — several methods (or budgets) trained side by side.
 
 May import: every layer below it (``core``, ``models``, ``adapters``, ``recipe``, ``data``,

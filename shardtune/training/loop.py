@@ -13,7 +13,7 @@
       Trainer.setup_optimizer   LoRS gradient init, FSDP sharding, AdamW + schedule, Accelerate's prepare
       Trainer.restore_or_score  resumed: optimizer, RNG, data position; fresh: the base model's task score
       Trainer.loop              each optimizer step: train_step (per micro-batch), then at_interval
-                                (log + evaluate, checkpoint, SIGTERM) when its step is due
+                                (log, evaluate and judge: best/, early stopping; checkpoint, SIGTERM) when due
       Trainer.finish            held-out loss and task score, final adapter, result.json
 
 Accelerate handles the device, DDP, bf16 autocast and gradient accumulation; with
