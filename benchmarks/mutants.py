@@ -794,6 +794,9 @@ MUTANTS: list[Mutant] = [
     m("init-from-export-unscaled", "shardtune/artifacts/checkpoint.py",
       "        if rescale_b is not None and rescale_b != 1.0:", "        if False:",
       "tests/test_export.py", "-k", "own_peft", why="an own export starts the run from another update"),
+    m("sharegpt-gpt-as-user", "shardtune/data/examples.py",
+      '    "gpt": "assistant",', '    "gpt": "user",',
+      "tests/test_data.py", "-k", "sharegpt", why="ShareGPT's answers are read as questions (nothing learned from them)"),
 ]
 # fmt: on
 

@@ -254,3 +254,59 @@ def test_a_key_given_twice_in_a_record_is_refused(tmp_path):
         read_records(DataSection(path=str(tmp_path / "d.jsonl")))
     with pytest.raises(BadInput, match=r"d.json: a record gives key 'completion' twice; keep one"):
         read_records(DataSection(path=str(tmp_path / "d.json")))
+
+
+def test_sharegpt_conversations_are_chats_with_their_speakers_named_as_roles(tmp_path):
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": f"q{i}"},
+                {"from": "gpt", "value": f"a{i}"},
+                {"from": "Human", "value": "again"},  # case does not matter
+                {"from": "chatgpt", "value": f"b{i}"},
+                {"from": "function_call", "value": "f()"},
+                {"from": "observation", "value": "42"},
+                {"from": "model", "value": "done"},
+            ]
+        }
+        for i in range(10)
+    ]
+    path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    for fmt in ("auto", "sharegpt"):
+        train, held = load_examples(section(path=str(path), format=fmt, eval_samples=2))
+        assert len(train) == 8 and len(held) == 2
+        (first,) = [e for e in train + held if e.messages[1] == ("user", "q0")]
+        assert first.messages == (
+            ("system", "Be brief."),
+            ("user", "q0"),
+            ("assistant", "a0"),
+            ("user", "again"),
+            ("assistant", "b0"),
+            ("assistant", "f()"),
+            ("tool", "42"),
+            ("assistant", "done"),
+        )
+    # every assistant turn is learned, as with messages
+    tok = byte_tokenizer()
+    pieces = segments(first, tok, chat=True)
+    assert [t for t, trainable in pieces if trainable][:2] == ["a0</s>\n", "b0</s>\n"]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            {"conversations": [{"from": "alien", "value": "x"}]},
+            "turn 1 is from 'alien'; ShareGPT speakers are system, human",
+        ),
+        ({"conversations": [{"from": "human"}]}, "needs string 'from' and 'value'"),
+        ({"conversations": []}, "has no list field 'conversations'"),
+        ({"conversations": [{"from": "human", "value": "q"}]}, "has no assistant message to learn from"),
+    ],
+)
+def test_bad_sharegpt_records_are_one_line(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "c.jsonl", [record] * 4)
+    with pytest.raises(BadInput, match=message) as err:
+        load_examples(section(path=str(path), eval_samples=1))
+    assert "\n" not in str(err.value)

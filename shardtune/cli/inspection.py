@@ -75,7 +75,10 @@ def eval_command(
         ),
     ] = None,
     data_format: Annotated[
-        str, typer.Option("--format", help="auto, text, prompt_completion, alpaca or messages (--data).")
+        str,
+        typer.Option(
+            "--format", help="auto, text, prompt_completion, alpaca, messages or sharegpt (--data)."
+        ),
     ] = "auto",
     metric: Annotated[
         str, typer.Option("--metric", help="exact (first line equals the completion) or contains.")

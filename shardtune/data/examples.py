@@ -9,6 +9,8 @@ Formats (``data.format``, ``auto`` decides from the first record's keys):
   + input), completion = output.
 * ``messages`` — ``{"messages": [{"role", "content"}, ...]}``: rendered with the tokenizer's chat
   template; loss on the assistant turns only.
+* ``sharegpt`` — ``{"conversations": [{"from", "value"}, ...]}``: as ``messages``, the speakers named
+  as ShareGPT names them (:data:`SHAREGPT_ROLES`: human, gpt, system and the common aliases).
 
 With ``data.chat_template`` on (``auto``: when the tokenizer has one) prompt/completion and alpaca
 examples are rendered as a user turn and an assistant turn too, which is what instruct models
@@ -35,6 +37,22 @@ from shardtune.recipe.schema import DataSection
 
 IGNORE = -100
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's speakers (``from``) as chat roles: the original names and those other tools write.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+}
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -251,6 +269,8 @@ def detect_format(record: object) -> str:
     keys = set(record) if isinstance(record, dict) else set()
     if "messages" in keys:
         return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if {"prompt", "completion"} <= keys:
@@ -259,7 +279,7 @@ def detect_format(record: object) -> str:
         return "text"
     raise BadInput(
         f"data.format: cannot tell the format from the record keys {sorted(keys)}; expected text, "
-        "prompt+completion, instruction+output (alpaca) or messages"
+        "prompt+completion, instruction+output (alpaca), messages or conversations (sharegpt)"
     )
 
 
@@ -291,9 +311,40 @@ def record_to_example(rec: object, fmt: str, where: str, text_field: str = "text
     if fmt == "alpaca":
         extra = field("input", optional=True)
         return Example(field("instruction") + (f"\n\n{extra}" if extra else ""), field("output"))
+    if fmt == "sharegpt":
+        return Example(messages=_checked_turns(_sharegpt_messages(rec, where), where))
     messages = rec.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadInput(f"{where} has no list field 'messages' (data.format: messages)")
+    return Example(messages=_checked_turns(messages, where))
+
+
+def _sharegpt_messages(rec: dict, where: str) -> list:
+    """A ShareGPT record's ``conversations`` as ``messages`` (role, content)."""
+    turns = rec.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadInput(f"{where} has no list field 'conversations' (data.format: sharegpt)")
+    messages = []
+    for k, turn in enumerate(turns, 1):
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            raise BadInput(f"{where}: every turn of 'conversations' needs string 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"].lower())
+        if role is None:
+            raise BadInput(
+                f"{where}: turn {k} is from {turn['from']!r}; ShareGPT speakers are "
+                f"{', '.join(SHAREGPT_ROLES)}"
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _checked_turns(messages: list, where: str) -> tuple[tuple[str, str], ...]:
+    """(role, content) of each message, each a string and a role chat templates know; an assistant
+    turn to learn from."""
     turns = []
     for k, m in enumerate(messages, 1):
         if (
@@ -309,7 +360,7 @@ def record_to_example(rec: object, fmt: str, where: str, text_field: str = "text
         turns.append((m["role"], m["content"]))
     if not any(role == "assistant" for role, _ in turns):
         raise BadInput(f"{where} has no assistant message to learn from")
-    return Example(messages=tuple(turns))
+    return tuple(turns)
 
 
 DEFAULT_EVAL_SAMPLES = 64

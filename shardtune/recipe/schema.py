@@ -139,12 +139,13 @@ class DataSection(Section):
         "directories) or, next to a local data file, a second file. Unset: `eval_samples` records are "
         "split off the training data.",
     )
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "messages"] = Field(
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt"] = Field(
         "auto",
         description=(
             "`text` (field `text`, all tokens trained), `prompt_completion`, `alpaca` "
-            "(instruction/input/output), `messages` (chat); loss only on completions / assistant turns. "
-            "`auto`: decided from the first record's keys."
+            "(instruction/input/output), `messages` (chat: role/content), `sharegpt` (chat: `conversations` "
+            "of from/value); loss only on completions / assistant turns. `auto`: decided from the first "
+            "record's keys."
         ),
     )
     text_field: str = Field("text", description="Field holding the text for `format: text`.")
