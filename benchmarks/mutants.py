@@ -797,6 +797,10 @@ MUTANTS: list[Mutant] = [
     m("sharegpt-gpt-as-user", "shardtune/data/examples.py",
       '    "gpt": "assistant",', '    "gpt": "user",',
       "tests/test_data.py", "-k", "sharegpt", why="ShareGPT's answers are read as questions (nothing learned from them)"),
+    m("best-overwrites-a-users-file", "shardtune/artifacts/checkpoint.py",
+      "    foreign = foreign_entries(final, BEST_FILES) if final.is_dir() and not final.is_symlink() else []",
+      "    foreign = []",
+      "tests/test_selection.py", "-k", "users_file", why="a file the user put in best/ is deleted with the old best"),
 ]
 # fmt: on
 

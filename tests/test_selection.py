@@ -254,3 +254,21 @@ def test_selection_without_its_evaluations_is_one_line(tmp_path, sections, key):
         recipe_from_dict(tiny_recipe(tmp_path, **sections))
     message = str(found.value)
     assert key in message and "\n" not in message
+
+
+def test_a_best_folder_holding_a_users_file_is_kept_as_it_is(tmp_path):
+    raw = tiny_recipe(
+        tmp_path,
+        train={"max_steps": 6, "save_every": 2, "keep_checkpoints": 5},
+        eval={"every": 2},
+        output={"keep_best": True},
+    )
+    train(recipe_from_dict(raw))
+    best = tmp_path / "run" / "best"
+    (best / "notes").mkdir()
+    (best / "notes" / "mine.txt").write_text("keep me")
+    before = {p.name: p.read_bytes() for p in best.iterdir() if p.is_file()}
+    train(recipe_from_dict(raw), resume=tmp_path / "run" / "checkpoint-2")  # evaluates again at 4, 6
+    assert (best / "notes" / "mine.txt").read_text() == "keep me"
+    assert {p.name: p.read_bytes() for p in best.iterdir() if p.is_file()} == before
+    assert "holds notes/, which shardtune did not write" in (tmp_path / "run" / "train.log").read_text()

@@ -288,9 +288,6 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
         set_adapter_enabled(model, True)
 
 
-ROLES = ("A", "B", "bank", "logits", "shard", "scale")
-
-
 def parameter_role(name: str) -> str:
     """What an adapter parameter is, from the last part of its name: ``A`` (lora_A…, A_<kind> of a
     cross-layer store), ``B`` (likewise), ``bank`` (VB-LoRA's vectors), ``logits`` (VB-LoRA's mixtures),

@@ -39,7 +39,13 @@ from shardtune.artifacts.peftio import (
     read_peft_weights,
 )
 from shardtune.core.errors import BadInput, named_as
-from shardtune.core.fileio import atomic_directory, atomic_write, atomic_write_text, read_safetensors
+from shardtune.core.fileio import (
+    atomic_directory,
+    atomic_write,
+    atomic_write_text,
+    foreign_entries,
+    read_safetensors,
+)
 from shardtune.models.dtensor import full_tensor, like_parameter
 from shardtune.models.loading import load_model
 from shardtune.models.quant import quantization_of
@@ -113,16 +119,13 @@ class TrainingSnapshot:
     adapter: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor] | None = None
     param_groups: list | None = None
-    optimizer_numbers: dict[str, int | float] | None = (
-        None  # state kept as plain numbers (bitsandbytes' step)
-    )
+    optimizer_numbers: dict[str, int | float] | None = None  # plain-number state (bitsandbytes' step)
 
 
 def take_snapshot(model: nn.Module, optimizer=None) -> TrainingSnapshot:
     snapshot = TrainingSnapshot(adapter_state_dict(model))
     if optimizer is not None:
-        snapshot.optimizer, snapshot.param_groups = optimizer_tensors(optimizer)
-        snapshot.optimizer_numbers = optimizer_numbers(optimizer)
+        snapshot.optimizer, snapshot.param_groups, snapshot.optimizer_numbers = optimizer_state(optimizer)
     return snapshot
 
 
@@ -160,7 +163,7 @@ def save_best(
     generate, merge and export take it) and best.json, replacing the earlier best as a whole. A
     ``best`` that holds files shardtune did not write is kept as it is, with a warning (None)."""
     final = run_dir / BEST_DIR
-    foreign = sorted(p.name for p in final.iterdir() if p.name not in BEST_FILES) if final.is_dir() else []
+    foreign = foreign_entries(final, BEST_FILES) if final.is_dir() and not final.is_symlink() else []
     if final.is_symlink() or final.exists() and not final.is_dir() or foreign:
         what = ", ".join(foreign) or "a link or file"
         log.warning("kept %s as it is: it holds %s, which shardtune did not write", final, what)
@@ -306,7 +309,7 @@ def init_adapter_from(model: nn.Module, directory: Path) -> None:
     # the update, and the model, are the ones the file holds.
     rescale_b = None
     free = ("init_from", "dropout", "dtype", "targets", "exclude", "init")
-    if meta["format"] == "peft" and getattr(source, "rank", None) == getattr(ours, "rank", None):
+    if meta["format"] == "peft" and source.rank == ours.rank:  # (both LoRA: the methods agree)
         from shardtune.adapters.lora import lora_scale
 
         rescale_b = lora_scale(source.alpha, source.rank, source.rslora) / lora_scale(
@@ -413,13 +416,15 @@ def load_adapted_model(
 # Training state (resume): optimizer moments in safetensors, counters and RNG states in JSON/safetensors.
 
 
-def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """The optimizer state as whole tensors keyed ``state.<param index>.<name>``, and its param groups.
+def optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], list, dict[str, int | float]]:
+    """The optimizer state as whole tensors keyed ``state.<param index>.<name>``, its param groups, and
+    the state that is a plain number, not a tensor (bitsandbytes counts steps in an int), keyed
+    ``<param index>.<name>`` (trainer_state.json keeps those).
 
     Under FSDP each moment is gathered from its shards (every process must call this).
     """
     state = optimizer.state_dict()
-    tensors, seen = {}, set()
+    tensors, numbers, seen = {}, {}, set()
     for idx, entry in state["state"].items():
         for key, value in _flat_state(entry).items():
             if isinstance(value, torch.Tensor):
@@ -428,7 +433,9 @@ def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list]:
                     value = value.clone()
                 seen.add(value.data_ptr())
                 tensors[f"state.{idx}.{key}"] = value
-    return tensors, state["param_groups"]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                numbers[f"{idx}.{key}"] = value
+    return tensors, state["param_groups"], numbers
 
 
 def _flat_state(entry: dict) -> dict:
@@ -438,17 +445,6 @@ def _flat_state(entry: dict) -> dict:
     for key, value in entry.items():
         flat.update(value if isinstance(value, dict) else {key: value})
     return flat
-
-
-def optimizer_numbers(optimizer) -> dict[str, int | float]:
-    """The optimizer state that is a plain number, not a tensor (bitsandbytes counts steps in an int),
-    keyed ``<param index>.<name>``: trainer_state.json keeps it."""
-    return {
-        f"{idx}.{key}": value
-        for idx, entry in optimizer.state_dict()["state"].items()
-        for key, value in _flat_state(entry).items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
-    }
 
 
 def save_training_state(directory: Path, snapshot: TrainingSnapshot, counters: dict) -> None:

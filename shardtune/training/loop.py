@@ -244,17 +244,17 @@ def lr_factor(done: int, warmup: int, total: int, schedule: str, floor: float = 
 
 
 def adamw(params: list, lr: float, weight_decay: float, betas, sharded: bool = False):
-    """AdamW over the adapter's parameters (a list of tensors, or of param groups: :func:`param_groups`):
-    torch's fused kernel (one pass over every tensor, not a dozen small ops per tensor) where it
-    applies, i.e. unsharded parameters on CPU or CUDA; the default implementation for FSDP's sharded
-    ones. Same update rule either way."""
+    """AdamW over the adapter's parameters (tensors, or param groups as :func:`param_groups` makes them:
+    what torch's optimizers take): torch's fused kernel (one pass over every tensor, not a dozen small
+    ops per tensor) where it applies, i.e. unsharded parameters on CPU or CUDA; the default
+    implementation for FSDP's sharded ones. Same update rule either way."""
     tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     fused = not sharded and bool(tensors) and all(p.device.type in ("cpu", "cuda") for p in tensors)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
 
 
 def make_optimizer(params: list, cfg: TrainSection, sharded: bool = False):
-    """``train.optimizer`` over ``params`` (tensors or param groups), at ``train.lr`` (the schedule sets
+    """``train.optimizer`` over ``params`` (param groups), at ``train.lr`` (the schedule sets
     each step's rate): torch's AdamW (:func:`adamw`) or Adafactor, or bitsandbytes' 8-bit AdamW."""
     if cfg.optimizer == "adamw":
         return adamw(params, cfg.lr, cfg.weight_decay, cfg.betas, sharded=sharded)
@@ -272,10 +272,11 @@ def make_optimizer(params: list, cfg: TrainSection, sharded: bool = False):
 
 
 def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainSection, method: str) -> list:
-    """The trainable parameters as AdamW takes them: a plain list (one group, in the model's order) when
-    every role learns alike, else one group per role (sorted by name) with its ``lr_scale`` (a multiple
-    of the scheduled rate: the method's paper, ``train.lr_ratio_b``, ``train.param_groups``) and weight
-    decay. A role the recipe names that this method does not have is one line."""
+    """The trainable parameters as the optimizer takes them: one group in the model's order when every
+    role learns alike (the optimizer's own defaults), else one group per role (sorted by name) with its
+    ``lr_scale`` (a multiple of the scheduled rate: the method's paper, ``train.lr_ratio_b``,
+    ``train.param_groups``) and weight decay. A role the recipe names that this method does not have
+    is one line."""
     roles: dict[str, list] = {}
     for name, p in named:
         roles.setdefault(parameter_role(name), []).append(p)
@@ -297,7 +298,7 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainSection,
         if group.weight_decay is not None:
             decays[role] = group.weight_decay
     if not any(role in scales or role in decays for role in roles):
-        return [p for _, p in named]
+        return [{"params": [p for _, p in named]}]
     return [
         {
             "params": roles[role],
@@ -712,9 +713,7 @@ class Trainer:
             )
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = param_groups(named, self.cfg, self.recipe.adapter.method)  # the optimizer's order
-        split = bool(groups) and isinstance(groups[0], dict)
-        expected = [g["params"] for g in groups] if split else [groups]
-        check_optimizer_fits(directory, expected, self.cfg.optimizer)
+        check_optimizer_fits(directory, [g["params"] for g in groups], self.cfg.optimizer)
 
     def start_run(self) -> None:
         """A resumed run's checkpoint checked against model and data; then the run directory is written
@@ -926,11 +925,8 @@ class Trainer:
     def judge(self, step: int, evaluations: dict[str, float]) -> None:
         """output.keep_best: a better evaluation replaces ``best/``; train.early_stopping: the run stops
         once its metric has not improved for ``patience`` evaluations."""
-        out, early = self.recipe.output, self.cfg.early_stopping
-        metric = out.best_metric
-        if out.keep_best and metric in evaluations:
-            if self.selection.improves_best(metric, step, evaluations[metric]):
-                self.save_best(step, metric, evaluations[metric])
+        early = self.cfg.early_stopping
+        self._keep_best(step, evaluations)
         if early is not None and early.metric in evaluations:
             value = evaluations[early.metric]
             exhausted = self.selection.exhausted(early.metric, value, early.patience, early.min_delta)
@@ -941,6 +937,13 @@ class Trainer:
                     f"{self.total_steps}"
                 )
                 self.reporter.info(f"early stopping: {self.stopped_early}")
+
+    def _keep_best(self, step: int, evaluations: dict[str, float]) -> None:
+        """output.keep_best: ``best/`` becomes this step's adapter when its metric is the best so far."""
+        metric = self.recipe.output.best_metric
+        if self.recipe.output.keep_best and evaluations.get(metric) is not None:
+            if self.selection.improves_best(metric, step, evaluations[metric]):
+                self.save_best(step, metric, evaluations[metric])
 
     def save_best(self, step: int, metric: str, value: float) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -1087,17 +1090,12 @@ class Trainer:
 
     def judge_the_end(self) -> None:
         """output.keep_best: the final evaluations count too (the last step may be the best)."""
-        out = self.recipe.output
-        if not out.keep_best:
+        if not self.recipe.output.keep_best:
             return
-        if out.best_metric == "eval_loss":
-            value = self.eval_loss  # all-reduced: the same on every process (None: nothing held out)
-        elif self.recipe.eval.score:
-            value = self._from_main(self.scores.get("task_score"))
-        else:
-            return
-        if value is not None and self.selection.improves_best(out.best_metric, self.position.step, value):
-            self.save_best(self.position.step, out.best_metric, value)
+        final = {"eval_loss": self.eval_loss}  # all-reduced: the same on every process
+        if self.recipe.eval.score:
+            final["task_score"] = self._from_main(self.scores.get("task_score"))
+        self._keep_best(self.position.step, final)
 
     def _best(self) -> dict | None:
         best = self.selection.best.get(self.recipe.output.best_metric)
@@ -1108,9 +1106,7 @@ class Trainer:
     def _score(self, model, who: str) -> float:
         """Exact-match score on the held-out items; under FSDP every process generates in lockstep."""
         recipe = self.recipe
-        examples = self.data.eval_examples
-        if not examples:
-            raise BadInput("eval.score: no held-out examples to score (data.eval_samples is 0)")
+        examples = self.data.eval_examples  # (some: read_data made sure)
         result = score_task(
             model,
             self.tokenizer,
