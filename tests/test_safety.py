@@ -150,6 +150,61 @@ def test_commands_refuse_targets_they_must_not_write(place, command, target):
     assert place.snapshot() == before
 
 
+LINK_COMMANDS = {**COMMANDS, "train": None}
+
+
+@pytest.mark.parametrize("command", list(LINK_COMMANDS))
+def test_a_target_through_a_link_and_dotdot_is_checked_where_it_is_written(place, command):
+    """``runs/latest/../x`` with ``runs/latest`` → ``store/target``: the kernel writes ``store/x``, not
+    the ``runs/x`` the text spells. An earlier output of this command at ``runs/x`` must not let the
+    user's ``store/x`` be replaced; with no ``store/x``, the output is written there whole, and every
+    byte outside it is unchanged."""
+    runs, store = place.tmp / "runs", place.tmp / "store"
+    (store / "target").mkdir(parents=True)
+    (runs / "latest").symlink_to(store / "target")
+    mine = store / "x"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+
+    def args(target: Path | str) -> list[str]:
+        if command == "train":
+            recipe = place.recipe(train={"max_steps": 2})
+            return ["train", recipe, "-q", "--set", f"output.dir={target}", "--set", "output.overwrite=true"]
+        return COMMANDS[command](place, str(target))
+
+    if command == "train":
+        shutil.copytree(place.run, runs / "x")  # an earlier run, where the text points
+    else:
+        assert runner.invoke(app, args(runs / "x")).exit_code == 0
+    through = args(f"{runs}/latest/../x")
+    before = place.snapshot()
+    refused(through, "shardtune did not write")
+    assert place.snapshot() == before
+
+    shutil.rmtree(mine)
+    before = place.snapshot()
+    result = runner.invoke(app, through)
+    assert result.exit_code == 0, result.output
+    after = place.snapshot()
+    outside = {k: v for k, v in after.items() if k != "store/x" and not k.startswith("store/x/")}
+    assert outside == before
+    assert (mine / MARKER).is_file() and len([k for k in after if k.startswith("store/x/")]) >= 2
+
+
+@pytest.mark.parametrize("inside", ["train.log", "metrics.jsonl", "logs", "best"])
+def test_resume_never_writes_through_a_link_inside_the_run(place, inside):
+    """A link in the run directory (to a file or folder of the user's) is refused before anything is
+    written: the run's files are its own."""
+    recipe = place.recipe(output={"dir": str(place.run)}, train={"max_steps": 6, "save_every": 2})
+    link = place.run / inside
+    if link.exists():
+        shutil.rmtree(link) if link.is_dir() else link.unlink()
+    link.symlink_to(place.tmp / ("foreign" if inside in ("logs", "best") else "foreign/notes.txt"))
+    before = place.snapshot()
+    refused(["train", recipe, "--resume"], f"{link} is a symbolic link inside the run directory")
+    assert place.snapshot() == before
+
+
 TRAIN_TARGETS = [
     "the current directory",
     "the parent directory",

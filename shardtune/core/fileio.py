@@ -75,6 +75,22 @@ def read_safetensors(path: Path) -> dict:
         raise BadInput(f"{path}: corrupt or truncated safetensors file ({first})") from None
 
 
+def read_weights(path: Path) -> dict:
+    """The tensors of a weights file (:func:`read_safetensors`) with every floating-point one finite:
+    a NaN or infinity is one line naming the file and tensor (a model built from it answers NaN).
+    Whether a tensor may be an integer one (an index) is for its reader to say."""
+    import torch
+
+    tensors = read_safetensors(path)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BadInput(
+                f"{path}: tensor {name!r} holds NaN or infinity; the adapter diverged or the file is "
+                "broken (use an earlier checkpoint)"
+            )
+    return tensors
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -210,8 +226,32 @@ def entries_of(marker: dict, kinds: Mapping[str, Iterable[str]] | None = None) -
 # Where shardtune may write
 
 
-def resolved(path: Path) -> Path:
-    return Path(os.path.abspath(path)).resolve()
+def resolved(path: Path | str) -> Path:
+    """The absolute path the kernel reaches through ``path``, every symbolic link followed. A ``..``
+    after a link goes up from the link's *target*, as the kernel does (``os.path.abspath`` would drop
+    the link and its ``..`` as text: another directory)."""
+    return Path(path).expanduser().resolve()
+
+
+def real_path(path: Path | str) -> Path:
+    """The absolute path shardtune writes for ``path``: its folder as the kernel resolves it, its own
+    name kept (a link named last stays the link, so that checks can refuse it; a final ``.`` or
+    ``..`` is resolved). Every path a command checks is the one it then writes: resolve once, check
+    that, use that."""
+    path = Path(path).expanduser()
+    if path.name in ("", ".", ".."):
+        return path.resolve()
+    return path.parent.resolve() / path.name
+
+
+def first_link_inside(directory: Path) -> Path | None:
+    """The first symbolic link found at any depth below ``directory`` (links are not followed), or
+    None: a command that writes into an existing directory of its own never writes through one."""
+    for root, dirs, files in os.walk(directory):
+        for name in sorted(dirs + files):
+            if os.path.islink(os.path.join(root, name)):
+                return Path(root, name)
+    return None
 
 
 def check_output_dir(
@@ -297,7 +337,7 @@ def atomic_directory(
     """Yield a temporary sibling directory to fill; on success it replaces ``final`` (see the module
     docstring), on any error it is removed. With ``kind`` it is marked as shardtune's output of that
     kind, owning ``entries`` (glob patterns; default: exactly what was written)."""
-    final = Path(os.path.abspath(final))
+    final = real_path(final)
     make_directory(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
     try:
@@ -391,9 +431,9 @@ def write_output_dir(
     It may replace an output of its own ``kind`` or of the kinds in ``replaces``."""
     kinds = output_kinds(kind, *replaces)
     check_output_dir(out, key, replace=replace, inputs=inputs, what=what, kinds=kinds)
-    out = Path(out).expanduser()
+    out = real_path(out)  # checked as resolved, written as resolved: the same directory
     try:
-        make_directory(Path(os.path.abspath(out)).parent)
+        make_directory(out.parent)
         with exclusive_lock(lock_beside(out), key, str(out), remove=True):
             # again, now that it is ours
             check_output_dir(out, key, replace=replace, inputs=inputs, what=what, kinds=kinds)
@@ -442,7 +482,7 @@ def save_figure(fig, path: Path | str, key: str = "--plot") -> None:
 
 def lock_beside(target: Path) -> Path:
     """The lock of a directory written as a whole (it may not exist yet): a hidden sibling file."""
-    target = Path(os.path.abspath(target))
+    target = real_path(target)
     return target.parent / f".{target.name}.shardtune.lock"
 
 

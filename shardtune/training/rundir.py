@@ -46,8 +46,10 @@ from shardtune.core.fileio import (
     atomic_write_text,
     check_output_dir,
     exclusive_lock,
+    first_link_inside,
     make_directory,
     read_marker,
+    real_path,
     resolved,
     write_marker,
 )
@@ -98,7 +100,8 @@ class RunDirectory:
 
     def __init__(self, recipe: Recipe, resume_from: Path | None, main: bool, level: str = "info"):
         self.recipe, self.main = recipe, main
-        self.path = Path(recipe.output.dir).expanduser()
+        self.given = Path(recipe.output.dir).expanduser()  # as the user wrote it, for messages
+        self.path = real_path(self.given)  # what is checked and what is written: one directory
         # Continuing this run (its own checkpoint); a checkpoint from elsewhere starts a new run here.
         self.resuming = resume_from is not None and resolved(resume_from).parent == resolved(self.path)
         self.level = level.upper()
@@ -134,14 +137,20 @@ class RunDirectory:
         """Refuse what may not be written; True when an earlier run will be replaced."""
         if self.resuming:
             if not self.path.is_dir():
-                raise BadInput(f"--resume: {self.path} is not a run directory")
+                raise BadInput(f"--resume: {self.given} is not a run directory")
+            link = first_link_inside(self.path)
+            if link is not None:
+                raise BadInput(
+                    f"--resume: {link} is a symbolic link inside the run directory; a run writes only its "
+                    "own files (train.log, metrics.jsonl, logs/, checkpoints): move the link out"
+                )
             return False
         if self.main and (self.path / LOCK).exists():
             with exclusive_lock(self.path / LOCK, "output.dir", f"run directory {self.path}"):
                 pass  # a run in progress there says so before anything else
         model = Path(self.recipe.model.name).expanduser()
         return check_output_dir(
-            self.path,
+            self.given,
             "output.dir",
             replace=self.recipe.output.overwrite,
             what="a run",
