@@ -248,6 +248,9 @@ def load_adapter_state_dict(
         t = state[name]
         if t.shape != p.shape:
             raise BadInput(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        if t.is_floating_point() != p.is_floating_point():  # a weight as integers, or an index as floats
+            kind = "floating point" if p.is_floating_point() else "whole numbers (an index)"
+            raise BadInput(f"{source}: tensor {name!r} is {t.dtype}, expected {kind}")
         p.copy_(like_parameter(t.to(p.dtype), p))
 
 

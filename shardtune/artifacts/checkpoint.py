@@ -45,6 +45,7 @@ from shardtune.core.fileio import (
     atomic_write_text,
     foreign_entries,
     read_safetensors,
+    read_weights,
 )
 from shardtune.models.dtensor import full_tensor, like_parameter
 from shardtune.models.loading import load_model
@@ -262,8 +263,9 @@ def adapter_options_from_config(meta: dict, source: str) -> AdapterOptions:
 
 
 def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file of a run or checkpoint; missing, empty, cut short or corrupt: one line."""
-    return read_safetensors(path)
+    """The adapter tensors of a run or checkpoint; missing, empty, cut short, corrupt, not floating
+    point or not finite: one line (:func:`shardtune.core.fileio.read_weights`)."""
+    return read_weights(path)
 
 
 def adapter_source(directory: Path) -> tuple[dict, AdapterOptions]:
@@ -476,7 +478,7 @@ def load_training_state(directory: Path, optimizer) -> dict:
     import random
 
     meta = read_trainer_state(directory)
-    tensors = read_adapter_weights(directory / OPTIMIZER_FILE)
+    tensors = read_safetensors(directory / OPTIMIZER_FILE)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
     for key, value in tensors.items():
@@ -494,7 +496,7 @@ def load_training_state(directory: Path, optimizer) -> dict:
         raise BadInput(
             f"--resume: the optimizer state in {directory} does not fit this adapter ({e})"
         ) from None
-    rng = read_adapter_weights(directory / RNG_FILE)
+    rng = read_safetensors(directory / RNG_FILE)
     torch.set_rng_state(rng["torch_cpu"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -565,7 +567,7 @@ def check_checkpoint(directory: Path, options: AdapterOptions | None = None, opt
     read_adapter_weights(directory / ADAPTER_WEIGHTS)
     state = read_trainer_state(directory, option)
     _check_step_agrees(directory, state["step"], meta["step"])
-    read_adapter_weights(directory / OPTIMIZER_FILE)
+    read_safetensors(directory / OPTIMIZER_FILE)
     _check_rng_file(directory / RNG_FILE)
     return state["step"]
 
@@ -587,7 +589,7 @@ def _check_step_agrees(directory: Path, step: int, adapter_step: int) -> None:
 
 def _check_rng_file(path: Path) -> None:
     """rng.safetensors: torch's CPU generator state (and any CUDA ones) as torch writes them."""
-    rng = read_adapter_weights(path)
+    rng = read_safetensors(path)
     if "torch_cpu" not in rng:
         raise BadInput(f"{path}: holds no CPU random state; the file was edited")
     want = torch.get_rng_state()
@@ -777,7 +779,7 @@ def check_optimizer_fits(
     amsgrad = bool(groups[0].get("amsgrad"))
     kinds = OPTIMIZER_STATES[optimizer]
     names: dict[int, set[str]] = {}
-    for key, value in read_adapter_weights(tensors_path).items():
+    for key, value in read_safetensors(tensors_path).items():
         idx, name = _optimizer_key(tensors_path, key, len(params), optimizer)
         _check_optimizer_tensor(tensors_path, key, name, value, params[idx], name in kinds["param_shaped"])
         names.setdefault(idx, set()).add(name)
@@ -821,6 +823,29 @@ def _check_optimizer_tensor(
             f"{path}: tensor {key!r} has shape {tuple(value.shape)} but the adapter's parameter has "
             f"{tuple(param.shape)}: the optimizer state does not fit this adapter"
         )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise BadInput(
+            f"{path}: tensor {key!r} holds NaN or infinity; the optimizer state is broken (resume from "
+            "an earlier checkpoint)"
+        )
+    if value.is_floating_point() and name in NON_NEGATIVE_STATES and bool((value < 0).any()):
+        raise BadInput(
+            f"{path}: tensor {key!r} holds negative numbers, which a {name} never is; the file was edited"
+        )
+
+
+# Optimizer states that are never negative: step counts, second moments and their scales.
+NON_NEGATIVE_STATES = {
+    "step",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "variance",
+    "row_var",
+    "col_var",
+    "state2",
+    "absmax1",
+    "absmax2",
+}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 
 from shardtune.adapters.lora import LoraOptions
 from shardtune.core.errors import BadInput
-from shardtune.core.fileio import read_safetensors
+from shardtune.core.fileio import read_weights
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -116,11 +116,15 @@ def read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
             "safetensors (PEFT's save_pretrained(safe_serialization=True))"
         )
     state = {}
-    for key, tensor in read_safetensors(path).items():
+    for key, tensor in read_weights(path).items():
         match = TENSOR.match(key)
         if match is None:
             raise BadInput(
                 f"{path}: tensor {key!r} is not a LoRA factor (base_model.model.<layer>.lora_A/B.weight)"
+            )
+        if not tensor.is_floating_point():
+            raise BadInput(
+                f"{path}: tensor {key!r} is {tensor.dtype}, expected floating point (a LoRA factor)"
             )
         state[f"{match.group(1)}.adapter.{match.group(2)}"] = tensor
     return state

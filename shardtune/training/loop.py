@@ -85,7 +85,7 @@ from shardtune.core.progress import Reporter
 from shardtune.data.examples import Collator, Example, encode_all, load_examples, pack, uses_chat
 from shardtune.inspection.evaluate import heldout_loss, score_task
 from shardtune.models import quant
-from shardtune.models.dtensor import full_tensor
+from shardtune.models.dtensor import full_tensor, is_sharded
 from shardtune.models.dtypes import DTYPES
 from shardtune.models.loading import load_model
 from shardtune.recipe.schema import Recipe, TrainSection
@@ -740,6 +740,7 @@ class Trainer:
         # after sharding: the shards
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
+        self.param_names = [n for n, _ in named]
         groups = param_groups(named, cfg, self.recipe.adapter.method)
         self.optimizer = make_optimizer(groups, cfg, sharded=self.fsdp)
         if self.fsdp:  # already sharded and placed; Accelerate must not wrap it again
@@ -895,6 +896,7 @@ class Trainer:
         if self.stopped_early:
             return  # the run ends at this step: finish writes its adapter (a checkpoint would resume nothing)
         if is_save_step or stopping:
+            self._raise_if_weights_diverged()
             checkpoint = self.save_checkpoint(
                 {
                     "epoch": self.position.epoch,
@@ -946,6 +948,7 @@ class Trainer:
                 self.save_best(step, metric, evaluations[metric])
 
     def save_best(self, step: int, metric: str, value: float) -> None:
+        self._raise_if_weights_diverged()
         unwrapped = self.accelerator.unwrap_model(self.model)
         tensors = adapter_state_dict(unwrapped) if self.main or self.fsdp else None
         if self.main:
@@ -1005,6 +1008,23 @@ class Trainer:
                 f"data (last good checkpoint: {_last_checkpoint(self.run_dir)})"
             )
 
+    def _raise_if_weights_diverged(self) -> None:
+        """Stop with exit code 3 when an adapter weight holds NaN or infinity on any process. The loss
+        is computed before the update it drives, so it cannot see what the last step did: the weights
+        themselves are checked before every checkpoint, ``best/`` and the final adapter, and none of
+        them is ever written non-finite."""
+        local = [p.to_local() if is_sharded(p) else p for p in self.params]
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in local]) if local else None
+        bad = finite is not None and not bool(finite.all())
+        if not _any_process(self.accelerator, bad):
+            return
+        name = self.param_names[int((~finite).nonzero()[0])] if bad else "a shard of another process"
+        raise Diverged(
+            f"adapter weights became NaN or infinite ({name}) by step {self.position.step}; nothing was "
+            f"written from them; lower train.lr or check the data (last good checkpoint: "
+            f"{_last_checkpoint(self.run_dir)})"
+        )
+
     def log_metrics(self, evaluations: dict[str, float]) -> None:
         """One metrics.jsonl line and progress update: mean loss since the last one, lr, gradient
         norm, tokens/s, and the evaluations of this step."""
@@ -1051,6 +1071,7 @@ class Trainer:
     def finish(self, started: float) -> TrainResult:
         """Held-out loss and task score of the tuned model; the final adapter and result.json."""
         accelerator, main = self.accelerator, self.main
+        self._raise_if_weights_diverged()  # (before the evaluations: they would be NaN)
         if len(self.data.eval_rows):
             self.eval_loss = heldout_loss(self.model, self.eval_loader, accelerator_sum(accelerator))
             self.reporter.info(
