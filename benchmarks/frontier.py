@@ -6,12 +6,19 @@
     python benchmarks/frontier.py --device cuda --num-samples 2000 --eval-items 200 --batch 32 --steps 1500
     python benchmarks/frontier.py --quick               # tiny random model, seconds (a test runs it)
     python benchmarks/frontier.py --report results/frontier-cpu-smollm2.json --plot f.png   # tables again
+    python benchmarks/frontier.py --methods vblora,vblora+one-rate --budgets 1/4,1 --sweep-at 1/4,1 \
+        --set adapter.vector_length=64 --variant one-rate:train.param_groups.logits.lr_scale=1
+                                                        # one method at two settings (docs/benchmarks.md)
 
 The budgets are fractions of a reference, LoRA of rank ``--rank`` on every linear layer; each method
 gets the value of its size option (rank; MoS: equivalent_rank, its per-layer rank stays ``--rank``)
 whose trainable count is nearest the budget (``shardtune.training.compare.fit_budget``, the same arithmetic as
 ``shardtune compare --budgets``); a method that cannot come within 25 % of a budget is left out of it
-(said on stderr). Every run trains through ``shardtune.training.loop.train`` on the same task items, steps,
+(said on stderr). A method written ``METHOD+NAME`` is a *variant*: ``METHOD`` with the recipe
+keys of ``--variant NAME:KEY=VALUE`` changed (its rows carry the label and the keys), so one method
+can be compared with itself at other settings, e.g. VB-LoRA with its paper's two learning rates
+against one. ``--set KEY=VALUE`` changes every run's recipe (adapter options a method lacks are
+ignored for it, as ``shardtune compare --set`` does). Every run trains through ``shardtune.training.loop.train`` on the same task items, steps,
 batch and seed. Learning rates: each method tries ``--lrs`` (default: per method, below) at the
 ``--sweep-at`` budget(s) and keeps the one with the lowest validation loss (``--select score``: the
 best validation score, ties broken by the loss); every other budget trains with the rate chosen at
@@ -41,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardtune.data.tasks import TASKS  # noqa: E402
-from shardtune.recipe.schema import recipe_from_dict  # noqa: E402
+from shardtune.recipe.schema import apply_override, recipe_from_dict  # noqa: E402
 from shardtune.training.compare import fit_budgets, parse_budgets, plot_frontier  # noqa: E402
 
 # A small grid per method around what its paper or our quickstart uses.
@@ -52,6 +59,9 @@ DEFAULT_LRS = {
     "fossil": [5e-4, 1e-3, 2e-3, 5e-3],  # no α/r scale: at high ranks 5e-3 diverges, so lower rates
     "mos": [2e-3, 5e-3, 1e-2],
     "sharelora": [1e-3, 2e-3, 5e-3],
+    # VB-LoRA's paper: bank 1e-3 and logits 1e-2 (the logits at 10× the rate by default, lr_scales);
+    # the grid reaches a decade either side so that one rate for both has its best inside it too.
+    "vblora": [5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2],
 }
 # translate: a first pass with the grids above chose the highest rate of LoRA, FOSSIL and ShareLoRA at
 # 1/16, so the grids reach one step higher there.
@@ -73,7 +83,26 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny random model, a few steps (for the tests)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--task", choices=sorted(TASKS), default="facts")
-    p.add_argument("--methods", default="lora,fossil,mos,sharelora")
+    p.add_argument(
+        "--methods",
+        default="lora,fossil,mos,sharelora",
+        help="comma-separated; METHOD+NAME is METHOD with the keys of --variant NAME:... changed",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="a recipe key of the variant NAME (repeat for several keys or variants)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe key for every run (repeatable; adapter options reach the methods that have them)",
+    )
     p.add_argument("--budgets", default="1/8,1,1/2,1/16,2", help="run in this order (tables sort them)")
     p.add_argument("--rank", type=int, default=16, help="rank of the LoRA reference (all linear layers)")
     p.add_argument("--num-samples", type=int, default=200, help="training items (facts: the facts)")
@@ -162,8 +191,59 @@ def measure(model, tokenizer, examples, args) -> dict:
     return {"score": score.accuracy, "loss": heldout_loss(model, loader)}
 
 
-SAME_SETTINGS = ("model", "task", "rank", "num_samples", "eval_items", "steps", "batch", "max_length", "seed")
+SAME_SETTINGS = (
+    "model",
+    "task",
+    "rank",
+    "num_samples",
+    "eval_items",
+    "steps",
+    "batch",
+    "max_length",
+    "seed",
+    "overrides",
+)
+
+
+def parse_methods(args) -> dict[str, tuple[str, list[str]]]:
+    """``--methods`` and ``--variant`` → label → (method, the variant's ``KEY=VALUE`` items)."""
+    from shardtune.adapters import METHODS
+
+    variants: dict[str, list[str]] = {}
+    for item in args.variant:
+        name, sep, override = item.partition(":")
+        if not sep or not name.strip() or "=" not in override:
+            raise SystemExit(f"--variant {item}: expected NAME:KEY=VALUE")
+        variants.setdefault(name.strip(), []).append(override.strip())
+    labels: dict[str, tuple[str, list[str]]] = {}
+    for label in (m.strip() for m in args.methods.split(",") if m.strip()):
+        method, _, name = label.partition("+")
+        if method not in METHODS:
+            raise SystemExit(f"--methods: unknown method {method!r} (known: {', '.join(METHODS)})")
+        if name and name not in variants:
+            raise SystemExit(f"--methods: {label} names no --variant {name}:KEY=VALUE")
+        labels[label] = (method, variants.get(name, []))
+    unused = set(variants) - {label.partition("+")[2] for label in labels}
+    if unused:
+        raise SystemExit(f"--variant {', '.join(sorted(unused))}: no METHOD+NAME in --methods uses it")
+    return labels
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], dict]:
+    """``--set`` items → (those for the recipe, the adapter options as a dict for ``method_recipe``)."""
+    adapter: dict = {}
+    rest = []
+    for item in items:
+        if item.partition("=")[0].strip().startswith("adapter."):
+            apply_override(adapter, item)
+        else:
+            rest.append(item)
+    return rest, adapter.get("adapter", {})
+
+
 REUSED: dict[tuple, dict] = {}
+LABELS: dict[str, tuple[str, list[str]]] = {}  # label → (method, the variant's KEY=VALUE items)
+EXTRA: dict = {}  # adapter options of --set
 
 
 def load_reused(args) -> None:
@@ -171,18 +251,19 @@ def load_reused(args) -> None:
     if args.reuse is None:
         return
     earlier = json.loads(args.reuse.read_text())
-    differ = [k for k in SAME_SETTINGS if earlier["settings"].get(k) != getattr(args, k)]
+    default = {"overrides": []}  # settings older files do not have
+    differ = [k for k in SAME_SETTINGS if earlier["settings"].get(k, default.get(k)) != getattr(args, k)]
     if differ:
         raise SystemExit(f"--reuse: {args.reuse} was run with other {', '.join(differ)}")
     for row in earlier["sweep"] + earlier["rows"]:
-        REUSED[row["method"], row["budget"], row["option"], row["lr"]] = {
+        REUSED[row["method"], row["budget"], row["option"], row["lr"], tuple(row.get("variant", []))] = {
             **row,
             "reused": str(args.reuse.name),
         }
 
 
 def run_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
-    key = (fit.method, str(fit.budget), f"{fit.option}={fit.value}", lr)
+    key = (fit.method, str(fit.budget), f"{fit.option}={fit.value}", lr, tuple(LABELS[fit.method][1]))
     if key in REUSED:
         print(f"{fit.method} @ {fit.budget} lr {lr:g}: taken from {args.reuse}", file=sys.stderr, flush=True)
         return dict(REUSED[key])
@@ -198,10 +279,12 @@ def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
     label = str(fit.budget).replace("/", "-")
     raw = json.loads(json.dumps(raw))
     raw["train"]["lr"] = lr
-    resolved = method_recipe(recipe_from_dict(raw), fit.method, work / label / f"lr{lr:g}").model_dump(
-        mode="json"
-    )
+    method, variant = LABELS[fit.method]
+    out = work / label / f"lr{lr:g}" / fit.method.replace("+", "-")
+    resolved = method_recipe(recipe_from_dict(raw), method, out, EXTRA).model_dump(mode="json")
     resolved["adapter"][fit.option] = fit.value
+    for item in variant:
+        apply_override(resolved, item)
     recipe = recipe_from_dict(resolved)
     result = train(recipe, Reporter(quiet=True))
     model, tokenizer, _ = load_adapted_model(result.run_dir)
@@ -212,6 +295,7 @@ def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
         "method": fit.method,
         "budget": str(fit.budget),
         "option": f"{fit.option}={fit.value}",
+        **({"variant": variant} if variant else {}),
         "trainable_parameters": result.trainable_parameters,
         "budget_parameters": fit.target,
         "lr": lr,
@@ -233,6 +317,21 @@ def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
     return row
 
 
+def fit_labels(recipe, budgets: list[Fraction], work: Path):
+    """:func:`fit_budgets` for every label: a variant is sized with its own adapter keys."""
+    from dataclasses import replace
+
+    reference, fits = None, []
+    for label, (method, variant) in LABELS.items():
+        extra = {"adapter": dict(EXTRA)}
+        for item in variant:
+            if item.startswith("adapter."):
+                apply_override(extra, item)
+        reference, found = fit_budgets(recipe, [method], budgets, work, extra["adapter"])
+        fits += [replace(f, method=label) for f in found]
+    return reference, fits
+
+
 def best(rows: list[dict], select: str) -> dict:
     """The run with the lowest validation loss (``select="loss"``) or the best validation score, ties
     broken by the loss (``"score"``: coarse on a few items, one item is several points)."""
@@ -245,7 +344,12 @@ def sweep(args, raw, report, usable, method, budget, budgets, split, work, save)
     """Train ``method`` at ``budget`` with each learning rate; the one the validation items prefer
     is recorded (and is the budget's row when the budget is on the frontier)."""
     grids = TASK_LRS.get(args.task, DEFAULT_LRS)
-    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else grids.get(method, FALLBACK_LRS)
+    base = LABELS[method][0]
+    lrs = (
+        [float(x) for x in args.lrs.split(",")]
+        if args.lrs
+        else grids.get(base, DEFAULT_LRS.get(base, FALLBACK_LRS))
+    )
     tried = [run_one(args, raw, usable[method, budget], lr, split, work) for lr in lrs]
     report["sweep"] += tried
     pick = best(tried, args.select)
@@ -276,7 +380,7 @@ def print_tables(report: dict) -> None:
         f"\nfrontier ({report['task']}, test items; base model: {100 * report['base']['score']:.1f} %{state}):\n"
     )
     print(
-        "| budget | method | option | trainable | × LoRA r16 | lr | score | eval loss | s/step |\n"
+        f"| budget | method | option | trainable | × LoRA r{report['settings']['rank']} | lr | score | eval loss | s/step |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
     for r in sorted(report["rows"], key=lambda r: (Fraction(r["budget"]), r["method"])):
@@ -285,6 +389,9 @@ def print_tables(report: dict) -> None:
             f"{r['trainable_parameters'] / report['reference_parameters']:.3f} | {r['lr']:g} | "
             f"{100 * r['task_score']:.1f} % | {r['eval_loss']:.3f} | {r['seconds_per_step']:.2f} |"
         )
+    variants = {r["method"]: r["variant"] for r in report["sweep"] + report["rows"] if r.get("variant")}
+    for label, items in sorted(variants.items()):
+        print(f"{label}: {' '.join(items)}")
     for note in report["left_out"]:
         print(f"left out: {note}")
 
@@ -303,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from shardtune.models.loading import load_model
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    LABELS.update(parse_methods(args))
+    methods = list(LABELS)
+    recipe_items, adapter_items = split_overrides(args.overrides)
+    EXTRA.update(adapter_items)
     budgets = parse_budgets(args.budgets)
     sweep_at = budgets if args.sweep_at == "all" else parse_budgets(args.sweep_at, "--sweep-at")
     name = "quick" if args.quick else f"{args.device}-smollm2"
@@ -313,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         raw = base_recipe(args, work / "run")
+        for item in recipe_items:
+            apply_override(raw, item)
         recipe = recipe_from_dict(raw)
-        reference, fits = fit_budgets(recipe, methods, sorted(set(budgets) | set(sweep_at)), work)
+        reference, fits = fit_labels(recipe, sorted(set(budgets) | set(sweep_at)), work)
         left_out = [f"{f.method} at {f.budget}: {f.note}" for f in fits if f.value is None]
         for note in left_out:
             print(f"left out: {note}", file=sys.stderr)

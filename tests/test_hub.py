@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -229,3 +230,107 @@ def test_an_unreachable_hub_falls_back_to_the_cache_within_seconds(hub, tmp_path
             assert time.monotonic() - started - baseline < 6
             assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1
             assert "cannot reach the hub" in missing.stderr and "org/tiny" in missing.stderr
+
+
+@contextlib.contextmanager
+def stalling_server():
+    """A hub on 127.0.0.1 that answers the probe (``HEAD /``) and huggingface_hub's registry of agent
+    harnesses (with its own 3 s limit) at once, and accepts every other request without ever answering
+    it: what the probe cannot see, the requests' own time limit must."""
+    import threading
+
+    held: list[socket.socket] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            if conn.recv(65536).startswith((b"HEAD / ", b"GET /api/agent-harnesses ")):
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                conn.close()
+            else:
+                held.append(conn)  # never answered
+        except OSError:
+            pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+def test_a_hub_that_accepts_and_never_answers_ends_every_command_in_seconds(hub, tmp_path):
+    """The probe is answered, the API calls never are: each request gives up after
+    HF_HUB_DOWNLOAD_TIMEOUT seconds (set to 3 here), without retries; a cached model is then read
+    from the cache with one note, and an uncached one fails in one line (train, params, generate)."""
+    home = tmp_path / "hf"
+    first = shardtune("params", "--model", "org/tiny", "--json", env=hub_env(hub, home))
+    assert first.returncode == 0, first.stderr
+    run = recipe(tmp_path, model={"name": "org/tiny"})
+    with stalling_server() as url:
+        env = {**hub_env(hub, home), "HF_ENDPOINT": url, "HF_HUB_DOWNLOAD_TIMEOUT": "3"}
+        started = time.monotonic()
+        shardtune("params", "--model", "org/tiny", "--json", env={**env, "HF_HUB_OFFLINE": "1"})
+        baseline = time.monotonic() - started
+        started = time.monotonic()
+        cached = shardtune("params", "--model", "org/tiny", "--json", env=env, timeout=120)
+        assert time.monotonic() - started - baseline < 15
+        assert cached.returncode == 0 and json.loads(cached.stdout) == json.loads(first.stdout)
+        assert len(cached.stderr.splitlines()) == 1, cached.stderr
+        assert "did not answer (no answer within 3 s to GET" in cached.stderr, cached.stderr
+        assert "/api/models/org/tiny" in cached.stderr and "came from the cache" in cached.stderr
+        empty = {**env, "HF_HOME": str(tmp_path / "empty")}
+        for args in (
+            ["params", "--model", "org/tiny"],
+            ["generate", "-m", "org/tiny", "hello"],
+            ["train", str(run), "-q"],
+        ):
+            started = time.monotonic()
+            done = shardtune(*args, env=empty, timeout=120)
+            assert time.monotonic() - started - baseline < 15, args
+            assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, (args, done.stderr)
+            assert "cannot reach the hub" in done.stderr and "org/tiny" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "params", "generate"])
+def test_sigterm_during_a_hub_request_ends_the_command_within_seconds(tmp_path, command):
+    """A request that waits for the hub (here: for ever, with a long HF_HUB_DOWNLOAD_TIMEOUT) does
+    not hold SIGTERM back: one line, exit 143, within seconds."""
+    args = {
+        "train": ["train", recipe(tmp_path, model={"name": "org/tiny"})],
+        "params": ["params", "--model", "org/tiny"],
+        "generate": ["generate", "-m", "org/tiny", "hello"],
+    }[command]
+    with stalling_server() as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+        env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DOWNLOAD_TIMEOUT="600")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardtune", *map(str, args)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(8)  # started, probed, and waiting for an answer that never comes
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - signalled < 5
+    lines = err.strip().splitlines()
+    assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM"), (
+        err
+    )

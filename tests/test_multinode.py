@@ -454,6 +454,29 @@ def test_sigterm_to_the_command_alone_reaches_its_processes(tmp_path):
             ["--nproc", "2", "--launch-args", "--num_machines=two"],
             "error: --launch-args: --num_machines must be a positive whole number, got 'two'",
         ),
+        (  # a place outside the machines: it would wait for ever for peers that never come
+            [
+                "--launch-args",
+                "--num_machines 2 --machine_rank 5 --main_process_ip 127.0.0.1 --main_process_port 29511",
+            ],
+            "error: --launch-args: --machine_rank must be a whole number from 0 to 1 (--num_machines 2), "
+            "got '5'",
+        ),
+        (
+            ["--launch-args", "--num_machines 2 --machine_rank -1 --main_process_ip h --main_process_port 1"],
+            "error: --launch-args: --machine_rank must be a whole number from 0 to 1",
+        ),
+        (
+            ["--nproc", "2", "--launch-args", "--machine_rank 1"],
+            "error: --launch-args: --machine_rank must be a whole number from 0 to 0 (--num_machines 1)",
+        ),
+        (
+            [
+                "--launch-args",
+                "--num_machines 2 --machine_rank 1 --main_process_ip h --main_process_port 70000",
+            ],
+            "error: --launch-args: --main_process_port must be a port from 1 to 65535, got '70000'",
+        ),
     ],
 )
 def test_bad_timeouts_and_machine_flags_are_one_line_and_exit_2(tmp_path, args, message):

@@ -716,3 +716,38 @@ def test_resume_from_a_directory_named_latest_is_that_directory(copied, monkeypa
     monkeypatch.chdir(run.parent)
     (run.parent / "latest").mkdir()
     refused_resume([recipe, "--resume-from", "latest"], "--resume-from: latest is not a checkpoint directory")
+
+
+def test_sigterm_outside_the_loop_ends_the_run_within_seconds(tmp_path):
+    """SIGTERM during the final evaluation (a long task score): no step to finish, so the run stops at
+    once (exit 143, one error line naming the phase and the last checkpoint), writes no adapter from
+    a half-done evaluation, and a resume from its checkpoint finishes the run."""
+    recipe = write(
+        tmp_path,
+        "run",
+        data={"task": "repeat", "num_samples": 64, "eval_samples": 256, "max_length": 48},
+        train={"max_steps": 4, "save_every": 2},
+        eval={"score": True, "max_new_tokens": 400, "batch_size": 8},
+    )
+    proc = shardtune(recipe)
+    deadline = time.time() + 120
+    seen = []
+    for line in proc.stderr:  # "eval loss ..." comes right before the final task score
+        seen.append(line)
+        if line.startswith("eval loss"):
+            break
+        assert time.time() < deadline and proc.poll() is None, "".join(seen)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert time.monotonic() - signalled < 5, rest
+    assert proc.returncode == 143, rest
+    errors = [line for line in rest.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in rest, rest
+    assert errors[0].startswith("error: stopped by SIGTERM after the last step"), errors
+    assert "last checkpoint: " in errors[0] and "--resume" in errors[0]
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+    resumed = shardtune(recipe, "--resume", "-q", "--set", "eval.max_new_tokens=4")
+    assert resumed.wait(timeout=300) == 0
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()

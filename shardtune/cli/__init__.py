@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -38,7 +39,7 @@ from shardtune.cli.common import (
     warnings_to_log,
 )
 from shardtune.cli.help import PlainCommand, PlainGroup
-from shardtune.core.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from shardtune.core.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED
 
 
 class Commands(PlainGroup):
@@ -142,10 +143,29 @@ def main() -> None:
     from shardtune.cli import common
 
     common.DONE_IGNORES_CTRL_C = True  # (for this command line only: not for a caller in the same process)
+    signal.signal(signal.SIGTERM, _stopped_by_sigterm)  # (training catches it itself, to checkpoint)
     try:
         _run_command_line(sys.argv[1:])
+    except SystemExit as e:
+        if e.code in (EXIT_TERMINATED, EXIT_INTERRUPTED):
+            # Stopped by a signal, its line printed and its files rolled back: leave now. A library's
+            # worker thread may still wait on the network (a hub request without an answer), and the
+            # interpreter would wait for it at exit.
+            stdout_flushed(0)
+            sys.stderr.flush()
+            os._exit(e.code)
+        raise
     finally:
         common.DONE_IGNORES_CTRL_C = False
+
+
+def _stopped_by_sigterm(*_) -> None:
+    """SIGTERM to a command (a scheduler's notice, ``timeout``, ``kill``): it stops where it is, within
+    seconds (a hub download, a long evaluation), with one line and exit 143; what it was writing is
+    rolled back as after any error (every output is written atomically)."""
+    from shardtune.core.errors import StopSignal
+
+    raise StopSignal("stopped by SIGTERM")
 
 
 def _run_command_line(argv: list[str]) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from shardtune.core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, ShardtuneError
+from shardtune.core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, ShardtuneError, StopSignal
 
 # Not a terminal (a pipe, a file): nothing is wrapped or truncated — a width no line reaches.
 UNBOUNDED = 1 << 20
@@ -257,11 +257,14 @@ def handle_errors(fn):
             result = fn(*args, **kwargs)
             if DONE_IGNORES_CTRL_C:  # its output is complete: an exit code of 130 would say otherwise
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (and 143)
             return result
         except ShardtuneError as e:
             fail(str(e), e.exit_code, isinstance(e, BadInput), e.once_per_machine)
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
+        except StopSignal as e:
+            fail(str(e), e.exit_code, once_per_machine=True)
         except typer.Exit:
             raise
         except Exception as e:

@@ -16,6 +16,7 @@ from shardtune.cli.common import (
     print_json,
     print_table,
 )
+from shardtune.core.limits import MAX_GENERATED, MAX_NEW_TOKENS
 
 
 def generate(
@@ -35,7 +36,10 @@ def generate(
         ),
     ] = None,
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Stop each answer after this many tokens.")
+        int,
+        typer.Option(
+            "--max-new-tokens", min=1, max=MAX_NEW_TOKENS, help="Stop each answer after this many tokens."
+        ),
     ] = 128,
     temperature: Annotated[float, typer.Option(help="0 (default) is greedy decoding.", min=0.0)] = 0.0,
     chat: Annotated[
@@ -84,7 +88,10 @@ def eval_command(
         str, typer.Option("--metric", help="exact (first line equals the completion) or contains.")
     ] = "exact",
     base: Annotated[bool, typer.Option("--base", help="Also evaluate the base model (adapter off).")] = False,
-    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Held-out examples to use.")] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", min=1, max=MAX_GENERATED, help="Held-out examples to use."),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Held-out loss, perplexity and answer score of a run, a PEFT adapter or a plain model.

@@ -86,6 +86,14 @@ class Terminated(ShardtuneError):
     once_per_machine = True
 
 
+class StopSignal(BaseException):
+    """SIGTERM raised where it arrives (anywhere but the training loop, which finishes its step and
+    checkpoints): a BaseException, as KeyboardInterrupt is, so that no library's ``except Exception``
+    swallows it and goes on waiting. The command line ends it as :class:`Terminated`."""
+
+    exit_code = EXIT_TERMINATED
+
+
 class Interrupted(ShardtuneError):
     """Ctrl-C (SIGINT) while training: no checkpoint is written; the message names the last one."""
 

@@ -352,6 +352,26 @@ def atomic_directory(
         raise
 
 
+def remove_leftovers(final: Path) -> list[Path]:
+    """Remove what an earlier, killed write of ``final`` left beside it: the hidden directories of
+    :func:`atomic_directory` and :func:`replace_directory`, ``.NAME.new-XXXXXXXX`` and
+    ``.NAME.old-XXXXXXXX`` (eight characters of ``tempfile``'s alphabet), full-size copies that
+    nothing else would ever remove. Only those, by their exact form, and never through a link; the
+    caller holds ``final``'s lock, so no live writer owns them. Returns what was removed."""
+    final = real_path(final)
+    form = re.compile(rf"\.{re.escape(final.name)}\.(?:new|old)-[a-z0-9_]{{8}}")
+    removed = []
+    try:
+        siblings = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for path in siblings:
+        if form.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def readable(tree: Path) -> None:
     """Modes of a tree shardtune just wrote as the umask says (some writers create files 0600)."""
     mask = umask()
@@ -437,6 +457,7 @@ def write_output_dir(
         with exclusive_lock(lock_beside(out), key, str(out), remove=True):
             # again, now that it is ours
             check_output_dir(out, key, replace=replace, inputs=inputs, what=what, kinds=kinds)
+            remove_leftovers(out)  # of an earlier write that was killed
             with atomic_directory(out, kind) as tmp:
                 write(tmp)
     except OSError as e:

@@ -57,15 +57,23 @@ class Task:
         if not self.unique and not exclude:
             return [self.make(rng) for _ in range(n)]
         seen, out = set(exclude), []
-        for _ in range(20 * n + 1000):  # a small input space runs out: say so instead of looping
-            if len(out) == n:
-                break
+        # A small input space runs out: once twice as many draws as items seen so far (and at least
+        # 10,000) brought nothing new, it has (the last items of a space of N take about N draws):
+        # say so instead of drawing for ever.
+        misses = 0
+        while len(out) < n and misses <= max(10_000, 2 * len(seen)):
             prompt, completion = self.make(rng)
-            if prompt not in seen:
-                seen.add(prompt)
-                out.append((prompt, completion))
+            if prompt in seen:
+                misses += 1
+                continue
+            seen.add(prompt)
+            out.append((prompt, completion))
+            misses = 0
         if len(out) < n:
-            raise BadInput(f"data.task: {self.name} has fewer than {n} distinct items to generate")
+            raise BadInput(
+                f"data.task: {self.name} has fewer than {n:,} distinct items to generate (it ran out "
+                f"after {len(out):,}{' beside the ones excluded' if exclude else ''}); ask for fewer"
+            )
         return out
 
     def split(self, n_train: int, n_eval: int, seed: int, n_validation: int = 0) -> Split:

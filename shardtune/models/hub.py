@@ -66,12 +66,79 @@ def cached_commit(repo_id: str, revision: str | None, repo_type: str = "model") 
     return None
 
 
+def bound_requests() -> None:
+    """Every request huggingface_hub makes from this process gives up after a silence of
+    ``HF_HUB_DOWNLOAD_TIMEOUT`` seconds (its own setting, default 10). Its API calls pass
+    ``timeout=None`` (no limit) to its HTTP client, so a hub that accepts a connection and never
+    answers would block a command for ever: a request without a limit gets this one.
+
+    The first request that times out makes the hub unreachable for this process, as the probe of
+    :func:`unreachable` would have: no retries (huggingface_hub would try five times, then the next
+    file); from then on the hub is read from the cache only, as ``HF_HUB_OFFLINE=1`` (one note on
+    stderr), and what is not cached fails in one line (:func:`describe_failure`). Set once, before the
+    first request."""
+    global _bounded
+    if _bounded:
+        return
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.utils import _http
+
+    seconds = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    made = _http.default_client_factory
+
+    def bounded_client():
+        client = made()
+        client.timeout = type(client.timeout)(seconds)
+        build, send = client.build_request, client.send
+
+        def build_request(method, url, **kwargs):
+            if kwargs.get("timeout") is None:  # huggingface_hub's "no limit"
+                kwargs["timeout"] = seconds
+            return build(method, url, **kwargs)
+
+        def bounded_send(request, **kwargs):
+            # (not retried by huggingface_hub; its file downloads then look in the cache)
+            if _stalled:
+                raise OfflineModeIsEnabled(f"the hub at {endpoint()} did not answer: {_stalled[0]}")
+            try:
+                return send(request, **kwargs)
+            except httpx2.TimeoutException:
+                limit = (request.extensions.get("timeout") or {}).get("read") or seconds
+                _stalled.append(f"no answer within {limit:g} s to {request.method} {request.url}")
+                _probed[endpoint()] = _stalled[0]
+                go_offline(None)  # (said once something came from the cache: came_from_cache)
+                raise OfflineModeIsEnabled(f"the hub at {endpoint()} did not answer: {_stalled[0]}") from None
+
+        client.build_request, client.send = build_request, bounded_send
+        return client
+
+    _http.set_client_factory(bounded_client)
+    _bounded = True
+    # Its log records (retries, "Could not reach the Hub ...") go where every library's go when the
+    # command line routes them (the root logger has a handler: into the run's log,
+    # shardtune.cli.common.warnings_to_log), not onto stderr through a handler of its own.
+    import logging
+
+    if logging.getLogger().handlers:
+        hub_logger = logging.getLogger("huggingface_hub")
+        for handler in list(hub_logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                hub_logger.removeHandler(handler)
+
+
+_stalled: list[str] = []  # why the hub stopped answering in this process (bound_requests)
+_bounded = False
+
+
 def check_available(key: str, repo_id: str, revision: str | None, repo_type: str = "model") -> None:
     """Offline and not in the cache: one line now, before anything heavy is loaded. Online but the
     hub does not answer (:func:`unreachable`): the cached copy, as offline (one note on stderr), or one
     line if there is none — within seconds, not the minutes of huggingface_hub's retries."""
     if not is_hub_id(repo_id):
         return
+    bound_requests()
     if not offline():
         why = unreachable()
         if why is None:
@@ -121,8 +188,25 @@ def unreachable() -> str | None:
     return _probed[url]
 
 
-def go_offline(note: str) -> None:
-    """From now on this process (and what it starts) reads the hub from the cache only."""
+def came_from_cache(repo_id: str) -> None:
+    """After a load that succeeded: if the hub stopped answering meanwhile (:func:`bound_requests`),
+    one note on stderr that ``repo_id`` came from the cache."""
+    import sys
+
+    if _stalled and repo_id not in _noted:
+        _noted.add(repo_id)
+        sys.stderr.write(
+            f"note: the hub at {endpoint()} did not answer ({_stalled[0]}): {repo_id} came from the cache "
+            "(as HF_HUB_OFFLINE=1)\n"
+        )
+
+
+_noted: set[str] = set()
+
+
+def go_offline(note: str | None) -> None:
+    """From now on this process (and what it starts) reads the hub from the cache only; ``note``: one
+    line on stderr that says why."""
     import os
     import sys
 
@@ -136,7 +220,8 @@ def go_offline(note: str) -> None:
         datasets.config.HF_HUB_OFFLINE = True
     except ImportError:  # pragma: no cover - datasets is a dependency
         pass
-    sys.stderr.write(f"note: {note} (as HF_HUB_OFFLINE=1)\n")
+    if note is not None:
+        sys.stderr.write(f"note: {note} (as HF_HUB_OFFLINE=1)\n")
 
 
 def not_cached(key: str, repo_id: str, revision: str | None, repo_type: str = "model") -> BadInput:
@@ -171,6 +256,12 @@ def describe_failure(key: str, repo_id: str, revision: str | None, error: BaseEx
         return any(issubclass(k, kind) for k in kinds)
 
     at = f" at revision {revision!r}" if revision else ""
+    if _stalled:
+        return BadInput(
+            f"{key}: cannot reach the hub at {endpoint()} ({_stalled[0]}), and {repo_id!r}{at} is not in "
+            f"the Hugging Face cache ({cache_location()}); check the network or HF_ENDPOINT "
+            "(HF_HUB_DOWNLOAD_TIMEOUT sets the seconds)"
+        )
     if offline():
         return not_cached(key, repo_id, revision, "dataset" if key.startswith("data.") else "model")
     if has(errors.GatedRepoError):

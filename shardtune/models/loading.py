@@ -138,7 +138,7 @@ def embedded_model_dir(alias: str) -> Path:
 
 def _cached_model(alias: str, make: Callable[[Path], None]) -> Path:
     """``cache_dir()/models/ALIAS``, made once by ``make(target)`` (which writes it atomically)."""
-    from shardtune.core.fileio import check_output_dir, file_lock, output_kinds
+    from shardtune.core.fileio import check_output_dir, file_lock, output_kinds, remove_leftovers
 
     target = cache_dir() / "models" / alias
     if _converted(target):
@@ -150,6 +150,7 @@ def _cached_model(alias: str, make: Callable[[Path], None]) -> Path:
     # Several processes of one run may get here together: the first makes it, the others wait for it.
     with file_lock(target.parent / f".{alias}.lock"):
         if not _converted(target):
+            remove_leftovers(target)  # a conversion that was killed
             make(target)
     return target
 
@@ -278,6 +279,8 @@ def load_model(
                 raise hub.describe_failure("model.name", name, revision, e) from None
             first = first_line(e)
             raise BadInput(f"model.name: cannot load {name}: {first}") from None
+        if hub.is_hub_id(name):
+            hub.came_from_cache(name)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         model = quant.prepare_loaded(model)
@@ -343,12 +346,15 @@ def load_config(name: str, trust_remote_code: bool = False, revision: str | None
     else:
         source, extra = _source(name, revision)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         if hub.is_hub_id(name):
             raise hub.describe_failure("model.name", name, revision, e) from None
         first = first_line(e)
         raise BadInput(f"model.name: cannot read a config for {name!r}: {first}") from None
+    if hub.is_hub_id(name):
+        hub.came_from_cache(name)
+    return config
 
 
 def config_fingerprint(name: str) -> str | None:

@@ -32,6 +32,7 @@ from pydantic import (
 from shardtune.adapters import METHODS
 from shardtune.adapters.base import SEED_MAX, SEED_MIN, dtype_synonyms
 from shardtune.core.errors import BadInput, RecipeError
+from shardtune.core.limits import MAX_GENERATED, MAX_NEW_TOKENS, MAX_STEPS
 from shardtune.recipe.shipped import is_bare_name, recipe_path
 
 
@@ -112,7 +113,6 @@ MAX_LENGTH_LIMIT = 1 << 20  # tokens: beyond any model's context
 TIMEOUT_LIMIT_S = (
     30 * 24 * 3600
 )  # train.timeout_s: 30 days (Python's timedelta and C timeouts overflow far above)
-MAX_GENERATED = 1_000_000  # examples a builtin task generates (or holds out): beyond it, a typo
 
 
 class DataSection(Section):
@@ -264,8 +264,16 @@ Role = Literal["A", "B", "bank", "logits", "shard", "scale"]
 
 
 class TrainSection(Section):
-    max_steps: PositiveInt | None = Field(None, description="Optimizer steps; overrides `epochs` when set.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (when max_steps is not set).")
+    max_steps: PositiveInt | None = Field(
+        None, le=MAX_STEPS, description="Optimizer steps; overrides `epochs` when set."
+    )
+    epochs: float = Field(
+        1.0,
+        gt=0,
+        le=MAX_STEPS,  # (every pass is at least one step)
+        description="Passes over the training data (when max_steps is not set); the steps they come to "
+        f"are at most {MAX_STEPS:,}.",
+    )
     batch_size: PositiveInt = Field(8, description="Examples per micro-batch per process.")
     grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -425,7 +433,9 @@ class EvalSection(Section):
         "of data with completions) scored by eval.metric.",
     )
     score_base: bool = Field(False, description="Also score the base model (adapter off) before training.")
-    max_new_tokens: PositiveInt = Field(32, description="Generation length limit when scoring.")
+    max_new_tokens: PositiveInt = Field(
+        32, le=MAX_NEW_TOKENS, description="Generation length limit when scoring."
+    )
     metric: Literal["exact", "contains"] = Field(
         "exact",
         description="How a greedy answer is scored: `exact` (its first line equals the completion, or a chat's "

@@ -60,6 +60,7 @@ def launch_command(
 
     flags = launch_flags(launch_args)
     machines = _machines(flags)
+    check_process_count(nproc, cpu or not torch.cuda.is_available())
     env = dict(os.environ)
     command = [sys.executable, "-m", "shardtune.training.launcher", "--num_processes", str(nproc * machines)]
     command += ["--multi_gpu", "--main_process_port", "0", "--num_machines", "1"]
@@ -84,6 +85,22 @@ def launch(nproc: int, train_args: list[str], launch_args: str | None, cpu: bool
     if os.name == "posix":
         os.execve(command[0], command, env)
     return subprocess.call(command, env=env)
+
+
+def check_process_count(nproc: int, cpu: bool) -> None:
+    """``--nproc`` that this machine can hold: one process per GPU, or on CPUs (gloo) at most one per
+    core; more would start that many copies of the model (``--nproc 100000`` would start them all)."""
+    import torch
+
+    if cpu:
+        have, what = os.cpu_count() or 1, "CPU cores"
+    else:
+        have, what = torch.cuda.device_count(), "GPUs"
+    if nproc > have:
+        raise BadInput(
+            f"--nproc {nproc}: this machine has {have} {what}; launch at most one process per "
+            f"{what[:-1]} (--nproc counts the processes of one machine)"
+        )
 
 
 def machine_count(launch_args: str | None) -> int:
@@ -114,6 +131,16 @@ def _machines(flags: list[str]) -> int:
             f"--launch-args: --num_machines {machines} needs {', '.join(missing)} too (the machine's place "
             "0..N-1, and the address and port of machine 0, the same on every machine)"
         )
+    # A place or a port that cannot be would have this machine wait for peers that never come.
+    rank = values.get("--machine_rank", "0")
+    if not rank.isdigit() or int(rank) >= machines:
+        raise BadInput(
+            f"--launch-args: --machine_rank must be a whole number from 0 to {machines - 1} "
+            f"(--num_machines {machines}), got {rank!r}"
+        )
+    port = values.get("--main_process_port")
+    if port is not None and (not port.isdigit() or not 0 < int(port) < 65536):
+        raise BadInput(f"--launch-args: --main_process_port must be a port from 1 to 65535, got {port!r}")
     return machines
 
 

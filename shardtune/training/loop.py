@@ -33,7 +33,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,9 +78,11 @@ from shardtune.core.errors import (
     ProcessLost,
     RecipeError,
     ShardtuneError,
+    StopSignal,
     Terminated,
 )
 from shardtune.core.fileio import atomic_write_text
+from shardtune.core.limits import MAX_STEPS
 from shardtune.core.progress import Reporter
 from shardtune.data.examples import Collator, Example, encode_all, load_examples, pack, uses_chat
 from shardtune.inspection.evaluate import heldout_loss, score_task
@@ -346,7 +348,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 
 class StopFlag:
-    """Set by SIGTERM: the loop writes a checkpoint at the end of the current step and exits.
+    """SIGTERM. Inside the loop (:attr:`in_loop`) it sets :attr:`raised`: the loop writes a checkpoint
+    at the end of the current step and exits. Anywhere else (loading the model or the data, a hub
+    download, the base model's score, the final evaluation) there is no step to finish: it raises
+    :class:`Terminated` at once, naming the phase and the last checkpoint (``describe()``), so that
+    a scheduler's notice ends the run within seconds, not after minutes of work it would lose anyway.
 
     Leaving with an error in one of several processes, SIGTERM stays caught: the process is ending
     and about to say why (its first process speaks for each machine), and a SIGTERM that comes late
@@ -354,9 +360,12 @@ class StopFlag:
     left) must not kill it before it has. On success, or in a single process, the previous handler
     comes back."""
 
-    def __init__(self, several_processes: bool = False):
+    def __init__(self, several_processes: bool = False, describe: Callable[[], str] | None = None):
         self.raised = False
+        self.in_loop = False
+        self.leaving = False  # an error is on its way out: a late SIGTERM must not replace it
         self.several_processes = several_processes
+        self.describe = describe or (lambda: "")
         self._previous = None
 
     def __enter__(self) -> StopFlag:
@@ -365,9 +374,13 @@ class StopFlag:
         return self
 
     def _set(self, *_):
+        already = self.raised
         self.raised = True
+        if not self.in_loop and not self.leaving and not already:
+            raise StopSignal(f"stopped by SIGTERM {self.describe()}")
 
     def __exit__(self, error_type, *_) -> None:
+        self.leaving = True
         if self._previous is not None and not (error_type is not None and self.several_processes):
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -550,6 +563,7 @@ class Trainer:
         self.trackers = None  # logging.report_to, on the main process
         self.selection = Selection()  # output.keep_best, train.early_stopping (training.selection)
         self.stopped_early: str | None = None
+        self.phase = "before the first step (loading the model and the data)"  # for a SIGTERM there
 
     @contextmanager
     def run_directory(self, resume: str | Path | None) -> Iterator[None]:
@@ -568,12 +582,17 @@ class Trainer:
         self.run_dir = self.directory.path
         self.directory.claim(agree=lambda failed: _any_process(self.accelerator, failed))
         try:
-            with StopFlag(self.accelerator.num_processes > 1) as self.stop, self._heartbeats():
+            several = self.accelerator.num_processes > 1
+            with StopFlag(several, self.stopped_outside_the_loop) as self.stop, self._heartbeats():
                 yield
         except ShardtuneError as e:
             e.args = (f"{e}{self.directory.earlier_run_note()}",)
             log.error("error: %s", e)
             raise
+        except StopSignal as e:
+            terminated = Terminated(f"{e}{self.directory.earlier_run_note()}")
+            log.error("error: %s", terminated)
+            raise terminated from None
         except KeyboardInterrupt:
             interrupted = Interrupted(self.interrupted_message() + self.directory.earlier_run_note())
             log.error("error: %s", interrupted)
@@ -686,7 +705,14 @@ class Trainer:
         )
         cfg = self.cfg
         updates_per_epoch = max(1, len(self.data.loader) // self.accelerator.num_processes // cfg.grad_accum)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(updates_per_epoch * cfg.epochs))
+        steps = cfg.max_steps or max(1, math.ceil(min(updates_per_epoch * cfg.epochs, 1e18)))
+        if steps > MAX_STEPS:  # (train.max_steps is bounded by the recipe's schema)
+            raise RecipeError(
+                "train.epochs",
+                f"{cfg.epochs:g} passes of {updates_per_epoch} steps come to {steps:,} optimizer steps; at "
+                f"most {MAX_STEPS:,} (set fewer epochs, or train.max_steps)",
+            )
+        self.total_steps = steps
 
     def _check_resume_fits(self) -> None:
         """Resumed: the checkpoint's position and optimizer state fit this run, checked before the run
@@ -808,6 +834,17 @@ class Trainer:
         self.model.train()
         started = time.perf_counter()
         self.reporter.start(self.total_steps)
+        self.stop.in_loop = True
+        try:
+            self._steps(started)
+        finally:
+            self.stop.in_loop = False
+            self.phase = f"after the last step, {self.position.step} (the final evaluation and the adapter)"
+        self.reporter.stop()
+        self._raise_if_diverged()
+        self.train_seconds = time.perf_counter() - started - self.compile_seconds
+
+    def _steps(self, started: float) -> None:
         self.tally = Tally(self.accelerator.device)
         position = self.position
         while position.step < self.total_steps:
@@ -821,9 +858,6 @@ class Trainer:
             if self.stopped_early:
                 break
             position.epoch, position.skip = position.epoch + 1, 0
-        self.reporter.stop()
-        self._raise_if_diverged()
-        self.train_seconds = time.perf_counter() - started - self.compile_seconds
 
     def _compiled(self, started: float) -> None:
         """``train.compile``: the first optimizer step compiled the blocks; its time is reported apart."""
@@ -962,6 +996,14 @@ class Trainer:
             return float(value)
         shared = torch.tensor([value if value is not None else 0.0], device=self.accelerator.device)
         return float(broadcast(shared, from_process=0).item())
+
+    def stopped_outside_the_loop(self) -> str:
+        """What a SIGTERM outside the loop stopped (:class:`StopFlag`): the phase, and how to go on."""
+        last = _last_checkpoint(self.run_dir)
+        message = f"{self.phase}; last checkpoint: {last}"
+        if list_checkpoints(self.run_dir):
+            message += f"; continue with: {self.resume_command()}"
+        return message
 
     def interrupted_message(self) -> str:
         """Ctrl-C: after which step the run stopped, its last checkpoint and, where there is one, the
