@@ -238,3 +238,37 @@ def test_frontier_benchmark_quick(tmp_path):
         assert r["lr"] == report["chosen_lr"][f"{r['method']}@1/2"]
         assert 0 <= r["task_score"] <= 1 and r["eval_loss"] > 0
     assert "| budget | method |" in done.stdout and (tmp_path / "f.png").is_file()
+
+
+@pytest.mark.slow
+def test_frontier_variants_compare_one_method_at_two_settings(tmp_path):
+    """``METHOD+NAME`` with ``--variant NAME:KEY=VALUE``: the same method trained with a recipe key
+    changed (VB-LoRA's logits at the bank's rate instead of 10×), labelled in its rows, sized like
+    the method; ``--set`` reaches every run (adapter options the method has)."""
+    out = tmp_path / "variants.json"
+    args = ["--quick", "--methods", "vblora,vblora+one-rate", "--budgets", "1/2", "--sweep-at", "1/2"]
+    args += ["--variant", "one-rate:train.param_groups.logits.lr_scale=1", "--lrs", "1e-2"]
+    args += ["--set", "adapter.vector_length=16", "--set", "adapter.num_vectors=16", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), *args, "--plot", str(tmp_path / "f.png")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"vblora", "vblora+one-rate"}
+    two, one = rows["vblora"], rows["vblora+one-rate"]
+    assert one["variant"] == ["train.param_groups.logits.lr_scale=1"] and "variant" not in two
+    assert one["option"] == two["option"] and one["trainable_parameters"] == two["trainable_parameters"]
+    assert one["final_train_loss"] != two["final_train_loss"]  # the variant's key reached training
+    assert "vblora+one-rate: train.param_groups.logits.lr_scale=1" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--methods", "vblora+x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert bad.returncode != 0 and "names no --variant x:KEY=VALUE" in bad.stderr
