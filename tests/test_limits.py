@@ -140,3 +140,35 @@ def test_a_killed_write_leaves_temporary_copies_that_the_next_run_removes(tmp_pa
     assert not [
         p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p not in kept + [a_file, link]
     ]
+
+
+LAUGHS = "\n".join(
+    ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"{b}: &{b} [{', '.join(['*' + a] * 10)}]" for a, b in zip("abcdefgh", "bcdefghi", strict=True)]
+)
+HOSTILE_YAML = {
+    "billion laughs": (LAUGHS, "more than 100,000 values once its aliases are expanded"),
+    "an alias inside itself": (
+        "model: &m {name: tiny-llama, again: *m}\n",
+        "an alias names a section that holds it",
+    ),
+    "a list inside itself": ("data: &d [1, *d]\n", "(a loop)"),
+    "deep nesting": ("model: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than any recipe"),
+    "deep but parseable": ("model: " + "[" * 100 + "]" * 100 + "\n", "at most 64 levels"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_YAML))
+def test_hostile_yaml_is_one_line_naming_the_file(tmp_path, case):
+    text, message = HOSTILE_YAML[case]
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    started = time.monotonic()
+    for args in (["train", str(path)], ["train", str(path), "--dry-run"]):
+        result = runner.invoke(app, args)
+        err = result.stderr.strip()
+        assert result.exit_code == 2, (result.exit_code, err[-500:])
+        assert (
+            err.startswith(f"error: {path}: invalid YAML: ") and message in err and len(err.splitlines()) == 1
+        )
+    assert time.monotonic() - started < 10

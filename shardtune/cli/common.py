@@ -15,7 +15,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from shardtune.core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, BadInput, ShardtuneError, StopSignal
+from shardtune.core.errors import (
+    EXIT_ENVIRONMENT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    BadInput,
+    ShardtuneError,
+    StopSignal,
+    environment_failure,
+)
 
 # Not a terminal (a pipe, a file): nothing is wrapped or truncated — a width no line reaches.
 UNBOUNDED = 1 << 20
@@ -270,6 +278,9 @@ def handle_errors(fn):
         except Exception as e:
             if debugging():
                 raise
+            machine = environment_failure(e)
+            if machine is not None:  # the disk, not shardtune: its own code, never "internal error"
+                fail(machine, EXIT_ENVIRONMENT)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             where = "details in the run's train.log; " if fn.__name__ == "train" else ""
             fail(

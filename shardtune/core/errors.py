@@ -9,6 +9,8 @@ Exit codes (stable, documented in docs/cli.md):
 * 3 — training diverged (NaN/inf loss)
 * 4 — a process of a run over several processes was lost (its machine died, hangs or was cut off);
   the others stopped (continue from the last checkpoint with ``--resume``)
+* 5 — the machine, not the input: the disk is full, the file system read-only, a file size limit
+  (``ulimit -f``) hit, permission denied, … (:func:`environment_failure`)
 * 130 — interrupted (Ctrl-C); a training run names its last checkpoint and how to continue
 * 143 — stopped by SIGTERM after writing a checkpoint (resume with ``--resume``)
 """
@@ -23,6 +25,7 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_LOST = 4
+EXIT_ENVIRONMENT = 5
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -31,6 +34,59 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (a library's may run to many), else its type's name."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+# The machine failing a read or write (errno → what it means and what the user can do); each is exit 5.
+ENVIRONMENT_ERRNOS = {
+    "ENOSPC": "no space left on the device; free space there, or write elsewhere",
+    "EDQUOT": "the disk quota is used up; free space, or write elsewhere",
+    "EROFS": "the file system is read-only; write elsewhere",
+    "EFBIG": "the file is larger than the file size limit allows (ulimit -f, or the file system's "
+    "largest file); raise the limit, or write elsewhere",
+    "EACCES": "permission denied; write where you may, or change the permissions",
+    "EPERM": "the operation is not permitted there (an immutable file, or another owner's); write elsewhere",
+    "ENOTDIR": "a part of that path is a file, not a directory",
+    "ELOOP": "a loop of symbolic links",
+    "EIO": "an input/output error of the disk or network file system",
+    "EMFILE": "too many open files (ulimit -n); raise the limit",
+    "ENFILE": "too many open files on the machine",
+}
+# A library that reports the system's error only as text (safetensors' writer).
+ENVIRONMENT_TEXTS = {
+    "No space left on device": "ENOSPC",
+    "Disk quota exceeded": "EDQUOT",
+    "Read-only file system": "EROFS",
+    "File too large": "EFBIG",
+    "Permission denied": "EACCES",
+}
+WHERE_TO_WRITE = (
+    "output.dir or --out for results, SHARDTUNE_CACHE for converted models, HF_HOME for downloads"
+)
+
+
+def environment_failure(error: BaseException) -> str | None:
+    """One line for a failure of the machine (full disk, read-only file system, size limit,
+    permission, ...) found anywhere in ``error``'s chain, naming the file and what to do; None when
+    it is not one (then it is a bug in shardtune, or another error's to say)."""
+    import errno
+    import os
+
+    seen, chain = error, []
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        name = errno.errorcode.get(getattr(e, "errno", None) or -1) if isinstance(e, OSError) else None
+        if name is None:
+            name = next((code for text, code in ENVIRONMENT_TEXTS.items() if text in str(e)), None)
+        if name in ENVIRONMENT_ERRNOS:
+            where = getattr(e, "filename", None) if isinstance(e, OSError) else None
+            place = f" ({os.fspath(where)})" if where else ""
+            hint = ENVIRONMENT_ERRNOS[name]
+            if "write elsewhere" in hint:
+                hint += f" ({WHERE_TO_WRITE})"
+            return f"the machine refused a file operation{place}: {hint} [{name}]"
+    return None
 
 
 class ShardtuneError(Exception):
@@ -70,6 +126,13 @@ def named_as(names: dict[str, str]) -> Iterator[None]:
             if message.startswith(f"{key}:"):
                 raise BadInput(name + message[len(key) :]) from None
         raise
+
+
+class MachineError(ShardtuneError):
+    """The machine refused a read or write (:func:`environment_failure`): exit 5, not the user's
+    input and not a bug in shardtune."""
+
+    exit_code = EXIT_ENVIRONMENT
 
 
 class Diverged(ShardtuneError):

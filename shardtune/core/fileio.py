@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from shardtune.core.errors import BadInput, first_line
+from shardtune.core.errors import BadInput, MachineError, environment_failure, first_line
 
 MARKER = ".shardtune-output.json"
 LOCK = ".shardtune.lock"
@@ -461,6 +461,9 @@ def write_output_dir(
             with atomic_directory(out, kind) as tmp:
                 write(tmp)
     except OSError as e:
+        machine = environment_failure(e)
+        if machine is not None:
+            raise MachineError(f"{key}: could not write {out}: {machine}") from None
         raise BadInput(f"{key}: could not write {out}: {e.strerror or e}") from None
 
 

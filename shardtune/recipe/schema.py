@@ -628,9 +628,51 @@ class RecipeDumper(yaml.SafeDumper):
 RecipeDumper.yaml_implicit_resolvers = RecipeLoader.yaml_implicit_resolvers
 
 
+class YamlTooLarge(yaml.YAMLError):
+    """YAML whose shape no recipe has: aliases that expand into each other ("billion laughs"), an
+    alias inside the section it names (a loop), nesting deeper than any recipe."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, None
+
+
+MAX_YAML_VALUES = 100_000  # values after aliases are expanded (a recipe has a few hundred)
+MAX_YAML_DEPTH = 64  # sections inside sections (a recipe has four or five)
+
+
 def parse_yaml(text: str):
-    """YAML as recipes read it (:class:`RecipeLoader`)."""
-    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    """YAML as recipes read it (:class:`RecipeLoader`), its size and depth bounded
+    (:class:`YamlTooLarge`, a ``yaml.YAMLError``: one line where every YAML error is one line)."""
+    try:
+        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise YamlTooLarge(f"nested deeper than any recipe (at most {MAX_YAML_DEPTH} levels)") from None
+    _check_yaml_shape(data)
+    return data
+
+
+def _check_yaml_shape(data) -> None:
+    """Walk what YAML built (without recursion): aliases share one object, so a loop is a container
+    inside itself, and an expansion bomb is a count of values that keeps growing."""
+    stack, values = [(data, 1, frozenset())], 0
+    while stack:
+        node, depth, above = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        if id(node) in above:
+            raise YamlTooLarge("an alias names a section that holds it (a loop)")
+        if depth > MAX_YAML_DEPTH:
+            raise YamlTooLarge(f"nested deeper than any recipe (at most {MAX_YAML_DEPTH} levels)")
+        inside = above | {id(node)}
+        for child in node.values() if isinstance(node, dict) else node:
+            values += 1
+            if values > MAX_YAML_VALUES:
+                raise YamlTooLarge(
+                    f"more than {MAX_YAML_VALUES:,} values once its aliases are expanded (aliases that "
+                    "expand into each other?)"
+                )
+            stack.append((child, depth + 1, inside))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -75,11 +75,13 @@ from shardtune.core.errors import (
     BadInput,
     Diverged,
     Interrupted,
+    MachineError,
     ProcessLost,
     RecipeError,
     ShardtuneError,
     StopSignal,
     Terminated,
+    environment_failure,
 )
 from shardtune.core.fileio import atomic_write_text
 from shardtune.core.limits import MAX_STEPS
@@ -597,7 +599,12 @@ class Trainer:
             interrupted = Interrupted(self.interrupted_message() + self.directory.earlier_run_note())
             log.error("error: %s", interrupted)
             raise interrupted from None
-        except Exception:
+        except Exception as e:
+            machine = environment_failure(e)
+            if machine is not None:  # a full disk, a size limit, ...: not shardtune's bug (exit 5)
+                failure = MachineError(f"output.dir: writing {self.run_dir}: {machine}")
+                log.error("error: %s", failure)
+                raise failure from None
             log.exception("training failed")  # the traceback goes to train.log; the user gets one line
             if self.directory.earlier_run_note():
                 log.error("%s", self.directory.earlier_run_note().removeprefix("; "))

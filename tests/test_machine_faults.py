@@ -1,0 +1,125 @@
+"""The machine refusing a write (a file size limit, a full or read-only disk, permissions) is one line
+naming what was written and what to do, exit 5 (docs/cli.md), never "internal error"; nothing
+partial is left."""
+
+from __future__ import annotations
+
+import errno
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_recipe
+from typer.testing import CliRunner
+
+from shardtune.cli import app
+
+ROOT = Path(__file__).parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    (tmp / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp, train={"max_steps": 2})))
+    assert runner.invoke(app, ["train", str(tmp / "r.yaml"), "-q"]).exit_code == 0
+    return tmp / "run"
+
+
+def limited(*args: str, max_bytes: int, cwd: Path) -> subprocess.CompletedProcess:
+    """shardtune with RLIMIT_FSIZE: a write past ``max_bytes`` fails with EFBIG (Python ignores
+    SIGXFSZ), as on a machine whose `ulimit -f` is set."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return subprocess.run(
+        [sys.executable, "-m", "shardtune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
+
+
+def one_line(done, *expected: str) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 5, (done.returncode, done.stderr[-1500:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "internal error" not in lines[0], lines
+    assert all(text in lines[0] for text in expected), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_a_file_size_limit_while_writing_an_output_is_exit_5_and_leaves_nothing(tmp_path, run, command):
+    out = tmp_path / "out"
+    args = {
+        "merge": ["merge", str(run), "--out", str(out), "--dtype", "fp32"],
+        "export": ["export", str(run), "--out", str(out)],
+    }
+    done = limited(*args[command], max_bytes=16 * 1024, cwd=tmp_path)
+    one_line(done, "--out", "file size limit", "[EFBIG]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no hidden copy, no lock
+
+
+def test_a_file_size_limit_while_training_is_exit_5_and_leaves_no_partial_checkpoint(tmp_path):
+    """The first checkpoint (its optimizer state is the largest file) cannot be written: exit 5 naming
+    the run directory, no checkpoint and no hidden temporary copy; the same command without the limit
+    then trains the run (the failed one is a run shardtune may replace)."""
+    recipe = tmp_path / "r.yaml"
+    raw = tiny_recipe(tmp_path, train={"max_steps": 4, "save_every": 2}, adapter={"rank": 32})
+    recipe.write_text(yaml.safe_dump(raw))
+    done = limited("train", str(recipe), "-q", max_bytes=150 * 1024, cwd=tmp_path)
+    run = tmp_path / "run"
+    one_line(done, f"output.dir: writing {run}", "file size limit", "[EFBIG]")
+    assert not list(run.glob("checkpoint-*")) and not (run / "adapter.safetensors").exists()
+    assert not [p for p in run.rglob(".*") if p.name not in (".shardtune-output.json", ".shardtune.lock")]
+    again = subprocess.run(
+        [sys.executable, "-m", "shardtune", "train", str(recipe), "-q", "--set", "output.overwrite=true"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    assert (run / "adapter.safetensors").is_file() and (run / "checkpoint-2").is_dir()
+
+
+@pytest.mark.parametrize(
+    "raised,expected",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/x/adapter.safetensors"),
+            "no space left on the device",
+        ),
+        (
+            OSError(errno.EROFS, "Read-only file system", "/x/adapter.safetensors"),
+            "read-only; write elsewhere",
+        ),
+        (OSError(errno.EACCES, "Permission denied", "/x/adapter.safetensors"), "permission denied"),
+        (
+            RuntimeError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                '"No space left on device" })'
+            ),
+            "[ENOSPC]",
+        ),
+    ],
+)
+def test_every_environment_failure_is_named_never_internal(tmp_path, run, monkeypatch, raised, expected):
+    """Whatever writer meets it (here the export's safetensors writer), and however the library
+    reports it (an OSError with its errno, or only the system's words in its message)."""
+    import shardtune.artifacts.export as export
+
+    def failing(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(export, "save_file", failing)
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "out")])
+    err = result.stderr.strip()
+    assert result.exit_code == 5 and len(err.splitlines()) == 1 and expected in err, (result.exit_code, err)
+    assert "internal error" not in err and not (tmp_path / "out").exists()
