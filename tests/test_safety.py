@@ -1143,3 +1143,20 @@ def test_rotating_checkpoints_never_follows_a_link_named_like_a_checkpoint(tmp_p
     rotate_checkpoints(run, keep=1)
     assert sorted(p.name for p in theirs.iterdir()) == sorted(CHECKPOINT_FILES)
     assert (run / "checkpoint-1").is_symlink() and not (run / "checkpoint-2").exists()
+
+
+def test_init_through_a_link_and_dotdot_never_replaces_the_users_file(place):
+    """`init NAME runs/latest/../x.yaml` (runs/latest → store/target) writes store/x.yaml, the file the
+    kernel reaches: a copy init wrote at runs/x.yaml does not make the user's store/x.yaml replaceable."""
+    runs, store = place.tmp / "runs", place.tmp / "store"
+    (store / "target").mkdir(parents=True)
+    (runs / "latest").symlink_to(store / "target")
+    assert runner.invoke(app, ["init", "tiny", str(runs / "x.yaml")]).exit_code == 0  # init's own copy
+    (store / "x.yaml").write_text("my recipe\n")
+    before = place.snapshot()
+    refused(["init", "tiny", f"{runs}/latest/../x.yaml", "--overwrite"], "shardtune did not write it")
+    assert place.snapshot() == before
+    (store / "x.yaml").unlink()
+    assert runner.invoke(app, ["init", "tiny", f"{runs}/latest/../x.yaml"]).exit_code == 0
+    after = place.snapshot()
+    assert (store / "x.yaml").read_text().startswith("# ") and after["runs/x.yaml"] == before["runs/x.yaml"]
