@@ -61,7 +61,10 @@ CASES = {
         lambda run, r: ["train", r, "--set", "data.eval_samples=100000000000"],
         "data.eval_samples: must be at most 1000000",
     ),
-    "--nproc 1e5": (lambda run, r: ["train", r, "--nproc", "100000"], "--nproc 100000: this machine has"),
+    "--nproc 1e5": (
+        lambda run, r: ["train", r, "--nproc", "100000"],
+        "--nproc 100000: this machine runs at most",
+    ),
 }
 
 

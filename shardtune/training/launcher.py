@@ -88,19 +88,26 @@ def launch(nproc: int, train_args: list[str], launch_args: str | None, cpu: bool
 
 
 def check_process_count(nproc: int, cpu: bool) -> None:
-    """``--nproc`` that this machine can hold: one process per GPU, or on CPUs (gloo) at most one per
-    core; more would start that many copies of the model (``--nproc 100000`` would start them all)."""
+    """``--nproc`` that this machine can hold: one process per GPU; on CPUs (gloo) at most
+    :data:`PROCESSES_PER_CORE` per core (at least 8: a laptop may test a 4-process run on 2 cores,
+    slowly). More would start that many copies of the model (``--nproc 100000`` would start them
+    all)."""
     import torch
 
     if cpu:
-        have, what = os.cpu_count() or 1, "CPU cores"
+        cores = os.cpu_count() or 1
+        have, what = max(8, PROCESSES_PER_CORE * cores), f"processes on its {cores} CPU cores"
     else:
-        have, what = torch.cuda.device_count(), "GPUs"
+        have = torch.cuda.device_count()
+        what = f"processes, one per GPU ({have} GPUs)"
     if nproc > have:
         raise BadInput(
-            f"--nproc {nproc}: this machine has {have} {what}; launch at most one process per "
-            f"{what[:-1]} (--nproc counts the processes of one machine)"
+            f"--nproc {nproc}: this machine runs at most {have} {what} (--nproc counts the processes "
+            "of one machine)"
         )
+
+
+PROCESSES_PER_CORE = 4
 
 
 def machine_count(launch_args: str | None) -> int:
