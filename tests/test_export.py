@@ -177,7 +177,7 @@ def test_interrupted_merge_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(load_adapted_model(run_dir)[0]), "save_pretrained", disk_full)
     result = runner.invoke(app, ["merge", str(run_dir), "--out", str(tmp_path / "merged")])
-    assert result.exit_code == 2 and "No space left on device" in result.stderr
+    assert result.exit_code == 5 and "no space left on the device" in result.stderr  # a machine fault
     assert not (tmp_path / "merged").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
 

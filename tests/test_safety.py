@@ -484,7 +484,7 @@ def test_an_interrupted_write_leaves_the_old_output_whole(place, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shardtune.artifacts.export, "save_file", broken)
-    refused(["export", str(place.run), "--out", str(out), "--overwrite"], "No space left on device")
+    refused(["export", str(place.run), "--out", str(out), "--overwrite"], "no space left on the device", 5)
     assert place.snapshot() == before
 
 

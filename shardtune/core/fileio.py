@@ -244,6 +244,17 @@ def real_path(path: Path | str) -> Path:
     return path.parent.resolve() / path.name
 
 
+def written_path(path: Path | str) -> Path:
+    """The path to write (and to show) for ``path``: as the user wrote it when its text leads where the
+    kernel goes (the usual case: ``runs/tiny`` stays ``runs/tiny`` in messages and result.json),
+    else :func:`real_path` — a ``..`` after a symbolic link, which text and kernel read differently."""
+    given = Path(path).expanduser()
+    real, lexical = real_path(given), Path(os.path.abspath(given))
+    if lexical.name == real.name and lexical.parent.resolve() == real.parent:
+        return given
+    return real
+
+
 def first_link_inside(directory: Path) -> Path | None:
     """The first symbolic link found at any depth below ``directory`` (links are not followed), or
     None: a command that writes into an existing directory of its own never writes through one."""
@@ -451,7 +462,7 @@ def write_output_dir(
     It may replace an output of its own ``kind`` or of the kinds in ``replaces``."""
     kinds = output_kinds(kind, *replaces)
     check_output_dir(out, key, replace=replace, inputs=inputs, what=what, kinds=kinds)
-    out = real_path(out)  # checked as resolved, written as resolved: the same directory
+    out = written_path(out)  # checked as the kernel resolves it, written there
     try:
         make_directory(out.parent)
         with exclusive_lock(lock_beside(out), key, str(out), remove=True):

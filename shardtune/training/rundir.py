@@ -49,9 +49,9 @@ from shardtune.core.fileio import (
     first_link_inside,
     make_directory,
     read_marker,
-    real_path,
     resolved,
     write_marker,
+    written_path,
 )
 from shardtune.recipe.schema import Recipe, recipe_to_yaml
 from shardtune.training.tracking import LOGS
@@ -101,7 +101,7 @@ class RunDirectory:
     def __init__(self, recipe: Recipe, resume_from: Path | None, main: bool, level: str = "info"):
         self.recipe, self.main = recipe, main
         self.given = Path(recipe.output.dir).expanduser()  # as the user wrote it, for messages
-        self.path = real_path(self.given)  # what is checked and what is written: one directory
+        self.path = written_path(self.given)  # what is checked and what is written: one directory
         # Continuing this run (its own checkpoint); a checkpoint from elsewhere starts a new run here.
         self.resuming = resume_from is not None and resolved(resume_from).parent == resolved(self.path)
         self.level = level.upper()
