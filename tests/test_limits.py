@@ -114,17 +114,24 @@ def test_a_killed_write_leaves_temporary_copies_that_the_next_run_removes(tmp_pa
     for left in leftovers:
         left.mkdir()
         (left / "model.safetensors").write_bytes(b"\0" * 4096)
+    from shardtune.core.fileio import write_marker
+
+    write_marker(leftovers[1], "merge", ["model.safetensors"])  # an earlier output, set aside
+    unmarked_old = tmp_path / ".out.old-aa11bb22"  # the name of one, but no output of shardtune's
+    unmarked_old.mkdir()
+    (unmarked_old / "f").write_text("x")
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "keep.txt").write_text("mine")
     kept = [
+        unmarked_old,
         tmp_path / ".out.new-ab12cd",  # not tempfile's eight characters
         tmp_path / ".out.new-ab12cd_9x",
         tmp_path / ".other.new-ab12cd_9",  # another output's
         tmp_path / "out.new-ab12cd_9",  # not hidden
         tmp_path / ".out.NEW-ab12cd_9",
     ]
-    for path in kept:
+    for path in kept[1:]:
         path.mkdir()
         (path / "f").write_text("x")
     a_file = tmp_path / ".out.new-fileform"

@@ -377,9 +377,13 @@ def remove_leftovers(final: Path) -> list[Path]:
     except OSError:
         return removed
     for path in siblings:
-        if form.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        if not form.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        # ours beyond the name: this user's (mkdtemp made it), and an output set aside is marked
+        if path.stat().st_uid != os.getuid() or (".old-" in path.name and read_marker(path) is None):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 
