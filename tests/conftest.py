@@ -54,6 +54,25 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
+# The signals whose handling a test may change in this process (the CLI's `main` and the launcher's
+# ignore SIGTERM and SIGINT once their work is done, as the processes they are). A disposition left
+# ignored would be inherited by every process a later test starts on this worker: a shell cannot trap
+# a signal ignored on entry, so a SIGTERM sent to a job script would silently do nothing.
+RESTORED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGPIPE")
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """Each test leaves this process's signal handlers as it found them."""
+    import signal
+
+    saved = {name: signal.getsignal(getattr(signal, name)) for name in RESTORED_SIGNALS}
+    yield
+    for name, handler in saved.items():
+        if handler is not None and signal.getsignal(getattr(signal, name)) != handler:
+            signal.signal(getattr(signal, name), handler)
+
+
 # Options that are valid on the 2-layer tiny models for every method (MoS needs a pool large
 # enough for its rank: (rank − private) ≤ (equivalent_rank − private) · layers).
 TINY_OPTIONS = {
