@@ -195,3 +195,23 @@ def test_layer_overhead_times_every_variant_and_its_plain_function_computes_the_
     for got in grads.values():
         for g, want in zip(got, reference, strict=True):
             torch.testing.assert_close(g, want)
+
+
+def test_packing_benchmark_times_both_on_the_same_examples(tmp_path, monkeypatch, capsys):
+    """``packing.py`` (in this process): padding and packing over the same examples, the pad share of
+    each from its batches, and the speed-up of useful tokens per second."""
+    from benchmarks import packing
+
+    out = tmp_path / "packing.json"
+    argv = ["packing.py", "--shape", "small", "--examples", "24", "--median", "20", "--max-length", "128"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--rounds", "1", "--batch", "4", "--json", str(out)])
+    packing.main()
+    found = json.loads(out.read_text())
+    padding, packed = found["rows"]
+    assert (padding["variant"], packed["variant"]) == ("padding", "packing")
+    assert packed["token_slots"] >= found["useful_tokens"] and packed["pad_share"] < padding["pad_share"]
+    assert padding["token_slots"] > found["useful_tokens"] and padding["batches"] == 6
+    for row in (padding, packed):
+        assert row["useful_tokens_per_s"] == pytest.approx(found["useful_tokens"] / row["seconds"])
+    assert found["speedup"] == pytest.approx(packed["useful_tokens_per_s"] / padding["useful_tokens_per_s"])
+    assert "packing / padding, useful tokens per second" in capsys.readouterr().out

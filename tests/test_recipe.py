@@ -58,7 +58,7 @@ def test_overrides(tmp_path):
         (["adapter.mode=mini"], "adapter.mode: unknown key"),  # lora has no mode
         (["trian.lr=1"], "trian: unknown key (did you mean 'train'?)"),
         (["model.name=null"], "model.name: must be a string, got None"),
-        (["data.task=null"], "data: set exactly one of data.task, data.path or data.hub"),
+        (["data.task=null"], "data: set exactly one of data.task, data.path, data.hub or data.sources"),
         (["train=3"], "train: must be a section (a mapping of keys), got 3"),
         (["train.cpu=maybe"], "train.cpu: must be true or false, got 'maybe'"),
     ],

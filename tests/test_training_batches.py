@@ -174,7 +174,7 @@ def test_packing_keeps_prompt_masks(tmp_path):
             "eval_samples": 0,
             "chat_template": False,
             "packing": True,
-            "max_length": 16,
+            "max_length": 48,
         },
         train={"batch_size": 4},
     )
@@ -182,30 +182,33 @@ def test_packing_keeps_prompt_masks(tmp_path):
     recipe = recipe_from_dict(raw_recipe)
     data = build_data(recipe, load_examples(recipe.data), tok, 1, Reporter(quiet=True))
     examples, _ = load_examples(recipe_from_dict(raw_recipe).data)
-    stream_ids, stream_labels = [], []
-    for e in examples:  # in the order load_examples gives them (shuffled by data.seed)
+    expected = []
+    for e in examples:  # each example whole, its own masks, its first label masked (no token before it)
         ids, labels = expected_plain(tok, e.prompt, e.completion, bos=False)
-        stream_ids += ids
-        stream_labels += labels
-    n_rows = len(stream_ids) // 16
-    assert len(data.train_rows) == n_rows  # full rows only; the partial last one is dropped
-    packed_ids = [t for r in data.train_rows for t in r["input_ids"]]
-    packed_labels = [t for r in data.train_rows for t in r["labels"]]
-    assert packed_ids == stream_ids[: 16 * n_rows]
-    assert packed_labels == stream_labels[: 16 * n_rows]
+        expected.append((ids, [IGNORE] + labels[1:]))
+    found = []
+    for row in data.train_rows:
+        assert len(row["input_ids"]) <= 48 and sum(row["lengths"]) == len(row["input_ids"])
+        start = 0
+        for n in row["lengths"]:
+            found.append((row["input_ids"][start : start + n], row["labels"][start : start + n]))
+            start += n
+    assert sorted(found) == sorted(expected)  # every example once, never cut, masks kept
+    assert len(data.train_rows) == 10  # 15 tokens each: three to a row
     batch = next(iter(data.loader))
-    assert batch["input_ids"].shape == (4, 16) and bool(batch["attention_mask"].all())
+    assert batch["input_ids"].shape[0] == 4 and "attention_mask" not in batch
     assert (batch["labels"] == IGNORE).sum() > 0 and (batch["labels"] != IGNORE).sum() > 0
 
 
-def test_pack_cuts_rows_of_exactly_max_length():
-    feats = [{"input_ids": [i] * n, "labels": [IGNORE] * (n - 1) + [i]} for i, n in enumerate((5, 7, 3, 6))]
+def test_pack_keeps_examples_whole_and_fills_rows_best_first():
+    feats = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate((5, 7, 3, 6, 1))]
     rows = pack(feats, 8)
-    assert [len(r["input_ids"]) for r in rows] == [8, 8]  # 21 tokens: the last 5 are dropped
-    assert rows[0] == {"input_ids": [0] * 5 + [1] * 3, "labels": [IGNORE] * 4 + [0] + [IGNORE] * 3}
-    assert pack(feats[:1], 8) == [feats[0]]  # the only row is kept even when short
-    exact = pack(feats[1:2] + feats[3:4] + feats[2:3], 8)  # 7 + 6 + 3 = 16 tokens: two full rows, both kept
-    assert [len(r["input_ids"]) for r in exact] == [8, 8]
+    # best-fit decreasing: 7 (+1), 6, 5 (+3); each row in the data's own order, the last one short
+    assert [r["lengths"] for r in rows] == [[7, 1], [6], [5, 3]]
+    assert rows[0] == {"input_ids": [1] * 7 + [4], "labels": [IGNORE] + [1] * 6 + [IGNORE], "lengths": [7, 1]}
+    assert rows[2]["input_ids"] == [0] * 5 + [2] * 3
+    assert pack(feats[:1], 8) == [{"input_ids": [0] * 5, "labels": [IGNORE] + [0] * 4, "lengths": [5]}]
+    assert pack(feats, 8) == rows  # deterministic
 
 
 def test_truncation_keeps_the_start_and_drops_rows_with_nothing_to_learn():

@@ -17,21 +17,24 @@ examples are rendered as a user turn and an assistant turn too, which is what in
 expect. Each example becomes segments ``(text, trainable)`` that are tokenized separately, so the
 mask is exact. Plain examples end with the EOS token (trained); chat examples end with the
 template's end-of-turn. Examples longer than ``data.max_length`` are truncated from the right and
-counted; ``data.packing`` concatenates examples into full ``max_length`` rows.
+counted; ``data.packing`` puts several whole examples in each ``max_length`` row, each attending
+only to itself (:func:`pack`).
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shardtune.core.errors import BadInput, RecipeError, first_line
+from shardtune.core.errors import BadInput, RecipeError, first_line, named_as
 from shardtune.data.tasks import TASKS
 from shardtune.recipe.schema import DataSection
 
@@ -366,8 +369,14 @@ def _checked_turns(messages: list, where: str) -> tuple[tuple[str, str], ...]:
 DEFAULT_EVAL_SAMPLES = 64
 
 
-def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
-    """Training and held-out examples for the recipe's data section; the two never share a record."""
+def load_examples(
+    data: DataSection, report: Callable[[str], None] | None = None
+) -> tuple[list[Example], list[Example]]:
+    """Training and held-out examples for the recipe's data section; the two never share a record.
+    A mixture (``data.sources``) is read source by source (:func:`_load_mixture`), its lines of
+    what each source gave going to ``report``."""
+    if data.sources is not None:
+        return _load_mixture(data, report or (lambda line: None))
     if data.task is not None:
         task = TASKS.get(data.task)
         if task is None:
@@ -396,6 +405,117 @@ def load_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
         n_eval = data.eval_samples
     random.Random(data.seed).shuffle(examples)
     return examples[n_eval:], examples[:n_eval]
+
+
+def _load_mixture(data: DataSection, report: Callable[[str], None]) -> tuple[list[Example], list[Example]]:
+    """``data.sources``: each source read as a single-source data section (its own held-out examples,
+    drawn as that section would draw them), then mixed:
+
+    * ``num_samples`` — exactly that many training examples (a task generates them; a file's are
+      taken in a seeded order, whole passes over it repeated when it holds fewer);
+    * ``weight`` — the weighted sources share what is left in proportion to their weights ``wᵢ``,
+      in the largest mixture that uses none of their examples twice: with ``pᵢ = wᵢ / Σw`` and
+      ``nᵢ`` examples, ``N = minᵢ nᵢ / pᵢ`` and source ``i`` gives ``round(pᵢ · N)``;
+    * neither — all of its training examples.
+
+    A training example equal to a held-out one of another source is left out (two sources that
+    share records never train on what the other holds out). The mixture is shuffled with ``data.seed``:
+    the same recipe gives the same examples in the same order, so a resumed run continues it
+    exactly."""
+    pools, helds = [], []
+    for i, source in enumerate(data.sources):
+        where = f"data.sources.{i}"
+        keys = (
+            "task",
+            "path",
+            "hub",
+            "revision",
+            "split",
+            "eval_split",
+            "eval_samples",
+            "format",
+            "text_field",
+        )
+        with named_as({**{f"data.{k}": f"{where}.{k}" for k in keys}, "data": where}):
+            train, held = load_examples(_single_source(data, source, where))
+        pools.append(train)
+        helds.append(held)
+    counts = _mixture_counts(data, pools)
+    mixture, overlapping = [], 0
+    for i, (pool, count) in enumerate(zip(pools, counts, strict=True)):
+        picked = _take(pool, count, random.Random(f"shardtune mixture {data.seed} {i}"))
+        others = {e for j, held in enumerate(helds) if j != i for e in held}  # (a task's own: its rules)
+        kept = [e for e in picked if e not in others]
+        overlapping += len(picked) - len(kept)
+        mixture += kept
+    total = len(mixture)
+    for i, (source, count) in enumerate(zip(data.sources, counts, strict=True)):
+        name = source.task or source.path or source.hub
+        how = (
+            f"weight {source.weight:g}"
+            if source.weight is not None
+            else (f"num_samples {source.num_samples}" if source.num_samples is not None else "all of it")
+        )
+        report(
+            f"data.sources.{i}: {name}: {count} training examples ({100 * count / max(total, 1):.1f}% of "
+            f"the mixture; {how}), {len(helds[i])} held out"
+        )
+    if overlapping:
+        report(
+            f"data.sources: {overlapping} training examples equal to held-out ones of another source left out"
+        )
+    random.Random(f"shardtune mixture {data.seed}").shuffle(mixture)
+    return mixture, [e for held in helds for e in held]
+
+
+def _single_source(data: DataSection, source, where: str) -> DataSection:
+    """One source of a mixture as the data section of a recipe that had only it."""
+    from pydantic import ValidationError
+
+    from shardtune.recipe.schema import first_recipe_error
+
+    own = source.model_dump(exclude={"weight", "num_samples"}, exclude_defaults=True)
+    if source.task is not None and source.num_samples is not None:
+        own["num_samples"] = source.num_samples  # a task generates exactly this many
+    shared = {k: getattr(data, k) for k in ("chat_template", "packing", "max_length", "seed")}
+    try:
+        return DataSection.model_validate({**own, **shared})
+    except ValidationError as e:
+        error = first_recipe_error(e, own)
+        raise RecipeError(f"{where}.{error.key}", error.problem) from None
+
+
+def _mixture_counts(data: DataSection, pools: list[list[Example]]) -> list[int]:
+    """How many training examples each source gives the mixture (:func:`_load_mixture`)."""
+    counts = []
+    weighted = [i for i, s in enumerate(data.sources) if s.weight is not None]
+    total_weight = sum(data.sources[i].weight for i in weighted)
+    largest = min((len(pools[i]) * total_weight / data.sources[i].weight for i in weighted), default=0.0)
+    for i, (source, pool) in enumerate(zip(data.sources, pools, strict=True)):
+        if source.weight is not None:
+            count = min(len(pool), round(source.weight / total_weight * largest))
+            if count == 0:
+                raise RecipeError(
+                    f"data.sources.{i}.weight",
+                    f"{source.weight:g} gives this source no example of a mixture of {round(largest)} "
+                    f"(its share is {100 * source.weight / total_weight:.2g}%); raise it",
+                )
+        elif source.num_samples is not None and source.task is None:
+            count = source.num_samples
+        else:
+            count = len(pool)
+        counts.append(count)
+    return counts
+
+
+def _take(pool: list[Example], count: int, rng: random.Random) -> list[Example]:
+    """``count`` examples of ``pool`` in a seeded order: whole shuffled passes, then part of one."""
+    taken = []
+    while len(taken) < count:
+        order = list(pool)
+        rng.shuffle(order)
+        taken += order[: count - len(taken)]
+    return taken
 
 
 def _some_records(records: list, key: str, source: str) -> list:
@@ -581,24 +701,59 @@ def encode_all(
 
 
 def pack(features: list[dict], max_length: int) -> list[dict]:
-    """Concatenate examples (masks kept) and cut into rows of exactly ``max_length`` tokens.
+    """Whole examples into rows of at most ``max_length`` tokens, each attending only to itself.
 
-    Attention is not reset between packed examples (the usual simple packing); the last partial
-    row is dropped unless it is the only one.
+    Best-fit decreasing: the longest example first, each into the row whose free space it fills
+    best (a new row when none has room), so rows come out nearly full whatever the length mix.
+    An example is never cut: a row's ``lengths`` name its examples, in order, and
+    :class:`Collator` turns them into position ids that restart at each one, which the model reads
+    as separate sequences (a block-diagonal causal mask; varlen kernels with flash attention):
+
+        position_ids = [0 … n₁−1, 0 … n₂−1, …]     token t attends to s ⇔ s ≤ t in the same example
+
+    The first label of each example is masked: the token before it belongs to another example,
+    and in a row of its own that label has no token before it either. The loss of a packed row is
+    then the token-weighted mean of its examples' own losses. The last row is kept however short
+    (the collator pads it).
     """
-    ids = [t for f in features for t in f["input_ids"]]
-    labels = [t for f in features for t in f["labels"]]
-    rows = [
-        {"input_ids": ids[i : i + max_length], "labels": labels[i : i + max_length]}
-        for i in range(0, len(ids), max_length)
-    ]
-    if len(rows) > 1 and len(rows[-1]["input_ids"]) < max_length:
-        rows.pop()
-    return rows
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    rows: list[list[int]] = []  # feature indices per row
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted: the best fit is the first with room
+    for i in order:
+        n = len(features[i]["input_ids"])
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            rows.append([i])
+            bisect.insort(free, (max_length - n, len(rows) - 1))
+            continue
+        room, row = free.pop(k)
+        rows[row].append(i)
+        bisect.insort(free, (room - n, row))
+    packed = []
+    for members in rows:
+        members.sort()  # each row in the data's own order
+        ids, labels = [], []
+        for i in members:
+            ids += features[i]["input_ids"]
+            labels += [IGNORE] + list(features[i]["labels"][1:])
+        packed.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "lengths": [len(features[i]["input_ids"]) for i in members],
+            }
+        )
+    return packed
 
 
 class Collator:
-    """Right-pad a list of features into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    """Right-pad a list of features into ``input_ids``, ``attention_mask`` and ``labels`` tensors.
+
+    Packed rows (:func:`pack`, with ``lengths``) get ``position_ids`` instead of an attention mask:
+    they restart at each example, and at the padding, which thus forms a sequence of its own that no
+    real token sees. ``num_tokens`` counts the real tokens (for tokens/s); :func:`model_inputs` leaves
+    it out of what the model is given.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -613,4 +768,27 @@ class Collator:
             ids[row, :n] = torch.tensor(f["input_ids"])
             mask[row, :n] = 1
             labels[row, :n] = torch.tensor(f["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "lengths" not in features[0]:
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        positions = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            lengths = list(f["lengths"])
+            if sum(lengths) < width:
+                lengths.append(width - sum(lengths))  # the padding: a sequence of its own
+            positions[row] = torch.cat([torch.arange(n) for n in lengths])
+        return {"input_ids": ids, "labels": labels, "position_ids": positions, "num_tokens": mask.sum()}
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model is given of a collated batch: everything but the real-token count. Packed
+    rows (no attention mask) also turn the key/value cache off, which transformers needs in order
+    to read their position ids as separate sequences."""
+    inputs = {k: v for k, v in batch.items() if k != "num_tokens"}
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def real_tokens(batch: dict) -> torch.Tensor:
+    """The number of real (non-padding) tokens of a collated batch."""
+    return batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()

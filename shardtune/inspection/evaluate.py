@@ -313,7 +313,7 @@ def _examples(recipe, data, data_format: str, metric: str, samples: int | None):
             "eval: the run's recipe holds out no examples (data.eval_samples is 0); give --data FILE"
         )
     settings = {
-        "source": recipe.data.task or recipe.data.path or recipe.data.hub,
+        "source": recipe.data.describe_source(),
         "task": recipe.data.task,
         "max_length": recipe.data.max_length,
         "batch_size": recipe.eval.batch_size,

@@ -238,8 +238,10 @@ def not_cached(key: str, repo_id: str, revision: str | None, repo_type: str = "m
 def check_recipe_sources(recipe) -> None:
     """Every hub id a recipe names (model, data) is at hand, or a one-line error — fast, when offline."""
     check_available("model.name", recipe.model.name, recipe.model.revision)
-    if recipe.data.hub is not None:
-        check_available("data.hub", recipe.data.hub, recipe.data.revision, repo_type="dataset")
+    for i, source in enumerate(recipe.data.source_list()):
+        if source.hub is not None:
+            key = "data.hub" if recipe.data.sources is None else f"data.sources.{i}.hub"
+            check_available(key, source.hub, source.revision, repo_type="dataset")
 
 
 def describe_failure(key: str, repo_id: str, revision: str | None, error: BaseException) -> BadInput:

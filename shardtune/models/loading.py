@@ -383,3 +383,36 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def check_packed_examples_stay_apart(model: nn.Module, key: str = "data.packing") -> None:
+    """Packed rows (:func:`shardtune.data.examples.pack`) give the model position ids that restart at
+    each example and no attention mask; transformers reads them as separate sequences (block-diagonal
+    causal attention). An architecture or a transformers version that does not would let every
+    example see the ones before it in its row, silently. So before training, two short sequences
+    are packed into one row and the second one's logits compared with those it gets alone."""
+    import transformers
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(vocab, (1, 6), generator=generator)
+    second = torch.randint(vocab, (1, 5), generator=generator)
+    row = torch.cat([first, second], dim=1).to(device)
+    positions = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, 6:]
+            alone = model(input_ids=second.to(device), use_cache=False).logits[0]
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if alone.dtype == torch.float32 else 3e-2  # (bf16: rounding differs with the row)
+    packed, alone = packed.float(), alone.float()
+    if (packed - alone).abs().max().item() > tolerance * (alone.abs().max().item() + 1e-6):
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise BadInput(
+            f"{key}: this model ({kind}) in transformers {transformers.__version__} lets packed examples "
+            "attend to each other (its attention does not restart at position 0); set data.packing: false"
+        )

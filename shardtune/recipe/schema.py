@@ -115,6 +115,48 @@ TIMEOUT_LIMIT_S = (
 )  # train.timeout_s: 30 days (Python's timedelta and C timeouts overflow far above)
 
 
+class SourceSection(Section):
+    """One source of a mixture (``data.sources``): where its examples come from, how they are read,
+    how many it holds out, and how much of the mixture it is."""
+
+    task: str | None = Field(None, description="A builtin generated task (`shardtune tasks`).")
+    path: str | None = Field(None, description="A local data file or `save_to_disk` directory.")
+    hub: str | None = Field(None, description="A hub dataset id (`org/name`).")
+    revision: str | None = Field(None, description="Hub revision of `hub`.")
+    split: str = Field("train", description="Split to train on (hub datasets, save_to_disk directories).")
+    eval_split: str | None = Field(
+        None, description="Held-out examples from a split or a second file (as `data.eval_split`)."
+    )
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt"] = Field(
+        "auto", description="As `data.format`, for this source."
+    )
+    text_field: str = Field("text", description="Field holding the text for `format: text`.")
+    eval_samples: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_GENERATED,
+        description="Held out from this source (as `data.eval_samples`; unset: 64 generated for a task, a "
+        "fifth of a file, at most 64).",
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="This source's share of the mixture, relative to the other weighted sources: the "
+        "mixture is the largest that uses no example twice.",
+    )
+    num_samples: PositiveInt | None = Field(
+        None,
+        le=MAX_GENERATED,
+        description="Exactly this many training examples from this source (a task generates them; a file's "
+        "records are repeated when it holds fewer). Unset, without weight: all of them (a task: 2000).",
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str | None) -> str | None:
+        return _known_task(value)
+
+
 class DataSection(Section):
     task: str | None = Field(
         None,
@@ -154,7 +196,11 @@ class DataSection(Section):
         description="Render prompt/completion as a chat (user, assistant) with the tokenizer's template; "
         "`auto`: when the tokenizer has one.",
     )
-    packing: bool = Field(False, description="Concatenate examples into full rows of `max_length` tokens.")
+    packing: bool = Field(
+        False,
+        description="Put several whole examples in each row of up to `max_length` tokens; each attends only "
+        "to itself (position ids restart at each example), so the loss is that of the examples alone.",
+    )
     num_samples: PositiveInt = Field(
         2000, le=MAX_GENERATED, description="Training examples generated for a builtin task."
     )
@@ -176,44 +222,110 @@ class DataSection(Section):
         0, ge=SEED_MIN, le=SEED_MAX, description="Seed of task generation and of the train/eval split."
     )
 
+    sources: list[SourceSection] | None = Field(
+        None,
+        description="A mixture: a list of sources, each with its own `task` / `path` / `hub`, `format`, "
+        "`split`, `eval_split`, `text_field`, `eval_samples`, and `weight` or `num_samples` (see Mixtures "
+        "below). The other keys here (`max_length`, `packing`, `chat_template`, `seed`) apply to all of them.",
+    )
+
     @model_validator(mode="after")
     def _one_source(self):
+        if self.sources is not None:
+            _check_mixture(self)
+            return self
         if sum(x is not None for x in (self.task, self.path, self.hub)) != 1:
-            raise ValueError("set exactly one of data.task, data.path or data.hub")
+            raise ValueError("set exactly one of data.task, data.path, data.hub or data.sources")
         return self
 
     @model_validator(mode="after")
     def _keys_that_apply(self):
         # A key that would do nothing with the others as set is a mistake, not a no-op. (A saved or
         # resolved recipe spells out the defaults: only values that differ from them count.)
+        if self.sources is not None:
+            return self
         defaults = type(self).model_fields
-        if self.revision is not None and self.hub is None:
-            raise RecipeError(
-                "data.revision", "applies to data.hub only (a hub dataset's branch, tag or commit)"
-            )
         if self.num_samples != defaults["num_samples"].default and self.task is None:
             raise RecipeError(
                 "data.num_samples", "applies to data.task only (examples a builtin task generates)"
             )
-        if self.text_field != defaults["text_field"].default and self.format not in ("text", "auto"):
-            raise RecipeError("data.text_field", f"applies to format: text only (format is {self.format})")
-        if self.task is not None:  # a builtin task generates its items, held-out ones included
-            for key in ("eval_split", "split", "format", "text_field"):
-                if getattr(self, key) != defaults[key].default:
-                    raise RecipeError(
-                        f"data.{key}",
-                        "applies to data.path or data.hub only (data.task generates its examples)",
-                    )
+        _check_source_keys(self, "data", defaults)
         return self
 
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str | None) -> str | None:
-        from shardtune.core.catalog import TASKS
+        return _known_task(value)
 
-        if value is not None and value not in TASKS:
-            raise ValueError(f"unknown task {value!r}; available: {', '.join(TASKS)}")
-        return value
+    def source_list(self) -> list:
+        """The sources of the data: the mixture's, or this section as its single source."""
+        return list(self.sources) if self.sources is not None else [self]
+
+    def describe_source(self) -> str:
+        """The data as a run names it: a task, a file, a hub id, or a mixture of them."""
+        if self.sources is None:
+            return str(self.task or self.path or self.hub)
+        return "a mixture of " + ", ".join(str(s.task or s.path or s.hub) for s in self.sources)
+
+
+def _known_task(value: str | None) -> str | None:
+    from shardtune.core.catalog import TASKS
+
+    if value is not None and value not in TASKS:
+        raise ValueError(f"unknown task {value!r}; available: {', '.join(TASKS)}")
+    return value
+
+
+def _check_source_keys(source, prefix: str, defaults: dict) -> None:
+    """The keys of one source that apply to it as set (a data section or an item of data.sources)."""
+    if source.revision is not None and source.hub is None:
+        raise RecipeError(
+            f"{prefix}.revision", f"applies to {prefix}.hub only (a hub dataset's branch, tag or commit)"
+        )
+    if source.text_field != defaults["text_field"].default and source.format not in ("text", "auto"):
+        raise RecipeError(f"{prefix}.text_field", f"applies to format: text only (format is {source.format})")
+    if source.task is not None:  # a builtin task generates its items, held-out ones included
+        for key in ("eval_split", "split", "format", "text_field"):
+            if getattr(source, key) != defaults[key].default:
+                raise RecipeError(
+                    f"{prefix}.{key}",
+                    f"applies to {prefix}.path or {prefix}.hub only ({prefix}.task generates its examples)",
+                )
+
+
+# The keys of a single-source data section that a mixture sets per source instead.
+SOURCE_KEYS = (
+    "task",
+    "path",
+    "hub",
+    "revision",
+    "split",
+    "eval_split",
+    "format",
+    "text_field",
+    "eval_samples",
+)
+
+
+def _check_mixture(data: DataSection) -> None:
+    if not data.sources:
+        raise RecipeError("data.sources", "is empty; list at least one source (or set data.task/path/hub)")
+    defaults = DataSection.model_fields
+    for key in (*SOURCE_KEYS, "num_samples"):
+        if getattr(data, key) != defaults[key].default:
+            raise RecipeError(
+                f"data.{key}", "with data.sources, set it inside each source (data.sources.N.KEY)"
+            )
+    for i, source in enumerate(data.sources):
+        where = f"data.sources.{i}"
+        if sum(x is not None for x in (source.task, source.path, source.hub)) != 1:
+            raise RecipeError(where, "set exactly one of task, path or hub")
+        if source.weight is not None and source.num_samples is not None:
+            raise RecipeError(
+                f"{where}.weight",
+                "set weight (a share of the mixture) or num_samples (a number of examples), not both",
+            )
+        _check_source_keys(source, where, SourceSection.model_fields)
 
 
 class FsdpSection(Section):
@@ -274,7 +386,9 @@ class TrainSection(Section):
         description="Passes over the training data (when max_steps is not set); the steps they come to "
         f"are at most {MAX_STEPS:,}.",
     )
-    batch_size: PositiveInt = Field(8, description="Examples per micro-batch per process.")
+    batch_size: PositiveInt = Field(
+        8, description="Examples per micro-batch per process (rows of packed examples with `data.packing`)."
+    )
     grad_accum: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"] = Field(
@@ -779,12 +893,18 @@ def apply_override(raw: dict, item: str) -> str | None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        nxt = node.setdefault(part, {})
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
+        if isinstance(node, list):  # a list's item by its index (data.sources.1.weight)
+            nxt = node[_list_index(node, part, parts[:i])]
+        else:
+            nxt = node.setdefault(part, {})
+            if nxt is None:
+                nxt = node[part] = {}
+        if not isinstance(nxt, dict | list):
             raise RecipeError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
         node = nxt
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], parts[:-1])] = value
+        return None
     note = None
     if parts == ["adapter", "method"] and value in METHODS and node.get("method") != value:
         known = METHODS[value].Options.model_fields
@@ -806,8 +926,26 @@ def apply_override(raw: dict, item: str) -> str | None:
     return note
 
 
+def _list_index(items: list, part: str, above: list[str]) -> int:
+    """``--set LIST.N.KEY=...``: item N of the list (counted from 0); N = its length adds an item."""
+    where = ".".join(above)
+    if not part.isdigit():
+        raise RecipeError(
+            where, f"is a list; name an item by its index (0 to {len(items) - 1}), not {part!r}"
+        )
+    index = int(part)
+    if index == len(items):
+        items.append({})
+    elif index > len(items):
+        raise RecipeError(
+            where,
+            f"has {len(items)} items (0 to {len(items) - 1}); {index} would leave a gap ({len(items)} adds one)",
+        )
+    return index
+
+
 # Each data source and the keys that apply to it alone (dropped when ``--set`` picks another source).
-DATA_SOURCE_KEYS = {"task": ("num_samples",), "path": (), "hub": ("revision",)}
+DATA_SOURCE_KEYS = {"task": ("num_samples",), "path": (), "hub": ("revision",), "sources": ()}
 
 
 def _switch_data_source(data: dict, source: str) -> str | None:
@@ -982,10 +1120,12 @@ def recipe_reference_markdown() -> str:
             continue
         out += [f"## `{name}`", "", *table(field.annotation), ""]
         for sub_name, sub in field.annotation.model_fields.items():  # nested sections, e.g. train.fsdp
-            # (an optional one, `Section | None`, too)
-            found = [t for t in (sub.annotation, *get_args(sub.annotation)) if isinstance(t, type)]
+            # (an optional one, `Section | None`, or a list of them, `list[Section] | None`, too)
+            args = [sub.annotation, *get_args(sub.annotation)]
+            found = [t for t in (*args, *(a for arg in args for a in get_args(arg))) if isinstance(t, type)]
             for section in [t for t in found if issubclass(t, Section)][:1]:
-                out += [f"### `{name}.{sub_name}`", "", *table(section), ""]
+                listed = ".N" if "list[" in str(sub.annotation) else ""
+                out += [f"### `{name}.{sub_name}{listed}`", "", *table(section), ""]
     out += ["## `adapter`", "", "Keys shared by every method:", ""]
     from shardtune.adapters.base import AdapterOptions
 

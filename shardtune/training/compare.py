@@ -271,8 +271,9 @@ def compare(
         raise BadInput(f"--methods: unknown method {unknown[0]!r}; available: all, {', '.join(METHODS)}")
     out_dir = Path(recipe.output.dir).expanduser() / "compare"
     model = Path(recipe.model.name).expanduser()
+    data_paths = [source.path for source in recipe.data.source_list()]
     if plot is not None:
-        check_plot_path(plot, "--plot", inputs=[model if model.is_dir() else None, recipe.data.path])
+        check_plot_path(plot, "--plot", inputs=[model if model.is_dir() else None, *data_paths])
     skipped = unfit_methods(recipe, methods, out_dir, extra)
     if skipped and not every:
         method, why = next(iter(skipped.items()))
@@ -290,7 +291,7 @@ def compare(
         replace=recipe.output.overwrite,
         what="an earlier comparison",
         replace_hint="--set output.overwrite=true to replace it, or choose another output.dir",
-        inputs=[model if (model / "config.json").is_file() else None, recipe.data.path],
+        inputs=[model if (model / "config.json").is_file() else None, *data_paths],
         legacy=lambda d: COMPARE_ENTRIES if (d / COMPARE_FILE).is_file() else None,
         kinds={"compare": COMPARE_ENTRIES},
         within=RUN_KINDS,  # its runs

@@ -86,12 +86,21 @@ from shardtune.core.errors import (
 from shardtune.core.fileio import atomic_write_text
 from shardtune.core.limits import MAX_STEPS
 from shardtune.core.progress import Reporter
-from shardtune.data.examples import Collator, Example, encode_all, load_examples, pack, uses_chat
+from shardtune.data.examples import (
+    Collator,
+    Example,
+    encode_all,
+    load_examples,
+    model_inputs,
+    pack,
+    real_tokens,
+    uses_chat,
+)
 from shardtune.inspection.evaluate import heldout_loss, score_task
 from shardtune.models import quant
 from shardtune.models.dtensor import full_tensor, is_sharded
 from shardtune.models.dtypes import DTYPES
-from shardtune.models.loading import load_model
+from shardtune.models.loading import check_packed_examples_stay_apart, load_model
 from shardtune.recipe.schema import Recipe, TrainSection
 from shardtune.training.fsdp import block_classes, shard_model
 from shardtune.training.peers import PeerWatch, collective_timeout, who
@@ -445,7 +454,7 @@ def build_data(
                 f"{recipe.data.max_length} tokens leave no training example a token to learn from (their "
                 "prompts fill them); raise it",
             )
-        source = recipe.data.task or recipe.data.path or recipe.data.hub
+        source = recipe.data.describe_source()
         raise BadInput(
             f"data: {source} has no training example with a token to learn from (empty completions?)"
         )
@@ -524,7 +533,7 @@ class Tally:
     def add(self, loss: torch.Tensor, batch: dict) -> None:
         self.loss_sum += loss.detach().float()
         self.micro_batches += 1
-        self.tokens += batch["attention_mask"].sum()
+        self.tokens += real_tokens(batch)
 
     def check_finite(self, loss: torch.Tensor, step: int) -> None:
         newly_bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step == 0)
@@ -641,7 +650,7 @@ class Trainer:
 
     def read_data(self) -> None:
         """Read and check the training and held-out examples (a bad data file fails before a model loads)."""
-        self.examples = load_examples(self.recipe.data)
+        self.examples = load_examples(self.recipe.data, self.reporter.info)
         scoring = [k for k in ("score", "score_base", "score_every") if getattr(self.recipe.eval, k)]
         # (plain text is an Example with the whole text as its completion and no prompt)
         if scoring and any(not (e.prompt or e.messages) for e in self.examples[0] + self.examples[1]):
@@ -667,6 +676,8 @@ class Trainer:
             quantization=quantization,
             device=self.accelerator.device,
         )
+        if recipe.data.packing:
+            check_packed_examples_stay_apart(self.model)
         targets = inject_adapter(self.model, recipe.adapter)
         self._check_fits_model()
         if cfg.gradient_checkpointing:
@@ -795,7 +806,7 @@ class Trainer:
             batch_size=recipe.train.batch_size,
             collate_fn=self.data.collate,
         )
-        batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in first)
+        batches = (model_inputs({k: v.to(accelerator.device) for k, v in b.items()}) for b in first)
         seen = gradient_init(self.model, batches, recipe.adapter)
         if accelerator.num_processes > 1:
             import torch.distributed as dist
@@ -889,7 +900,7 @@ class Trainer:
         with accelerator.accumulate(model):
             if self.fsdp:  # reduce-scatter the gradients only on the micro-batch that steps
                 model.set_requires_gradient_sync(accelerator.sync_gradients)
-            loss = model(**batch).loss
+            loss = model(**model_inputs(batch)).loss
             accelerator.backward(loss)
             self.grad_norm = None
             if accelerator.sync_gradients:

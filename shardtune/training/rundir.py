@@ -159,7 +159,7 @@ class RunDirectory:
             # (a model directory without config.json fails to load with its own message)
             inputs=[
                 model if (model / "config.json").is_file() else None,
-                self.recipe.data.path,
+                *(source.path for source in self.recipe.data.source_list()),
                 self.recipe.adapter.init_from,
             ],
             legacy=legacy_run_entries,
