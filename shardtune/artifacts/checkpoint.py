@@ -86,6 +86,8 @@ def adapter_metadata(model: nn.Module, recipe: Recipe, step: int) -> dict:
         "step": step,
         "trainable_parameters": trainable,
         "total_parameters": total,
+        # data.chat_template's Jinja when the recipe named one: eval and generate render chats alike
+        "chat_template": getattr(model, "shardtune_chat_template", None),
     }
 
 
@@ -241,6 +243,8 @@ def read_adapter_config(directory: Path) -> dict:
             raise BadInput(f"{path}: key {key!r} must be a {kind.__name__}, got {meta[key]!r}")
     if not isinstance(meta["base_model"].get("name"), str):
         raise BadInput(f"{path}: key 'base_model.name' is missing or not a string")
+    if not isinstance(meta.get("chat_template"), str | None):
+        raise BadInput(f"{path}: key 'chat_template' must be a string or null, got {meta['chat_template']!r}")
     if meta["options"].get("method", meta["method"]) != meta["method"]:
         raise BadInput(
             f"{path}: key 'method' says {meta['method']!r} but 'options.method' says {meta['options']['method']!r}"
@@ -411,6 +415,8 @@ def load_adapted_model(
         )
     attach_adapter(model, directory)
     model.eval()
+    if meta.get("chat_template"):  # the template the run was trained with (data.chat_template)
+        tokenizer.chat_template = meta["chat_template"]
     return model, tokenizer, meta
 
 

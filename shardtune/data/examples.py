@@ -477,7 +477,9 @@ def _single_source(data: DataSection, source, where: str) -> DataSection:
     own = source.model_dump(exclude={"weight", "num_samples"}, exclude_defaults=True)
     if source.task is not None and source.num_samples is not None:
         own["num_samples"] = source.num_samples  # a task generates exactly this many
-    shared = {k: getattr(data, k) for k in ("chat_template", "packing", "max_length", "seed")}
+    shared = {
+        k: getattr(data, k) for k in ("chat_template", "assistant_turns", "packing", "max_length", "seed")
+    }
     try:
         return DataSection.model_validate({**own, **shared})
     except ValidationError as e:
@@ -582,9 +584,13 @@ def _held_out_source(data: DataSection) -> DataSection:
 
 
 def uses_chat(tokenizer: PreTrainedTokenizerBase, setting: str | bool) -> bool:
+    """Whether examples are rendered as chats (``data.chat_template``; a named template is on the
+    tokenizer by now, :mod:`shardtune.data.templates`)."""
     has = bool(getattr(tokenizer, "chat_template", None))
     if setting == "auto":
         return has
+    if isinstance(setting, str):  # a shipped, inline or file template
+        return True
     if setting and not has:
         raise BadInput("data.chat_template: the tokenizer has no chat template")
     return bool(setting)
@@ -600,11 +606,17 @@ def _render(tokenizer, turns, add_generation_prompt: bool) -> str:
         )
     except TemplateError as e:
         roles = " → ".join(r for r, _ in turns)
-        raise BadInput(f"data: the tokenizer's chat template refuses the turns {roles} ({e})") from None
+        raise BadInput(f"data.chat_template: the chat template refuses the turns {roles} ({e})") from None
 
 
-def segments(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -> list[tuple[str, bool]]:
-    """The example as ``(text, trainable)`` pieces, in order."""
+def segments(
+    example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool, assistant_turns: str = "all"
+) -> list[tuple[str, bool]]:
+    """The example as ``(text, trainable)`` pieces, in order: each assistant turn trainable (with
+    ``assistant_turns="last"`` only the last one), everything else context. Each piece is the
+    difference between two renderings of the chat by its template — up to the turn with the
+    generation prompt, and through it — so the masks are what the template really renders, and a
+    template that does not render turn by turn is refused."""
     turns = example.messages or (
         (("user", example.prompt), ("assistant", example.completion)) if chat and example.prompt else ()
     )
@@ -612,6 +624,7 @@ def segments(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -
         if not getattr(tokenizer, "chat_template", None):
             raise BadInput("data.format: messages needs a tokenizer with a chat template")
         out, done = [], ""
+        last = max((k for k, (role, _) in enumerate(turns) if role == "assistant"), default=-1)
         for k, (role, _) in enumerate(turns):
             if role != "assistant":
                 continue
@@ -619,7 +632,15 @@ def segments(example: Example, tokenizer: PreTrainedTokenizerBase, chat: bool) -
             full = _render(tokenizer, turns[: k + 1], add_generation_prompt=False)
             if not before.startswith(done) or not full.startswith(before):
                 raise BadInput("data.chat_template: the chat template does not render turns incrementally")
-            out += [(before[len(done) :], False), (full[len(before) :], True)]
+            if full == before and turns[k][1].strip():
+                raise BadInput(
+                    "data.chat_template: the chat template renders nothing of an assistant turn (the turns "
+                    f"{' → '.join(r for r, _ in turns[: k + 1])}): there would be nothing to learn"
+                )
+            out += [
+                (before[len(done) :], False),
+                (full[len(before) :], assistant_turns == "all" or k == last),
+            ]
             done = full
         return [(text, trainable) for text, trainable in out if text]
     return [(example.prompt, False), (example.completion, True)]
@@ -670,10 +691,14 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def encode(
-    example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int, chat: bool = False
+    example: Example,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    chat: bool = False,
+    assistant_turns: str = "all",
 ) -> tuple[dict, bool]:
     """Token ids and labels (non-trainable segments masked); returns (features, was_truncated)."""
-    pieces = segments(example, tokenizer, chat)
+    pieces = segments(example, tokenizer, chat, assistant_turns)
     is_chat = bool(example.messages) or (chat and bool(example.prompt))
     ids, labels = ([], []) if is_chat else (_bos(tokenizer), [IGNORE] * len(_bos(tokenizer)))
     for text, trainable in pieces:
@@ -688,12 +713,16 @@ def encode(
 
 
 def encode_all(
-    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int, chat: bool = False
+    examples: list[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    chat: bool = False,
+    assistant_turns: str = "all",
 ) -> tuple[list[dict], int]:
     """Encode every example; drop ones with no trainable token left; return (features, n_truncated)."""
     features, n_truncated = [], 0
     for ex in examples:
-        feat, truncated = encode(ex, tokenizer, max_length, chat)
+        feat, truncated = encode(ex, tokenizer, max_length, chat, assistant_turns)
         n_truncated += truncated
         if any(label != IGNORE for label in feat["labels"][1:]):
             features.append(feat)

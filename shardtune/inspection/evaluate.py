@@ -224,7 +224,8 @@ def evaluate(
             lm, tokenizer = load_model(model)
         result = {"model": model}
     chat = uses_chat(tokenizer, recipe.data.chat_template if recipe else "auto")
-    features, _ = encode_all(held, tokenizer, settings["max_length"], chat)
+    turns = recipe.data.assistant_turns if recipe else "all"
+    features, _ = encode_all(held, tokenizer, settings["max_length"], chat, turns)
     if not features:  # a loss over no tokens is no number
         where = f"--data: {data}" if data is not None else f"the held-out examples of {run_dir}"
         raise BadInput(f"{where}: no example has a token to measure (empty texts or completions?)")

@@ -191,10 +191,17 @@ class DataSection(Section):
         ),
     )
     text_field: str = Field("text", description="Field holding the text for `format: text`.")
-    chat_template: Literal["auto"] | bool = Field(
+    chat_template: bool | str = Field(
         "auto",
-        description="Render prompt/completion as a chat (user, assistant) with the tokenizer's template; "
-        "`auto`: when the tokenizer has one.",
+        description="How chats are rendered: `auto` (the tokenizer's template when it has one; then "
+        "prompt/completion records are a user and an assistant turn too), `true` (the tokenizer's, required), "
+        "`false` (none), a template shipped with shardtune (`chatml`, `qwen`, `llama-3`, `mistral`, `gemma`, "
+        "`phi-3`), a Jinja template itself, or a template file (`.jinja`).",
+    )
+    assistant_turns: Literal["all", "last"] = Field(
+        "all",
+        description="Which assistant turns of a chat are trained: `all`, or only the `last` (the earlier ones "
+        "are context, masked like the user turns).",
     )
     packing: bool = Field(
         False,
@@ -226,7 +233,7 @@ class DataSection(Section):
         None,
         description="A mixture: a list of sources, each with its own `task` / `path` / `hub`, `format`, "
         "`split`, `eval_split`, `text_field`, `eval_samples`, and `weight` or `num_samples` (see Mixtures "
-        "below). The other keys here (`max_length`, `packing`, `chat_template`, `seed`) apply to all of them.",
+        "below). The other keys here (`max_length`, `packing`, `chat_template`, `assistant_turns`, `seed`) apply to all of them.",
     )
 
     @model_validator(mode="after")
@@ -251,6 +258,26 @@ class DataSection(Section):
             )
         _check_source_keys(self, "data", defaults)
         return self
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_shape(cls, value: bool | str) -> bool | str:
+        from shardtune.core.catalog import CHAT_TEMPLATES
+
+        if (
+            isinstance(value, bool)
+            or value == "auto"
+            or value in CHAT_TEMPLATES
+            or "{{" in value
+            or "{%" in value
+        ):
+            return value
+        if "/" in value or value.endswith((".jinja", ".jinja2", ".j2", ".tmpl", ".txt")):
+            return value  # a template file (read when the run starts)
+        raise ValueError(
+            f"must be one of: auto, true, false, a shipped template ({', '.join(CHAT_TEMPLATES)}), a Jinja "
+            f"template (holding {{{{ or {{%), or a template file (.jinja); not {value!r}"
+        )
 
     @field_validator("task")
     @classmethod

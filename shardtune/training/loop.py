@@ -96,6 +96,7 @@ from shardtune.data.examples import (
     real_tokens,
     uses_chat,
 )
+from shardtune.data.templates import template_text
 from shardtune.inspection.evaluate import heldout_loss, score_task
 from shardtune.models import quant
 from shardtune.models.dtensor import full_tensor, is_sharded
@@ -445,8 +446,9 @@ def build_data(
     cfg = recipe.train
     chat = uses_chat(tokenizer, recipe.data.chat_template)
     train_examples, eval_examples = examples
-    train_rows, truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat)
-    eval_rows, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat)
+    turns = recipe.data.assistant_turns
+    train_rows, truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat, turns)
+    eval_rows, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat, turns)
     if not train_rows:
         if truncated:
             raise RecipeError(
@@ -650,6 +652,7 @@ class Trainer:
 
     def read_data(self) -> None:
         """Read and check the training and held-out examples (a bad data file fails before a model loads)."""
+        self.chat_template = template_text(self.recipe.data.chat_template)  # (a file: read once, here)
         self.examples = load_examples(self.recipe.data, self.reporter.info)
         scoring = [k for k in ("score", "score_base", "score_every") if getattr(self.recipe.eval, k)]
         # (plain text is an Example with the whole text as its completion and no prompt)
@@ -676,6 +679,9 @@ class Trainer:
             quantization=quantization,
             device=self.accelerator.device,
         )
+        if self.chat_template is not None:  # data.chat_template names one: the run renders with it
+            self.tokenizer.chat_template = self.chat_template
+            self.model.shardtune_chat_template = self.chat_template  # (adapter.json keeps it)
         if recipe.data.packing:
             check_packed_examples_stay_apart(self.model)
         targets = inject_adapter(self.model, recipe.adapter)
