@@ -143,7 +143,13 @@ def test_a_run_trains_with_its_named_template_and_eval_and_generate_use_it(tmp_p
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = tiny_recipe(
         tmp_path,
-        data={"task": None, "path": str(chats), "eval_samples": 4, "chat_template": "chatml", "max_length": 128},
+        data={
+            "task": None,
+            "path": str(chats),
+            "eval_samples": 4,
+            "chat_template": "chatml",
+            "max_length": 128,
+        },
         train={"max_steps": 2},
     )
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))

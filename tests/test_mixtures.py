@@ -176,3 +176,30 @@ def test_a_mixture_of_a_sharegpt_file_and_a_task_trains_and_says_what_it_took(tm
     assert "data.sources.1: repeat: 40 training examples" in result.stderr
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert [s.get("weight") for s in saved["data"]["sources"]] == [1.0, None]
+
+
+def test_a_resumed_mixture_continues_exactly(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from shardtune.training.loop import train
+
+    sources = [
+        {"path": records(tmp_path, "a.jsonl", 60, "A"), "weight": 2.0, "eval_samples": 4},
+        {"task": "repeat", "num_samples": 24, "eval_samples": 4},
+    ]
+
+    def recipe(where):
+        raw = data_section(where, sources)
+        raw["train"].update({"max_steps": 8, "save_every": 4, "batch_size": 4})
+        return recipe_from_dict(raw)
+
+    train(recipe(tmp_path))
+    final = load_file(tmp_path / "run" / "adapter.safetensors")
+    (tmp_path / "again").mkdir()
+    shutil.copytree(tmp_path / "run", tmp_path / "again" / "run")
+    train(recipe(tmp_path / "again"), resume=tmp_path / "again" / "run" / "checkpoint-4")
+    again = load_file(tmp_path / "again" / "run" / "adapter.safetensors")
+    assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)

@@ -211,6 +211,14 @@ class DataSection(Section):
     num_samples: PositiveInt = Field(
         2000, le=MAX_GENERATED, description="Training examples generated for a builtin task."
     )
+    num_proc: PositiveInt = Field(
+        1, le=256, description="Processes that tokenize the examples (in chunks, in order: the same rows)."
+    )
+    tokenized_cache: bool = Field(
+        True,
+        description="Keep the token rows in the cache ($SHARDTUNE_CACHE/tokenized), keyed by the examples, the "
+        "tokenizer, the chat template and these options: a second run or a resume does not tokenize again.",
+    )
     eval_samples: int | None = Field(
         None,
         ge=0,

@@ -89,7 +89,6 @@ from shardtune.core.progress import Reporter
 from shardtune.data.examples import (
     Collator,
     Example,
-    encode_all,
     load_examples,
     model_inputs,
     pack,
@@ -97,11 +96,12 @@ from shardtune.data.examples import (
     uses_chat,
 )
 from shardtune.data.templates import template_text
+from shardtune.data.tokenized import encode_cached
 from shardtune.inspection.evaluate import heldout_loss, score_task
 from shardtune.models import quant
 from shardtune.models.dtensor import full_tensor, is_sharded
 from shardtune.models.dtypes import DTYPES
-from shardtune.models.loading import check_packed_examples_stay_apart, load_model
+from shardtune.models.loading import cache_dir, check_packed_examples_stay_apart, load_model
 from shardtune.recipe.schema import Recipe, TrainSection
 from shardtune.training.fsdp import block_classes, shard_model
 from shardtune.training.peers import PeerWatch, collective_timeout, who
@@ -440,15 +440,24 @@ def build_data(
     tokenizer,
     num_processes: int,
     reporter: Reporter,
+    write_cache: bool = True,
 ) -> TrainingData:
-    """(training, held-out) examples → token rows with loss masks (truncated, optionally packed) →
-    shuffled batches."""
+    """(training, held-out) examples → token rows with loss masks (truncated, optionally packed; read
+    from the tokenized cache when there, :mod:`shardtune.data.tokenized`) → shuffled batches.
+    ``write_cache``: whether this process writes what the cache lacks (the main process does)."""
     cfg = recipe.train
     chat = uses_chat(tokenizer, recipe.data.chat_template)
     train_examples, eval_examples = examples
-    turns = recipe.data.assistant_turns
-    train_rows, truncated = encode_all(train_examples, tokenizer, recipe.data.max_length, chat, turns)
-    eval_rows, _ = encode_all(eval_examples, tokenizer, recipe.data.max_length, chat, turns)
+    data = recipe.data
+    cache = cache_dir() / "tokenized" if data.tokenized_cache else None
+    options = (data.max_length, chat, data.assistant_turns, cache, data.num_proc)
+    train_rows, truncated, train_cached = encode_cached(
+        train_examples, tokenizer, *options, write=write_cache, warn=reporter.warn
+    )
+    eval_rows, _, eval_cached = encode_cached(
+        eval_examples, tokenizer, *options, write=write_cache, warn=reporter.warn
+    )
+    cached = [kind for kind, hit in (("training", train_cached), ("held-out", eval_cached)) if hit]
     if not train_rows:
         if truncated:
             raise RecipeError(
@@ -481,6 +490,7 @@ def build_data(
     reporter.info(
         f"data: {len(train_examples)} training examples ({len(train_rows)} rows), "
         f"{len(eval_rows)} held out{', chat template' if chat else ''}"
+        f"{'; token rows of the ' + ' and '.join(cached) + ' examples from the cache' if cached else ''}"
     )
     collate = Collator(tokenizer.pad_token_id)
     sampler = EpochSampler(len(train_rows), cfg.seed)
@@ -725,7 +735,12 @@ class Trainer:
     def setup_data(self) -> None:
         """Token rows and loaders of the training and held-out examples; the run's optimizer steps."""
         self.data = build_data(
-            self.recipe, self.examples, self.tokenizer, self.accelerator.num_processes, self.reporter
+            self.recipe,
+            self.examples,
+            self.tokenizer,
+            self.accelerator.num_processes,
+            self.reporter,
+            write_cache=self.main,
         )
         cfg = self.cfg
         updates_per_epoch = max(1, len(self.data.loader) // self.accelerator.num_processes // cfg.grad_accum)
