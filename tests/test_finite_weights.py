@@ -130,6 +130,56 @@ def test_resume_refuses_a_broken_optimizer_state_before_writing(tmp_path, traine
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def damage_rng(run: Path) -> tuple[Path, str]:
+    path = run / "checkpoint-2" / "rng.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(path).items()}, path)  # a zeroed generator
+    return path, "tensor 'torch_cpu' is not a valid CPU random state"
+
+
+def damage_metrics(how: str):
+    def damage(run: Path) -> tuple[Path, str]:
+        path = run / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True)
+        lines.insert(1, {"garbage": "garbage\n", "step": '{"step": "x"}\n', "list": "[1, 2]\n"}[how])
+        path.write_text("".join(lines))
+        return path, "line 2 is not a metrics record"
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_rng, damage_metrics("garbage"), damage_metrics("step"), damage_metrics("list")],
+    ids=["rng-zeroed", "metrics-garbage", "metrics-step", "metrics-list"],
+)
+def test_resume_names_damaged_run_state_before_writing(tmp_path, trained, damage):
+    """Every file a resume reads is checked first: a damaged one is one line naming it, and nothing in
+    the run is written (not the log, not the metrics)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    path, what = damage(run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["output"]["dir"] = str(run)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--resume", "-q"])
+    err = one_line_error(result, what)
+    assert err.startswith(f"error: {path}: ")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_no_damage(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"step": 9, "lo')
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["output"]["dir"] = str(run)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--resume", "-q"])
+    assert result.exit_code == 0, result.output
+    assert all(line.endswith("}") for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
 def broken_copy(tmp_path: Path, source: Path, file: str, make) -> Path:
     copy = tmp_path / source.name
     shutil.copytree(source, copy)

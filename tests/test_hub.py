@@ -334,3 +334,104 @@ def test_sigterm_during_a_hub_request_ends_the_command_within_seconds(tmp_path, 
     assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM"), (
         err
     )
+
+
+@contextlib.contextmanager
+def misshapen_hub(answer):
+    """A server on 127.0.0.1 that answers every request 200 with the JSON ``answer`` (a list or a
+    string where huggingface_hub reads an object): a proxy or a mirror that is not a hub."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = json.dumps(answer).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, head: bool = False):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def do_GET(self):
+            self._answer()
+
+        def do_HEAD(self):
+            self._answer(head=True)
+
+        def do_POST(self):
+            self._answer()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("answer", [[], "oops", {"unexpected": True}])
+def test_a_hub_that_answers_in_an_unexpected_shape_is_named_not_an_internal_error(tmp_path, answer):
+    run = recipe(tmp_path, model={"name": "org/tiny"})
+    with misshapen_hub(answer) as url:
+        env = {
+            "HF_ENDPOINT": url,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_DISABLE_XET": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        for args in (["train", str(run), "-q"], ["params", "--model", "org/tiny"]):
+            done = shardtune(*args, env=env, timeout=120)
+            lines = done.stderr.splitlines()
+            assert done.returncode in (2, 5) and len(lines) == 1, (args, done.stderr)
+            assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+            if done.returncode == 5:
+                assert lines[0].startswith(
+                    f"error: the hub at {url} answered in a shape huggingface_hub cannot read"
+                )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "bad", ["org/na..me", "org--x/model", "org/model.git", "org/model-", "a/b/c", "org/" + "m" * 97]
+)
+def test_an_impossible_hub_id_is_one_line_before_any_request(hub, tmp_path, bad):
+    home = tmp_path / "hf"
+    before = len(hub.requests)
+    cases = {
+        "model.name": {"model": {"name": bad}},
+        "data.hub": {"data": {"task": None, "hub": bad, "eval_samples": 4}},
+        "--model": None,
+    }
+    for key, sections in cases.items():
+        args = ["train", str(recipe(tmp_path, **sections)), "-q"] if sections else ["params", "--model", bad]
+        done = shardtune(*args, env=hub_env(hub, home), timeout=120)
+        assert done.returncode == 2, (args, done.stderr)
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"error: {key}: {bad!r} is not a "), line
+    assert len(hub.requests) == before  # decided before any network call
+
+
+def test_valid_repo_ids_are_huggingface_hubs():
+    """shardtune's check (made without importing huggingface_hub) agrees with huggingface_hub's."""
+    import random
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from shardtune.models.hub import valid_repo_id
+
+    rng = random.Random(0)
+    for _ in range(20_000):
+        name = "".join(rng.choice("ab1_-./é") for _ in range(rng.randint(1, 10)))
+        try:
+            validate_repo_id(name)
+            theirs = True
+        except HFValidationError:
+            theirs = False
+        assert valid_repo_id(name) == theirs, name
+    assert valid_repo_id("org/" + "m" * 96) and not valid_repo_id("org/" + "m" * 97)

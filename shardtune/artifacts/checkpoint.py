@@ -38,7 +38,7 @@ from shardtune.artifacts.peftio import (
     peft_meta,
     read_peft_weights,
 )
-from shardtune.core.errors import BadInput, named_as
+from shardtune.core.errors import BadInput, first_line, named_as
 from shardtune.core.fileio import (
     atomic_directory,
     atomic_write,
@@ -604,6 +604,13 @@ def _check_rng_file(path: Path) -> None:
             f"{path}: tensor 'torch_cpu' is not a CPU random state ({rng['torch_cpu'].dtype}, "
             f"{tuple(rng['torch_cpu'].shape)}); the file was edited"
         )
+    try:  # (a generator of its own: the process's state is restored later, by the run)
+        torch.Generator().set_state(rng["torch_cpu"])
+    except RuntimeError as e:
+        raise BadInput(
+            f"{path}: tensor 'torch_cpu' is not a valid CPU random state ({first_line(e)}); the file was "
+            "edited or damaged"
+        ) from None
     for name, value in rng.items():
         if name.startswith("torch_cuda_") and (value.dtype != torch.uint8 or value.dim() != 1):
             raise BadInput(f"{path}: tensor {name!r} is not a CUDA random state; the file was edited")

@@ -23,6 +23,7 @@ from shardtune.core.errors import (
     ShardtuneError,
     StopSignal,
     environment_failure,
+    hub_answer_failure,
 )
 
 # Not a terminal (a pipe, a file): nothing is wrapped or truncated — a width no line reaches.
@@ -278,8 +279,10 @@ def handle_errors(fn):
         except Exception as e:
             if debugging():
                 raise
-            machine = environment_failure(e)
-            if machine is not None:  # the disk, not shardtune: its own code, never "internal error"
+            machine = environment_failure(e) or hub_answer_failure(e)
+            if (
+                machine is not None
+            ):  # the disk or the hub, not shardtune: its own code, never "internal error"
                 fail(machine, EXIT_ENVIRONMENT)
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             where = "details in the run's train.log; " if fn.__name__ == "train" else ""

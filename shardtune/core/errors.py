@@ -89,6 +89,38 @@ def environment_failure(error: BaseException) -> str | None:
     return None
 
 
+# A reply of the hub that huggingface_hub could not read: it raised one of these plain Python errors
+# from its own code (its own error classes say what went wrong themselves).
+UNEXPECTED_ANSWER = (TypeError, AttributeError, KeyError, IndexError)
+
+
+def hub_answer_failure(error: BaseException) -> str | None:
+    """One line when huggingface_hub failed on an answer it did not expect (a JSON list where it
+    reads an object, a field missing: a proxy, a mirror or an HF_ENDPOINT that is not a hub),
+    found anywhere in ``error``'s chain; None otherwise."""
+    import json
+    import os
+
+    seen, chain = error, []
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if type(e) not in (*UNEXPECTED_ANSWER, json.JSONDecodeError) or e.__traceback__ is None:
+            continue
+        tb = e.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        if f"{os.sep}huggingface_hub{os.sep}" in tb.tb_frame.f_code.co_filename:
+            endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+            return (
+                f"the hub at {endpoint} answered in a shape huggingface_hub cannot read ({type(e).__name__}: "
+                f"{first_line(e)}); check HF_ENDPOINT (a proxy or mirror that is not a hub?) or try again "
+                "later (HF_HUB_OFFLINE=1 uses what is cached)"
+            )
+    return None
+
+
 class ShardtuneError(Exception):
     """Base class: an error with a one-line message meant for the user."""
 

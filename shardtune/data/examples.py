@@ -186,6 +186,7 @@ def _load_hub_dataset(repo_id: str, split: str, revision: str | None, split_key:
 
     from shardtune.models import hub
 
+    hub.check_dataset_id("data.hub", repo_id)
     if not hub.offline():
         try:
             return datasets.load_dataset(repo_id, split=split, revision=revision)

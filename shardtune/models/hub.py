@@ -17,6 +17,19 @@ from shardtune.core.catalog import EMBEDDED, TINY_MODELS
 from shardtune.core.errors import BadInput
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_REPO_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)  # huggingface_hub's own
+
+
+def valid_repo_id(name: str) -> bool:
+    """A repo id the hub can have (huggingface_hub's rules, checked without importing it or asking the
+    network): ``name`` or ``org/name`` of letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``;
+    not ending in ``.git``; at most 96 characters on each side of the ``/``."""
+    return (
+        bool(HUB_REPO_ID.fullmatch(name))
+        and "--" not in name
+        and ".." not in name
+        and not name.endswith(".git")
+    )
 
 
 def offline() -> bool:
@@ -43,7 +56,7 @@ def is_local(name: str) -> bool:
 
 
 def is_hub_id(name: str) -> bool:
-    return not is_builtin(name) and not is_local(name) and bool(REPO_ID.match(name))
+    return not is_builtin(name) and not is_local(name) and valid_repo_id(name)
 
 
 def cached_commit(repo_id: str, revision: str | None, repo_type: str = "model") -> str | None:
@@ -241,7 +254,17 @@ def check_recipe_sources(recipe) -> None:
     for i, source in enumerate(recipe.data.source_list()):
         if source.hub is not None:
             key = "data.hub" if recipe.data.sources is None else f"data.sources.{i}.hub"
+            check_dataset_id(key, source.hub)
             check_available(key, source.hub, source.revision, repo_type="dataset")
+
+
+def check_dataset_id(key: str, repo_id: str) -> None:
+    """A hub dataset id that the hub can have, or one line naming ``key`` (before any network call)."""
+    if not valid_repo_id(repo_id):
+        raise BadInput(
+            f"{key}: {repo_id!r} is not a hub dataset id (org/name: letters, digits, '-', '_', '.'; no '--' "
+            "or '..'; at most 96 characters each)"
+        )
 
 
 def describe_failure(key: str, repo_id: str, revision: str | None, error: BaseException) -> BadInput:

@@ -82,6 +82,7 @@ from shardtune.core.errors import (
     StopSignal,
     Terminated,
     environment_failure,
+    hub_answer_failure,
 )
 from shardtune.core.fileio import atomic_write_text
 from shardtune.core.limits import MAX_STEPS
@@ -105,7 +106,7 @@ from shardtune.models.loading import cache_dir, check_packed_examples_stay_apart
 from shardtune.recipe.schema import Recipe, TrainSection
 from shardtune.training.fsdp import block_classes, shard_model
 from shardtune.training.peers import PeerWatch, collective_timeout, who
-from shardtune.training.rundir import METRICS_FILE, RESULT_FILE, RunDirectory
+from shardtune.training.rundir import METRICS_FILE, RESULT_FILE, RunDirectory, metrics_lines
 from shardtune.training.selection import Selection
 
 log = logging.getLogger("shardtune")
@@ -222,6 +223,15 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 def accelerator_sum(accelerator: Accelerator):
     return lambda t: accelerator.reduce(t, reduction="sum")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it came from (its cause or context), at most 20."""
+    chain = []
+    while error is not None and len(chain) < 20:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 def _collective_failed(error: BaseException) -> bool:
@@ -599,6 +609,9 @@ class Trainer:
             option = "--resume" if resume == "latest" else "--resume-from"
             self.resumed_step = check_checkpoint(self.resume_from, self.recipe.adapter, option)
             check_same_run(self.resume_from, self.recipe, self.accelerator.num_processes)
+            metrics = Path(self.recipe.output.dir).expanduser() / METRICS_FILE
+            if metrics.is_file():
+                metrics_lines(metrics)  # a damaged log is named before anything is written
         else:
             self.resumed_step = 0
         self.directory = RunDirectory(self.recipe, self.resume_from, self.main, self.recipe.logging.level)
@@ -622,8 +635,8 @@ class Trainer:
             raise interrupted from None
         except Exception as e:
             machine = environment_failure(e)
-            if machine is not None:  # a full disk, a size limit, ...: not shardtune's bug (exit 5)
-                failure = MachineError(f"output.dir: writing {self.run_dir}: {machine}")
+            if machine is not None or hub_answer_failure(e) is not None:  # not shardtune's bug (exit 5)
+                failure = MachineError(self._machine_failure(e, machine))
                 log.error("error: %s", failure)
                 raise failure from None
             log.exception("training failed")  # the traceback goes to train.log; the user gets one line
@@ -636,6 +649,18 @@ class Trainer:
             if self.trackers is not None:
                 self.trackers.finish()
             self.directory.close()
+
+    def _machine_failure(self, error: BaseException, machine: str | None) -> str:
+        """The line for a failure of the machine or the hub: a write into the run directory names it
+        (``output.dir``); a file elsewhere (the data, a cache) or the hub speak for themselves."""
+        if machine is None:
+            return hub_answer_failure(error) or ""
+        names = [getattr(e, "filename", None) for e in _chain(error)]
+        where = next((os.fsdecode(n) for n in names if isinstance(n, str | bytes) and n), None)
+        run = Path(self.run_dir).resolve()
+        if where is None or run == Path(where).resolve() or run in Path(where).resolve().parents:
+            return f"output.dir: writing {self.run_dir}: {machine}"
+        return machine
 
     @contextmanager
     def _heartbeats(self) -> Iterator[None]:

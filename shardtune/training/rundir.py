@@ -265,11 +265,30 @@ class RunDirectory:
 
 def _lines_up_to(metrics: Path, step: int) -> list[str]:
     """metrics.jsonl lines of steps up to ``step`` (a resumed run logs the later ones again)."""
-    kept = []
-    for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True):
+    return [line for line, at in metrics_lines(metrics) if at <= step]
+
+
+def metrics_lines(metrics: Path) -> list[tuple[str, int]]:
+    """(line, its step) of a run's metrics.jsonl, each checked: a JSON object with a whole-number
+    step. The last line may be cut short (a kill in the middle of writing it): left out; any other
+    line that is not one is one error naming the file and the line (read before a resume writes)."""
+    try:
+        lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{metrics}: not text ({e.reason} at byte {e.start}); the file was damaged") from None
+    found = []
+    for number, line in enumerate(lines, 1):
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            record = json.loads(line)
         except ValueError:
-            continue  # a line cut short by a kill
-    return kept
+            if number == len(lines) and not line.endswith("\n"):
+                continue  # cut short by a kill
+            record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise BadInput(
+                f"{metrics}: line {number} is not a metrics record (a JSON object with a whole-number "
+                f"step): {line.strip()[:60]!r}; the file was edited or damaged (move it away to resume)"
+            )
+        found.append((line, step))
+    return found
