@@ -95,3 +95,30 @@ def test_compiled_blocks_under_ddp_train_what_one_eager_process_trains(tmp_path)
     two_processes(two)
     same_adapter(tmp_path / "one", tmp_path / "two", atol=1e-4)
     assert json.loads((tmp_path / "two" / "result.json").read_text())["compile_seconds"] > 0
+
+
+def test_no_working_cpp_compiler_is_one_line_naming_train_compile(tmp_path):
+    """torch.compile on a CPU machine without a working C++ compiler (inductor's own error, in a
+    process of its own so that no compiler check is cached): the recipe key, what to do, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tiny_recipe(tmp_path, train={"max_steps": 2, "compile": True})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    env = {
+        **os.environ,
+        "CXX": "/bin/false",
+        "CC": "/bin/false",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "shardtune", "train", str(tmp_path / "r.yaml"), "-q"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: train.compile: torch.compile failed on this machine (") and "C++" in line
+    assert "set train.compile: false" in line and not (tmp_path / "run" / "adapter.safetensors").exists()

@@ -82,6 +82,7 @@ from shardtune.core.errors import (
     StopSignal,
     Terminated,
     environment_failure,
+    first_line,
     hub_answer_failure,
 )
 from shardtune.core.fileio import atomic_write_text
@@ -232,6 +233,20 @@ def _chain(error: BaseException) -> list[BaseException]:
         chain.append(error)
         error = error.__cause__ or error.__context__
     return chain
+
+
+def _compiler_failure(error: BaseException) -> str | None:
+    """What torch.compile's stack (dynamo, inductor) failed on, when it did: no working C++ compiler,
+    a backend that does not build here, ...; None when the error came from elsewhere."""
+    for e in _chain(error):
+        module = type(e).__module__ or ""
+        if module.startswith(("torch._inductor", "torch._dynamo")):
+            return (
+                f"torch.compile failed on this machine ({type(e).__name__}: {first_line(e)}); set "
+                "train.compile: false, or give it what it needs (on CPUs a working C++ compiler: g++, or "
+                "CXX=/path/to/compiler)"
+            )
+    return None
 
 
 def _collective_failed(error: BaseException) -> bool:
@@ -634,6 +649,11 @@ class Trainer:
             log.error("error: %s", interrupted)
             raise interrupted from None
         except Exception as e:
+            compiler = _compiler_failure(e) if self.cfg.compile else None
+            if compiler is not None:  # torch.compile cannot work on this machine: the recipe key says so
+                failure = RecipeError("train.compile", compiler)
+                log.error("error: %s", failure)
+                raise failure from None
             machine = environment_failure(e)
             if machine is not None or hub_answer_failure(e) is not None:  # not shardtune's bug (exit 5)
                 failure = MachineError(self._machine_failure(e, machine))
