@@ -175,5 +175,5 @@ def _write_entry(
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-    except OSError as e:  # a cache that cannot be written costs the next run its time, nothing else
+    except (OSError, SafetensorError) as e:  # a cache not written costs the next run its time, nothing else
         warn(f"could not cache the tokenized data in {cache} ({type(e).__name__}: {e})")
