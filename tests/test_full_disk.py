@@ -100,7 +100,9 @@ def test_a_run_on_a_disk_that_fills_keeps_whole_checkpoints_and_resumes_from_the
     for checkpoint in checkpoints:  # each one whole: a checkpoint is there complete or not at all
         assert {p.name for p in checkpoint.iterdir()} == CHECKPOINT_FILES, checkpoint
     own = {".shardtune-output.json", ".shardtune.lock"}  # the run's marker and lock: not leftovers
-    assert not [p for p in kept.rglob("*") if p.name not in own and (".tmp" in p.name or p.name.startswith("."))]
+    assert not [
+        p for p in kept.rglob("*") if p.name not in own and (".tmp" in p.name or p.name.startswith("."))
+    ]
     assert not (kept / "adapter.safetensors").exists() or (kept / "adapter.json").exists()
     if not checkpoints:
         return

@@ -123,3 +123,109 @@ def test_every_environment_failure_is_named_never_internal(tmp_path, run, monkey
     err = result.stderr.strip()
     assert result.exit_code == 5 and len(err.splitlines()) == 1 and expected in err, (result.exit_code, err)
     assert "internal error" not in err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every writing subcommand against every failure of the machine, at each place a write can fail: the
+# open of a file (Python's writes) and the rename that puts a finished file in place (every atomic
+# write, the safetensors files included). Each combination meets another errno, so that all of them
+# are met across the matrix.
+
+FAULTS = [
+    "ENOSPC",
+    "EDQUOT",
+    "EROFS",
+    "EFBIG",
+    "EACCES",
+    "EPERM",
+    "ENOTDIR",
+    "ELOOP",
+    "EIO",
+    "EMFILE",
+    "ENFILE",
+]
+WRITERS = {
+    "train": lambda run, out: ["train", "RECIPE", "-q"],
+    "merge": lambda run, out: ["merge", str(run), "--out", str(out), "--dtype", "fp32"],
+    "export-peft": lambda run, out: ["export", str(run), "--out", str(out)],
+    "export-native": lambda run, out: ["export", str(run), "--format", "shardtune", "--out", str(out)],
+    "prune": lambda run, out: ["prune", "tiny-llama", "--out", str(out), "--sparsity", "0.5"],
+}
+MATRIX = [(writer, point) for writer in WRITERS for point in ("open", "rename")]
+
+
+@pytest.mark.parametrize("writer,point", MATRIX, ids=[f"{w}-{p}" for w, p in MATRIX])
+def test_every_writer_meets_every_machine_failure_with_one_line_and_nothing_partial(
+    tmp_path, run, monkeypatch, writer, point
+):
+    import builtins
+    import os
+
+    fault = FAULTS[MATRIX.index((writer, point)) % len(FAULTS)]
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "users-file.txt").write_text("not shardtune's")
+    out = target / "out"
+    args = WRITERS[writer](run, out)
+    if writer == "train":
+        raw = tiny_recipe(target, train={"max_steps": 4, "save_every": 2})
+        raw["output"]["dir"] = str(out)
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+        args = [str(tmp_path / "r.yaml") if a == "RECIPE" else a for a in args]
+    before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    code = getattr(errno, fault)
+
+    def inside(path) -> bool:
+        try:
+            return str(target) in os.fsdecode(path)
+        except TypeError:
+            return False
+
+    if point == "open":  # Python's file writes, however they are opened (open, pathlib, tempfile)
+        import io
+
+        real_open, real_os_open = builtins.open, os.open
+
+        def failing_open(file, mode="r", *a, **kw):
+            if isinstance(mode, str) and any(m in mode for m in "wax+") and inside(file):
+                raise OSError(code, os.strerror(code), os.fsdecode(file))
+            return real_open(file, mode, *a, **kw)
+
+        def failing_os_open(path, flags, *a, **kw):
+            if (
+                flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+                and inside(path)
+                and not os.fsdecode(path).endswith(".lock")
+            ):
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
+            return real_os_open(path, flags, *a, **kw)
+
+        monkeypatch.setattr(builtins, "open", failing_open)
+        monkeypatch.setattr(io, "open", failing_open)
+        monkeypatch.setattr(os, "open", failing_os_open)
+    else:
+        real_replace, real_rename = os.replace, os.rename
+
+        def failing(real):
+            def move(src, dst, *a, **kw):
+                if inside(dst) and not os.fsdecode(dst).endswith((".lock", ".shardtune-output.json")):
+                    raise OSError(code, os.strerror(code), os.fsdecode(dst))
+                return real(src, dst, *a, **kw)
+
+            return move
+
+        monkeypatch.setattr(os, "replace", failing(real_replace))
+        monkeypatch.setattr(os, "rename", failing(real_rename))
+    result = runner.invoke(app, args)
+    monkeypatch.undo()
+    err = result.stderr.strip()
+    assert result.exit_code == 5, (writer, point, fault, result.exit_code, err[-1500:])
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and f"[{fault}]" in err, err
+    assert "internal error" not in err and "Traceback" not in result.output
+    # nothing partial: the user's file untouched; an output absent, or a run without a half-written file
+    assert {p: p.read_bytes() for p in before} == before and (target / "users-file.txt").exists()
+    if writer != "train":
+        assert not out.exists(), sorted(p.name for p in target.rglob("*"))
+    else:
+        assert not (out / "adapter.safetensors").exists() and not list(out.glob("checkpoint-*"))
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name]
