@@ -127,3 +127,28 @@ def test_a_second_run_reads_its_rows_from_the_cache_and_the_option_turns_it_off(
     )
     assert third.exit_code == 0, third.output
     assert not (off / "cache" / "tokenized").exists()
+
+
+def test_a_recipe_whose_training_rows_are_empty_fails_before_tokenizing_the_held_out_ones(
+    tmp_path, monkeypatch
+):
+    """A large held-out set (here 20,000 generated items) is not tokenized for a run that cannot
+    start: the training rows are checked first."""
+    from shardtune.training import loop
+
+    seen = []
+    real = loop.encode_cached
+
+    def counting(examples, *args, **kwargs):
+        seen.append(len(examples))
+        return real(examples, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "encode_cached", counting)
+    recipe = tiny_recipe(tmp_path, data={"task": "sort", "eval_samples": 20_000, "max_length": 24})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--set", "data.tokenized_cache=false"])
+    assert (
+        result.exit_code == 2
+        and "error: data.max_length: 24 tokens leave no training example" in result.stderr
+    )
+    assert seen == [128]  # the training examples only

@@ -479,11 +479,7 @@ def build_data(
     train_rows, truncated, train_cached = encode_cached(
         train_examples, tokenizer, *options, write=write_cache, warn=reporter.warn
     )
-    eval_rows, _, eval_cached = encode_cached(
-        eval_examples, tokenizer, *options, write=write_cache, warn=reporter.warn
-    )
-    cached = [kind for kind, hit in (("training", train_cached), ("held-out", eval_cached)) if hit]
-    if not train_rows:
+    if not train_rows:  # (before the held-out examples are tokenized: a doomed run fails at once)
         if truncated:
             raise RecipeError(
                 "data.max_length",
@@ -494,6 +490,10 @@ def build_data(
         raise BadInput(
             f"data: {source} has no training example with a token to learn from (empty completions?)"
         )
+    eval_rows, _, eval_cached = encode_cached(
+        eval_examples, tokenizer, *options, write=write_cache, warn=reporter.warn
+    )
+    cached = [kind for kind, hit in (("training", train_cached), ("held-out", eval_cached)) if hit]
     if eval_examples and not eval_rows:
         raise BadInput(
             f"data: none of the {len(eval_examples)} held-out examples has a token to score (empty "
