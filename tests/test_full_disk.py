@@ -153,3 +153,14 @@ def test_a_cache_on_a_full_disk_only_warns_and_leaves_no_partial_entry(tmp_path,
         entries = [p for p in (disk / "tokenized").iterdir()] if (disk / "tokenized").exists() else []
         for entry in entries:  # an entry is there whole, or not at all
             assert {p.name for p in entry.iterdir()} == {"rows.safetensors", "rows.json"}, entry
+
+
+def test_a_read_only_shardtune_cache_is_one_line_naming_it(tmp_path, monkeypatch):
+    """The embedded model is converted into SHARDTUNE_CACHE on first use: a read-only one is exit 5,
+    naming the cache and what to set."""
+    disk = tmp_path / "cache"
+    with small_disk(disk, 1024 * 1024):
+        read_only(disk)
+        monkeypatch.setenv("SHARDTUNE_CACHE", str(disk))
+        line = one_line(runner.invoke(app, ["params", "-m", "smollm2-135m-instruct"]))
+        assert "[EROFS]" in line and "SHARDTUNE_CACHE" in line and str(disk) in line

@@ -229,3 +229,13 @@ def test_every_writer_meets_every_machine_failure_with_one_line_and_nothing_part
     else:
         assert not (out / "adapter.safetensors").exists() and not list(out.glob("checkpoint-*"))
         assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_data_file_that_is_a_loop_of_links_is_one_line(tmp_path):
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    raw = tiny_recipe(tmp_path, data={"task": None, "path": str(tmp_path / "loop.jsonl"), "eval_samples": 4})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "-q"])
+    err = result.stderr.strip()
+    assert result.exit_code == 5 and len(err.splitlines()) == 1, (result.exit_code, err)
+    assert "loop.jsonl" in err and "[ELOOP]" in err and "internal error" not in err
