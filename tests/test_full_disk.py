@@ -164,3 +164,16 @@ def test_a_read_only_shardtune_cache_is_one_line_naming_it(tmp_path, monkeypatch
         monkeypatch.setenv("SHARDTUNE_CACHE", str(disk))
         line = one_line(runner.invoke(app, ["params", "-m", "smollm2-135m-instruct"]))
         assert "[EROFS]" in line and "SHARDTUNE_CACHE" in line and str(disk) in line
+
+
+@pytest.mark.parametrize("where", ["run", "."], ids=["new-directory", "the-mount-itself"])
+def test_a_run_on_a_read_only_disk_is_one_line_and_writes_nothing(tmp_path, reference, where):
+    _, raw, _ = reference
+    disk = tmp_path / "disk"
+    with small_disk(disk, 1024 * 1024):
+        read_only(disk)
+        recipe = {**raw, "output": {**raw["output"], "dir": str(disk / where)}}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        line = one_line(runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "-q"]))
+        assert line.startswith("error: output.dir: ") and "[EROFS]" in line
+        assert files(disk) == {}

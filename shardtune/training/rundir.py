@@ -40,7 +40,7 @@ from shardtune.artifacts.checkpoint import (
     RECIPE_FILE,
     list_checkpoints,
 )
-from shardtune.core.errors import BadInput
+from shardtune.core.errors import BadInput, MachineError, environment_failure
 from shardtune.core.fileio import (
     LOCK,
     atomic_write_text,
@@ -201,6 +201,9 @@ class RunDirectory:
         try:
             make_directory(self.path)
         except OSError as e:
+            machine = environment_failure(e)
+            if machine is not None:  # a read-only or full disk, a permission: the machine's (exit 5)
+                raise MachineError(f"output.dir: cannot create {self.path}: {machine}") from None
             raise BadInput(f"output.dir: cannot create {self.path}: {e.strerror or e}") from None
         self._lock()
         if any(p.name != LOCK for p in self.path.iterdir()):
