@@ -435,3 +435,27 @@ def test_valid_repo_ids_are_huggingface_hubs():
             theirs = False
         assert valid_repo_id(name) == theirs, name
     assert valid_repo_id("org/" + "m" * 96) and not valid_repo_id("org/" + "m" * 97)
+
+
+def test_a_read_only_hugging_face_cache_is_the_machines_one_line(hub, tmp_path):
+    """HF_HOME on a read-only file system (a tmpfs remounted read-only; needs root): the download
+    cannot be written, exit 5, naming the option, the cache and what to set."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    home = tmp_path / "hf"
+    home.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(home)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for args, key in (
+            (["params", "--model", "org/tiny"], "--model"),
+            (["generate", "-m", "org/tiny", "hi"], "--model"),
+        ):
+            done = shardtune(*args, env=hub_env(hub, home), timeout=120)
+            assert done.returncode == 5, done.stderr
+            (line,) = done.stderr.splitlines()
+            assert (
+                line.startswith(f"error: {key}: cannot download org/tiny into {home}") and "[EROFS]" in line
+            )
+    finally:
+        subprocess.run(["umount", "-l", str(home)])

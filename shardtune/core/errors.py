@@ -152,11 +152,12 @@ def named_as(names: dict[str, str]) -> Iterator[None]:
     command-line option, or the field of a saved file that recorded it."""
     try:
         yield
-    except BadInput as e:
+    except ShardtuneError as e:
         message = str(e)
         for key, name in names.items():
             if message.startswith(f"{key}:"):
-                raise BadInput(name + message[len(key) :]) from None
+                renamed = name + message[len(key) :]
+                raise (BadInput(renamed) if isinstance(e, BadInput) else type(e)(renamed)) from None
         raise
 
 

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from shardtune.core.catalog import EMBEDDED, TINY_MODELS
-from shardtune.core.errors import BadInput
+from shardtune.core.errors import BadInput, MachineError, ShardtuneError, environment_failure
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HUB_REPO_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)  # huggingface_hub's own
@@ -267,9 +267,14 @@ def check_dataset_id(key: str, repo_id: str) -> None:
         )
 
 
-def describe_failure(key: str, repo_id: str, revision: str | None, error: BaseException) -> BadInput:
-    """One line for a failed hub download, from the error (or its causes) huggingface_hub raised."""
+def describe_failure(key: str, repo_id: str, revision: str | None, error: BaseException) -> ShardtuneError:
+    """One line for a failed hub download, from the error (or its causes) huggingface_hub raised; the
+    machine refusing the download's writes (a read-only or full HF_HOME) is the machine's (exit 5)."""
     from huggingface_hub import errors
+
+    machine = environment_failure(error)
+    if machine is not None:
+        return MachineError(f"{key}: cannot download {repo_id} into {cache_location()}: {machine}")
 
     chain, seen = [], error
     while seen is not None and len(chain) < 10:
