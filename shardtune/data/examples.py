@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shardtune.core.errors import BadInput, RecipeError, first_line, named_as
 from shardtune.data.tasks import TASKS
-from shardtune.recipe.schema import DataSection
+from shardtune.recipe.schema import SOURCE_KEYS, DataSection
 
 IGNORE = -100
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -426,18 +426,7 @@ def _load_mixture(data: DataSection, report: Callable[[str], None]) -> tuple[lis
     pools, helds = [], []
     for i, source in enumerate(data.sources):
         where = f"data.sources.{i}"
-        keys = (
-            "task",
-            "path",
-            "hub",
-            "revision",
-            "split",
-            "eval_split",
-            "eval_samples",
-            "format",
-            "text_field",
-        )
-        with named_as({**{f"data.{k}": f"{where}.{k}" for k in keys}, "data": where}):
+        with named_as({**{f"data.{k}": f"{where}.{k}" for k in SOURCE_KEYS}, "data": where}):
             train, held = load_examples(_single_source(data, source, where))
         pools.append(train)
         helds.append(held)
