@@ -187,3 +187,35 @@ def tiny_recipe(tmp_path, **sections) -> dict:
 def input_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(4, 260, (2, 11), generator=g)
+
+
+def resumed_and_uninterrupted(make_recipe, tmp_path, checkpoint: int) -> tuple[dict, dict]:
+    """Train ``make_recipe(tmp_path)`` to the end, then resume a copy of its run (under
+    ``tmp_path/again``, whose recipe is ``make_recipe(tmp_path / "again")``) from checkpoint-N;
+    returns (the resumed run's final adapter tensors, the uninterrupted run's)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from shardtune.training.loop import train
+
+    train(make_recipe(tmp_path))
+    final = load_file(tmp_path / "run" / "adapter.safetensors")
+    (tmp_path / "again").mkdir()
+    shutil.copytree(tmp_path / "run", tmp_path / "again" / "run")
+    train(make_recipe(tmp_path / "again"), resume=tmp_path / "again" / "run" / f"checkpoint-{checkpoint}")
+    return load_file(tmp_path / "again" / "run" / "adapter.safetensors"), final
+
+
+@pytest.fixture(scope="session")
+def two_step_run(tmp_path_factory):
+    """A 2-step tiny run (the CLI, in this process), shared by the tests that only read it."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from shardtune.cli import app
+
+    tmp = tmp_path_factory.mktemp("two-step")
+    (tmp / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp, train={"max_steps": 2})))
+    assert CliRunner().invoke(app, ["train", str(tmp / "r.yaml"), "-q"]).exit_code == 0
+    return tmp / "run"

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from shardtune.cli import app
+from shardtune.core.fileio import MARKER
 
 runner = CliRunner()
 CHECKPOINT_FILES = {
@@ -152,7 +153,7 @@ def test_a_cache_on_a_full_disk_only_warns_and_leaves_no_partial_entry(tmp_path,
         assert "could not cache the tokenized data" in result.stderr
         entries = [p for p in (disk / "tokenized").iterdir()] if (disk / "tokenized").exists() else []
         for entry in entries:  # an entry is there whole, or not at all
-            assert {p.name for p in entry.iterdir()} == {"rows.safetensors", "rows.json"}, entry
+            assert {p.name for p in entry.iterdir()} == {"rows.safetensors", "rows.json", MARKER}, entry
 
 
 def test_a_read_only_shardtune_cache_is_one_line_naming_it(tmp_path, monkeypatch):

@@ -21,12 +21,10 @@ ROOT = Path(__file__).parents[1]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    (tmp / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp, train={"max_steps": 2})))
-    assert runner.invoke(app, ["train", str(tmp / "r.yaml"), "-q"]).exit_code == 0
-    return tmp / "run"
+@pytest.fixture
+def run(two_step_run):
+    """The session's 2-step tiny run (tests/conftest.py), read only."""
+    return two_step_run
 
 
 def limited(*args: str, max_bytes: int, cwd: Path) -> subprocess.CompletedProcess:

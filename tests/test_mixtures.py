@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_recipe
+from conftest import resumed_and_uninterrupted, tiny_recipe
 from typer.testing import CliRunner
 
 from shardtune.cli import app
@@ -179,12 +179,8 @@ def test_a_mixture_of_a_sharegpt_file_and_a_task_trains_and_says_what_it_took(tm
 
 
 def test_a_resumed_mixture_continues_exactly(tmp_path):
-    import shutil
 
     import torch
-    from safetensors.torch import load_file
-
-    from shardtune.training.loop import train
 
     sources = [
         {"path": records(tmp_path, "a.jsonl", 60, "A"), "weight": 2.0, "eval_samples": 4},
@@ -196,10 +192,5 @@ def test_a_resumed_mixture_continues_exactly(tmp_path):
         raw["train"].update({"max_steps": 8, "save_every": 4, "batch_size": 4})
         return recipe_from_dict(raw)
 
-    train(recipe(tmp_path))
-    final = load_file(tmp_path / "run" / "adapter.safetensors")
-    (tmp_path / "again").mkdir()
-    shutil.copytree(tmp_path / "run", tmp_path / "again" / "run")
-    train(recipe(tmp_path / "again"), resume=tmp_path / "again" / "run" / "checkpoint-4")
-    again = load_file(tmp_path / "again" / "run" / "adapter.safetensors")
+    again, final = resumed_and_uninterrupted(recipe, tmp_path, checkpoint=4)
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)

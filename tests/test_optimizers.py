@@ -5,12 +5,9 @@ resumes exactly from a checkpoint (its state, 8-bit codes and plain-number steps
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import tiny_recipe
-from safetensors.torch import load_file
+from conftest import resumed_and_uninterrupted, tiny_recipe
 
 from shardtune.core.errors import RecipeError
 from shardtune.recipe.schema import recipe_from_dict
@@ -92,12 +89,7 @@ def test_each_optimizer_resumes_exactly(tmp_path, name):
         raw = tiny_recipe(where, adapter=VBLORA, train={**TRAIN, "optimizer": name, "save_every": 2})
         return recipe_from_dict(raw)
 
-    train(recipe(tmp_path))
-    final = load_file(tmp_path / "run" / "adapter.safetensors")
-    (tmp_path / "again").mkdir()
-    shutil.copytree(tmp_path / "run", tmp_path / "again" / "run")
-    train(recipe(tmp_path / "again"), resume=tmp_path / "again" / "run" / "checkpoint-2")
-    again = load_file(tmp_path / "again" / "run" / "adapter.safetensors")
+    again, final = resumed_and_uninterrupted(recipe, tmp_path, checkpoint=2)
     assert all(torch.equal(again[k], final[k]) for k in final)
 
 

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import transformers.masking_utils as masking_utils
-from conftest import tiny_recipe
-from safetensors.torch import load_file
+from conftest import resumed_and_uninterrupted, tiny_recipe
 from typer.testing import CliRunner
 
 from shardtune.cli import app
 from shardtune.data.examples import IGNORE, Collator, model_inputs, pack, real_tokens
 from shardtune.models.loading import build_tiny_model, check_packed_examples_stay_apart
 from shardtune.recipe.schema import recipe_from_dict
-from shardtune.training.loop import train
 
 runner = CliRunner()
 
@@ -145,20 +141,13 @@ def test_a_packed_run_trains_counts_real_tokens_and_resumes_exactly(tmp_path):
         "train": {"max_steps": 12, "save_every": 6, "batch_size": 4},
         "logging": {"every": 1},
     }
-    result = train(recipe_from_dict(tiny_recipe(tmp_path, **sections)))
-    run = Path(result.run_dir)
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    again, final = resumed_and_uninterrupted(
+        lambda where: recipe_from_dict(tiny_recipe(where, **sections)), tmp_path, checkpoint=6
+    )
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if "loss" in x]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert all(x["tokens_per_s"] > 0 for x in lines if "tokens_per_s" in x)
-    final = load_file(run / "adapter.safetensors")
-    (tmp_path / "again").mkdir()
-    shutil.copytree(run, tmp_path / "again" / "run")
-    train(
-        recipe_from_dict(tiny_recipe(tmp_path / "again", **sections)),
-        resume=tmp_path / "again" / "run" / "checkpoint-6",
-    )
-    again = load_file(tmp_path / "again" / "run" / "adapter.safetensors")
     assert again.keys() == final.keys()
     for key in final:
         assert torch.equal(again[key], final[key]), key

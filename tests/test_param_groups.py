@@ -5,11 +5,9 @@ of a grouped run equals the role of a run whose single rate is that role's."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import resumed_and_uninterrupted, tiny_recipe
 from safetensors.torch import load_file
 
 from shardtune.adapters.base import parameter_role
@@ -77,12 +75,8 @@ def test_a_grouped_run_resumes_exactly(tmp_path):
             )
         )
 
-    train(recipe(tmp_path))
-    final = load_file(tmp_path / "run" / "adapter.safetensors")
-    (tmp_path / "again").mkdir()
-    shutil.copytree(tmp_path / "run", tmp_path / "again" / "run")
-    train(recipe(tmp_path / "again"), resume=tmp_path / "again" / "run" / "checkpoint-2")
-    assert same(load_file(tmp_path / "again" / "run" / "adapter.safetensors"), final)
+    again, final = resumed_and_uninterrupted(recipe, tmp_path, checkpoint=2)
+    assert same(again, final)
 
 
 @pytest.mark.parametrize(

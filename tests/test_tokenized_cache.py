@@ -12,6 +12,7 @@ from conftest import tiny_recipe
 from typer.testing import CliRunner
 
 from shardtune.cli import app
+from shardtune.core.fileio import MARKER
 from shardtune.data import tokenized
 from shardtune.data.examples import Example
 from shardtune.data.tokenized import encode_cached
@@ -79,6 +80,22 @@ def test_a_damaged_entry_is_tokenized_again_and_replaced(tmp_path):
     assert not cached and again == rows
     assert len(said) == 1 and said[0].startswith(f"tokenized data cache {entry} does not read back")
     assert encoded(tmp_path)[2]  # replaced: read back whole now
+
+
+def test_a_damaged_look_alike_without_the_caches_marker_is_never_replaced(tmp_path):
+    """A directory at an entry's place that shardtune cannot show it wrote (no marker of its own) is
+    read, found wanting, and left exactly as it is: the rows are tokenized for this run alone."""
+    rows, _, _ = encoded(tmp_path)
+    (entry,) = tmp_path.iterdir()
+    (entry / MARKER).unlink()
+    (entry / tokenized.ROWS_FILE).write_bytes(b"the user's bytes")
+    (entry / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in entry.iterdir()}
+    said = []
+    again, _, cached = encoded(tmp_path, warn=said.append)
+    assert not cached and again == rows
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == before
+    assert said[-1] == f"tokenized data cache {entry} is not shardtune's (no marker of its own): left alone"
 
 
 def test_a_cache_that_cannot_be_written_only_warns(tmp_path):

@@ -64,6 +64,16 @@ WHERE_TO_WRITE = (
 )
 
 
+def error_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the errors it came from (its cause, or the error being handled when it was
+    raised), at most 20."""
+    chain = []
+    while error is not None and len(chain) < 20:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def environment_failure(error: BaseException) -> str | None:
     """One line for a failure of the machine (full disk, read-only file system, size limit,
     permission, ...) found anywhere in ``error``'s chain, naming the file and what to do; None when
@@ -71,11 +81,7 @@ def environment_failure(error: BaseException) -> str | None:
     import errno
     import os
 
-    seen, chain = error, []
-    while seen is not None and len(chain) < 20:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for e in chain:
+    for e in error_chain(error):
         name = errno.errorcode.get(getattr(e, "errno", None) or -1) if isinstance(e, OSError) else None
         if name is None:
             name = next((code for text, code in ENVIRONMENT_TEXTS.items() if text in str(e)), None)
@@ -101,11 +107,7 @@ def hub_answer_failure(error: BaseException) -> str | None:
     import json
     import os
 
-    seen, chain = error, []
-    while seen is not None and len(chain) < 20:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    for e in chain:
+    for e in error_chain(error):
         if type(e) not in (*UNEXPECTED_ANSWER, json.JSONDecodeError) or e.__traceback__ is None:
             continue
         tb = e.__traceback__

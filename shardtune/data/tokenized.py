@@ -7,9 +7,10 @@ merges and special tokens), the chat template, whether examples are chats, ``dat
 tokenizing again, and any change to one of those tokenizes afresh (a new key). An entry is one
 directory under ``$SHARDTUNE_CACHE/tokenized/`` (:func:`shardtune.models.loading.cache_dir`): the rows
 in ``rows.safetensors`` (flat ``input_ids`` and ``labels``, int32, and each row's ``offsets``) and
-``rows.json`` (the key, the counts), written into a temporary directory and renamed into place, so a
-reader never sees half an entry. An entry that does not read back whole (a disk error, an edit) is
-tokenized again, with a warning. ``data.tokenized_cache: false`` turns the cache off.
+``rows.json`` (the key, the counts), with shardtune's marker, written into a temporary directory and
+renamed into place (:func:`shardtune.core.fileio.atomic_directory`), so a reader never sees half an
+entry. An entry that does not read back whole (a disk error, an edit) is tokenized again, with a
+warning, and replaced only when its marker says it is one of the cache's. ``data.tokenized_cache: false`` turns the cache off.
 
 ``data.num_proc`` tokenizes in that many processes (chunks of examples, in order: the same rows as
 one process).
@@ -19,9 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,11 +27,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from shardtune.core.fileio import atomic_directory, read_marker
 from shardtune.data.examples import Example, encode_all
 
 CACHE_VERSION = 1
 ROWS_FILE = "rows.safetensors"
 META_FILE = "rows.json"
+ENTRY_KIND = "tokenized rows"  # the kind in each entry's shardtune marker
 
 
 def rows_key(examples: list[Example], tokenizer, max_length: int, chat: bool, assistant_turns: str) -> str:
@@ -146,34 +146,27 @@ def _read_entry(entry: Path, key: str, warn) -> tuple[list[dict], int] | None:
 def _write_entry(
     cache: Path, key: str, rows: list[dict], truncated: int, warn, replace: bool = False
 ) -> None:
-    """Write the entry beside its place and rename it in (a concurrent writer's entry is as good);
-    ``replace``: an entry there did not read back, and is replaced when it holds only its own files."""
+    """Write the entry with :func:`shardtune.core.fileio.atomic_directory` (filled beside its place,
+    marked as the cache's, renamed in). An entry already there is left alone — another process
+    wrote it meanwhile — unless ``replace`` (it did not read back) and its marker says it is a
+    tokenized-rows entry of shardtune's: nothing else in the cache directory is ever replaced."""
     entry = cache / key[:40]
+    if entry.exists() or entry.is_symlink():
+        marker = None if entry.is_symlink() else read_marker(entry)
+        if not (replace and marker is not None and marker.get("kind") == ENTRY_KIND):
+            if replace:
+                warn(f"tokenized data cache {entry} is not shardtune's (no marker of its own): left alone")
+            return
+    lengths = torch.tensor([0] + [len(r["input_ids"]) for r in rows], dtype=torch.int64)
+    tensors = {
+        "input_ids": torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.int32),
+        "labels": torch.tensor([t for r in rows for t in r["labels"]], dtype=torch.int32),
+        "offsets": torch.cumsum(lengths, 0),
+    }
+    meta = {"key": key, "rows": len(rows), "truncated": truncated, "version": CACHE_VERSION}
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key[:40]}.", dir=cache))
-        try:
-            lengths = torch.tensor([0] + [len(r["input_ids"]) for r in rows], dtype=torch.int64)
-            tensors = {
-                "input_ids": torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.int32),
-                "labels": torch.tensor([t for r in rows for t in r["labels"]], dtype=torch.int32),
-                "offsets": torch.cumsum(lengths, 0),
-            }
+        with atomic_directory(entry, kind=ENTRY_KIND, entries=[ROWS_FILE, META_FILE]) as staging:
             save_file(tensors, staging / ROWS_FILE)
-            meta = {"key": key, "rows": len(rows), "truncated": truncated, "version": CACHE_VERSION}
             (staging / META_FILE).write_text(json.dumps(meta) + "\n", encoding="utf-8")
-            if replace and entry.is_dir() and {p.name for p in entry.iterdir()} <= {ROWS_FILE, META_FILE}:
-                shutil.rmtree(entry)
-            if entry.exists():
-                return  # another process wrote it meanwhile (or it is not the cache's own: left alone)
-            try:
-                os.rename(staging, entry)
-            except OSError:
-                if entry.exists():
-                    return  # another process renamed its copy in first: as good
-                raise
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     except (OSError, SafetensorError) as e:  # a cache not written costs the next run its time, nothing else
         warn(f"could not cache the tokenized data in {cache} ({type(e).__name__}: {e})")

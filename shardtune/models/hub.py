@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from shardtune.core.catalog import EMBEDDED, TINY_MODELS
-from shardtune.core.errors import BadInput, MachineError, ShardtuneError, environment_failure
+from shardtune.core.errors import BadInput, MachineError, ShardtuneError, environment_failure, error_chain
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 HUB_REPO_ID = re.compile(r"(\b[\w\-.]{1,96}\b/)?\b[\w\-.]{1,96}\b", re.ASCII)  # huggingface_hub's own
@@ -276,10 +276,7 @@ def describe_failure(key: str, repo_id: str, revision: str | None, error: BaseEx
     if machine is not None:
         return MachineError(f"{key}: cannot download {repo_id} into {cache_location()}: {machine}")
 
-    chain, seen = [], error
-    while seen is not None and len(chain) < 10:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
+    chain = error_chain(error)
     kinds = {type(e) for e in chain}
 
     def has(kind) -> bool:

@@ -82,6 +82,7 @@ from shardtune.core.errors import (
     StopSignal,
     Terminated,
     environment_failure,
+    error_chain,
     first_line,
     hub_answer_failure,
 )
@@ -226,19 +227,10 @@ def accelerator_sum(accelerator: Accelerator):
     return lambda t: accelerator.reduce(t, reduction="sum")
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-    """``error`` and the errors it came from (its cause or context), at most 20."""
-    chain = []
-    while error is not None and len(chain) < 20:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    return chain
-
-
 def _compiler_failure(error: BaseException) -> str | None:
     """What torch.compile's stack (dynamo, inductor) failed on, when it did: no working C++ compiler,
     a backend that does not build here, ...; None when the error came from elsewhere."""
-    for e in _chain(error):
+    for e in error_chain(error):
         module = type(e).__module__ or ""
         if module.startswith(("torch._inductor", "torch._dynamo")):
             return (
@@ -675,7 +667,7 @@ class Trainer:
         (``output.dir``); a file elsewhere (the data, a cache) or the hub speak for themselves."""
         if machine is None:
             return hub_answer_failure(error) or ""
-        names = [getattr(e, "filename", None) for e in _chain(error)]
+        names = [getattr(e, "filename", None) for e in error_chain(error)]
         where = next((os.fsdecode(n) for n in names if isinstance(n, str | bytes) and n), None)
         run = Path(self.run_dir).resolve()
         if where is None or run == Path(where).resolve() or run in Path(where).resolve().parents:
