@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 
 from shardtune.cli import app
 from shardtune.core.fileio import MARKER, exclusive_lock, lock_beside
+from shardtune.models.loading import cache_dir
 
 ROOT = Path(__file__).parents[1]
 runner = CliRunner()
@@ -70,6 +71,9 @@ class Place:
         self.run = tmp / "runs" / "run"
         shutil.copytree(trained, self.run)
         monkeypatch.chdir(self.work)
+        # shardtune's own cache (tokenized rows, converted models) stays where it was: it is not part
+        # of the user's files under tmp, and CI runs without $SHARDTUNE_CACHE, so it would follow $HOME.
+        monkeypatch.setenv("SHARDTUNE_CACHE", str(cache_dir()))
         monkeypatch.setenv("HOME", str(self.home))
 
     def snapshot(self) -> dict[str, str]:
