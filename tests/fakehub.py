@@ -126,7 +126,8 @@ class FakeHub:
         m = re.fullmatch(rf"/api/(models|datasets)/{repo_id}/tree/([^/]+)(?:/(.*))?", path)
         if m:
             repo = self.repos.get((m.group(1)[:-1], m.group(2)))
-            return self._tree(repo, m.group(3), m.group(4) or "")
+            recursive = "recursive=true" in urlparse(h.path).query.lower()
+            return self._tree(repo, m.group(3), m.group(4) or "", recursive)
         m = re.fullmatch(rf"/api/(models|datasets)/{repo_id}/paths-info/([^/]+)", path)
         if m:
             repo = self.repos.get((m.group(1)[:-1], m.group(2)))
@@ -171,7 +172,9 @@ class FakeHub:
     def _entry(self, path: str, data: bytes) -> dict:
         return {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
 
-    def _tree(self, repo: Repo | None, revision: str, prefix: str):
+    def _tree(self, repo: Repo | None, revision: str, prefix: str, recursive: bool = False):
+        """The entries under ``prefix``: its files and folders, or (``?recursive=true``, as
+        snapshot_download asks) every file below it with the folders on the way."""
         if repo is None:
             return self._missing_repo()
         sha = repo.resolve(revision)
@@ -183,7 +186,15 @@ class FakeHub:
             if prefix and not path.startswith(prefix + "/"):
                 continue
             rest = path[len(prefix) + 1 :] if prefix else path
-            if "/" in rest:
+            if "/" in rest and recursive:
+                parts = rest.split("/")[:-1]
+                for k in range(1, len(parts) + 1):
+                    folder = (prefix + "/" if prefix else "") + "/".join(parts[:k])
+                    if folder not in dirs:
+                        dirs.add(folder)
+                        entries.append({"type": "directory", "path": folder, "oid": sha, "size": 0})
+                entries.append(self._entry(path, data))
+            elif "/" in rest:
                 top = (prefix + "/" if prefix else "") + rest.split("/", 1)[0]
                 if top not in dirs:
                     dirs.add(top)

@@ -215,3 +215,44 @@ def test_packing_benchmark_times_both_on_the_same_examples(tmp_path, monkeypatch
         assert row["useful_tokens_per_s"] == pytest.approx(found["useful_tokens"] / row["seconds"])
     assert found["speedup"] == pytest.approx(packed["useful_tokens_per_s"] / padding["useful_tokens_per_s"])
     assert "packing / padding, useful tokens per second" in capsys.readouterr().out
+
+
+def test_streaming_benchmark_trains_streamed_and_reads_whole_each_in_its_own_process(
+    tmp_path, monkeypatch, capsys
+):
+    """``streaming.py``: the file generated once (a second run reuses it), the streamed run trains its
+    steps and the whole read reads every record, each process's peak memory reported; the watchdog
+    stops a variant above the cap."""
+    from benchmarks import streaming
+
+    data, out = tmp_path / "big.jsonl", tmp_path / "streaming.json"
+    argv = [
+        "streaming.py",
+        "--gb",
+        "0.0005",
+        "--record-kb",
+        "0.05",
+        "--file",
+        str(data),
+        "--model",
+        "tiny-llama",
+    ]
+    monkeypatch.setattr(
+        sys, "argv", [*argv, "--steps", "2", "--batch", "2", "--max-length", "64", "--json", str(out)]
+    )
+    streaming.main()
+    found = json.loads(out.read_text())
+    streamed, small, whole = found["rows"]
+    records = json.loads(data.with_suffix(".json").read_text())["records"]
+    assert found["file"] == {"bytes": data.stat().st_size, "records": records} and records > 100
+    assert streamed["steps"] == small["steps"] == 2 and whole["examples"] == records
+    assert found["ratio"] == pytest.approx(whole["peak_rss_bytes"] / streamed["peak_rss_bytes"])
+    assert found["streamed_over_small"] == pytest.approx(streamed["peak_rss_bytes"] / small["peak_rss_bytes"])
+    assert "whole read / streamed, peak resident memory" in capsys.readouterr().out
+    stamp = data.stat().st_mtime_ns
+    monkeypatch.setattr(
+        sys, "argv", [*argv, "--steps", "2", "--batch", "2", "--max-length", "64", "--cap-gb", "0.05"]
+    )
+    streaming.main()
+    assert data.stat().st_mtime_ns == stamp  # the same file, not generated again
+    assert "> 0.05 GiB" in capsys.readouterr().out  # (a Python process with torch holds more)

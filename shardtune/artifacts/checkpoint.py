@@ -508,7 +508,7 @@ def load_training_state(directory: Path, optimizer) -> dict:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     random.setstate(_py_rng_from_json(meta["python_rng"]))
-    return {k: meta.get(k) for k in ("step", "epoch", "batch_in_epoch", "selection")}
+    return {k: meta.get(k) for k in ("step", "epoch", "batch_in_epoch", "selection", "stream")}
 
 
 def _py_rng_to_json(state):

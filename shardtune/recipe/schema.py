@@ -208,6 +208,19 @@ class DataSection(Section):
         description="Put several whole examples in each row of up to `max_length` tokens; each attends only "
         "to itself (position ids restart at each example), so the loss is that of the examples alone.",
     )
+    streaming: bool = Field(
+        False,
+        description="Read the records as training needs them, never all at once: local .jsonl/.txt/.csv/"
+        ".parquet files and save_to_disk directories (each checked whole first, a record at a time), hub "
+        "datasets (downloaded as they are read). Needs `train.max_steps`; held out: the first `eval_samples` "
+        "records of each source; resumes at the record where the checkpoint stopped.",
+    )
+    stream_window: PositiveInt = Field(
+        1000,
+        le=1_000_000,
+        description="With `streaming`: examples drawn, shuffled, tokenized and packed together (more: a "
+        "better shuffle, more memory).",
+    )
     num_samples: PositiveInt = Field(
         2000, le=MAX_GENERATED, description="Training examples generated for a builtin task."
     )
@@ -257,9 +270,10 @@ class DataSection(Section):
     def _keys_that_apply(self):
         # A key that would do nothing with the others as set is a mistake, not a no-op. (A saved or
         # resolved recipe spells out the defaults: only values that differ from them count.)
+        defaults = type(self).model_fields
+        _check_streaming_keys(self, defaults)
         if self.sources is not None:
             return self
-        defaults = type(self).model_fields
         if self.num_samples != defaults["num_samples"].default and self.task is None:
             raise RecipeError(
                 "data.num_samples", "applies to data.task only (examples a builtin task generates)"
@@ -340,6 +354,25 @@ SOURCE_KEYS = (
     "text_field",
     "eval_samples",
 )
+
+
+def _check_streaming_keys(data: DataSection, defaults: dict) -> None:
+    """Keys that do nothing, or cannot hold, when the data streams (or does not)."""
+    if not data.streaming:
+        if data.stream_window != defaults["stream_window"].default:
+            raise RecipeError("data.stream_window", "applies to data.streaming: true only")
+        return
+    if data.num_proc != defaults["num_proc"].default:
+        raise RecipeError(
+            "data.num_proc", "streamed data is tokenized as it is read, a window at a time; unset num_proc"
+        )
+    for i, source in enumerate(data.sources or []):
+        if source.weight is None:
+            raise RecipeError(
+                f"data.sources.{i}.weight" if source.num_samples is None else f"data.sources.{i}.num_samples",
+                "a streamed mixture draws each example from a source by weight; give every source a weight "
+                "(num_samples needs the whole source read)",
+            )
 
 
 def _check_mixture(data: DataSection) -> None:
@@ -677,6 +710,16 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _streaming_needs_max_steps(self):
+        if self.data.streaming and self.train.max_steps is None:
+            raise RecipeError(
+                "train.max_steps",
+                "streamed data has no length known ahead, so epochs cannot be counted; set train.max_steps "
+                "(data.streaming: true)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _scoring_needs_answers(self):

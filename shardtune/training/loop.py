@@ -92,12 +92,14 @@ from shardtune.core.progress import Reporter
 from shardtune.data.examples import (
     Collator,
     Example,
+    encode_all,
     load_examples,
     model_inputs,
     pack,
     real_tokens,
     uses_chat,
 )
+from shardtune.data.streaming import ExampleStream, StreamedRows, open_streams
 from shardtune.data.templates import template_text
 from shardtune.data.tokenized import encode_cached
 from shardtune.inspection.evaluate import heldout_loss, score_task
@@ -440,15 +442,23 @@ class EpochSampler(torch.utils.data.Sampler):
 class TrainingData:
     """The run's token rows and their loaders (before Accelerate prepares them)."""
 
-    train_rows: list[dict]
+    train_rows: list[dict]  # (streamed: empty, the rows come from ``stream``)
     eval_rows: list[dict]
     eval_examples: list[Example]
     chat: bool
     truncated: int
     collate: Collator
-    sampler: EpochSampler
-    loader: DataLoader
+    sampler: EpochSampler | None
+    loader: DataLoader | None
     eval_loader: DataLoader
+    stream: StreamedRows | None = None  # data.streaming
+
+    def first_rows(self, n: int) -> list[dict]:
+        """The first ``n`` training rows of the run (LoRS init)."""
+        return self.stream.first_rows(n) if self.stream is not None else self.train_rows[:n]
+
+    def truncated_examples(self) -> int:
+        return self.stream.truncated if self.stream is not None else self.truncated
 
 
 def build_data(
@@ -466,6 +476,8 @@ def build_data(
     chat = uses_chat(tokenizer, recipe.data.chat_template)
     train_examples, eval_examples = examples
     data = recipe.data
+    if isinstance(train_examples, ExampleStream):
+        return _streamed_data(recipe, examples, tokenizer, chat, reporter)
     cache = cache_dir() / "tokenized" if data.tokenized_cache else None
     options = (data.max_length, chat, data.assistant_turns, cache, data.num_proc)
     train_rows, truncated, train_cached = encode_cached(
@@ -486,11 +498,7 @@ def build_data(
         eval_examples, tokenizer, *options, write=write_cache, warn=reporter.warn
     )
     cached = [kind for kind, hit in (("training", train_cached), ("held-out", eval_cached)) if hit]
-    if eval_examples and not eval_rows:
-        raise BadInput(
-            f"data: none of the {len(eval_examples)} held-out examples has a token to score (empty "
-            "completions, or prompts that fill data.max_length)"
-        )
+    _check_held_out_rows(eval_examples, eval_rows)
     if truncated:
         reporter.warn(f"{truncated} of {len(train_examples)} examples truncated to data.max_length")
     for examples_of_a_kind, rows, kind, what in (
@@ -525,6 +533,42 @@ def build_data(
     return TrainingData(
         train_rows, eval_rows, eval_examples, chat, truncated, collate, sampler, loader, eval_loader
     )
+
+
+def _check_held_out_rows(eval_examples: list[Example], eval_rows: list[dict]) -> None:
+    """Held-out examples with nothing to score would leave eval_loss unmeasured without a word."""
+    if eval_examples and not eval_rows:
+        raise BadInput(
+            f"data: none of the {len(eval_examples)} held-out examples has a token to score (empty "
+            "completions, or prompts that fill data.max_length)"
+        )
+
+
+def _streamed_data(
+    recipe: Recipe, examples: tuple[ExampleStream, list[Example]], tokenizer, chat: bool, reporter: Reporter
+) -> TrainingData:
+    """``data.streaming``: rows tokenized window by window as training reads them
+    (:mod:`shardtune.data.streaming`); the held-out rows, a few, at once. The first window is built
+    here, so that data with nothing to learn from fails before the run starts."""
+    data = recipe.data
+    stream_of_examples, eval_examples = examples
+
+    def tokenize(window: list[Example]) -> tuple[list[dict], int]:
+        return encode_all(window, tokenizer, data.max_length, chat, data.assistant_turns)
+
+    stream = StreamedRows(stream_of_examples, tokenize, data.packing, data.max_length)
+    stream.first_rows(1)
+    eval_rows, _ = tokenize(eval_examples)
+    _check_held_out_rows(eval_examples, eval_rows)
+    sources = len(stream_of_examples.sources)
+    reporter.info(
+        f"data: streamed from {sources} source{'s' if sources > 1 else ''} in windows of "
+        f"{data.stream_window} examples{', packed' if data.packing else ''}, {len(eval_rows)} held out"
+        f"{', chat template' if chat else ''}"
+    )
+    collate = Collator(tokenizer.pad_token_id)
+    eval_loader = DataLoader(eval_rows, batch_size=recipe.eval.batch_size, collate_fn=collate)
+    return TrainingData([], eval_rows, eval_examples, chat, 0, collate, None, None, eval_loader, stream)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -700,10 +744,13 @@ class Trainer:
     def read_data(self) -> None:
         """Read and check the training and held-out examples (a bad data file fails before a model loads)."""
         self.chat_template = template_text(self.recipe.data.chat_template)  # (a file: read once, here)
-        self.examples = load_examples(self.recipe.data, self.reporter.info)
+        read = open_streams if self.recipe.data.streaming else load_examples
+        self.examples = read(self.recipe.data, self.reporter.info)
         scoring = [k for k in ("score", "score_base", "score_every") if getattr(self.recipe.eval, k)]
-        # (plain text is an Example with the whole text as its completion and no prompt)
-        if scoring and any(not (e.prompt or e.messages) for e in self.examples[0] + self.examples[1]):
+        # (plain text is an Example with the whole text as its completion and no prompt; streamed: the
+        # held-out examples are the ones read by now)
+        training = self.examples[0] if isinstance(self.examples[0], list) else []
+        if scoring and any(not (e.prompt or e.messages) for e in training + self.examples[1]):
             raise BadInput(
                 f"eval.{scoring[0]}: the examples are plain text, with no completion to score an answer "
                 "against; score a builtin task (data.task) or data with completions (prompt_completion, "
@@ -780,6 +827,9 @@ class Trainer:
             write_cache=self.main,
         )
         cfg = self.cfg
+        if self.data.stream is not None:  # (the recipe's schema makes streamed runs set max_steps)
+            self.total_steps = cfg.max_steps
+            return
         updates_per_epoch = max(1, len(self.data.loader) // self.accelerator.num_processes // cfg.grad_accum)
         steps = cfg.max_steps or max(1, math.ceil(min(updates_per_epoch * cfg.epochs, 1e18)))
         if steps > MAX_STEPS:  # (train.max_steps is bounded by the recipe's schema)
@@ -805,10 +855,13 @@ class Trainer:
                 f"{key}: {value}{steps} is not past the checkpoint's step {step} ({directory}); "
                 "raise it to train further"
             )
+        state = read_trainer_state(directory)
+        if self.data.stream is not None:
+            self.data.stream.check_state(state.get("stream"), str(directory / TRAINER_STATE))
         # (Accelerate deals the loader's batches out to the processes in turn: each gets at most this many)
-        batches = math.ceil(len(self.data.loader) / self.accelerator.num_processes)
-        batch_in_epoch = read_trainer_state(directory)["batch_in_epoch"]
-        if batch_in_epoch > batches:
+        batches = math.ceil(len(self.data.loader) / self.accelerator.num_processes) if self.data.loader else 0
+        batch_in_epoch = state["batch_in_epoch"]
+        if self.data.loader is not None and batch_in_epoch > batches:
             raise BadInput(
                 f"{directory / TRAINER_STATE}: key 'batch_in_epoch' is {batch_in_epoch} but an epoch "
                 f"of this run has {batches} batches; the file was edited"
@@ -845,14 +898,23 @@ class Trainer:
         self.param_names = [n for n, _ in named]
         groups = param_groups(named, cfg, self.recipe.adapter.method)
         self.optimizer = make_optimizer(groups, cfg, sharded=self.fsdp)
+        # (streamed: no loader to prepare; every process builds the rows, each collates its slice)
+        loaders = (self.data.eval_loader,) if loader is None else (loader, self.data.eval_loader)
         if self.fsdp:  # already sharded and placed; Accelerate must not wrap it again
-            self.optimizer, self.loader, self.eval_loader = accelerator.prepare(
-                self.optimizer, loader, self.data.eval_loader
+            self.optimizer, *prepared = accelerator.prepare(self.optimizer, *loaders)
+        else:
+            self.model, self.optimizer, *prepared = accelerator.prepare(self.model, self.optimizer, *loaders)
+        if loader is None:
+            self.eval_loader = prepared[0]
+            self.loader = self.data.stream.batches(
+                cfg.batch_size,
+                accelerator.num_processes,
+                accelerator.process_index,
+                self.data.collate,
+                accelerator.device,
             )
         else:
-            self.model, self.optimizer, self.loader, self.eval_loader = accelerator.prepare(
-                self.model, self.optimizer, loader, self.data.eval_loader
-            )
+            self.loader, self.eval_loader = prepared
 
     def _gradient_init(self) -> None:
         """LoRS: A from the SVD of the dense gradient on the first training examples (same on every rank)."""
@@ -860,7 +922,7 @@ class Trainer:
 
         recipe, accelerator = self.recipe, self.accelerator
         first = DataLoader(
-            self.data.train_rows[: recipe.adapter.init_samples],
+            self.data.first_rows(recipe.adapter.init_samples),
             batch_size=recipe.train.batch_size,
             collate_fn=self.data.collate,
         )
@@ -898,6 +960,8 @@ class Trainer:
         if self.resume_from is not None:
             counters = load_training_state(self.resume_from, self.optimizer)
             self.position = Position(counters["step"], counters["epoch"], counters["batch_in_epoch"])
+            if self.data.stream is not None:  # (checked before the run directory was written)
+                self.data.stream.load_state_dict(counters["stream"])
             self.selection = Selection.from_json(counters["selection"])
             self.reporter.info(f"resumed from {self.resume_from} at step {self.position.step}")
         elif self.recipe.eval.score_base and (self.main or self.fsdp):
@@ -941,7 +1005,10 @@ class Trainer:
         self.reporter.info(f"train.compile: first step {self.compile_seconds:.1f} s (compiling included)")
 
     def _epoch_batches(self):
-        """(batch number in the epoch, batch) for the current epoch, without the ones already trained on."""
+        """(batch number in the epoch, batch) for the current epoch, without the ones already trained on.
+        Streamed: the stream's batches from where it stands (it never ends; max_steps does)."""
+        if self.data.stream is not None:
+            return enumerate(self.loader, start=1)
         epoch, skip = self.position.epoch, self.position.skip
         # The prepared loader re-sets its sampler's epoch from its own counter on every pass:
         # set both, so a resumed run (whose loader starts counting at 0) sees the right order.
@@ -1013,6 +1080,7 @@ class Trainer:
                     "batch_in_epoch": batch_in_epoch,
                     "processes": self.accelerator.num_processes,  # the global batch, checked on resume
                     "selection": self.selection.to_json(),
+                    **({"stream": self.data.stream.state_dict()} if self.data.stream is not None else {}),
                 }
             )
         if stopping:
@@ -1198,6 +1266,7 @@ class Trainer:
         if self.recipe.eval.score and (main or self.fsdp):
             self.scores["task_score"] = self._score(accelerator.unwrap_model(self.model), "tuned model")
         self.judge_the_end()
+        self._streamed_counts()
         accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(self.model)
         tensors = adapter_state_dict(unwrapped) if main or self.fsdp else None
@@ -1211,7 +1280,7 @@ class Trainer:
             eval_loss=_finite_or_none(self.eval_loss),
             trainable_parameters=self.trainable,
             total_parameters=self.total,
-            truncated_examples=self.data.truncated,
+            truncated_examples=self.data.truncated_examples(),
             seconds=time.perf_counter() - started,
             train_seconds=self.train_seconds,
             compile_seconds=self.compile_seconds,
@@ -1226,6 +1295,19 @@ class Trainer:
             self.directory.finish()
         self.reporter.info(f"adapter written to {self.run_dir}")
         return result
+
+    def _streamed_counts(self) -> None:
+        """Streamed data: the examples truncated or left out, counted as the windows were read."""
+        stream = self.data.stream
+        if stream is None:
+            return
+        if stream.truncated:
+            self.reporter.warn(f"{stream.truncated} streamed examples truncated to data.max_length")
+        if stream.left_out:
+            self.reporter.warn(
+                f"{stream.left_out} streamed examples have no token to learn from (an empty completion, or a "
+                "prompt that fills data.max_length): left out"
+            )
 
     def judge_the_end(self) -> None:
         """output.keep_best: the final evaluations count too (the last step may be the best)."""
