@@ -377,6 +377,11 @@ def test_a_hub_dataset_streams_resumes_exactly_and_streams_offline_from_its_snap
     assert offline.returncode == 0, offline.stderr
     assert json.loads(offline.stdout)["next"] == first["next"]
     assert len(hub.requests) == before  # offline: the snapshot, not a request
+    edited = dict(first["state"], sources=[{"epoch": 0, "position": {"state": {"bogus": 1}, "record": 3}}])
+    misfit = hub_child(
+        hub_env(hub, tmp_path / "hf", offline=True), HUB_STREAM, json.dumps(raw), json.dumps(edited)
+    )
+    assert "data.hub: the checkpoint's position in the stream of org/ds does not fit it" in misfit.stderr
     # Downloaded by a run without streaming (the datasets cache, no snapshot): streamed offline from it.
     other = tmp_path / "hf-datasets"
     fetch = "import datasets; datasets.load_dataset('org/ds', split='train')"

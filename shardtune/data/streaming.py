@@ -323,21 +323,32 @@ class HubReader(Reader):
         from shardtune.models import hub
 
         ds = self._open()
-        record = 0
-        if position is not None and position["state"] is not None:
-            ds.load_state_dict(position["state"])
+        record, restored = 0, position is not None and position["state"] is not None
+        misfit = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+        if restored:
             record = position["record"]
-        iterator = iter(ds)
-        while True:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return
-            except Exception as e:
+        try:
+            if restored:
+                ds.load_state_dict(position["state"])
+            iterator = iter(ds)
+            item = next(iterator, None)  # (a restored state is applied here)
+        except misfit as e:
+            if not restored:
                 raise hub.describe_failure(self.key, self.repo_id, self.revision, e) from None
+            raise BadInput(
+                f"{self.key}: the checkpoint's position in the stream of {self.repo_id} does not fit it "
+                f"({first_line(e)}); the checkpoint was edited, or the dataset changed"
+            ) from None
+        except Exception as e:
+            raise hub.describe_failure(self.key, self.repo_id, self.revision, e) from None
+        while item is not None:
             record += 1
             self.position = {"state": ds.state_dict(), "record": record}
             yield dict(item), f"record {record}"
+            try:
+                item = next(iterator, None)
+            except Exception as e:
+                raise hub.describe_failure(self.key, self.repo_id, self.revision, e) from None
 
     def check_position(self, position: object) -> str | None:
         if not (

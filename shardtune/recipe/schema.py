@@ -230,7 +230,8 @@ class DataSection(Section):
     tokenized_cache: bool = Field(
         True,
         description="Keep the token rows in the cache ($SHARDTUNE_CACHE/tokenized), keyed by the examples, the "
-        "tokenizer, the chat template and these options: a second run or a resume does not tokenize again.",
+        "tokenizer, the chat template and these options: a second run or a resume does not tokenize again "
+        "(streamed data is tokenized a window at a time, not cached).",
     )
     eval_samples: int | None = Field(
         None,
