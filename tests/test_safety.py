@@ -584,6 +584,7 @@ def test_two_runs_into_one_directory_then_a_kill_never_blocks_resume(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     first = shardtune_process("train", path, "-q")
     wait_for(tmp_path / "run" / "checkpoint-5", first)
+    first.send_signal(signal.SIGSTOP)  # it holds the lock and cannot finish meanwhile (a loaded machine)
     second = shardtune_process("train", path, "-q", "--set", "output.overwrite=true")
     out, err = second.communicate(timeout=120)
     assert second.returncode == 2, err

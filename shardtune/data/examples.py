@@ -110,17 +110,17 @@ def _read_json_file(path: Path, key: str) -> list:
         if not isinstance(records, list):
             raise BadInput(f"{key}: {path} must hold a JSON list of records")
         return records
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line, object_pairs_hook=_one_value_per_key))
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{key}: {path} line {lineno} is not valid JSON ({e.msg})") from None
-        except _RepeatedKey as e:
-            raise BadInput(f"{key}: {path} line {lineno} gives key {e.args[0]!r} twice; keep one") from None
-    return records
+    return [json_line(line, key, path, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def json_line(line: str, key: str, path: Path, lineno: int) -> object:
+    """One record of a .jsonl file (line ``lineno`` of ``path``, named by recipe key ``key``)."""
+    try:
+        return json.loads(line, object_pairs_hook=_one_value_per_key)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{key}: {path} line {lineno} is not valid JSON ({e.msg})") from None
+    except _RepeatedKey as e:
+        raise BadInput(f"{key}: {path} line {lineno} gives key {e.args[0]!r} twice; keep one") from None
 
 
 def _load_with_datasets(
@@ -130,15 +130,12 @@ def _load_with_datasets(
     key that named the source and ``split_key`` the one that named the split (errors name them)."""
     import datasets
 
-    datasets.disable_progress_bars()
-    # datasets logs its own error lines (e.g. for a truncated parquet file) before raising: keep them
-    # out of the terminal, the one-line error below says what went wrong.
-    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    quiet_datasets()
     try:
         if kind == "disk":
             ds = _pick_split(datasets.load_from_disk(source), source, split, split_key)
         elif kind == "hub":
-            ds = _load_hub_dataset(source, split, revision, split_key)
+            ds = load_hub_dataset(source, split, revision, split_key)
         elif kind == "text":
             # utf-8-sig: a byte order mark is not part of the first example
             ds = datasets.load_dataset(kind, data_files=source, split="train", encoding="utf-8-sig")
@@ -179,17 +176,33 @@ def _pick_split(ds, source: str, split: str, split_key: str):
     return ds
 
 
-def _load_hub_dataset(repo_id: str, split: str, revision: str | None, split_key: str = "data.split"):
-    """A hub dataset as ``datasets.load_dataset`` gets it (download once, then the cache); offline:
-    from the datasets cache, else from its snapshot in the hub cache."""
+def quiet_datasets() -> None:
+    """``datasets`` without progress bars or its own error lines (the one-line errors say it)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+
+
+def load_hub_dataset(
+    repo_id: str,
+    split: str,
+    revision: str | None,
+    split_key: str = "data.split",
+    key: str = "data.hub",
+    streaming: bool = False,
+):
+    """A hub dataset as ``datasets.load_dataset`` gets it (download once, then the cache; ``streaming``:
+    an IterableDataset read as it downloads); offline: from the datasets cache, else from its
+    snapshot in the hub cache."""
     import datasets
 
     from shardtune.models import hub
 
-    hub.check_dataset_id("data.hub", repo_id)
+    hub.check_dataset_id(key, repo_id)
     if not hub.offline():
         try:
-            return datasets.load_dataset(repo_id, split=split, revision=revision)
+            return datasets.load_dataset(repo_id, split=split, revision=revision, streaming=streaming)
         except ValueError as e:
             if "split" in str(e).lower():
                 raise BadInput(
@@ -197,16 +210,17 @@ def _load_hub_dataset(repo_id: str, split: str, revision: str | None, split_key:
                 ) from None
             raise
         except Exception as e:
-            raise hub.describe_failure("data.hub", repo_id, revision, e) from None
+            raise hub.describe_failure(key, repo_id, revision, e) from None
     try:
-        return datasets.load_dataset(repo_id, split=split, revision=revision)
+        cached = datasets.load_dataset(repo_id, split=split, revision=revision)
+        return cached.to_iterable_dataset() if streaming else cached  # (arrow files, memory-mapped)
     except (ConnectionError, OSError, ValueError):
         pass
-    hub.check_available("data.hub", repo_id, revision, repo_type="dataset")
+    hub.check_available(key, repo_id, revision, repo_type="dataset")
     from huggingface_hub import snapshot_download
 
     local = snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True)
-    return datasets.load_dataset(local, split=split)
+    return datasets.load_dataset(local, split=split, streaming=streaming)
 
 
 def read_records(data: DataSection, key: str | None = None, split_key: str = "data.split") -> list:
@@ -254,19 +268,27 @@ def _read_csv_file(path: Path, key: str) -> list[dict]:
             if not row:
                 continue  # a blank line
             if header is None:
-                header = row
-                if len(set(header)) != len(header) or not all(h.strip() for h in header):
-                    raise BadInput(f"{key}: {path} line {reader.line_num}: the header needs distinct names")
+                header = csv_header(row, key, path, reader.line_num)
                 continue
-            if len(row) != len(header):
-                raise BadInput(
-                    f"{key}: {path} line {reader.line_num} has {len(row)} fields; the header has "
-                    f"{len(header)} ({', '.join(header)})"
-                )
-            records.append(dict(zip(header, row, strict=True)))
+            records.append(csv_record(header, row, key, path, reader.line_num))
     except csv.Error as e:
         raise BadInput(f"{key}: {path} line {reader.line_num} is not valid CSV ({e})") from None
     return records
+
+
+def csv_header(row: list[str], key: str, path: Path, line: int) -> list[str]:
+    if len(set(row)) != len(row) or not all(h.strip() for h in row):
+        raise BadInput(f"{key}: {path} line {line}: the header needs distinct names")
+    return row
+
+
+def csv_record(header: list[str], row: list[str], key: str, path: Path, line: int) -> dict:
+    """A CSV row as a record: as many fields as the header, or an error naming the line."""
+    if len(row) != len(header):
+        raise BadInput(
+            f"{key}: {path} line {line} has {len(row)} fields; the header has {len(header)} ({', '.join(header)})"
+        )
+    return dict(zip(header, row, strict=True))
 
 
 def detect_format(record: object) -> str:
@@ -379,12 +401,7 @@ def load_examples(
     if data.sources is not None:
         return _load_mixture(data, report or (lambda line: None))
     if data.task is not None:
-        task = TASKS.get(data.task)
-        if task is None:
-            raise BadInput(f"data.task: unknown task {data.task!r}; available: {', '.join(TASKS)}")
-        n_eval = DEFAULT_EVAL_SAMPLES if data.eval_samples is None else data.eval_samples
-        split = task.split(data.num_samples, n_eval, data.seed)
-        return [Example(p, c) for p, c in split.train], [Example(p, c) for p, c in split.held]
+        return task_examples(data)
 
     source = data.path or data.hub
     key = "data.path" if data.path else "data.hub"
@@ -394,18 +411,33 @@ def load_examples(
     if data.eval_split is not None:
         return examples, _held_out_examples(data, fmt)
     # One source: a seeded shuffle, then the first n_eval are held out and the rest train.
-    if data.eval_samples is None:
-        n_eval = min(DEFAULT_EVAL_SAMPLES, len(examples) // 5)
-    elif data.eval_samples >= len(examples):
-        raise RecipeError(
-            "data.eval_samples",
-            f"{data.eval_samples} is not less than the {len(examples)} examples in {source}; hold out fewer "
-            "so that some are left to train on",
-        )
-    else:
-        n_eval = data.eval_samples
+    n_eval = held_out_count(data.eval_samples, len(examples), source)
     random.Random(data.seed).shuffle(examples)
     return examples[n_eval:], examples[:n_eval]
+
+
+def task_examples(data: DataSection) -> tuple[list[Example], list[Example]]:
+    """A builtin task's generated (training, held-out) examples."""
+    task = TASKS.get(data.task)
+    if task is None:
+        raise BadInput(f"data.task: unknown task {data.task!r}; available: {', '.join(TASKS)}")
+    n_eval = DEFAULT_EVAL_SAMPLES if data.eval_samples is None else data.eval_samples
+    split = task.split(data.num_samples, n_eval, data.seed)
+    return [Example(p, c) for p, c in split.train], [Example(p, c) for p, c in split.held]
+
+
+def held_out_count(eval_samples: int | None, count: int | None, source: str) -> int:
+    """How many of a source's ``count`` examples are held out: ``data.eval_samples`` (fewer than
+    ``count``), or unset 64, at most a fifth (a source of unknown size: 64)."""
+    if eval_samples is None:
+        return DEFAULT_EVAL_SAMPLES if count is None else min(DEFAULT_EVAL_SAMPLES, count // 5)
+    if count is not None and eval_samples >= count:
+        raise RecipeError(
+            "data.eval_samples",
+            f"{eval_samples} is not less than the {count} examples in {source}; hold out fewer so that some "
+            "are left to train on",
+        )
+    return eval_samples
 
 
 def _load_mixture(data: DataSection, report: Callable[[str], None]) -> tuple[list[Example], list[Example]]:

@@ -35,7 +35,6 @@ resume from once the data is fixed.
 from __future__ import annotations
 
 import csv
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -44,19 +43,21 @@ from pathlib import Path
 
 from shardtune.core.errors import BadInput, RecipeError, first_line, named_as
 from shardtune.data.examples import (
-    DEFAULT_EVAL_SAMPLES,
     Collator,
-    Example,
     _format_of,
     _held_out_examples,
-    _one_value_per_key,
     _pick_split,
-    _RepeatedKey,
     _single_source,
+    csv_header,
+    csv_record,
+    held_out_count,
+    json_line,
+    load_hub_dataset,
     pack,
+    quiet_datasets,
     record_to_example,
+    task_examples,
 )
-from shardtune.data.tasks import TASKS
 from shardtune.recipe.schema import SOURCE_KEYS, DataSection
 
 BOM = b"\xef\xbb\xbf"
@@ -120,26 +121,15 @@ class LineFileReader(Reader):
                 if self.kind == ".txt":
                     yield {"text": text.rstrip("\r\n")}, f"line {line}"
                     continue
-                if not text.strip():
-                    continue
-                try:
-                    yield json.loads(text, object_pairs_hook=_one_value_per_key), f"line {line}"
-                except json.JSONDecodeError as e:
-                    raise BadInput(
-                        f"{self.key}: {self.path} line {line} is not valid JSON ({e.msg})"
-                    ) from None
-                except _RepeatedKey as e:
-                    raise BadInput(
-                        f"{self.key}: {self.path} line {line} gives key {e.args[0]!r} twice; keep one"
-                    ) from None
+                if text.strip():
+                    yield json_line(text, self.key, self.path, line), f"line {line}"
 
     def _csv_records(self, f, start: dict) -> Iterator[tuple[object, str]]:
         header_reader = csv.reader(self._lines(f, 0))
         header = next((row for row in header_reader if row), None)
         if header is None:
             raise BadInput(f"{self.key}: {self.path} has no header row")
-        if len(set(header)) != len(header) or not all(h.strip() for h in header):
-            raise BadInput(f"{self.key}: {self.path} line 1: the header needs distinct names")
+        header = csv_header(header, self.key, self.path, self.position["line"])
         if start["offset"] > 0:  # (resumed past the header)
             f.seek(start["offset"])
             self.position = dict(start)
@@ -149,12 +139,7 @@ class LineFileReader(Reader):
                 if not row:
                     continue
                 line = self.position["line"]
-                if len(row) != len(header):
-                    raise BadInput(
-                        f"{self.key}: {self.path} line {line} has {len(row)} fields; the header has "
-                        f"{len(header)} ({', '.join(header)})"
-                    )
-                yield dict(zip(header, row, strict=True)), f"line {line}"
+                yield csv_record(header, row, self.key, self.path, line), f"line {line}"
         except csv.Error as e:
             raise BadInput(
                 f"{self.key}: {self.path} line {self.position['line']} is not valid CSV ({e})"
@@ -202,13 +187,17 @@ class RowReader(Reader):
             raise BadInput(f"{self.key}: cannot read {self.path}: {first_line(e)}") from None
 
     def _dataset(self):
+        """The save_to_disk directory's split (memory-mapped; opened once)."""
+        if getattr(self, "_opened", None) is not None:
+            return self._opened
         import datasets
 
         try:
             loaded = datasets.load_from_disk(str(self.path))
         except Exception as e:
             raise BadInput(f"{self.key}: cannot read {self.path}: {first_line(e)}") from None
-        return _pick_split(loaded, str(self.path), self.split, self.split_key)
+        self._opened = _pick_split(loaded, str(self.path), self.split, self.split_key)
+        return self._opened
 
     def records(self, position: dict | None) -> Iterator[tuple[object, str]]:
         row = (position or {"row": 0})["row"]
@@ -274,50 +263,17 @@ class HubReader(Reader):
         self.position = {"state": None, "record": 0}
 
     def _open(self):
-        import datasets
-
         from shardtune.models import hub
 
-        datasets.disable_progress_bars()
-        datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
-        hub.check_dataset_id(self.key, self.repo_id)
+        quiet_datasets()
         try:
-            if not hub.offline():
-                return datasets.load_dataset(
-                    self.repo_id, split=self.split, revision=self.revision, streaming=True
-                )
-            return self._cached()
+            return load_hub_dataset(
+                self.repo_id, self.split, self.revision, self.split_key, self.key, streaming=True
+            )
         except BadInput:
             raise
-        except ValueError as e:
-            if "split" in str(e).lower():
-                raise BadInput(
-                    f"{self.split_key}: {self.repo_id} has no split {self.split!r} ({str(e).splitlines()[0]})"
-                ) from None
-            raise hub.describe_failure(self.key, self.repo_id, self.revision, e) from None
         except Exception as e:
             raise hub.describe_failure(self.key, self.repo_id, self.revision, e) from None
-
-    def _cached(self):
-        """Offline: the dataset's snapshot in the hub cache (``huggingface-cli download``), streamed as
-        online; else the arrow files of an earlier download into the datasets cache (memory-mapped)."""
-        import datasets
-        from huggingface_hub import snapshot_download
-
-        from shardtune.models import hub
-
-        try:
-            hub.check_available(self.key, self.repo_id, self.revision, repo_type="dataset")
-        except BadInput:
-            try:
-                whole = datasets.load_dataset(self.repo_id, split=self.split, revision=self.revision)
-            except (ConnectionError, OSError, ValueError):
-                raise hub.not_cached(self.key, self.repo_id, self.revision, "dataset") from None
-            return whole.to_iterable_dataset()
-        local = snapshot_download(
-            self.repo_id, repo_type="dataset", revision=self.revision, local_files_only=True
-        )
-        return datasets.load_dataset(local, split=self.split, streaming=True)
 
     def records(self, position: dict | None) -> Iterator[tuple[object, str]]:
         from shardtune.models import hub
@@ -366,13 +322,8 @@ class TaskReader(Reader):
     """A builtin task's generated training examples (small; in memory), by number."""
 
     def __init__(self, data: DataSection):
-        task = TASKS.get(data.task)
-        if task is None:
-            raise BadInput(f"data.task: unknown task {data.task!r}; available: {', '.join(TASKS)}")
-        n_eval = 64 if data.eval_samples is None else data.eval_samples
-        split = task.split(data.num_samples, n_eval, data.seed)
-        self.train = [{"prompt": p, "completion": c} for p, c in split.train]
-        self.held = [{"prompt": p, "completion": c} for p, c in split.held]
+        train, self.held = task_examples(data)
+        self.train = [{"prompt": e.prompt, "completion": e.completion} for e in train]
         self.position = {"row": 0}
 
     def records(self, position: dict | None) -> Iterator[tuple[object, str]]:
@@ -467,21 +418,32 @@ class SourceStream:
             return example
 
 
-def _check_whole(reader: Reader, fmt: str, where: str, text_field: str, report) -> int:
-    """Read every record once, each turned into an example (the errors a training pass would meet,
-    before the run starts); return how many there are. Memory: one record at a time."""
-    started, count = time.perf_counter(), 0
-    for record, at in reader.records(None):
-        record_to_example(record, fmt, f"{where} {at}", text_field)
+def _read_head(reader: Reader, data: DataSection, where: str, limit: int, whole: bool, report) -> tuple:
+    """(format, the first ``limit`` records as (example, the position after it), the number of records).
+    ``whole``: read on through every record, each turned into an example — the errors a training pass
+    would meet, before the run starts — and count them (else the count is None). One record at a time."""
+    started, fmt, head, count = time.perf_counter(), None, [], 0
+    records = reader.records(None)
+    for record, at in records:
+        if fmt is None:
+            fmt = _format_of([record], data.format, where)
+        example = record_to_example(record, fmt, f"{where} {at}", data.text_field)
         count += 1
+        if len(head) < limit:
+            head.append((example, dict(reader.position)))
+        elif not whole:
+            break
+    records.close()
     if count == 0:
         raise BadInput(f"{where} holds no examples")
+    if not whole:
+        return fmt, head, None
     size = getattr(reader, "size", None)
     report(
-        f"data.streaming: {where.split(': ', 1)[-1]}: {count:,} records checked"
+        f"data.streaming: {data.path}: {count:,} records checked"
         f"{f' ({size / 2**20:,.1f} MiB)' if size else ''} in {time.perf_counter() - started:.1f} s"
     )
-    return count
+    return fmt, head, count
 
 
 @dataclass
@@ -534,6 +496,14 @@ class ExampleStream:
                     raise BadInput(f"{where}: key 'stream' source {i}: the position {problem}")
 
 
+def read_examples(data: DataSection, report: Callable[[str], None] | None = None) -> tuple:
+    """(training, held-out) examples of the data section: a list read whole, or with ``data.streaming``
+    an :class:`ExampleStream` (:func:`open_streams`)."""
+    from shardtune.data.examples import load_examples
+
+    return (open_streams if data.streaming else load_examples)(data, report)
+
+
 def open_streams(
     data: DataSection, report: Callable[[str], None] | None = None
 ) -> tuple[ExampleStream, list]:
@@ -573,42 +543,19 @@ def _open_source(data: DataSection, prefix: str, report) -> tuple[SourceStream, 
     where = f"{key}: {name}"
     reader = reader_for(data, key)
     if isinstance(reader, TaskReader):
-        held = [record_to_example(r, "prompt_completion", where, "text") for r in reader.held]
-        return SourceStream(reader, "prompt_completion", where, "text", None), held
-    records = reader.records(None)
-    first = next(records, None)
-    records.close()
-    if first is None:
-        raise BadInput(f"{where} holds no examples")
-    fmt = _format_of([first[0]], data.format, where)
-    count = None
-    if not isinstance(reader, HubReader):
-        count = _check_whole(reader, fmt, where, data.text_field, report)
+        return SourceStream(reader, "prompt_completion", where, "text", None), reader.held
+    whole = not isinstance(reader, HubReader)  # (a hub dataset is checked as it streams)
+    limit = 0 if data.eval_split is not None else held_out_count(data.eval_samples, None, name)
+    fmt, head, count = _read_head(reader, data, where, limit, whole, report)
     if data.eval_split is not None:
         return SourceStream(reader, fmt, where, data.text_field, None), _held_out_examples(data, fmt)
-    if data.eval_samples is not None:
-        n_eval = data.eval_samples
-        if count is not None and n_eval >= count:
-            raise RecipeError(
-                "data.eval_samples",
-                f"{n_eval} is not less than the {count} examples in {name}; hold out fewer so that some are "
-                "left to train on",
-            )
-    else:
-        n_eval = DEFAULT_EVAL_SAMPLES if count is None else min(DEFAULT_EVAL_SAMPLES, count // 5)
-    held: list[Example] = []
-    records = reader.records(None)
-    train_start = None
-    for record, at in records:
-        if len(held) == n_eval:
-            break
-        held.append(record_to_example(record, fmt, f"{where} {at}", data.text_field))
-        train_start = dict(reader.position)
-    records.close()
-    if len(held) < n_eval:
+    n_eval = held_out_count(data.eval_samples, count, name)
+    if len(head) < n_eval:
         raise BadInput(
-            f"{where} holds {len(held)} records, not more than the {n_eval} held out (data.eval_samples)"
+            f"{where} holds {len(head)} records, not more than the {n_eval} held out (data.eval_samples)"
         )
+    held = [example for example, _ in head[:n_eval]]
+    train_start = head[n_eval - 1][1] if n_eval else None
     return SourceStream(reader, fmt, where, data.text_field, train_start), held
 
 
@@ -690,8 +637,11 @@ class StreamedRows:
         """The first ``n`` rows of the run (the stream is left where it was)."""
         saved, counts = self.state_dict(), (self.truncated, self.left_out)
         rows = [self.next_row() for _ in range(n)]
-        self.load_state_dict(saved)
-        self.truncated, self.left_out = counts
+        if self.window == saved["window"]:  # still in the window it stood in: keep its rows
+            self.done = saved["rows_done"]
+        else:
+            self.load_state_dict(saved)
+            self.truncated, self.left_out = counts
         return rows
 
     def batches(

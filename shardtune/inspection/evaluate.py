@@ -17,12 +17,11 @@ from shardtune.data.examples import (
     all_examples,
     encode_all,
     expected_answer,
-    load_examples,
     prompt_ids,
     prompt_text,
     uses_chat,
 )
-from shardtune.data.streaming import open_streams
+from shardtune.data.streaming import read_examples
 from shardtune.data.tasks import METRICS
 
 
@@ -308,8 +307,7 @@ def _examples(recipe, data, data_format: str, metric: str, samples: int | None):
         return held, scored, settings
     if samples is not None and recipe.data.task is not None:
         recipe.data.eval_samples = samples  # generated items: as many as asked, never trained on
-    read = open_streams if recipe.data.streaming else load_examples
-    _, every = read(recipe.data)
+    _, every = read_examples(recipe.data)
     held = every[:samples]  # split-off data: never more than the run held out (the rest was trained on)
     if not held:
         raise BadInput(

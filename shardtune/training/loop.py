@@ -93,13 +93,12 @@ from shardtune.data.examples import (
     Collator,
     Example,
     encode_all,
-    load_examples,
     model_inputs,
     pack,
     real_tokens,
     uses_chat,
 )
-from shardtune.data.streaming import ExampleStream, StreamedRows, open_streams
+from shardtune.data.streaming import ExampleStream, StreamedRows, read_examples
 from shardtune.data.templates import template_text
 from shardtune.data.tokenized import encode_cached
 from shardtune.inspection.evaluate import heldout_loss, score_task
@@ -744,8 +743,7 @@ class Trainer:
     def read_data(self) -> None:
         """Read and check the training and held-out examples (a bad data file fails before a model loads)."""
         self.chat_template = template_text(self.recipe.data.chat_template)  # (a file: read once, here)
-        read = open_streams if self.recipe.data.streaming else load_examples
-        self.examples = read(self.recipe.data, self.reporter.info)
+        self.examples = read_examples(self.recipe.data, self.reporter.info)
         scoring = [k for k in ("score", "score_base", "score_every") if getattr(self.recipe.eval, k)]
         # (plain text is an Example with the whole text as its completion and no prompt; streamed: the
         # held-out examples are the ones read by now)
@@ -856,16 +854,16 @@ class Trainer:
                 "raise it to train further"
             )
         state = read_trainer_state(directory)
-        if self.data.stream is not None:
+        if self.data.stream is not None:  # (its position, in place of the batch of an epoch)
             self.data.stream.check_state(state.get("stream"), str(directory / TRAINER_STATE))
-        # (Accelerate deals the loader's batches out to the processes in turn: each gets at most this many)
-        batches = math.ceil(len(self.data.loader) / self.accelerator.num_processes) if self.data.loader else 0
-        batch_in_epoch = state["batch_in_epoch"]
-        if self.data.loader is not None and batch_in_epoch > batches:
-            raise BadInput(
-                f"{directory / TRAINER_STATE}: key 'batch_in_epoch' is {batch_in_epoch} but an epoch "
-                f"of this run has {batches} batches; the file was edited"
-            )
+        else:
+            # (Accelerate deals the loader's batches out to the processes in turn: each gets at most this many)
+            batches = math.ceil(len(self.data.loader) / self.accelerator.num_processes)
+            if state["batch_in_epoch"] > batches:
+                raise BadInput(
+                    f"{directory / TRAINER_STATE}: key 'batch_in_epoch' is {state['batch_in_epoch']} but an "
+                    f"epoch of this run has {batches} batches; the file was edited"
+                )
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = param_groups(named, self.cfg, self.recipe.adapter.method)  # the optimizer's order
         check_optimizer_fits(directory, [g["params"] for g in groups], self.cfg.optimizer)
