@@ -2,7 +2,8 @@
 # What the GPU machine checks, in one call, most important first; each stage has its own time limit and
 # the next one runs whatever the last one did:
 #   1. tests/test_cuda.py and tests/test_fused_paths.py: the fused layer under CUDA bf16 autocast, MoS's
-#      per-step assembly, and bf16 training runs of the CLI;
+#      per-step assembly, bf16 training runs of the CLI, and strategy: deepspeed on the GPU (ZeRO-2;
+#      ZeRO-3 with offload) against a plain bf16 run;
 #   2. the step-time benchmark on the 1B Llama shape (bf16 8×1024), with ablation rows and the floor;
 #   3. the same on the SmolLM2-135M shape (bf16 16×512);
 #   4. where the 1B step's time goes (benchmarks/profile_step.py: frozen base, LoRA, MoS);

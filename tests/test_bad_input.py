@@ -176,6 +176,45 @@ CASES = {
         lambda t, r: ["train", recipe_file(t), "--set", "train.fsdp.reshard_after_forward=false"],
         "train: fsdp options are set but strategy is ddp; set train.strategy: fsdp",
     ),
+    "deepspeed with fsdp options": (
+        lambda t, r: [
+            "train",
+            recipe_file(t, train={"strategy": "deepspeed", "fsdp": {"reshard_after_forward": False}}),
+        ],
+        "train: fsdp options are set but strategy is deepspeed; set train.strategy: fsdp",
+    ),
+    "deepspeed options without deepspeed": (
+        lambda t, r: ["train", recipe_file(t), "--set", "train.deepspeed.stage=3"],
+        "train: deepspeed options are set but strategy is ddp; set train.strategy: deepspeed",
+    ),
+    "zero stage 4": (
+        lambda t, r: ["train", recipe_file(t, train={"strategy": "deepspeed", "deepspeed": {"stage": 4}})],
+        "train.deepspeed.stage: must be one of 1, 2 or 3, got 4",
+    ),
+    "zero offload params below stage 3": (
+        lambda t, r: [
+            "train",
+            recipe_file(
+                t, train={"strategy": "deepspeed", "deepspeed": {"stage": 2, "offload_params": True}}
+            ),
+        ],
+        "train.deepspeed: offload_params: true offloads partitioned weights, which only stage 3 has",
+    ),
+    "zero with adafactor": (
+        lambda t, r: ["train", recipe_file(t, train={"strategy": "deepspeed", "optimizer": "adafactor"})],
+        "train: optimizer: adafactor does not work with strategy: deepspeed",
+    ),
+    "zero with a quantized base": (
+        lambda t, r: [
+            "train",
+            recipe_file(t, model={"name": "tiny-llama", "quantize": "nf4"}, train={"strategy": "deepspeed"}),
+        ],
+        "train.strategy: deepspeed cannot partition a quantized base (model.quantize: nf4",
+    ),
+    "zero with train.cpu": (
+        lambda t, r: ["train", recipe_file(t, train={"strategy": "deepspeed", "cpu": True})],
+        "train: cpu: true does not work with strategy: deepspeed",
+    ),
     "fsdp wrap class unknown": (
         lambda t, r: [
             "train",

@@ -105,3 +105,34 @@ def test_the_factor_gradients_are_written_in_fp32_by_the_product():
     want = 2.0 * (m1.double() @ m2.double())
     rounded = (2.0 * (m1 @ m2).float()).double()
     assert (got.double() - want).abs().max() < (rounded - want).abs().max() / 8
+
+
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, True)])
+def test_zero_on_one_gpu_trains_what_a_plain_bf16_run_trains(stage, offload, tmp_path):
+    """strategy: deepspeed on the GPU (a world of one: NCCL, ZeRO-2, or ZeRO-3 with weights and
+    optimizer state offloaded to CPU memory): the adapter of a plain bf16 run, within bf16's rounding."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    def run(name, *extra):
+        done = subprocess.run(
+            [sys.executable, "-m", "shardtune", "train", str(ROOT / "recipes/tiny.yaml"),
+             "--set=adapter.method=mos", *[f"--set=adapter.{k}={v}" for k, v in TINY_OPTIONS["mos"].items()],
+             "--set=train.precision=bf16", "--set=model.dtype=bfloat16", "--set=train.max_steps=20",
+             f"--set=output.dir={tmp_path / name}", "-q", *extra],
+            capture_output=True, text=True, timeout=600, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr[-2000:]
+        return load_file(tmp_path / name / "adapter.safetensors")
+
+    plain = run("plain")
+    zero = run(
+        "zero", "--set=train.strategy=deepspeed", f"--set=train.deepspeed.stage={stage}",
+        f"--set=train.deepspeed.offload_optimizer={offload}",
+        f"--set=train.deepspeed.offload_params={offload and stage == 3}",
+    )  # fmt: skip
+    log = (tmp_path / "zero" / "train.log").read_text()
+    assert f"DeepSpeed ZeRO-{stage} over 1 processes" in log
+    for k in plain:
+        scale = max(1e-3, plain[k].abs().max().item())
+        assert (zero[k] - plain[k]).abs().max().item() <= 2e-2 * scale, k

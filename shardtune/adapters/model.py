@@ -209,7 +209,7 @@ def adapter_named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(adapter parameters, all parameters), each shared tensor counted once."""
-    adapter = sum(p.numel() for _, p in adapter_named_parameters(model))
+    adapter = sum(logical_numel(p) for _, p in adapter_named_parameters(model))
     total = sum(logical_numel(p) for p in model.parameters())  # a 4-bit weight: out·in, not its bytes
     return adapter, total
 

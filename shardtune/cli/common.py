@@ -200,6 +200,11 @@ def warnings_to_log() -> None:
     root = logging.getLogger()
     if not any(isinstance(h, _LibraryRecordsToLog) for h in root.handlers):
         root.addHandler(_LibraryRecordsToLog())
+    # DeepSpeed's logger prints on stdout through its own handler (it does not propagate) from the
+    # moment it is imported (Accelerate imports it where it is installed): its records go to the log.
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _RecordsToLogInstead) for f in deepspeed.filters):
+        deepspeed.addFilter(_RecordsToLogInstead())
 
 
 class _LibraryRecordsToLog(logging.Handler):
@@ -211,6 +216,16 @@ class _LibraryRecordsToLog(logging.Handler):
             return
         record._to_log = True
         logging.getLogger("shardtune").handle(record)
+
+
+class _RecordsToLogInstead(logging.Filter):
+    """On a library's logger that has its own handlers: each record goes to shardtune's logger (the
+    run's log file) instead of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record._to_log = True
+        logging.getLogger("shardtune").handle(record)
+        return False
 
 
 def fail(

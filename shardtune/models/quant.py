@@ -225,9 +225,11 @@ def layer_format(module: nn.Module) -> str | None:
 
 def logical_numel(parameter: torch.Tensor) -> int:
     """Entries of the weight a parameter stands for: ``out·in`` for a 4-bit one (which holds two codes a
-    byte), ``numel`` for any other."""
+    byte), the whole tensor's for one DeepSpeed ZeRO-3 partitioned (``ds_numel``), ``numel`` for any other."""
     state = getattr(parameter, "quant_state", None)
-    return math.prod(state.shape) if state is not None else parameter.numel()
+    if state is not None:
+        return math.prod(state.shape)
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

@@ -413,6 +413,32 @@ class FsdpSection(Section):
     )
 
 
+class DeepSpeedSection(Section):
+    """How ``train.strategy: deepspeed`` partitions training state (DeepSpeed ZeRO, through Accelerate's
+    DeepSpeed plugin)."""
+
+    stage: Literal[1, 2, 3] = Field(
+        2,
+        description="ZeRO stage: 1 partitions the optimizer state across processes, 2 the gradients too, "
+        "3 the weights too (base and adapter; each is gathered for the layer that uses it).",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep the optimizer state (and its step) in CPU memory (ZeRO-Offload)."
+    )
+    offload_params: bool = Field(
+        False, description="Stage 3: keep the partitioned weights in CPU memory between uses (ZeRO-Infinity)."
+    )
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage_3(self):
+        if self.offload_params and self.stage != 3:
+            raise ValueError(
+                f"offload_params: true offloads partitioned weights, which only stage 3 has (stage is "
+                f"{self.stage}); set stage: 3 or offload_params: false"
+            )
+        return self
+
+
 Metric = Literal["eval_loss", "task_score"]
 
 
@@ -517,16 +543,22 @@ class TrainSection(Section):
         False,
         description="torch.compile each decoder block (regional compilation: the blocks share one compiled "
         "graph). The first step compiles (reported apart, `compile_seconds` in result.json); works with "
-        "gradient checkpointing and DDP, not with `strategy: fsdp`. Needs a C++ compiler on CPU.",
+        "gradient checkpointing and DDP, not with `strategy: fsdp` or `deepspeed`. Needs a C++ compiler on CPU.",
     )
-    strategy: Literal["ddp", "fsdp"] = Field(
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="With several processes: `ddp` keeps a whole model per process and all-reduces the adapter "
-        "gradients; `fsdp` shards base weights, adapter, gradients and optimizer state across processes "
-        "(see docs/distributed.md). One process trains unsharded either way.",
+        "gradients; `fsdp` shards base weights, adapter, gradients and optimizer state across processes; "
+        "`deepspeed` partitions them with DeepSpeed ZeRO (`train.deepspeed`; needs `pip install "
+        "'shardtune[deepspeed]'`). See docs/distributed.md. One process trains unsharded with ddp and fsdp; "
+        "deepspeed runs ZeRO on one process too (its offload is what one process gains).",
     )
     fsdp: FsdpSection = Field(
         default_factory=FsdpSection, description="Options of `strategy: fsdp` (table `train.fsdp` below)."
+    )
+    deepspeed: DeepSpeedSection = Field(
+        default_factory=DeepSpeedSection,
+        description="Options of `strategy: deepspeed` (table `train.deepspeed` below).",
     )
     early_stopping: EarlyStoppingSection | None = Field(
         None,
@@ -559,7 +591,7 @@ class TrainSection(Section):
 
     @model_validator(mode="after")
     def _eight_bit_not_with_fsdp(self):
-        if self.optimizer.endswith("8bit") and self.strategy == "fsdp":
+        if self.optimizer.endswith("8bit") and self.strategy == "fsdp":  # (deepspeed: below)
             raise ValueError(
                 f"optimizer: {self.optimizer} does not work with strategy: fsdp (bitsandbytes quantizes whole "
                 "tensors, not shards); use adamw or adafactor, or strategy: ddp"
@@ -585,18 +617,41 @@ class TrainSection(Section):
         return math.ceil(self.warmup_ratio * total_steps) if self.warmup_ratio else self.warmup_steps
 
     @model_validator(mode="after")
-    def _fsdp_options_need_fsdp(self):
+    def _strategy_options_need_their_strategy(self):
         # (a resolved recipe spells out the defaults: only options that differ from them count)
-        if self.fsdp != FsdpSection() and self.strategy != "fsdp":
-            raise ValueError("fsdp options are set but strategy is ddp; set train.strategy: fsdp to use them")
+        for name, default in (("fsdp", FsdpSection()), ("deepspeed", DeepSpeedSection())):
+            if getattr(self, name) != default and self.strategy != name:
+                raise ValueError(
+                    f"{name} options are set but strategy is {self.strategy}; set train.strategy: {name} "
+                    "to use them"
+                )
         return self
 
     @model_validator(mode="after")
-    def _compile_not_with_fsdp(self):
-        if self.compile and self.strategy == "fsdp":
+    def _compile_not_with_sharding(self):
+        if self.compile and self.strategy != "ddp":
             raise ValueError(
-                "compile: true does not work with strategy: fsdp (its sharded blocks are not compiled); "
-                "set train.compile: false or train.strategy: ddp"
+                f"compile: true does not work with strategy: {self.strategy} (its sharded blocks are not "
+                "compiled); set train.compile: false or train.strategy: ddp"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _what_zero_cannot_take(self):
+        """DeepSpeed ZeRO flattens the adapter's tensors into one partitioned vector per group: an
+        optimizer that needs a tensor's own shape (Adafactor's factored moments, bitsandbytes' 8-bit
+        blocks) would see a different problem; DeepSpeed picks its own device (train.cpu)."""
+        if self.strategy != "deepspeed":
+            return self
+        if self.optimizer != "adamw":
+            raise ValueError(
+                f"optimizer: {self.optimizer} does not work with strategy: deepspeed (ZeRO flattens the "
+                "adapter's tensors, which this optimizer needs whole); use adamw, or strategy: ddp"
+            )
+        if self.cpu:
+            raise ValueError(
+                "cpu: true does not work with strategy: deepspeed (DeepSpeed trains on the accelerator it "
+                "finds); unset train.cpu, or use strategy: ddp"
             )
         return self
 
@@ -719,6 +774,16 @@ class Recipe(Section):
                 "train.max_steps",
                 "streamed data has no length known ahead, so epochs cannot be counted; set train.max_steps "
                 "(data.streaming: true)",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _zero_takes_no_quantized_base(self):
+        if self.model.quantize is not None and self.train.strategy == "deepspeed":
+            raise RecipeError(
+                "train.strategy",
+                f"deepspeed cannot partition a quantized base (model.quantize: {self.model.quantize}: "
+                "bitsandbytes keeps codes and scales beside each weight); use strategy: ddp",
             )
         return self
 

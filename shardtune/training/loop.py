@@ -1,7 +1,7 @@
 """The training loop, top to bottom, as named phases.
 
     train(recipe)
-      connect_processes         Accelerate: one process, or the launched ones (DDP; FSDP shards over them)
+      connect_processes         Accelerate: one process, or the launched ones (DDP; FSDP or ZeRO shards over them)
       Trainer.run_directory     output.dir checked and locked (shardtune.training.rundir), SIGTERM → checkpoint + exit,
                                 heartbeats (shardtune.training.peers): a lost process stops the others, naming it
       Trainer.read_data         the training and held-out examples, read and checked before any model loads
@@ -11,6 +11,7 @@
       Trainer.start_run         resumed: the checkpoint checked against model and data; then the run
                                 directory is written: replaced or created, recipe.yaml, train.log
       Trainer.setup_optimizer   LoRS gradient init, FSDP sharding, AdamW + schedule, Accelerate's prepare
+                                (strategy: deepspeed: the ZeRO engine, shardtune.training.deepspeed)
       Trainer.restore_or_score  resumed: optimizer, RNG, data position; fresh: the base model's task score
       Trainer.loop              each optimizer step: train_step (per micro-batch), then at_interval
                                 (log, evaluate and judge: best/, early stopping; checkpoint, SIGTERM) when due
@@ -156,35 +157,99 @@ def train(recipe: Recipe, reporter: Reporter | None = None, resume: str | Path |
 # Processes
 
 
+# What Accelerate (and a one-process DeepSpeed world) write into the environment.
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @contextmanager
 def connect_processes(cfg: TrainSection) -> Iterator[Accelerator]:
     """An Accelerator over the launched processes (gloo on CPUs); on one process its global state is
-    reset afterwards, so a later run in the same process (tests, `compare`) picks its own settings."""
-    accelerator = _accelerator(cfg)
+    reset afterwards (and the environment it wrote put back), so a later run in the same process
+    (tests, `compare`) picks its own settings."""
+    with _environment_kept(), _deepspeed_world(cfg):
+        accelerator = _accelerator(cfg)
+        try:
+            yield accelerator
+        finally:
+            if accelerator.num_processes == 1:
+                AcceleratorState._reset_state(reset_partial_state=True)
+                GradientState._reset_state()
+
+
+@contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Accelerate's settings (``ACCELERATE_*``) and the rendezvous as they were before the run, after it."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_") or k in RENDEZVOUS}
     try:
-        yield accelerator
+        yield
     finally:
-        if accelerator.num_processes == 1:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+        if int(before.get("WORLD_SIZE", "1")) == 1:  # (a launched process ends with its run)
+            for key in [k for k in os.environ if k.startswith("ACCELERATE_") or k in RENDEZVOUS]:
+                if key not in before:
+                    del os.environ[key]
+            os.environ.update(before)
+
+
+@contextmanager
+def _deepspeed_world(cfg: TrainSection) -> Iterator[None]:
+    """``strategy: deepspeed``: DeepSpeed always runs in a process group, so an unlaunched run is a
+    world of one (on 127.0.0.1), closed afterwards; and DeepSpeed, not Accelerate's CPU mode, picks
+    the device (a launch on CPUs asks Accelerate for its CPU mode, which would turn DeepSpeed off)."""
+    if cfg.strategy != "deepspeed":
+        yield
+        return
+    from shardtune.training import deepspeed as zero
+
+    zero.require_deepspeed()
+    os.environ.pop("ACCELERATE_USE_CPU", None)
+    alone = "WORLD_SIZE" not in os.environ
+    if alone:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1"
+        )
+        os.environ["MASTER_PORT"] = str(_free_port())
+    try:
+        yield
+    finally:
+        import torch.distributed as dist
+
+        if alone and dist.is_initialized():  # (DeepSpeed's, which forgets the groups it made of it too)
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _accelerator(cfg: TrainSection) -> Accelerator:
     """Accelerate's state for this process; a launch that cannot connect is a one-line error."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # Several processes on a machine without an accelerator (torchrun on CPUs): connect them over gloo.
+    deepspeed = cfg.strategy == "deepspeed"
+    # Several processes on a machine without an accelerator (torchrun on CPUs): connect them over
+    # gloo (DeepSpeed: on its CPU accelerator, which Accelerate must be told is gloo's).
     cpu_only = launched > 1 and not _has_accelerator()
-    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
-    environment = {key: os.environ.get(key) for key in rendezvous}  # Accelerate writes these
+    connect = {"timeout": collective_timeout(cfg.timeout_s)}
+    if deepspeed and not _has_accelerator():
+        connect["backend"] = "gloo"
+    environment = {key: os.environ.get(key) for key in RENDEZVOUS}  # Accelerate writes these
     try:
-        accelerator = Accelerator(
-            mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-            cpu=cfg.cpu or cpu_only,
-            gradient_accumulation_steps=cfg.grad_accum,
-            # How long a collective may wait for the other processes (gloo and NCCL alike): longer
-            # than the heartbeats take to name a lost machine (shardtune.training.peers), so that they do.
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout(cfg.timeout_s))],
-        )
+        with _prints_to_log(deepspeed):
+            accelerator = Accelerator(
+                # (DeepSpeed: an fp32 engine with autocast around the forward, shardtune.training.deepspeed)
+                mixed_precision="bf16" if cfg.precision == "bf16" and not deepspeed else "no",
+                cpu=(cfg.cpu or cpu_only) and not deepspeed,
+                gradient_accumulation_steps=cfg.grad_accum,
+                deepspeed_plugin=_deepspeed_plugin(cfg) if deepspeed else None,
+                # How long a collective may wait for the other processes (gloo and NCCL alike): longer
+                # than the heartbeats take to name a lost machine (shardtune.training.peers), so that they do.
+                kwargs_handlers=[InitProcessGroupKwargs(**connect)],
+            )
     except (ValueError, RuntimeError) as e:
         # Half-built: leave the state and environment as they were, so a later run starts afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -194,9 +259,11 @@ def _accelerator(cfg: TrainSection) -> Accelerator:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if launched == 1:
+        if launched == 1 and not deepspeed:
             raise
         first = str(e).strip().splitlines()[0]
+        if launched == 1:
+            raise BadInput(f"train.strategy: deepspeed could not start: {first}") from None
         raise BadInput(f"{launched} processes were launched but cannot connect: {first}") from None
     if accelerator.num_processes != launched:
         raise BadInput(
@@ -208,7 +275,34 @@ def _accelerator(cfg: TrainSection) -> Accelerator:
             "the launcher turned on Accelerate's FSDP plugin; shardtune shards through the recipe: "
             "set train.strategy: fsdp and launch without FSDP options"
         )
+    if deepspeed:  # (the base loads whole: shardtune.training.deepspeed.load_whole)
+        from shardtune.training.deepspeed import load_whole
+
+        load_whole()
+    if (accelerator.distributed_type == DistributedType.DEEPSPEED) != deepspeed:
+        raise BadInput(
+            "the launcher turned on Accelerate's DeepSpeed plugin; shardtune picks DeepSpeed through the "
+            "recipe: set train.strategy: deepspeed and launch without DeepSpeed options"
+            if not deepspeed
+            else f"train.strategy: deepspeed did not start DeepSpeed (Accelerate runs {accelerator.distributed_type})"
+        )
     return accelerator
+
+
+def _prints_to_log(deepspeed: bool):
+    from contextlib import nullcontext
+
+    if not deepspeed:
+        return nullcontext()
+    from shardtune.training.deepspeed import prints_to_log
+
+    return prints_to_log()
+
+
+def _deepspeed_plugin(cfg: TrainSection):
+    from shardtune.training.deepspeed import deepspeed_plugin
+
+    return deepspeed_plugin(cfg)
 
 
 def _has_accelerator() -> bool:
@@ -637,6 +731,9 @@ class Trainer:
         # Several processes, each holding only its shards: collectives (gathering a checkpoint,
         # generating for a score) must then run on every process, not only on the main one.
         self.fsdp = self.cfg.strategy == "fsdp" and accelerator.num_processes > 1
+        self.deepspeed = self.cfg.strategy == "deepspeed"  # (shardtune.training.deepspeed)
+        # ZeRO-3 partitions the weights even on one process: reading them whole is a collective too
+        self.gathers = self.fsdp or (self.deepspeed and self.cfg.deepspeed.stage == 3)
         self.position = Position()
         self.scores: dict[str, float] = {}
         self.final_loss, self.eval_loss, self.grad_norm = float("nan"), None, None
@@ -900,6 +997,8 @@ class Trainer:
         loaders = (self.data.eval_loader,) if loader is None else (loader, self.data.eval_loader)
         if self.fsdp:  # already sharded and placed; Accelerate must not wrap it again
             self.optimizer, *prepared = accelerator.prepare(self.optimizer, *loaders)
+        elif self.deepspeed:
+            prepared = self._zero(named, loaders)
         else:
             self.model, self.optimizer, *prepared = accelerator.prepare(self.model, self.optimizer, *loaders)
         if loader is None:
@@ -913,6 +1012,36 @@ class Trainer:
             )
         else:
             self.loader, self.eval_loader = prepared
+
+    def _zero(self, named: list, loaders: tuple) -> list:
+        """DeepSpeed's engine around the model and the recipe's AdamW (ZeRO partitions the flat adapter
+        vector; stage 3 the weights too); a *mirror* AdamW over the model's own parameters carries the
+        moments to and from checkpoints. Returns the prepared loaders."""
+        from shardtune.training import deepspeed as zero
+
+        cfg = self.cfg
+        self.mirror = make_optimizer(param_groups(named, cfg, self.recipe.adapter.method), cfg)
+        if cfg.precision == "bf16":  # autocast around the forward, as Accelerate does for DDP
+            self.model.forward = torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)(
+                self.model.forward
+            )
+        if cfg.deepspeed.stage == 3:
+            zero.gather_where_read(self.model)
+        with zero.prints_to_log():
+            self.model, self.optimizer, *prepared = self.accelerator.prepare(
+                self.model, self.optimizer, *loaders
+            )
+        if cfg.deepspeed.stage == 3:
+            zero.root_hooks_after_gathering(self.accelerator.unwrap_model(self.model))
+        layout = zero.layout(self.model, self.params)
+        self.reporter.info(
+            f"DeepSpeed ZeRO-{layout['stage']} over {self.accelerator.num_processes} processes: the adapter's "
+            f"{layout['distinct']} tensors ({layout['elements']:,} parameters, each once, shared stores "
+            f"included) partitioned"
+            + (", the optimizer state in CPU memory" if layout["offload_optimizer"] else "")
+        )
+        log.info("deepspeed layout: %s", json.dumps(layout))
+        return prepared
 
     def _gradient_init(self) -> None:
         """LoRS: A from the SVD of the dense gradient on the first training examples (same on every rank)."""
@@ -956,13 +1085,19 @@ class Trainer:
         """Resumed: optimizer, RNG states and data position from the checkpoint. Fresh: the base
         model's task score (``eval.score_base``), before any update."""
         if self.resume_from is not None:
-            counters = load_training_state(self.resume_from, self.optimizer)
+            counters = load_training_state(
+                self.resume_from, self.mirror if self.deepspeed else self.optimizer
+            )
+            if self.deepspeed:
+                from shardtune.training.deepspeed import restore_optimizer
+
+                restore_optimizer(self.model, self.mirror, self.params)
             self.position = Position(counters["step"], counters["epoch"], counters["batch_in_epoch"])
             if self.data.stream is not None:  # (checked before the run directory was written)
                 self.data.stream.load_state_dict(counters["stream"])
             self.selection = Selection.from_json(counters["selection"])
             self.reporter.info(f"resumed from {self.resume_from} at step {self.position.step}")
-        elif self.recipe.eval.score_base and (self.main or self.fsdp):
+        elif self.recipe.eval.score_base and (self.main or self.gathers):
             with adapter_disabled(self.accelerator.unwrap_model(self.model)) as base:
                 self.scores["task_score_base"] = self._score(base, "base model")
 
@@ -1023,13 +1158,17 @@ class Trainer:
         with accelerator.accumulate(model):
             if self.fsdp:  # reduce-scatter the gradients only on the micro-batch that steps
                 model.set_requires_gradient_sync(accelerator.sync_gradients)
+            if accelerator.sync_gradients:  # (DeepSpeed steps inside backward)
+                self._set_lr()
             loss = model(**model_inputs(batch)).loss
             accelerator.backward(loss)
             self.grad_norm = None
-            if accelerator.sync_gradients:
-                if self.cfg.max_grad_norm > 0:
-                    self.grad_norm = accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-                self._set_lr()
+            if accelerator.sync_gradients and self.deepspeed:  # (it clipped by train.max_grad_norm)
+                from shardtune.training.deepspeed import grad_norm
+
+                self.grad_norm = grad_norm(model) if self.cfg.max_grad_norm > 0 else None
+            elif accelerator.sync_gradients and self.cfg.max_grad_norm > 0:
+                self.grad_norm = accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.tally.add(loss, batch)
@@ -1096,7 +1235,7 @@ class Trainer:
             found["eval_loss"] = self.eval_loss
         if task_score:
             model = self.accelerator.unwrap_model(self.model)
-            score = self._score(model, f"step {self.position.step}") if self.main or self.fsdp else None
+            score = self._score(model, f"step {self.position.step}") if self.main or self.gathers else None
             found["task_score"] = self._from_main(score)
         return found
 
@@ -1126,11 +1265,23 @@ class Trainer:
     def save_best(self, step: int, metric: str, value: float) -> None:
         self._raise_if_weights_diverged()
         unwrapped = self.accelerator.unwrap_model(self.model)
-        tensors = adapter_state_dict(unwrapped) if self.main or self.fsdp else None
+        tensors = self._adapter_tensors(unwrapped)
         if self.main:
             written = save_best(unwrapped, self.recipe, self.run_dir, step, tensors, metric, value)
             if written is not None:
                 self.reporter.info(f"best so far: {metric} {value:.6g} at step {step}, in {written}")
+
+    def _adapter_tensors(self, unwrapped) -> dict | None:
+        """The whole adapter tensors on the main process (None elsewhere); under FSDP and ZeRO-3 every
+        process takes part in gathering them."""
+        if not (self.main or self.gathers):
+            return None
+        if self.deepspeed:
+            from shardtune.training.deepspeed import whole
+
+            with whole(self.params):
+                return adapter_state_dict(unwrapped) if self.main else None
+        return adapter_state_dict(unwrapped)
 
     def _from_main(self, value: float | None) -> float:
         """The main process's number on every process (a score computed there alone)."""
@@ -1197,7 +1348,12 @@ class Trainer:
         is computed before the update it drives, so it cannot see what the last step did: the weights
         themselves are checked before every checkpoint, ``best/`` and the final adapter, and none of
         them is ever written non-finite."""
-        local = [p.to_local() if is_sharded(p) else p for p in self.params]
+        if self.deepspeed:
+            from shardtune.training.deepspeed import local_parts
+
+            local = local_parts(self.params)
+        else:
+            local = [p.to_local() if is_sharded(p) else p for p in self.params]
         finite = torch.stack([torch.isfinite(p.detach()).all() for p in local]) if local else None
         bad = finite is not None and not bool(finite.all())
         if not _any_process(self.accelerator, bad):
@@ -1239,7 +1395,16 @@ class Trainer:
         (under FSDP every process first gathers its shards). Returns its path on the main process."""
         self.accelerator.wait_for_everyone()
         unwrapped = self.accelerator.unwrap_model(self.model)
-        snapshot = take_snapshot(unwrapped, self.optimizer) if self.main or self.fsdp else None
+        snapshot = None
+        if self.deepspeed:  # (whole moments from the partitions: every process takes part)
+            from shardtune.training.deepspeed import snapshot_optimizer, whole
+
+            snapshot_optimizer(self.model, self.mirror, self.params)
+            with whole(self.params):
+                snapshot = take_snapshot(unwrapped, self.mirror) if self.main else None
+            self.mirror.state.clear()
+        elif self.main or self.gathers:
+            snapshot = take_snapshot(unwrapped, self.optimizer)
         if not self.main:
             return None
         return save_checkpoint(
@@ -1261,13 +1426,13 @@ class Trainer:
             self.reporter.info(
                 f"eval loss {self.eval_loss:.4f} (perplexity {math.exp(min(self.eval_loss, 50)):.2f})"
             )
-        if self.recipe.eval.score and (main or self.fsdp):
+        if self.recipe.eval.score and (main or self.gathers):
             self.scores["task_score"] = self._score(accelerator.unwrap_model(self.model), "tuned model")
         self.judge_the_end()
         self._streamed_counts()
         accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(self.model)
-        tensors = adapter_state_dict(unwrapped) if main or self.fsdp else None
+        tensors = self._adapter_tensors(unwrapped)
         if main:
             save_adapter(unwrapped, self.recipe, self.run_dir, self.position.step, tensors)
         result = TrainResult(
@@ -1333,7 +1498,7 @@ class Trainer:
             self.data.chat,
             recipe.eval.max_new_tokens,
             recipe.eval.batch_size,
-            synced=self.fsdp,
+            synced=self.gathers,
             metric=recipe.eval.metric,
         )
         how = "exact match" if recipe.eval.metric == "exact" else "answer contains the completion"
