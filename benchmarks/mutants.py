@@ -821,6 +821,28 @@ MUTANTS: list[Mutant] = [
     m("stream-trains-on-held-out", "shardtune/data/streaming.py",
       "            if example in self.skip:\n                continue", "            pass",
       "tests/test_streaming.py", "-k", "mixture_draws", why="held-out records of one source trained on from another"),
+    # --- DeepSpeed ZeRO (training/deepspeed.py) ----------------------------------------------------------
+    m("zero3-layers-not-leaves", "shardtune/training/deepspeed.py",
+      "    set_z3_leaf_modules(model, [AdaptedLinear])\n", "\n",
+      "tests/test_deepspeed.py", "-k", "fossil-3", why="ZeRO-3: the fused layer reads its base weight and factors ungathered"),
+    m("zero3-stores-not-gathered", "shardtune/training/deepspeed.py",
+      "        deepspeed.zero.register_external_parameter(model, p)", "        pass",
+      "tests/test_deepspeed.py", "-k", "sharelora-3", why="ZeRO-3: a shared store read partitioned by every layer"),
+    m("zero-moments-not-restored", "shardtune/training/deepspeed.py",
+      "            safe_set_full_optimizer_state(p, state[key].to(torch.float32), key)", "            pass",
+      "tests/test_deepspeed.py", "-k", "resume", why="a resumed ZeRO run starts AdamW's moments at zero"),
+    m("zero-moments-one-group", "shardtune/training/deepspeed.py",
+      "        zero._hp_optimizer_states_linked = False\n", "\n",
+      "tests/test_deepspeed.py", "-k", "resume", why="ZeRO-2 maps only the first param group's moments"),
+    m("zero-lr-after-the-step", "shardtune/training/loop.py",
+      "            if accelerator.sync_gradients:  # (DeepSpeed steps inside backward)\n                self._set_lr()\n"
+      "            loss = model(**model_inputs(batch)).loss\n            accelerator.backward(loss)\n",
+      "            loss = model(**model_inputs(batch)).loss\n            accelerator.backward(loss)\n"
+      "            if accelerator.sync_gradients:\n                self._set_lr()\n",
+      "tests/test_deepspeed.py", "-k", "mos-2", why="DeepSpeed steps inside backward: each step took the previous step's rate"),
+    m("zero3-scores-on-one-process", "shardtune/training/loop.py",
+      "        if self.recipe.eval.score and (main or self.gathers):", "        if self.recipe.eval.score and main:",
+      "tests/test_deepspeed.py", "-k", "composes", why="ZeRO-3: the main process generates alone and waits for the others for ever"),
 ]
 # fmt: on
 

@@ -32,7 +32,7 @@ def sections(tmp_path, method: str, **train) -> dict:
 @pytest.mark.parametrize(
     "method,stage,offload",
     [
-        ("lora", 1, False),
+        ("lora", 1, False),  # (with gradient accumulation: 2 processes × batch 2 × 2 micro-batches)
         ("mos", 2, False),  # the MoS pools: one entry each of the flat vector, gathered by the root
         ("mos", 3, True),  # pools partitioned, assembled after DeepSpeed gathers them; state in CPU memory
         ("sharelora", 3, False),  # one A per layer type, used by every layer
@@ -46,9 +46,8 @@ def test_zero_on_two_processes_trains_what_one_process_trains(tmp_path, method, 
     once; nothing on stdout or stderr under -q."""
     one = write(tmp_path, "one", **sections(tmp_path, method))
     zero = {"stage": stage, "offload_optimizer": offload, "offload_params": offload and stage == 3}
-    two = write(
-        tmp_path, "two", **sections(tmp_path, method, batch_size=4, strategy="deepspeed", deepspeed=zero)
-    )
+    batch = {"batch_size": 2, "grad_accum": 2} if stage == 1 else {"batch_size": 4}
+    two = write(tmp_path, "two", **sections(tmp_path, method, **batch, strategy="deepspeed", deepspeed=zero))
     train_here(one)
     done = two_processes(two)
     assert done.stdout == "" and done.stderr == ""
@@ -80,6 +79,7 @@ def test_zero_checkpoints_resume_under_any_stage_ddp_and_one_process(tmp_path):
         "max_steps": 8,
         "batch_size": 4,
         "save_every": 4,
+        "lr_ratio_b": 4.0,  # two param groups, A's and B's: ZeRO keeps a flat vector for each
         "strategy": "deepspeed",
         "deepspeed": {"stage": 2},
     }
@@ -91,13 +91,14 @@ def test_zero_checkpoints_resume_under_any_stage_ddp_and_one_process(tmp_path):
     assert float(moments["state.0.step"]) == 4
     assert any(float(v.abs().sum()) > 0 for k, v in moments.items() if k.endswith("exp_avg_sq"))
 
+    assert len(json.loads((checkpoint / "trainer_state.json").read_text())["param_groups"]) == 2
     stage3 = {**ref, "deepspeed": {"stage": 3, "offload_optimizer": True}}
     two_processes(
         write(tmp_path, "again", **sections(tmp_path, method, **stage3)), "--resume-from", checkpoint
     )
     same_adapter(tmp_path / "ref", tmp_path / "again", atol=1e-6)
 
-    one = {"max_steps": 8, "batch_size": 8, "save_every": 4}
+    one = {"max_steps": 8, "batch_size": 8, "save_every": 4, "lr_ratio_b": 4.0}
     from shardtune.recipe.schema import load_recipe
     from shardtune.training.loop import train
 

@@ -1032,7 +1032,7 @@ class Trainer:
                 self.model, self.optimizer, *loaders
             )
         if cfg.deepspeed.stage == 3:
-            zero.root_hooks_after_gathering(self.accelerator.unwrap_model(self.model))
+            zero.root_hooks_after_gathering(self.unwrapped())
         layout = zero.layout(self.model, self.params)
         self.reporter.info(
             f"DeepSpeed ZeRO-{layout['stage']} over {self.accelerator.num_processes} processes: the adapter's "
@@ -1098,7 +1098,7 @@ class Trainer:
             self.selection = Selection.from_json(counters["selection"])
             self.reporter.info(f"resumed from {self.resume_from} at step {self.position.step}")
         elif self.recipe.eval.score_base and (self.main or self.gathers):
-            with adapter_disabled(self.accelerator.unwrap_model(self.model)) as base:
+            with adapter_disabled(self.unwrapped()) as base:
                 self.scores["task_score_base"] = self._score(base, "base model")
 
     def loop(self) -> None:
@@ -1234,7 +1234,7 @@ class Trainer:
             self.eval_loss = heldout_loss(self.model, self.eval_loader, accelerator_sum(self.accelerator))
             found["eval_loss"] = self.eval_loss
         if task_score:
-            model = self.accelerator.unwrap_model(self.model)
+            model = self.unwrapped()
             score = self._score(model, f"step {self.position.step}") if self.main or self.gathers else None
             found["task_score"] = self._from_main(score)
         return found
@@ -1264,12 +1264,19 @@ class Trainer:
 
     def save_best(self, step: int, metric: str, value: float) -> None:
         self._raise_if_weights_diverged()
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self.unwrapped()
         tensors = self._adapter_tensors(unwrapped)
         if self.main:
             written = save_best(unwrapped, self.recipe, self.run_dir, step, tensors, metric, value)
             if written is not None:
                 self.reporter.info(f"best so far: {metric} {value:.6g} at step {step}, in {written}")
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The model inside Accelerate's wrapper (DDP's or DeepSpeed's engine hold it as ``.module``;
+        FSDP2 and one process leave it as it is). Not Accelerate's ``unwrap_model``, which imports
+        DeepSpeed wherever it is installed (0.4 s of every run)."""
+        wrapped = self.deepspeed or isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        return self.model.module if wrapped else self.model
 
     def _adapter_tensors(self, unwrapped) -> dict | None:
         """The whole adapter tensors on the main process (None elsewhere); under FSDP and ZeRO-3 every
@@ -1394,7 +1401,7 @@ class Trainer:
         """``checkpoint-<step>`` with everything needed to resume exactly; the main process writes it
         (under FSDP every process first gathers its shards). Returns its path on the main process."""
         self.accelerator.wait_for_everyone()
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self.unwrapped()
         snapshot = None
         if self.deepspeed:  # (whole moments from the partitions: every process takes part)
             from shardtune.training.deepspeed import snapshot_optimizer, whole
@@ -1427,11 +1434,11 @@ class Trainer:
                 f"eval loss {self.eval_loss:.4f} (perplexity {math.exp(min(self.eval_loss, 50)):.2f})"
             )
         if self.recipe.eval.score and (main or self.gathers):
-            self.scores["task_score"] = self._score(accelerator.unwrap_model(self.model), "tuned model")
+            self.scores["task_score"] = self._score(self.unwrapped(), "tuned model")
         self.judge_the_end()
         self._streamed_counts()
         accelerator.wait_for_everyone()
-        unwrapped = accelerator.unwrap_model(self.model)
+        unwrapped = self.unwrapped()
         tensors = self._adapter_tensors(unwrapped)
         if main:
             save_adapter(unwrapped, self.recipe, self.run_dir, self.position.step, tensors)
