@@ -200,6 +200,22 @@ CASES = {
         ],
         "train.deepspeed: offload_params: true offloads partitioned weights, which only stage 3 has",
     ),
+    "zero persistence threshold below stage 3": (
+        lambda t, r: [
+            "train",
+            recipe_file(t, train={"strategy": "deepspeed", "deepspeed": {"persistence_threshold": 0}}),
+        ],
+        "train.deepspeed: persistence_threshold decides which weights stage 3 partitions (stage is 2)",
+    ),
+    "zero negative persistence threshold": (
+        lambda t, r: [
+            "train",
+            recipe_file(
+                t, train={"strategy": "deepspeed", "deepspeed": {"stage": 3, "persistence_threshold": -1}}
+            ),
+        ],
+        "train.deepspeed.persistence_threshold:",
+    ),
     "zero with adafactor": (
         lambda t, r: ["train", recipe_file(t, train={"strategy": "deepspeed", "optimizer": "adafactor"})],
         "train: optimizer: adafactor does not work with strategy: deepspeed",

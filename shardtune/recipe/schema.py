@@ -413,6 +413,9 @@ class FsdpSection(Section):
     )
 
 
+DEEPSPEED_PERSISTENCE = 100_000  # DeepSpeed's own default for stage3_param_persistence_threshold
+
+
 class DeepSpeedSection(Section):
     """How ``train.strategy: deepspeed`` partitions training state (DeepSpeed ZeRO, through Accelerate's
     DeepSpeed plugin)."""
@@ -428,13 +431,24 @@ class DeepSpeedSection(Section):
     offload_params: bool = Field(
         False, description="Stage 3: keep the partitioned weights in CPU memory between uses (ZeRO-Infinity)."
     )
+    persistence_threshold: int = Field(
+        DEEPSPEED_PERSISTENCE,
+        ge=0,
+        description="Stage 3: a parameter with fewer elements than this stays whole on every process "
+        "instead of partitioned (DeepSpeed's stage3_param_persistence_threshold; 0 partitions every one).",
+    )
 
     @model_validator(mode="after")
-    def _offload_params_needs_stage_3(self):
+    def _stage_3_options_need_stage_3(self):
         if self.offload_params and self.stage != 3:
             raise ValueError(
                 f"offload_params: true offloads partitioned weights, which only stage 3 has (stage is "
                 f"{self.stage}); set stage: 3 or offload_params: false"
+            )
+        if self.persistence_threshold != DEEPSPEED_PERSISTENCE and self.stage != 3:
+            raise ValueError(
+                f"persistence_threshold decides which weights stage 3 partitions (stage is {self.stage}); "
+                "set stage: 3 or remove it"
             )
         return self
 

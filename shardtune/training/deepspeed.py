@@ -91,6 +91,7 @@ def deepspeed_plugin(cfg: TrainSection):
     }
     if options.stage == 3:
         zero["offload_param"] = {"device": "cpu" if options.offload_params else "none"}
+        zero["stage3_param_persistence_threshold"] = options.persistence_threshold
     config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -144,6 +145,19 @@ def gather_where_read(model: nn.Module) -> None:
         deepspeed.zero.register_external_parameter(model, p)
 
 
+def gathered_on_access(model: nn.Module) -> list[str]:
+    """Stage 3: the parameters DeepSpeed had to gather one by one when a module read one it did not
+    own in its forward (DeepSpeed then registers it as that module's external parameter: one blocking
+    all-gather per read, nothing prefetched). :func:`gather_where_read` leaves none; the log says."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return sorted(
+        f"{where}: {names.get(id(p), '?')}"
+        for where, module in model.named_modules()
+        if module is not model
+        for p in getattr(module, "_external_params", {}).values()
+    )
+
+
 def root_hooks_after_gathering(model: nn.Module) -> None:
     """Stage 3, after the engine is built: DeepSpeed gathers the root's parameters (the stores with
     them) in a forward pre-hook it adds last; the root's own pre-hooks that read the stores (MoS
@@ -191,6 +205,12 @@ def layout(engine, trainable: list[nn.Parameter]) -> dict:
         "distinct": len({id(p) for p in seen}),
         "elements": sum(getattr(p, "ds_numel", p.numel()) for p in seen),
         "trainable_tensors": len(trainable),
+        # stage 3: the model's parameters held as partitions (the others stay whole: persistent)
+        "partitioned": sum(
+            hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+            for p in engine.module.parameters()
+        ),
+        "parameters": sum(1 for _ in engine.module.parameters()),
         "offload_optimizer": bool(engine.zero_cpu_offload()),
     }
 

@@ -1439,6 +1439,11 @@ class Trainer:
         self._streamed_counts()
         accelerator.wait_for_everyone()
         unwrapped = self.unwrapped()
+        if self.deepspeed and self.cfg.deepspeed.stage == 3:
+            from shardtune.training.deepspeed import gathered_on_access
+
+            late = gathered_on_access(unwrapped)
+            log.info("deepspeed gathered on access: %d parameters %s", len(late), json.dumps(late[:8]))
         tensors = self._adapter_tensors(unwrapped)
         if main:
             save_adapter(unwrapped, self.recipe, self.run_dir, self.position.step, tensors)
