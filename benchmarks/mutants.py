@@ -843,6 +843,12 @@ MUTANTS: list[Mutant] = [
     m("zero3-scores-on-one-process", "shardtune/training/loop.py",
       "        if self.recipe.eval.score and (main or self.gathers):", "        if self.recipe.eval.score and main:",
       "tests/test_deepspeed.py", "-k", "composes", why="ZeRO-3: the main process generates alone and waits for the others for ever"),
+    m("zygote-signals-not-relayed", "tests/zygote.py",
+      "                        os.kill(pid, struct.unpack(\"!i\", data)[0])", "                        pass",
+      "tests/test_zygote.py", "-k", "signals", why="the pre-imported shardtune of the docs tests: a SIGTERM to it never reaches the command"),
+    m("zygote-any-environment", "tests/zygote.py",
+      "                if comparable(request[\"env\"]) != served or len(fds) != 3:", "                if len(fds) != 3:",
+      "tests/test_zygote.py", "-k", "environment", why="the pre-imported shardtune serves a command whose environment its imports did not see"),
 ]
 # fmt: on
 

@@ -54,6 +54,18 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
+@pytest.fixture(scope="session")
+def preimported():
+    """``preimported.env(env)``: ``env`` in which ``shardtune`` is the pre-imported one of tests/zygote.py,
+    for shell commands where a process's own start is not the point: each command is still a process
+    of its own, without the 4.5 s of imports every fresh one spends."""
+    from zygote import Zygotes
+
+    servers = Zygotes()
+    yield servers
+    servers.close()
+
+
 # The signals whose handling a test may change in this process (the CLI's `main` and the launcher's
 # ignore SIGTERM and SIGINT once their work is done, as the processes they are). A disposition left
 # ignored would be inherited by every process a later test starts on this worker: a shell cannot trap

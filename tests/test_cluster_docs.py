@@ -113,13 +113,14 @@ def test_the_slurm_script_trains_and_a_requeued_job_resumes(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("jq") is None, reason="the pipelines use jq")
-def test_the_pipelines_print_what_the_page_says(tmp_path):
+def test_the_pipelines_print_what_the_page_says(tmp_path, preimported):
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     pipelines, exit_codes = block_with("jq -r .run_dir"), block_with("case $status")
+    env = preimported.env(shell_env(tmp_path))
     done = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", pipelines],
         cwd=tmp_path,
-        env=shell_env(tmp_path),
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -134,9 +135,7 @@ def test_the_pipelines_print_what_the_page_says(tmp_path):
     assert [row["trainable"] for row in sweep] == sorted(row["trainable"] for row in sweep) and len(
         sweep
     ) == 3
-    done = subprocess.run(
-        ["bash", "-c", exit_codes], cwd=tmp_path, env=shell_env(tmp_path), capture_output=True, text=True
-    )
+    done = subprocess.run(["bash", "-c", exit_codes], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "done", done.stderr
 
 

@@ -173,9 +173,9 @@ def test_blocks_run_by_other_tests_are_run_there(block):
     ],
     ids=lambda b: b.name,
 )
-def test_the_documented_commands_run(block, scratch):
+def test_the_documented_commands_run(block, scratch, preimported):
     cwd = ROOT if block.cwd == "repo" else scratch(block.page)
-    env = shell_env(block)
+    env = preimported.env(shell_env(block))  # (each command a process of its own, imports done once)
     for command in block.before:
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", command], cwd=cwd, env=env, capture_output=True, text=True
