@@ -26,6 +26,11 @@ the swept budget nearest it (by ratio). The validation items and the scored
 (test) items come from ``Task.split``: for ``facts`` two disjoint samples of the trained facts
 (recall), for ``sort`` new lists that are in neither the training set nor each other.
 
+Seeds: the sweeps train with ``train.seed`` 42; once the frontier is chosen, each chosen point (method,
+budget, option, rate) trains again with seeds 43 … 41 + ``--seeds`` (default 3: the adapter's init and
+the data order differ, the task items do not), and the report's ``spread`` holds the mean, min and max
+of the score and eval loss over them (a table "over training seeds"). ``--reuse`` takes runs by seed too.
+
 Prints the sweep and the frontier tables (markdown), writes JSON (default
 ``benchmarks/results/frontier-<device>-smollm2.json``, rewritten after every run so a cut-off run
 keeps what it measured) and a plot of score and eval loss against trainable parameters.
@@ -62,6 +67,11 @@ DEFAULT_LRS = {
     # VB-LoRA's paper: bank 1e-3 and logits 1e-2 (the logits at 10× the rate by default, lr_scales);
     # the grid reaches a decade either side so that one rate for both has its best inside it too.
     "vblora": [5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2],
+    # VeRA trains only its scaling vectors: its paper's rates are 10× LoRA's and more
+    "vera": [5e-3, 1e-2, 2e-2, 5e-2],
+    "tiedlora": [1e-3, 2e-3, 5e-3, 1e-2],  # one A and B per layer type: fewer parameters, a higher rate
+    "prolora": [1e-3, 2e-3, 5e-3],
+    "lors": [1e-3, 2e-3, 5e-3],  # LoRA on a pruned base (its own track: --model a pruned directory)
 }
 # translate: a first pass with the grids above chose the highest rate of LoRA, FOSSIL and ShareLoRA at
 # 1/16, so the grids reach one step higher there.
@@ -75,6 +85,7 @@ TASK_LRS = {
 }
 FALLBACK_LRS = [2e-3, 5e-3]
 MAX_NEW_TOKENS = {"facts": 8, "sort": 24, "translate": 16}  # other tasks: 32
+FIRST_SEED = 42  # train.seed of the sweeps; --seeds N adds 43 … 42 + N − 1 for the chosen points
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -85,7 +96,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--task", choices=sorted(TASKS), default="facts")
     p.add_argument(
         "--methods",
-        default="lora,fossil,mos,sharelora",
+        default="lora,fossil,mos,sharelora,vera,vblora,tiedlora,prolora",
         help="comma-separated; METHOD+NAME is METHOD with the keys of --variant NAME:... changed",
     )
     p.add_argument(
@@ -128,7 +139,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help="what picks the lr on the validation items",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0, help="task seed (train.seed stays 42)")
+    p.add_argument("--seed", type=int, default=0, help="task seed (the items; training seeds: --seeds)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="training seeds of every chosen point (train.seed 42, 43, …: the adapter's init and the data "
+        "order); the sweeps run with 42, the chosen configuration again with each other seed",
+    )
     p.add_argument("--json", type=Path, default=None, help="output JSON")
     p.add_argument("--plot", type=Path, default=None, help="output PNG (needs matplotlib)")
     p.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temp dir)")
@@ -143,7 +161,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     if p.parse_args(argv).quick:  # other defaults; options given on the command line still win
         p.set_defaults(model="tiny-llama", rank=8, budgets="1/4,1/2,1", sweep_at="1/2")
-        p.set_defaults(num_samples=16, eval_items=4, steps=3, batch=4, max_length=96)
+        p.set_defaults(num_samples=16, eval_items=4, steps=3, batch=4, max_length=96, seeds=1)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
@@ -169,7 +187,7 @@ def base_recipe(args, out: Path) -> dict:
             "lr": 1e-3,
             "warmup_steps": max(1, args.steps // 10),
             "schedule": "cosine",
-            "seed": 42,
+            "seed": FIRST_SEED,
             "cpu": args.device == "cpu",
         },
         "eval": {"score": False},
@@ -255,22 +273,27 @@ def load_reused(args) -> None:
     differ = [k for k in SAME_SETTINGS if earlier["settings"].get(k, default.get(k)) != getattr(args, k)]
     if differ:
         raise SystemExit(f"--reuse: {args.reuse} was run with other {', '.join(differ)}")
-    for row in earlier["sweep"] + earlier["rows"]:
-        REUSED[row["method"], row["budget"], row["option"], row["lr"], tuple(row.get("variant", []))] = {
+    for row in earlier["sweep"] + earlier["rows"] + earlier.get("seeds", []):
+        key = (row["method"], row["budget"], row["option"], row["lr"], tuple(row.get("variant", [])))
+        REUSED[(*key, row.get("seed", FIRST_SEED))] = {
             **row,
             "reused": str(args.reuse.name),
         }
 
 
-def run_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
-    key = (fit.method, str(fit.budget), f"{fit.option}={fit.value}", lr, tuple(LABELS[fit.method][1]))
+def run_one(args, raw: dict, fit, lr: float, split, work: Path, seed: int = FIRST_SEED) -> dict:
+    key = (fit.method, str(fit.budget), f"{fit.option}={fit.value}", lr, tuple(LABELS[fit.method][1]), seed)
     if key in REUSED:
-        print(f"{fit.method} @ {fit.budget} lr {lr:g}: taken from {args.reuse}", file=sys.stderr, flush=True)
+        print(
+            f"{fit.method} @ {fit.budget} lr {lr:g} seed {seed}: taken from {args.reuse}",
+            file=sys.stderr,
+            flush=True,
+        )
         return dict(REUSED[key])
-    return train_one(args, raw, fit, lr, split, work)
+    return train_one(args, raw, fit, lr, split, work, seed)
 
 
-def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
+def train_one(args, raw: dict, fit, lr: float, split, work: Path, seed: int = FIRST_SEED) -> dict:
     from shardtune.artifacts.checkpoint import load_adapted_model
     from shardtune.core.progress import Reporter
     from shardtune.training.compare import method_recipe
@@ -279,8 +302,11 @@ def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
     label = str(fit.budget).replace("/", "-")
     raw = json.loads(json.dumps(raw))
     raw["train"]["lr"] = lr
+    raw["train"]["seed"] = seed
     method, variant = LABELS[fit.method]
     out = work / label / f"lr{lr:g}" / fit.method.replace("+", "-")
+    if seed != FIRST_SEED:
+        out = out.with_name(f"{out.name}-seed{seed}")
     resolved = method_recipe(recipe_from_dict(raw), method, out, EXTRA).model_dump(mode="json")
     resolved["adapter"][fit.option] = fit.value
     for item in variant:
@@ -299,6 +325,8 @@ def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
         "trainable_parameters": result.trainable_parameters,
         "budget_parameters": fit.target,
         "lr": lr,
+        "seed": seed,
+        "run": str(Path(result.run_dir).relative_to(work)),
         "val_score": val["score"],
         "val_loss": val["loss"],
         "task_score": test["score"],
@@ -308,7 +336,7 @@ def train_one(args, raw: dict, fit, lr: float, split, work: Path) -> dict:
         "seconds": result.seconds,
     }
     print(
-        f"{fit.method} @ {fit.budget} ({row['option']}, {row['trainable_parameters']:,}) lr {lr:g}: "
+        f"{fit.method} @ {fit.budget} ({row['option']}, {row['trainable_parameters']:,}) lr {lr:g} seed {seed}: "
         f"val {100 * val['score']:.1f}% / {val['loss']:.3f}, test {100 * test['score']:.1f}% / "
         f"{test['loss']:.3f}  ({result.seconds:.0f} s)",
         file=sys.stderr,
@@ -360,6 +388,29 @@ def sweep(args, raw, report, usable, method, budget, budgets, split, work, save)
     return pick["lr"]
 
 
+def spread(report: dict) -> dict:
+    """Per chosen point (``METHOD@BUDGET``): its seeds, and the mean, min and max over them of the
+    test score and the eval loss (the chosen row is the first seed's run, ``report["seeds"]`` the
+    others)."""
+    runs: dict[str, list[dict]] = {}
+    for r in report["rows"] + report.get("seeds", []):
+        runs.setdefault(f"{r['method']}@{r['budget']}", []).append(r)
+    out = {}
+    for point, rows in runs.items():
+        rows = sorted(rows, key=lambda r: r.get("seed", FIRST_SEED))
+        out[point] = {"seeds": [r.get("seed", FIRST_SEED) for r in rows]}
+        for metric in ("task_score", "eval_loss"):
+            values = [r[metric] for r in rows]
+            out[point][metric] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def with_spread(report: dict) -> list[dict]:
+    """The frontier's rows, each with its point's spread over seeds (the plot draws min–max bars)."""
+    points = report.get("spread") or spread(report)
+    return [{**r, "spread": points.get(f"{r['method']}@{r['budget']}")} for r in report["rows"]]
+
+
 def nearest(budget: Fraction, swept: dict[Fraction, float]) -> Fraction:
     """The swept budget nearest ``budget`` by ratio (1/8 is nearer 1/16 than 1/2); a tie goes to the
     smaller one."""
@@ -389,6 +440,18 @@ def print_tables(report: dict) -> None:
             f"{r['trainable_parameters'] / report['reference_parameters']:.3f} | {r['lr']:g} | "
             f"{100 * r['task_score']:.1f} % | {r['eval_loss']:.3f} | {r['seconds_per_step']:.2f} |"
         )
+    points = report.get("spread") or {}
+    if any(len(p["seeds"]) > 1 for p in points.values()):
+        print("\nover training seeds (mean, min–max; the chosen configuration of each point):\n")
+        print("| budget | method | seeds | score | eval loss |\n|---|---|---|---|---|")
+        for point, p in sorted(points.items(), key=lambda kv: (Fraction(kv[0].split("@")[1]), kv[0])):
+            method, budget = point.split("@")
+            score, loss = p["task_score"], p["eval_loss"]
+            print(
+                f"| {budget} | {method} | {len(p['seeds'])} | {100 * score['mean']:.1f} % "
+                f"({100 * score['min']:.1f}–{100 * score['max']:.1f}) | {loss['mean']:.3f} "
+                f"({loss['min']:.3f}–{loss['max']:.3f}) |"
+            )
     variants = {r["method"]: r["variant"] for r in report["sweep"] + report["rows"] if r.get("variant")}
     for label, items in sorted(variants.items()):
         print(f"{label}: {' '.join(items)}")
@@ -402,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.report.read_text())
         print_tables(report)
         if args.plot is not None:
-            plot_frontier(report["rows"], args.plot, f"{report['model']}, {report['task']}")
+            plot_frontier(with_spread(report), args.plot, f"{report['model']}, {report['task']}")
         return 0
     torch.manual_seed(0)
     load_reused(args)
@@ -452,11 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": [],
             "chosen_lr": {},
             "rows": [],
+            "seeds": [],  # the chosen points again, with the other training seeds
             "complete": False,
         }
 
         def save() -> None:
             report["wall_seconds"] = round(time.perf_counter() - started, 1)
+            report["spread"] = spread(report)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2) + "\n")
 
@@ -481,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_one(args, raw, usable[method, budget], lr, split, work)
                     report["rows"].append(row)
                     save()
+        seeds = range(FIRST_SEED + 1, FIRST_SEED + args.seeds)
+        for row in sorted(report["rows"], key=lambda r: (-Fraction(r["budget"]), r["method"])):
+            fit = usable[row["method"], Fraction(row["budget"])]
+            for seed in seeds:  # the chosen configuration again, each other training seed
+                report["seeds"].append(run_one(args, raw, fit, row["lr"], split, work, seed))
+                save()
         report["complete"] = True
         save()
     print_tables(report)
@@ -488,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     if plot is None and not args.quick:
         plot = Path(__file__).resolve().parents[1] / "docs" / f"frontier-{name}.png"
     if plot is not None:
-        plot_frontier(report["rows"], plot, f"{args.model}, {args.task}: score and eval loss per budget")
+        plot_frontier(with_spread(report), plot, f"{args.model}, {args.task}: score and eval loss per budget")
         print(f"plot written to {plot}", file=sys.stderr)
     print(f"\nwritten to {out} ({report['wall_seconds']:.0f} s)", file=sys.stderr)
     return 0

@@ -272,3 +272,74 @@ def test_frontier_variants_compare_one_method_at_two_settings(tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert bad.returncode != 0 and "names no --variant x:KEY=VALUE" in bad.stderr
+
+
+def test_frontier_seeds_really_differ_and_the_spread_is_over_them(tmp_path):
+    """``--seeds 3``: the chosen point trained again with train.seed 43 and 44 — another initial
+    adapter and another data order each (the first step's loss differs) — and the spread is the
+    mean, min and max over the three runs, which the plot draws as min–max bars."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+
+    from shardtune.adapters.model import adapter_state_dict, inject_adapter
+    from shardtune.models.loading import load_model
+    from shardtune.recipe.schema import load_recipe
+    from shardtune.training.loop import EpochSampler
+
+    out, work = tmp_path / "seeds.json", tmp_path / "work"
+    args = ["--quick", "--methods", "lora", "--budgets", "1", "--sweep-at", "1", "--lrs", "2e-3,5e-3"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), *args, "--seeds", "3"]
+        + ["--json", str(out), "--workdir", str(work), "--plot", str(tmp_path / "f.png")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (chosen,) = report["rows"]
+    assert len(report["sweep"]) == 2 and chosen["seed"] == 42
+    runs = [chosen, *report["seeds"]]
+    assert [r["seed"] for r in runs] == [42, 43, 44]
+    assert all(r["lr"] == chosen["lr"] and r["option"] == chosen["option"] for r in runs)
+
+    recipes = [load_recipe(work / r["run"] / "recipe.yaml") for r in runs]
+    assert [r.train.seed for r in recipes] == [42, 43, 44]
+    initial, orders = [], []
+    for recipe in recipes:  # what the loop does with its seed: the adapter's init, the data order
+        torch.manual_seed(recipe.train.seed)
+        model, _ = load_model(recipe.model.name)
+        inject_adapter(model, recipe.adapter)
+        initial.append(torch.cat([t.flatten() for t in adapter_state_dict(model).values()]))
+        orders.append(list(EpochSampler(recipe.data.num_samples, recipe.train.seed)))
+    first_losses = [
+        json.loads((work / r["run"] / "metrics.jsonl").read_text().splitlines()[0])["loss"] for r in runs
+    ]
+    for i in range(3):
+        for j in range(i):
+            assert not torch.equal(initial[i], initial[j]) and orders[i] != orders[j]
+            assert first_losses[i] != first_losses[j]  # (the runs did use them)
+
+    spread = report["spread"]["lora@1"]
+    assert spread["seeds"] == [42, 43, 44]
+    for metric in ("task_score", "eval_loss"):
+        values = [r[metric] for r in runs]
+        assert spread[metric] == {"mean": sum(values) / 3, "min": min(values), "max": max(values)}
+    assert "over training seeds" in done.stdout and "| 1 | lora | 3 |" in done.stdout
+
+    # the plot draws each point at its mean, with a bar from the min to the max
+    from frontier import with_spread
+
+    from shardtune.training.compare import spread_bars
+
+    (row,) = with_spread(report)
+    values, (below, above) = spread_bars([row], "eval_loss")
+    loss = spread["eval_loss"]
+    assert (
+        values == [loss["mean"]]
+        and below == [loss["mean"] - loss["min"]]
+        and above == [loss["max"] - loss["mean"]]
+    )
+    assert below[0] > 0 or above[0] > 0
+    assert spread_bars([chosen], "eval_loss") == ([chosen["eval_loss"]], [[0.0], [0.0]])  # one seed: no bar

@@ -166,15 +166,16 @@ def test_gradient_init_gives_orthonormal_a_and_zero_b():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
 
 
-def test_prune_errors():
+def test_prune_errors(tmp_path):
+    out = str(tmp_path / "pruned")  # (not a fixed path: whatever a machine holds there is checked first)
     for method in ("wanda", "sparsegpt"):
-        result = runner.invoke(app, ["prune", "tiny-llama", "--out", "/tmp/x", "--method", method])
+        result = runner.invoke(app, ["prune", "tiny-llama", "--out", out, "--method", method])
         assert result.exit_code == 2 and f"--method {method} needs calibration samples" in result.stderr
-    result = runner.invoke(app, ["prune", "tiny-llama", "--out", "/tmp/x", "--method", "obs"])
+    result = runner.invoke(app, ["prune", "tiny-llama", "--out", out, "--method", "obs"])
     assert result.exit_code == 2 and "--method: expected one of magnitude, wanda, sparsegpt" in result.stderr
-    result = runner.invoke(app, ["prune", "tiny-llama", "--out", "/tmp/x", "--pattern", "4:2"])
+    result = runner.invoke(app, ["prune", "tiny-llama", "--out", out, "--pattern", "4:2"])
     assert result.exit_code == 2 and "--pattern: need 0 < N < M" in result.stderr
-    result = runner.invoke(app, ["prune", "tiny-gpt2", "--out", "/tmp/x"])
+    result = runner.invoke(app, ["prune", "tiny-gpt2", "--out", out])
     assert result.exit_code == 2 and "Conv1D" in result.stderr
 
 

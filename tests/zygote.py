@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -245,14 +246,14 @@ class Zygotes:
         path = self.folder / f"{key}.sock"
         served = {**env, "PATH": f"{self.bin}:{env['PATH']}", SOCKET_VAR: str(path)}
         if key not in self.servers:
-            log = open(self.folder / f"{key}.log", "wb")
-            server = subprocess.Popen(
-                [sys.executable, __file__, str(path)],
-                env=served,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-            )
+            with open(self.folder / f"{key}.log", "wb") as log:
+                server = subprocess.Popen(
+                    [sys.executable, __file__, str(path)],
+                    env=served,
+                    stdout=log,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                )
             self.servers[key] = (server, path)
         server, path = self.servers[key]
         deadline = time.monotonic() + wait
@@ -268,6 +269,7 @@ class Zygotes:
         for server, _ in self.servers.values():
             server.kill()
             server.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -369,8 +369,23 @@ def plot_curves(curves: dict, path: Path) -> None:
         plt.close(fig)
 
 
+def spread_bars(points: list[dict], metric: str, scale: float = 1.0) -> tuple[list[float], list[list[float]]]:
+    """The values a frontier plot draws for ``metric``: each point's mean over its seeds where it has
+    a ``spread`` (``{metric: {"mean", "min", "max"}}``), else its own value; and the error bars down to
+    the min and up to the max (0 for a single run)."""
+    values, below, above = [], [], []
+    for r in points:
+        seeds = (r.get("spread") or {}).get(metric)
+        value = scale * (seeds["mean"] if seeds else (r.get(metric) or 0))
+        values.append(value)
+        below.append(value - scale * seeds["min"] if seeds else 0.0)
+        above.append(scale * seeds["max"] - value if seeds else 0.0)
+    return values, [below, above]
+
+
 def plot_frontier(rows: list[dict], path: Path, title: str = "") -> None:
-    """Task score and eval loss against trainable parameters (log scale), one line per method."""
+    """Task score and eval loss against trainable parameters (log scale), one line per method; a row
+    with a ``spread`` over training seeds is drawn at its mean with a min–max bar."""
     try:
         import matplotlib
 
@@ -383,8 +398,10 @@ def plot_frontier(rows: list[dict], path: Path, title: str = "") -> None:
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["trainable_parameters"])
         x = [r["trainable_parameters"] for r in points]
         if any(r.get("task_score") is not None for r in points):
-            score_ax.plot(x, [100 * (r.get("task_score") or 0) for r in points], marker="o", label=method)
-        loss_ax.plot(x, [r["eval_loss"] for r in points], marker="o", label=method)
+            y, bars = spread_bars(points, "task_score", 100)
+            score_ax.errorbar(x, y, yerr=bars, marker="o", capsize=3, label=method)
+        y, bars = spread_bars(points, "eval_loss")
+        loss_ax.errorbar(x, y, yerr=bars, marker="o", capsize=3, label=method)
     for ax, label in ((score_ax, "task score (%)"), (loss_ax, "eval loss")):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 10^k labels only, no overlap
