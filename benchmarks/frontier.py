@@ -29,7 +29,13 @@ the swept budget nearest it (by ratio). The validation items and the scored
 Seeds: the sweeps train with ``train.seed`` 42; once the frontier is chosen, each chosen point (method,
 budget, option, rate) trains again with seeds 43 … 41 + ``--seeds`` (default 3: the adapter's init and
 the data order differ, the task items do not), and the report's ``spread`` holds the mean, min and max
-of the score and eval loss over them (a table "over training seeds"). ``--reuse`` takes runs by seed too.
+of the score and eval loss over them (a table "over training seeds").
+
+``--reuse EARLIER.json`` takes each run of an earlier report whose settings, method, budget, option,
+rate, variant, seed and the ``--set adapter.…`` options that reach the method are the same (training is
+seeded: it would repeat), so a long run continues across sessions and methods can be added to a
+finished report (``--set adapter.vector_length=64`` for VB-LoRA does not make LoRA's runs new); other
+``--set`` recipe keys than the earlier report's are refused.
 
 Prints the sweep and the frontier tables (markdown), writes JSON (default
 ``benchmarks/results/frontier-<device>-smollm2.json``, rewritten after every run so a cut-off run
@@ -219,8 +225,22 @@ SAME_SETTINGS = (
     "batch",
     "max_length",
     "seed",
-    "overrides",
 )
+
+
+def adapter_set(method: str, extra: dict | None = None) -> list[str]:
+    """The ``--set adapter.KEY=VALUE`` items (``extra``, default this run's) that reach ``method`` (those
+    it has an option for): part of its runs' identity, so that ``--reuse`` takes a LoRA run made before
+    ``--set adapter.vector_length=64`` was added for VB-LoRA, and no run made with other options."""
+    from shardtune.adapters import METHODS
+
+    fields = METHODS[method].Options.model_fields
+    return sorted(f"adapter.{k}={v}" for k, v in (EXTRA if extra is None else extra).items() if k in fields)
+
+
+def recipe_set(items: list[str]) -> list[str]:
+    """The ``--set`` items that are not adapter options (every run's recipe)."""
+    return sorted(i for i in items if not i.partition("=")[0].strip().startswith("adapter."))
 
 
 def parse_methods(args) -> dict[str, tuple[str, list[str]]]:
@@ -269,20 +289,26 @@ def load_reused(args) -> None:
     if args.reuse is None:
         return
     earlier = json.loads(args.reuse.read_text())
-    default = {"overrides": []}  # settings older files do not have
-    differ = [k for k in SAME_SETTINGS if earlier["settings"].get(k, default.get(k)) != getattr(args, k)]
+    differ = [k for k in SAME_SETTINGS if earlier["settings"].get(k) != getattr(args, k)]
+    overrides = earlier["settings"].get("overrides", [])  # (older files: none)
+    if recipe_set(overrides) != recipe_set(args.overrides):
+        differ.append("--set (recipe keys)")
     if differ:
         raise SystemExit(f"--reuse: {args.reuse} was run with other {', '.join(differ)}")
+    extra = split_overrides(overrides)[1]
     for row in earlier["sweep"] + earlier["rows"] + earlier.get("seeds", []):
         key = (row["method"], row["budget"], row["option"], row["lr"], tuple(row.get("variant", [])))
-        REUSED[(*key, row.get("seed", FIRST_SEED))] = {
+        options = row.get("adapter_set", adapter_set(row["method"].partition("+")[0], extra))
+        REUSED[(*key, row.get("seed", FIRST_SEED), tuple(options))] = {
             **row,
             "reused": str(args.reuse.name),
         }
 
 
 def run_one(args, raw: dict, fit, lr: float, split, work: Path, seed: int = FIRST_SEED) -> dict:
-    key = (fit.method, str(fit.budget), f"{fit.option}={fit.value}", lr, tuple(LABELS[fit.method][1]), seed)
+    method, variant = LABELS[fit.method]
+    key = (fit.method, str(fit.budget), f"{fit.option}={fit.value}", lr, tuple(variant), seed)
+    key += (tuple(adapter_set(method)),)
     if key in REUSED:
         print(
             f"{fit.method} @ {fit.budget} lr {lr:g} seed {seed}: taken from {args.reuse}",
@@ -322,6 +348,7 @@ def train_one(args, raw: dict, fit, lr: float, split, work: Path, seed: int = FI
         "budget": str(fit.budget),
         "option": f"{fit.option}={fit.value}",
         **({"variant": variant} if variant else {}),
+        **({"adapter_set": adapter_set(method)} if adapter_set(method) else {}),
         "trainable_parameters": result.trainable_parameters,
         "budget_parameters": fit.target,
         "lr": lr,

@@ -343,3 +343,48 @@ def test_frontier_seeds_really_differ_and_the_spread_is_over_them(tmp_path):
     )
     assert below[0] > 0 or above[0] > 0
     assert spread_bars([chosen], "eval_loss") == ([chosen["eval_loss"]], [[0.0], [0.0]])  # one seed: no bar
+
+
+def test_frontier_reuse_takes_the_runs_of_the_same_settings_and_options_only(tmp_path):
+    """``--reuse``: an earlier JSON's runs are taken where method, budget, option, rate, seed and the
+    adapter options that reach the method are the same (LoRA before and after ``--set
+    adapter.vector_length`` for VB-LoRA), trained again where not; other recipe keys are refused."""
+
+    def frontier(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--budgets", "1"]
+            + ["--sweep-at", "1", "--lrs", "2e-3", "--plot", str(tmp_path / "f.png"), *args],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    bank = ["--set", "adapter.num_vectors=16"]
+    done = frontier(
+        "--methods", "lora,vblora", *bank, "--set", "adapter.vector_length=16", "--json", str(first)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = frontier(
+        "--methods",
+        "lora,vblora",
+        *bank,
+        "--set",
+        "adapter.vector_length=8",
+        "--reuse",
+        str(first),
+        "--json",
+        str(second),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r["method"]: r for r in json.loads(second.read_text())["rows"]}
+    earlier = {r["method"]: r for r in json.loads(first.read_text())["rows"]}
+    assert (
+        rows["lora"]["reused"] == "first.json" and rows["lora"]["eval_loss"] == earlier["lora"]["eval_loss"]
+    )
+    assert "reused" not in rows["vblora"]  # another vector_length: trained again
+    assert rows["vblora"]["adapter_set"] == ["adapter.num_vectors=16", "adapter.vector_length=8"]
+    assert "adapter_set" not in rows["lora"]
+    refused = frontier("--methods", "lora", "--set", "train.weight_decay=0.1", "--reuse", str(first))
+    assert refused.returncode != 0 and "was run with other --set (recipe keys)" in refused.stderr
