@@ -405,8 +405,11 @@ def sweep(args, raw, report, usable, method, budget, budgets, split, work, save)
         if args.lrs
         else grids.get(base, DEFAULT_LRS.get(base, FALLBACK_LRS))
     )
-    tried = [run_one(args, raw, usable[method, budget], lr, split, work) for lr in lrs]
-    report["sweep"] += tried
+    tried = []
+    for lr in lrs:  # (each run saved as it ends: a cut-off sweep is taken by --reuse next time)
+        tried.append(run_one(args, raw, usable[method, budget], lr, split, work))
+        report["sweep"].append(tried[-1])
+        save()
     pick = best(tried, args.select)
     report["chosen_lr"][f"{method}@{budget}"] = pick["lr"]
     if budget in budgets:
