@@ -23,6 +23,17 @@ ROOT = Path(__file__).parents[1]
 runner = CliRunner()
 
 
+def run_frontier(*args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``benchmarks/frontier.py ARGS`` in a process of its own, on this checkout."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 def test_facts_are_deterministic_unique_and_held_out_items_are_trained_facts():
     facts = TASKS["facts"]
     split = facts.split(300, 40, seed=7, n_validation=40)
@@ -213,13 +224,16 @@ def test_compare_budgets_bad_input_is_one_line(tmp_path, bad):
 @pytest.mark.slow
 def test_frontier_benchmark_quick(tmp_path):
     out = tmp_path / "frontier.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--methods", "lora,fossil,mos"]
-        + ["--budgets", "1/2,1", "--json", str(out), "--plot", str(tmp_path / "f.png")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    done = run_frontier(
+        "--quick",
+        "--methods",
+        "lora,fossil,mos",
+        "--budgets",
+        "1/2,1",
+        "--json",
+        out,
+        "--plot",
+        tmp_path / "f.png",
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -249,13 +263,7 @@ def test_frontier_variants_compare_one_method_at_two_settings(tmp_path):
     args = ["--quick", "--methods", "vblora,vblora+one-rate", "--budgets", "1/2", "--sweep-at", "1/2"]
     args += ["--variant", "one-rate:train.param_groups.logits.lr_scale=1", "--lrs", "1e-2"]
     args += ["--set", "adapter.vector_length=16", "--set", "adapter.num_vectors=16", "--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), *args, "--plot", str(tmp_path / "f.png")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    done = run_frontier(*args, "--plot", str(tmp_path / "f.png"))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"vblora", "vblora+one-rate"}
@@ -264,13 +272,7 @@ def test_frontier_variants_compare_one_method_at_two_settings(tmp_path):
     assert one["option"] == two["option"] and one["trainable_parameters"] == two["trainable_parameters"]
     assert one["final_train_loss"] != two["final_train_loss"]  # the variant's key reached training
     assert "vblora+one-rate: train.param_groups.logits.lr_scale=1" in done.stdout
-    bad = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--methods", "vblora+x"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    bad = run_frontier("--quick", "--methods", "vblora+x", timeout=120)
     assert bad.returncode != 0 and "names no --variant x:KEY=VALUE" in bad.stderr
 
 
@@ -288,13 +290,8 @@ def test_frontier_seeds_really_differ_and_the_spread_is_over_them(tmp_path):
 
     out, work = tmp_path / "seeds.json", tmp_path / "work"
     args = ["--quick", "--methods", "lora", "--budgets", "1", "--sweep-at", "1", "--lrs", "2e-3,5e-3"]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), *args, "--seeds", "3"]
-        + ["--json", str(out), "--workdir", str(work), "--plot", str(tmp_path / "f.png")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    done = run_frontier(
+        *args, "--seeds", "3", "--json", str(out), "--workdir", str(work), "--plot", str(tmp_path / "f.png")
     )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -351,13 +348,17 @@ def test_frontier_reuse_takes_the_runs_of_the_same_settings_and_options_only(tmp
     adapter.vector_length`` for VB-LoRA), trained again where not; other recipe keys are refused."""
 
     def frontier(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--quick", "--budgets", "1"]
-            + ["--sweep-at", "1", "--lrs", "2e-3", "--plot", str(tmp_path / "f.png"), *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        return run_frontier(
+            "--quick",
+            "--budgets",
+            "1",
+            "--sweep-at",
+            "1",
+            "--lrs",
+            "2e-3",
+            "--plot",
+            str(tmp_path / "f.png"),
+            *args,
         )
 
     first, second = tmp_path / "first.json", tmp_path / "second.json"
